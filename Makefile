@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   create .venv, install, run the pipeline on the bundled real sample (sample_data/)
+#   make test   create .venv, install, run the test suite
+#
+# torch: the venv gets $(TORCH) unless torch is already importable in it. The default is the CPU
+# build this project's dev machines keep on disk; with a GPU use your CUDA build, e.g.
+#   make demo TORCH="torch --index-url https://download.pytorch.org/whl/cu126"
+# or point VENV at an environment that already has CUDA torch: make demo VENV=/path/to/env
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+DATA ?= sample_data
+OUT ?= processed_dataset
+
+.PHONY: setup demo test lint clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) preprocess_masks.py --data-root $(DATA) --out $(OUT)
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(OUT) runs reports predictions .pytest_cache

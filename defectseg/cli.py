@@ -1,0 +1,45 @@
+"""Small pieces every script's command line shares: logging, the task flags, clean failure."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .tasks import DEFAULT_TASKS, Task, TaskTableError, load_tasks
+
+log = logging.getLogger("defectseg")
+
+
+def setup_logging(quiet: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def fail(message: str, code: int = 1) -> int:
+    """Report an error the user can act on (no stack trace) and return the exit code."""
+    logging.getLogger("defectseg").error(message)
+    return code
+
+
+def add_tasks_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS),
+                        help="tasks to use, names from the task table (default: %(default)s)")
+    parser.add_argument("--tasks-file", default=None,
+                        help="JSON file that adds or overrides tasks, prompts and synonyms (see defectseg/tasks.py)")
+
+
+def pick_tasks(args: argparse.Namespace) -> list[Task]:
+    """The tasks named by ``--tasks`` from the table (extended by ``--tasks-file``); exits on error."""
+    try:
+        table = load_tasks(args.tasks_file)
+    except TaskTableError as err:
+        sys.exit(fail(str(err)))
+    unknown = [name for name in args.tasks if name not in table]
+    if unknown:
+        sys.exit(fail(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(table)}"))
+    return [table[name] for name in args.tasks]

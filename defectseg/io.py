@@ -1,0 +1,150 @@
+"""Reading images and writing files safely.
+
+``load_image`` is the one way the project reads a photo: EXIF orientation applied, any mode
+(grayscale, palette, RGBA, 16-bit) turned into 8-bit RGB. Every writer here is atomic: it writes a
+temporary file beside the target and renames it into place, so an interrupted run never leaves a
+truncated PNG, CSV or JSON where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+EXIF_ORIENTATION = 0x0112
+
+
+class ImageReadError(OSError):
+    """An image file that is missing, unreadable or not an image."""
+
+
+def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
+    """PIL image of any mode -> (H, W, 3) uint8 RGB; 16-bit and float images are scaled, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite onto white so transparent areas look like what a viewer shows.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def open_image(path: str | Path) -> tuple[np.ndarray, tuple[int, int], int]:
+    """Fully decode an image file.
+
+    Returns (rgb, raw_size, orientation): rgb is (H, W, 3) uint8 with the EXIF orientation applied,
+    raw_size is (width, height) as stored in the file before any rotation, orientation the EXIF tag
+    (1 when absent). Raises ImageReadError naming the file for a missing, truncated or non-image file.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            raw_size = img.size
+            orientation = int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+            img.load()  # full decode: truncated or corrupt data raises here, not later
+            img = ImageOps.exif_transpose(img) if orientation != 1 else img
+            return _to_rgb_uint8(img), raw_size, orientation
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"{path}: cannot read image ({err})") from None
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, EXIF orientation applied. Raises ImageReadError naming the file."""
+    return open_image(path)[0]
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success rename it onto ``target``, else delete it."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(target: str | Path, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(target: str | Path, text: str) -> None:
+    write_bytes_atomic(target, text.encode("utf-8"))
+
+
+def write_json_atomic(target: str | Path, obj) -> None:
+    write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of a (H, W) uint8 or (H, W, 3) RGB uint8 array."""
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise OSError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def write_mask_png(target: str | Path, mask: np.ndarray) -> None:
+    """Write a binary mask as a single-channel 8-bit PNG with values {0, 255}, atomically.
+
+    mask: (H, W) bool or integer array; any non-zero value is foreground.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+    write_bytes_atomic(target, encode_png(np.where(mask > 0, 255, 0).astype(np.uint8)))
+
+
+def read_mask_png(path: str | Path) -> np.ndarray:
+    """(H, W) bool mask from a PNG (any non-zero pixel is foreground). Raises ImageReadError."""
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ImageReadError(f"{path}: cannot read mask")
+    if arr.ndim == 3:
+        arr = arr.max(axis=2)
+    return arr > 0
+
+
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Rotate/flip a (H, W) array exactly as PIL's exif_transpose does for that EXIF orientation."""
+    method = _ORIENTATION_TRANSPOSE.get(orientation)
+    if method is None:
+        return array
+    return np.asarray(Image.fromarray(array).transpose(method))

@@ -1,0 +1,390 @@
+"""Roboflow COCO exports -> mask PNGs, per-split manifests, a summary and a leakage report.
+
+Layout written under ``out``::
+
+    <split>/masks/<image_stem>__<prompt_slug>.png   single channel, {0, 255}, the image's own size
+    <split>/manifest.csv                           one row per (image, task); paths relative to <split>/
+    summary.json                                   counts, problems, leakage
+
+Each image is decoded once (that catches truncated files and reads the real size and EXIF
+orientation), its annotations rasterized (``coco.rasterize``) and the mask written atomically.
+A manifest row keeps a key of everything the mask depends on, so a re-run only redoes masks that
+are missing or stale.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .coco import (
+    ANNOTATIONS_FILE,
+    CocoError,
+    ImageEntry,
+    Problem,
+    load_coco,
+    mask_source,
+    rasterize,
+    source_stem,
+)
+from .io import (
+    ImageReadError,
+    apply_orientation,
+    open_image,
+    write_json_atomic,
+    write_mask_png,
+    write_text_atomic,
+)
+from .tasks import Task, find_task_dir
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.csv"
+SUMMARY_FILE = "summary.json"
+MANIFEST_COLUMNS = [
+    "image", "mask", "task", "prompt", "width", "height", "annotations", "source",
+    "fg_fraction", "annotation_sources", "source_stem", "pixel_hash", "ahash", "key",
+]
+RASTER_VERSION = "1"  # bump when the rasterization rules change: every mask becomes stale
+# Max Hamming distance (of 256 bits) between 16x16 average hashes, under any flip/rotation, for two
+# images to count as near-duplicates. Checked by eye on the real sets: at <= 3 the pairs are the same
+# photo (re-encoded, flipped or rotated); from about 4 on, plain walls that merely look alike creep in.
+NEAR_DUPLICATE_BITS = 3
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (image, task) mask to produce."""
+
+    task: str
+    prompt: str
+    split: str
+    image: str  # absolute path
+    mask: str  # absolute path
+    entry: ImageEntry
+    key: str
+
+
+def mask_name(image_file: str, prompt_slug: str) -> str:
+    """``<image_stem>__<prompt_slug>.png`` with the full stem (Roboflow's ``.rf.<hash>`` kept)."""
+    return f"{Path(image_file).stem}__{prompt_slug}.png"
+
+
+def job_key(entry: ImageEntry, image_path: Path, prompt: str) -> str:
+    """Hash of everything a mask depends on: annotations, declared size, the image file, the rules."""
+    try:
+        stat = image_path.stat()
+        file_id = [stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        file_id = None
+    payload = json.dumps(
+        [RASTER_VERSION, prompt, entry.width, entry.height, entry.annotations, file_id], sort_keys=True, default=str
+    )
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+def average_hash(rgb: np.ndarray) -> str:
+    """256-bit average hash (16x16 grey thumbnail > its mean) as 64 hex chars; flips/rotations of
+    the image permute its bits, which ``leakage_report`` uses to find augmented near-copies."""
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    thumb = cv2.resize(grey, (16, 16), interpolation=cv2.INTER_AREA).astype(np.float32)
+    return np.packbits(thumb > thumb.mean()).tobytes().hex()
+
+
+def process_job(job: Job) -> tuple[dict | None, list[Problem]]:
+    """Decode the image, rasterize its annotations, write the mask. Returns (manifest row, problems)."""
+    problems: list[Problem] = []
+    entry = job.entry
+    try:
+        rgb, raw_size, orientation = open_image(job.image)
+    except ImageReadError as err:
+        return None, [Problem(job.image, "image_unreadable", str(err).split(": ", 1)[-1])]
+    height, width = rgb.shape[:2]
+    where = job.image
+    mask, sources, raster_problems = rasterize(entry.annotations, entry.height, entry.width, where)
+    problems += raster_problems
+    declared = (entry.width, entry.height)
+    if (width, height) != declared:
+        if orientation != 1 and raw_size == declared:
+            # Annotations were drawn on the stored pixels; turn the mask the way the image turns.
+            mask = apply_orientation(mask.astype(np.uint8), orientation) > 0
+            problems.append(Problem(where, "exif_rotated", f"EXIF orientation {orientation}: mask rotated with the image", True))
+        else:
+            problems.append(
+                Problem(where, "size_mismatch", f"JSON says {entry.width}x{entry.height}, file is {width}x{height}; mask rescaled", True)
+            )
+            mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+    elif orientation != 1:
+        problems.append(Problem(where, "exif_rotated", f"EXIF orientation {orientation} applied; sizes agree", True))
+    write_mask_png(job.mask, mask)
+    mask_dir = Path(job.mask).parent.parent
+    row = {
+        "image": os.path.relpath(job.image, mask_dir),
+        "mask": os.path.relpath(job.mask, mask_dir),
+        "task": job.task,
+        "prompt": job.prompt,
+        "width": width,
+        "height": height,
+        "annotations": sum(sources.values()),
+        "source": mask_source(sources),
+        "fg_fraction": f"{mask.mean():.6f}",
+        "annotation_sources": format_sources(sources),
+        "source_stem": source_stem(entry.file_name),
+        "pixel_hash": hashlib.md5(rgb.tobytes()).hexdigest()[:16],
+        "ahash": average_hash(rgb),
+        "key": job.key,
+    }
+    return row, problems
+
+
+def format_sources(sources: Counter) -> str:
+    """Counter({"polygon": 3, "bbox": 1}) -> "bbox:1;polygon:3"."""
+    return ";".join(f"{k}:{v}" for k, v in sorted(sources.items()) if v)
+
+
+def parse_sources(text: str) -> Counter:
+    return Counter({k: int(v) for k, v in (part.split(":") for part in text.split(";") if part)})
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Rows of a manifest.csv as dicts (strings); ``image``/``mask`` resolved to absolute paths."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for col in ("image", "mask"):
+            row[col] = str((path.parent / row[col]).resolve())
+    return rows
+
+
+def write_manifest(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda r: (r["task"], r["mask"])))
+    write_text_atomic(path, buf.getvalue())
+
+
+def _hash_bits(hex_hashes: list[str]) -> np.ndarray:
+    """(N, 16, 16) bool bit grids of 256-bit average hashes."""
+    if not hex_hashes:
+        return np.zeros((0, 16, 16), dtype=bool)
+    raw = np.frombuffer(b"".join(bytes.fromhex(h) for h in hex_hashes), dtype=np.uint8)
+    return np.unpackbits(raw).reshape(-1, 16, 16).astype(bool)
+
+
+def _dihedral(grid: np.ndarray) -> np.ndarray:
+    """(8, 16, 16): the grid under every flip and 90-degree rotation."""
+    turns = [np.rot90(grid, k) for k in range(4)]
+    return np.stack(turns + [np.fliplr(t) for t in turns])
+
+
+def leakage_report(rows: list[dict]) -> dict:
+    """Per task and non-train split: how many images share a source photo (the name before ``.rf.``),
+    identical pixels, or a near-identical picture under any flip/rotation with a train image."""
+    report: dict = {}
+    by_task_split: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        by_task_split[(row["task"], row["_split"])].append(row)
+    for (task, split), split_rows in sorted(by_task_split.items()):
+        if split == "train":
+            continue
+        train = by_task_split.get((task, "train"), [])
+        stems = {r["source_stem"] for r in train}
+        pixels = {r["pixel_hash"] for r in train}
+        train_bits = _hash_bits([r["ahash"] for r in train]).reshape(len(train), 256).astype(np.float32)
+        counts = Counter()
+        for row in split_rows:
+            flags = {
+                "same_source_as_train": row["source_stem"] in stems,
+                "identical_pixels_in_train": row["pixel_hash"] in pixels,
+                "near_duplicate_of_train": False,
+            }
+            if len(train_bits):
+                variants = _dihedral(_hash_bits([row["ahash"]])[0]).reshape(8, -1).astype(np.float32)
+                # Hamming distance via dot products: |a xor b| = a.(1-b) + (1-a).b
+                dist = variants @ (1 - train_bits).T + (1 - variants) @ train_bits.T
+                flags["near_duplicate_of_train"] = bool(dist.min() <= NEAR_DUPLICATE_BITS)
+            flags["any_of_these"] = any(flags.values())
+            counts.update(k for k, v in flags.items() if v)
+        report.setdefault(task, {})[split] = {"images": len(split_rows), **{
+            k: counts[k] for k in
+            ("same_source_as_train", "identical_pixels_in_train", "near_duplicate_of_train", "any_of_these")
+        }}
+    return report
+
+
+@dataclass
+class Plan:
+    jobs: list[Job]
+    reused: list[dict]
+    problems: list[Problem]
+    missing_splits: list[str]
+
+
+def plan_jobs(
+    data_root: Path, out: Path, tasks: list[Task], splits: list[str], overwrite: bool
+) -> Plan:
+    """Read every annotations file and decide which masks to (re)make. Raises CocoError when a task
+    folder is missing or an annotations file cannot be used at all."""
+    jobs: list[Job] = []
+    reused: list[dict] = []
+    problems: list[Problem] = []
+    missing: list[str] = []
+    previous: dict[str, dict] = {}
+    for split in splits:
+        manifest = out / split / MANIFEST_FILE
+        if manifest.exists() and not overwrite:
+            try:
+                previous.update({row["mask"]: row for row in read_manifest(manifest)})
+            except (OSError, csv.Error, KeyError, UnicodeDecodeError) as err:
+                log.warning("%s: unreadable manifest (%s); every mask of this split is redone", manifest, err)
+    for task in tasks:
+        task_dir = find_task_dir(data_root, task)
+        if task_dir is None:
+            tried = ", ".join(str(data_root / d) for d in task.dirs)
+            raise CocoError(f"task {task.name!r}: no folder for it under {data_root} (looked for {tried}); "
+                            "pick tasks with --tasks or add the folder name to the task table")
+        for split in splits:
+            json_path = task_dir / split / ANNOTATIONS_FILE
+            if not (task_dir / split).is_dir():
+                missing.append(f"{task.name}/{split}")
+                continue
+            export = load_coco(json_path, task.categories)
+            problems += export.problems
+            for entry in export.images:
+                image = (task_dir / split / entry.file_name).resolve()
+                mask = (out / split / "masks" / mask_name(entry.file_name, task.slug)).resolve()
+                key = job_key(entry, image, task.prompt)
+                old = previous.get(str(mask))
+                if old and old.get("key") == key and mask.exists():
+                    old = dict(old, _split=split)
+                    old["image"] = os.path.relpath(old["image"], out / split)
+                    old["mask"] = os.path.relpath(old["mask"], out / split)
+                    reused.append(old)
+                else:
+                    jobs.append(Job(task.name, task.prompt, split, str(image), str(mask), entry, key))
+    return Plan(jobs, reused, problems, missing)
+
+
+def run_jobs(jobs: list[Job], workers: int) -> tuple[list[dict], list[Problem]]:
+    rows: list[dict] = []
+    problems: list[Problem] = []
+    progress = tqdm(total=len(jobs), desc="masks", unit="img", disable=not jobs, dynamic_ncols=True,
+                    mininterval=0.1 if sys.stderr.isatty() else 5.0)
+    if workers <= 1 or len(jobs) < 2 * workers:
+        results = map(process_job, jobs)
+        pool = None
+    else:
+        pool = get_context("spawn" if os.name == "nt" else None).Pool(workers)
+        results = pool.imap(process_job, jobs, chunksize=8)
+    try:
+        for job, (row, job_problems) in zip(jobs, results):
+            if row is not None:
+                row["_split"] = job.split
+                rows.append(row)
+            problems += job_problems
+            progress.update()
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+    return rows, problems
+
+
+def summarize(rows: list[dict], problems: list[Problem], reused: int, missing: list[str], seconds: float) -> dict:
+    counts: dict = defaultdict(dict)
+    for (task, split), group in sorted(_group(rows).items()):
+        n_sources = Counter()
+        for r in group:
+            n_sources.update(parse_sources(r["annotation_sources"]))
+        counts[task][split] = {
+            "images": len(group),
+            "annotations_used": sum(int(r["annotations"]) for r in group),
+            "empty_masks": sum(float(r["fg_fraction"]) == 0 for r in group),
+            "polygon_annotations": n_sources["polygon"],
+            "bbox_only_annotations": n_sources["bbox"],
+            "rle_annotations": n_sources["rle"],
+            "mask_source": dict(Counter(r["source"] for r in group)),
+            "mean_fg_fraction": round(float(np.mean([float(r["fg_fraction"]) for r in group])), 6),
+        }
+    made = len(rows) - reused
+    return {
+        "counts": counts,
+        "masks_written": made,
+        "masks_reused": reused,
+        "missing_splits": missing,
+        "problem_counts": dict(Counter(p.kind for p in problems)),
+        "problems": [asdict(p) for p in problems],
+        "leakage": leakage_report(rows),
+        "seconds": round(seconds, 2),
+        "images_per_second": round(made / seconds, 1) if seconds > 0 and made else None,
+    }
+
+
+def _group(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["task"], row["_split"])].append(row)
+    return groups
+
+
+def preprocess(
+    data_root: str | Path,
+    out: str | Path,
+    tasks: list[Task],
+    splits: list[str],
+    workers: int = 1,
+    overwrite: bool = False,
+    strict: bool = False,
+) -> dict:
+    """Run the whole preprocessing; returns the summary (also written to ``out/summary.json``).
+
+    Raises CocoError for unrecoverable input, and under ``strict`` for any problem at all
+    (manifests and summary are then left as they were).
+    """
+    data_root, out = Path(data_root), Path(out)
+    if not data_root.is_dir():
+        raise CocoError(f"data root {data_root} does not exist or is not a folder")
+    start = time.perf_counter()
+    plan = plan_jobs(data_root, out, tasks, splits, overwrite)
+    if strict and plan.problems:
+        raise CocoError(_strict_message(plan.problems))
+    rows, problems = run_jobs(plan.jobs, workers)
+    problems = plan.problems + problems
+    if strict and problems:
+        raise CocoError(_strict_message(problems))
+    rows += plan.reused
+    seconds = time.perf_counter() - start
+    for split in splits:
+        split_rows = [r for r in rows if r["_split"] == split]
+        if split_rows:
+            write_manifest(out / split / MANIFEST_FILE, split_rows)
+    summary = {
+        "data_root": str(data_root.resolve()),
+        "tasks": {t.name: {"prompt": t.prompt, "synonyms": list(t.synonyms)} for t in tasks},
+        "splits": splits,
+        **summarize(rows, problems, len(plan.reused), plan.missing_splits, seconds),
+    }
+    write_json_atomic(out / SUMMARY_FILE, summary)
+    return summary
+
+
+def _strict_message(problems: list[Problem]) -> str:
+    shown = "\n  ".join(str(p) for p in problems[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    return f"--strict: {len(problems)} problem(s) in the input; nothing written to the manifests:\n  {shown}{more}"

@@ -1,0 +1,161 @@
+"""The one table of tasks and prompts.
+
+Every script asks this module which tasks exist, which folder of a Roboflow export belongs to a task,
+which canonical prompt a task answers to, and which synonyms may stand for it. Nothing else in the
+project spells a prompt.
+
+Users extend or override the table without code through a JSON file (``--tasks-file``)::
+
+    {"tasks": {
+        "spalling": {"prompt": "segment spalling", "synonyms": ["segment concrete spalling"],
+                     "dirs": ["spalling", "spalling-xyz12"]}
+    }}
+
+A task given in the file replaces the built-in task of the same name; other built-ins stay.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Task:
+    """One segmentation task.
+
+    name: short id used on the command line and in manifests ("cracks").
+    prompt: the canonical prompt ("segment crack"); its slug names mask files.
+    synonyms: other phrasings used for prompt augmentation and ensembling.
+    dirs: folder names under a data root that hold this task's export (first match wins).
+    categories: COCO category names to keep; empty means every category of the export
+        (categories are mapped per dataset, never per id: ids differ between exports).
+    """
+
+    name: str
+    prompt: str
+    synonyms: tuple[str, ...] = ()
+    dirs: tuple[str, ...] = ()
+    categories: tuple[str, ...] = field(default=())
+
+    @property
+    def slug(self) -> str:
+        return prompt_slug(self.prompt)
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        """Canonical prompt first, then the synonyms."""
+        return (self.prompt, *self.synonyms)
+
+
+DEFAULT_TASKS: dict[str, Task] = {
+    "cracks": Task(
+        name="cracks",
+        prompt="segment crack",
+        synonyms=("segment wall crack", "segment cracks"),
+        dirs=("cracks", "cracks-3ii36"),
+    ),
+    "drywall": Task(
+        name="drywall",
+        prompt="segment taping area",
+        synonyms=("segment joint/tape", "segment drywall seam"),
+        dirs=("drywall", "drywall-join-detect"),
+    ),
+}
+
+_SLUG_RE = re.compile(r"[^a-z0-9]+")
+
+
+def prompt_slug(prompt: str) -> str:
+    """Lower-case the prompt and turn every run of characters other than a-z, 0-9 into "_".
+
+    >>> prompt_slug("segment crack")
+    'segment_crack'
+    >>> prompt_slug("Segment  joint/tape!")
+    'segment_joint_tape_'
+    """
+    return _SLUG_RE.sub("_", prompt.lower())
+
+
+def normalize_prompt(prompt: str) -> str:
+    """Case- and whitespace-insensitive form used to look prompts up."""
+    return " ".join(prompt.lower().split())
+
+
+class TaskTableError(ValueError):
+    """A tasks file that cannot be used."""
+
+
+def _task_from_dict(name: str, spec: dict, source: str) -> Task:
+    if not isinstance(spec, dict) or not isinstance(spec.get("prompt"), str) or not spec["prompt"].strip():
+        raise TaskTableError(f"{source}: task {name!r} needs a non-empty string 'prompt'")
+    for key in ("synonyms", "dirs", "categories"):
+        value = spec.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TaskTableError(f"{source}: task {name!r}: '{key}' must be a list of strings")
+    return Task(
+        name=name,
+        prompt=spec["prompt"].strip(),
+        synonyms=tuple(s.strip() for s in spec.get("synonyms", []) if s.strip()),
+        dirs=tuple(spec.get("dirs", [])) or (name,),
+        categories=tuple(spec.get("categories", [])),
+    )
+
+
+def load_tasks(path: str | Path | None = None) -> dict[str, Task]:
+    """The built-in table, extended or overridden by the JSON file at ``path`` (if given)."""
+    tasks = dict(DEFAULT_TASKS)
+    if path is None:
+        return tasks
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TaskTableError(f"{path}: tasks file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TaskTableError(f"{path}: not valid JSON ({err})") from None
+    table = raw.get("tasks", raw) if isinstance(raw, dict) else None
+    if not isinstance(table, dict):
+        raise TaskTableError(f"{path}: expected an object mapping task names to specs")
+    for name, spec in table.items():
+        tasks[name] = _task_from_dict(name, spec, str(path))
+    check_tasks(tasks, str(path))
+    return tasks
+
+
+def check_tasks(tasks: dict[str, Task], source: str = "task table") -> None:
+    """Refuse tables where two tasks share a prompt or a slug (masks would collide)."""
+    owner: dict[str, str] = {}
+    for task in tasks.values():
+        for prompt in task.prompts:
+            key = normalize_prompt(prompt)
+            if key in owner and owner[key] != task.name:
+                raise TaskTableError(
+                    f"{source}: prompt {prompt!r} belongs to both {owner[key]!r} and {task.name!r}"
+                )
+            owner[key] = task.name
+    slugs: dict[str, str] = {}
+    for task in tasks.values():
+        if task.slug in slugs:
+            raise TaskTableError(f"{source}: tasks {slugs[task.slug]!r} and {task.name!r} share slug {task.slug!r}")
+        slugs[task.slug] = task.name
+
+
+def task_for_prompt(prompt: str, tasks: dict[str, Task] | None = None) -> Task | None:
+    """The task whose canonical prompt or synonym matches ``prompt`` (case/space-insensitive)."""
+    key = normalize_prompt(prompt)
+    for task in (tasks or DEFAULT_TASKS).values():
+        if any(normalize_prompt(p) == key for p in task.prompts):
+            return task
+    return None
+
+
+def find_task_dir(data_root: Path, task: Task) -> Path | None:
+    """The first folder under ``data_root`` named like one of the task's ``dirs``."""
+    for name in task.dirs or (task.name,):
+        candidate = data_root / name
+        if candidate.is_dir():
+            return candidate
+    return None

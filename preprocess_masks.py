@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Turn Roboflow COCO exports into exact binary masks, per-split manifests and a leakage report.
+
+    python preprocess_masks.py --data-root dataset_root --out processed_dataset
+
+Input: dataset_root/<task>/<split>/_annotations.coco.json with the images beside it.
+Output: processed_dataset/<split>/masks/<image_stem>__<prompt_slug>.png, <split>/manifest.csv,
+summary.json. Re-running only redoes masks that are missing or stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from defectseg.cli import add_tasks_argument, fail, pick_tasks, setup_logging
+from defectseg.coco import CocoError
+from defectseg.preprocess import SUMMARY_FILE, preprocess
+
+log = logging.getLogger("preprocess_masks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default="dataset_root", help="folder holding <task>/<split>/ exports (default: %(default)s)")
+    parser.add_argument("--out", default="processed_dataset", help="output folder (default: %(default)s)")
+    add_tasks_argument(parser)
+    parser.add_argument("--splits", nargs="+", default=["train", "valid", "test"],
+                        help="splits to process; a split a task lacks is skipped (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="parallel processes (default: %(default)s, the number of cores up to 8)")
+    parser.add_argument("--overwrite", action="store_true", help="redo every mask, even up-to-date ones")
+    parser.add_argument("--strict", action="store_true",
+                        help="treat every input problem (even repaired ones) as an error: exit 1, manifests untouched")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    setup_logging(args.quiet)
+    tasks = pick_tasks(args)
+    try:
+        summary = preprocess(args.data_root, args.out, tasks, args.splits, args.workers, args.overwrite, args.strict)
+    except CocoError as err:
+        return fail(str(err))
+
+    for problem in summary["problems"][:10]:
+        log.warning("%s: %s [%s, %s]", problem["file"], problem["message"], problem["kind"],
+                    "repaired" if problem["repaired"] else "skipped")
+    if len(summary["problems"]) > 10:
+        log.warning("... %d more problems, all listed in %s", len(summary["problems"]) - 10, SUMMARY_FILE)
+    log.info("%-8s %-6s %7s %6s %9s %8s", "task", "split", "images", "empty", "box-only", "polygon")
+    for task, splits in summary["counts"].items():
+        for split, c in splits.items():
+            log.info("%-8s %-6s %7d %6d %9d %8d", task, split, c["images"], c["empty_masks"],
+                     c["bbox_only_annotations"], c["polygon_annotations"])
+    for task, splits in summary["leakage"].items():
+        for split, c in splits.items():
+            log.info("leakage %s/%s: %d of %d share a source photo with train, %d identical pixels, "
+                     "%d near-duplicates (any flip/rotation)", task, split, c["same_source_as_train"], c["images"],
+                     c["identical_pixels_in_train"], c["near_duplicate_of_train"])
+    rate = summary["images_per_second"]
+    log.info("%d masks written, %d up to date, %d problems (%s) in %.1f s%s -> %s",
+             summary["masks_written"], summary["masks_reused"], len(summary["problems"]),
+             ", ".join(f"{k} {v}" for k, v in summary["problem_counts"].items()) or "none",
+             summary["seconds"], f" ({rate} images/s)" if rate else "", os.path.join(args.out, SUMMARY_FILE))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))

@@ -1,0 +1,246 @@
+"""preprocess_masks.py end to end: real sample, pycocotools agreement, re-runs, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import REPO, write_export, write_image
+from pycocotools.coco import COCO
+
+import preprocess_masks
+from defectseg.io import apply_orientation
+from defectseg.preprocess import MANIFEST_COLUMNS, read_manifest
+from defectseg.tasks import DEFAULT_TASKS
+
+
+def run(*argv: str) -> int:
+    return preprocess_masks.main(preprocess_masks.build_parser().parse_args(list(argv)))
+
+
+def read_png(path: str | Path) -> np.ndarray:
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert arr is not None, path
+    return arr
+
+
+def reference_mask(coco: COCO, file_name: str) -> np.ndarray:
+    """The COCO reference: pycocotools' annToMask per annotation, the bbox for empty segmentations."""
+    from pycocotools import mask as mask_utils
+
+    image = next(im for im in coco.dataset["images"] if im["file_name"] == file_name)
+    out = np.zeros((image["height"], image["width"]), dtype=bool)
+    for ann in coco.imgToAnns[image["id"]]:
+        if ann["segmentation"]:
+            out |= coco.annToMask(ann).astype(bool)
+        else:
+            rle = mask_utils.frPyObjects(np.array([ann["bbox"]], dtype=float), image["height"], image["width"])
+            out |= mask_utils.decode(rle)[:, :, 0].astype(bool)
+    return out
+
+
+def assert_matches_pycocotools(out: Path, splits: list[str]) -> int:
+    checked = 0
+    for split in splits:
+        rows = read_manifest(out / split / "manifest.csv")
+        for task in DEFAULT_TASKS:
+            task_rows = [r for r in rows if r["task"] == task]
+            if not task_rows:
+                continue
+            coco = COCO(str(Path(task_rows[0]["image"]).parent / "_annotations.coco.json"))
+            for row in task_rows:
+                ours = read_png(row["mask"]) > 0
+                ref = reference_mask(coco, Path(row["image"]).name)
+                union = (ours | ref).sum()
+                iou = (ours & ref).sum() / union if union else 1.0
+                assert iou >= 0.999, f"{row['mask']}: IoU {iou} against pycocotools"
+                checked += 1
+    return checked
+
+
+def test_sample_end_to_end(sample_root, tmp_path):
+    out = tmp_path / "processed"
+    assert run("--data-root", str(sample_root), "--out", str(out), "--workers", "2") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    c = summary["counts"]
+    assert {t: {s: v["images"] for s, v in splits.items()} for t, splits in c.items()} == {
+        "cracks": {"train": 8, "valid": 4}, "drywall": {"train": 8, "valid": 4}}
+    assert c["cracks"]["train"]["bbox_only_annotations"] == 5
+    assert c["cracks"]["train"]["mask_source"]["bbox"] == 1  # the image with no polygon at all
+    assert c["drywall"]["train"]["empty_masks"] == 1
+    assert c["drywall"]["valid"]["polygon_annotations"] == 0
+    assert summary["leakage"]["drywall"]["valid"]["same_source_as_train"] == 2
+    assert summary["leakage"]["cracks"]["valid"]["near_duplicate_of_train"] == 1  # Image_-637- = cracking356
+    assert summary["missing_splits"] == ["cracks/test", "drywall/test"]
+    assert summary["problems"] == []
+
+    for split in ("train", "valid"):
+        rows = read_manifest(out / split / "manifest.csv")
+        header = (out / split / "manifest.csv").read_text().splitlines()[0].split(",")
+        assert header == MANIFEST_COLUMNS
+        assert len(rows) == {"train": 16, "valid": 8}[split]
+        for row in rows:
+            task = DEFAULT_TASKS[row["task"]]
+            assert row["prompt"] == task.prompt
+            assert Path(row["mask"]).name == f"{Path(row['image']).stem}__{task.slug}.png"
+            mask = read_png(row["mask"])
+            assert mask.dtype == np.uint8 and mask.ndim == 2
+            assert mask.shape == (int(row["height"]), int(row["width"])) == (640, 640)
+            assert set(np.unique(mask)) <= {0, 255}
+    assert not list(out.rglob("*.tmp")), "temporary files left behind"
+    assert assert_matches_pycocotools(out, ["train", "valid"]) == 24
+
+
+def test_rerun_redoes_only_stale_masks(sample_root, tmp_path):
+    data = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(sample_root, data)
+    out = tmp_path / "out"
+    assert run("--data-root", str(data), "--out", str(out), "--workers", "1") == 0
+    summary = lambda: json.loads((out / "summary.json").read_text())  # noqa: E731
+    assert summary()["masks_written"] == 24
+
+    assert run("--data-root", str(data), "--out", str(out)) == 0
+    assert (summary()["masks_written"], summary()["masks_reused"]) == (0, 24)
+    assert summary()["counts"]["cracks"]["train"]["bbox_only_annotations"] == 5  # counts survive a re-run
+
+    # Change one annotation and delete one mask: exactly those two are redone.
+    json_path = data / "drywall" / "valid" / "_annotations.coco.json"
+    coco = json.loads(json_path.read_text())
+    coco["annotations"][0]["bbox"] = [10, 10, 50, 50]
+    json_path.write_text(json.dumps(coco))
+    next((out / "train" / "masks").glob("*segment_crack.png")).unlink()
+    assert run("--data-root", str(data), "--out", str(out)) == 0
+    assert (summary()["masks_written"], summary()["masks_reused"]) == (2, 22)
+    changed = next(r for r in read_manifest(out / "valid" / "manifest.csv")
+                   if Path(r["image"]).name == coco["images"][0]["file_name"])
+    mask = read_png(changed["mask"]) > 0
+    assert mask.sum() == 50 * 50 and mask[10:60, 10:60].all()
+
+    assert run("--data-root", str(data), "--out", str(out), "--overwrite") == 0
+    assert summary()["masks_written"] == 24
+
+
+@pytest.fixture()
+def messy_export(tmp_path) -> Path:
+    """A cracks export with one of every recoverable fault."""
+    split = tmp_path / "data" / "cracks" / "train"
+    images = [
+        {"id": 1, "file_name": "good.jpg", "width": 16, "height": 12},
+        {"id": 2, "file_name": "missing.jpg", "width": 16, "height": 12},
+        {"id": 3, "file_name": "corrupt.jpg", "width": 16, "height": 12},
+        {"id": 4, "file_name": "resized.png", "width": 16, "height": 12},
+        {"id": 5, "file_name": "rotated.jpg", "width": 16, "height": 12},
+        {"id": 6, "file_name": "odd.jpg", "width": 16, "height": 12},
+    ]
+    box = [2, 3, 4, 5]
+    annotations = [{"id": i, "image_id": i, "category_id": 1, "segmentation": [], "bbox": box} for i in range(1, 6)]
+    annotations += [
+        {"id": 6, "image_id": 6, "category_id": 1, "segmentation": [[0, 0, 4, 0, 4, 4, 0, 4, 9]], "bbox": box},
+        {"id": 7, "image_id": 42, "category_id": 1, "segmentation": [], "bbox": box},
+    ]
+    write_export(split, images, annotations, make_images=False)
+    write_image(split / "good.jpg", 16, 12)
+    data = (split / "good.jpg").read_bytes()
+    (split / "corrupt.jpg").write_bytes(data[: len(data) // 2])
+    write_image(split / "resized.png", 32, 24)
+    write_image(split / "rotated.jpg", 16, 12, exif_orientation=6)  # stored 16x12, shown 12x16
+    write_image(split / "odd.jpg", 16, 12)
+    return tmp_path / "data"
+
+
+def test_bad_inputs_are_reported_and_repaired(messy_export, tmp_path):
+    out = tmp_path / "out"
+    assert run("--data-root", str(messy_export), "--out", str(out), "--tasks", "cracks", "--workers", "1") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problem_counts"] == {
+        "unknown_image": 1, "image_unreadable": 2, "size_mismatch": 1, "exif_rotated": 1, "odd_polygon": 1}
+    files = {Path(p["file"].split(" (")[0]).name for p in summary["problems"]}
+    assert {"missing.jpg", "corrupt.jpg", "resized.png", "rotated.jpg", "odd.jpg", "_annotations.coco.json"} <= files
+    rows = {Path(r["image"]).name: r for r in read_manifest(out / "train" / "manifest.csv")}
+    assert sorted(rows) == ["good.jpg", "odd.jpg", "resized.png", "rotated.jpg"]
+
+    raw = np.zeros((12, 16), dtype=bool)
+    raw[3:8, 2:6] = True
+    np.testing.assert_array_equal(read_png(rows["good.jpg"]["mask"]) > 0, raw)
+    resized = read_png(rows["resized.png"]["mask"]) > 0
+    assert resized.shape == (24, 32) and resized.sum() == 4 * raw.sum()
+    rotated = read_png(rows["rotated.jpg"]["mask"]) > 0
+    assert rotated.shape == (16, 12)
+    np.testing.assert_array_equal(rotated, apply_orientation(raw.astype(np.uint8), 6) > 0)
+    assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == ("12", "16")
+
+
+def test_strict_fails_and_keeps_previous_manifest(messy_export, tmp_path):
+    out = tmp_path / "out"
+    assert run("--data-root", str(messy_export), "--out", str(out), "--tasks", "cracks") == 0
+    before = (out / "train" / "manifest.csv").read_bytes()
+    assert run("--data-root", str(messy_export), "--out", str(out), "--tasks", "cracks", "--strict",
+               "--overwrite") == 1
+    assert (out / "train" / "manifest.csv").read_bytes() == before
+
+
+def test_invalid_json_exits_nonzero_naming_the_file(tmp_path, capsys):
+    split = tmp_path / "data" / "cracks" / "valid"
+    split.mkdir(parents=True)
+    (split / "_annotations.coco.json").write_text('{"images": [')
+    out = tmp_path / "out"
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(out), "--tasks", "cracks") == 1
+    err = capsys.readouterr().err
+    assert "_annotations.coco.json" in err and "invalid JSON" in err
+    assert not out.exists() or not list(out.rglob("manifest.csv"))
+
+
+def test_missing_task_folder_and_unknown_task(tmp_path, capsys):
+    (tmp_path / "data" / "cracks").mkdir(parents=True)
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "o")) == 1
+    assert "drywall" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        run("--data-root", str(tmp_path / "data"), "--tasks", "nope")
+    assert exit_info.value.code == 1
+    assert "unknown task" in capsys.readouterr().err
+    assert run("--data-root", str(tmp_path / "absent"), "--out", str(tmp_path / "o")) == 1
+
+
+def test_tasks_file_adds_a_task(tmp_path):
+    split = tmp_path / "data" / "spalling-v3" / "valid"
+    write_export(split, [{"id": 0, "file_name": "w.jpg", "width": 8, "height": 8}],
+                 [{"id": 1, "image_id": 0, "category_id": 1, "segmentation": [], "bbox": [0, 0, 2, 2]}])
+    tasks_file = tmp_path / "tasks.json"
+    tasks_file.write_text(json.dumps({"tasks": {"spalling": {"prompt": "segment spalling", "dirs": ["spalling-v3"]}}}))
+    out = tmp_path / "out"
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(out), "--tasks", "spalling",
+               "--tasks-file", str(tasks_file)) == 0
+    rows = read_manifest(out / "valid" / "manifest.csv")
+    assert [Path(r["mask"]).name for r in rows] == ["w__segment_spalling.png"]
+
+
+def test_readme_demo_command(sample_root, tmp_path):
+    """The demo's preprocessing step, exactly as the Makefile runs it, in a fresh process."""
+    out = tmp_path / "processed_dataset"
+    proc = subprocess.run([sys.executable, str(REPO / "preprocess_masks.py"), "--data-root", str(sample_root),
+                           "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "24 masks written" in proc.stderr
+    help_proc = subprocess.run([sys.executable, str(REPO / "preprocess_masks.py"), "--help"],
+                               capture_output=True, text=True, timeout=60)
+    assert help_proc.returncode == 0 and "--strict" in help_proc.stdout
+
+
+@pytest.mark.slow
+def test_full_real_sets_agree_with_pycocotools(shared_data, tmp_path):
+    out = tmp_path / "full"
+    assert run("--data-root", str(shared_data), "--out", str(out), "--workers", "2", "-q") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    counts = summary["counts"]
+    assert counts["cracks"]["train"]["images"] == 2642 and counts["cracks"]["train"]["bbox_only_annotations"] == 39
+    assert counts["cracks"]["valid"]["bbox_only_annotations"] == 3
+    assert counts["drywall"]["train"]["empty_masks"] == 2
+    assert counts["drywall"]["valid"]["bbox_only_annotations"] == 250
+    assert assert_matches_pycocotools(out, ["train", "valid", "test"]) == 3869
