@@ -1,0 +1,89 @@
+"""Per-sample segmentation losses on logits, as pure torch functions.
+
+Every loss takes raw logits (no sigmoid applied) and a target mask of the same shape, and returns
+one loss per sample, shape (B,), float32: reduce with ``.mean()`` (or weight per sample) in the
+training loop. Inputs of any float dtype are accepted, and the computation is always done in
+float32 (inputs are upcast first), so the losses are safe inside ``torch.autocast`` with bfloat16
+or float16. Shapes: (B, H, W) by contract; any (B, ...) works, everything after the batch dim is
+reduced.
+
+Targets are float masks in {0, 1} (soft targets in [0, 1] also work); bool and integer {0, 1} masks
+are cast. A uint8 {0, 255} mask must be divided by 255 first: it is not rescaled here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["bce_dice_loss", "bce_loss", "soft_dice_loss"]
+
+
+def _prepare(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check shapes and return (logits, target) as float32, flattened to (B, N)."""
+    if logits.shape != target.shape:
+        raise ValueError(
+            f"logits and target shapes differ: logits {tuple(logits.shape)} vs target {tuple(target.shape)}"
+        )
+    if logits.ndim < 2:
+        raise ValueError(f"expected a batch of shape (B, H, W); got shape {tuple(logits.shape)}")
+    return logits.float().flatten(1), target.float().flatten(1)
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss per sample: ``1 - (2 sum(p t) + eps) / (sum(p) + sum(t) + eps)``, ``p = sigmoid(logits)``.
+
+    Args:
+        logits: (B, H, W) raw scores, any float dtype.
+        target: (B, H, W) mask in {0, 1} (float, bool or int).
+        eps: additive smoothing in numerator and denominator. With ``eps > 0`` an empty target with a
+            confidently empty prediction gives a loss of about 0 (not 1), and the loss is defined for
+            all-empty samples; ``eps = 0`` gives the plain soft Dice (NaN for an exactly empty pair).
+
+    Returns:
+        float32 tensor of shape (B,), values in [0, 1].
+    """
+    x, t = _prepare(logits, target)
+    p = torch.sigmoid(x)
+    intersection = (p * t).sum(dim=1)
+    denominator = p.sum(dim=1) + t.sum(dim=1)
+    return 1.0 - (2.0 * intersection + eps) / (denominator + eps)
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with logits, averaged over the pixels of each sample.
+
+    Uses ``F.binary_cross_entropy_with_logits`` (log-sum-exp form), so it is finite for any finite
+    logits, however large.
+
+    Args:
+        logits: (B, H, W) raw scores, any float dtype.
+        target: (B, H, W) mask in {0, 1} (float, bool or int).
+
+    Returns:
+        float32 tensor of shape (B,).
+    """
+    x, t = _prepare(logits, target)
+    return F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(dim=1)
+
+
+def bce_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    bce_weight: float = 1.0,
+    dice_weight: float = 1.0,
+    eps: float = 1.0,
+) -> torch.Tensor:
+    """``bce_weight * bce_loss + dice_weight * soft_dice_loss`` per sample.
+
+    Args:
+        logits: (B, H, W) raw scores, any float dtype.
+        target: (B, H, W) mask in {0, 1} (float, bool or int).
+        bce_weight: weight of the pixel-averaged BCE term.
+        dice_weight: weight of the soft Dice term.
+        eps: smoothing of the Dice term (see ``soft_dice_loss``).
+
+    Returns:
+        float32 tensor of shape (B,).
+    """
+    return bce_weight * bce_loss(logits, target) + dice_weight * soft_dice_loss(logits, target, eps=eps)
