@@ -1,0 +1,535 @@
+"""Loading, saving and the split forward pass of CLIPSeg.
+
+Everything that touches ``CLIPSegForImageSegmentation`` internals lives here.
+
+Loading (``load_model``) accepts a Hub id, a local ``save_pretrained`` folder (including a training
+run's ``runs/<name>/best``) or a decoder-only ``*.safetensors`` file, and turns every failure into
+one ``ModelLoadError`` whose message is written for the user.
+
+Saving writes either a full checkpoint folder (``save_checkpoint``) or only the decoder
+(``save_decoder``, ~1 MB for rd64), both atomically so a crash never leaves a broken file behind.
+
+The split forward is what makes training fast. HF's ``CLIPSegForImageSegmentation.forward`` runs the
+whole frozen vision tower (all 12 layers) and the text tower on every call. Instead::
+
+    acts = encode_images(model, pixel_values)        # vision layers 0..deepest only
+    cond = encode_prompts(model, processor, prompts)  # once per prompt, not per image
+    logits = decode(model, acts, cond)               # the trainable decoder
+
+gives the same logits as ``model(input_ids=..., attention_mask=..., pixel_values=...).logits``, while
+letting callers cache ``acts`` (e.g. in fp16) and prompt embeddings, and fine-tune the last vision layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
+MODEL_ENV_VAR = "DEFECTSEG_MODEL"
+METADATA_FILE = "defectseg.json"
+
+# safetensors header keys of a decoder-only file
+_BASE_MODEL_KEY = "base_model"
+_METADATA_KEY = "defectseg"
+_DECODER_PREFIX = "decoder."
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_TRUTHY = {"1", "ON", "YES", "TRUE"}
+# How "the Hub cannot be reached" shows up across huggingface_hub (requests / httpx) versions:
+# exception class names anywhere in the cause chain, or words in an OSError's message.
+_CONNECTION_ERROR_NAMES = {
+    "ConnectError",
+    "ConnectionError",
+    "ConnectTimeout",
+    "NetworkError",
+    "Timeout",
+    "TimeoutException",
+    "OfflineModeIsEnabled",
+    "LocalEntryNotFoundError",
+    "gaierror",
+}
+_CONNECTION_ERROR_WORDS = ("connect", "offline", "cached files", "network", "timed out", "timeout")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded. The message is meant for the user, printed as-is (no traceback)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_model_arg(arg: str | None) -> str:
+    """The model to load: ``arg`` if given, else ``$DEFECTSEG_MODEL``, else ``DEFAULT_MODEL``."""
+    if arg:
+        return arg
+    return os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL
+
+
+def load_model(
+    name_or_path: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    base_model: str | None = None,
+) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
+    """Load a CLIPSeg model and its processor, in eval mode on ``device``.
+
+    ``name_or_path`` is one of:
+      - a Hub id (``"CIDAS/clipseg-rd64-refined"``): the local HF cache is tried first, then the Hub;
+      - a local folder written by ``save_pretrained`` / ``save_checkpoint`` / ``hf download``;
+      - a decoder-only ``*.safetensors`` file from ``save_decoder``: its base model (recorded in the
+        file, or ``base_model`` if given) is loaded first, then the decoder weights on top.
+
+    Raises ``ModelLoadError`` with a user-facing message on any failure.
+    """
+    if isinstance(name_or_path, Path) or _looks_like_local_path(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"model path {path} does not exist")
+        if path.is_file():
+            model, processor = _load_decoder_file(path, base_model)
+        else:
+            model, processor = _load_local_dir(path)
+    else:
+        model, processor = _load_from_hub(name_or_path)
+    model.to(device).eval()
+    return model, processor
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """True when ``name`` means a local path: it exists, is not shaped like a Hub id ("org/name"),
+    or is "dir/name" with ``dir`` an existing local folder (``models/clipseg-rd64-refined``).
+    """
+    path = Path(name).expanduser()
+    if path.exists() or name.endswith(".safetensors"):
+        return True
+    if "/" in name and path.parent.is_dir():
+        return True
+    return not _HUB_ID.fullmatch(name)
+
+
+def _load_local_dir(path: Path) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
+    """Load model + processor from a ``save_pretrained`` folder, after checking it is a CLIPSeg one."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(
+            f"{path} is not a CLIPSeg checkpoint folder (no config.json); expected a folder written by "
+            f"save_pretrained, by training (runs/<name>/best) or by `hf download {DEFAULT_MODEL}`"
+        )
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{path} is not a CLIPSeg checkpoint folder: cannot read config.json ({exc})"
+        ) from exc
+    if model_type != "clipseg":
+        raise ModelLoadError(f"{path} holds a {model_type!r} model, not a CLIPSeg checkpoint")
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        raise ModelLoadError(f"{path} has a config.json but no model weights (model.safetensors)")
+    try:
+        return _from_pretrained(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the CLIPSeg checkpoint in {path}: {_first_line(exc)}") from exc
+
+
+def _load_decoder_file(
+    path: Path, base_model: str | None
+) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
+    """Load the base model a decoder file was trained on, then the file's decoder weights."""
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(
+            f"{path} is a file but not a decoder .safetensors file; pass a checkpoint folder, a Hub id, "
+            "or a decoder file written by training"
+        )
+    header = _safetensors_header(path)
+    base = base_model or header.get(_BASE_MODEL_KEY)
+    if not base:
+        raise ModelLoadError(
+            f"decoder file {path} does not record its base model; pass base_model= explicitly"
+        )
+    if base.endswith(".safetensors"):
+        raise ModelLoadError(f"decoder file {path}: its base model {base!r} must be a Hub id or a folder")
+    try:
+        model, processor = load_model(base)
+    except ModelLoadError as exc:
+        raise ModelLoadError(
+            f"decoder file {path} is built on base model {base!r}, which could not be loaded: {exc}\n"
+            "(a local copy of the base model can be given with base_model=...)"
+        ) from exc
+    load_decoder(model, path)
+    return model, processor
+
+
+def _load_from_hub(repo_id: str) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
+    """Load from the HF cache if present (no network), else from the Hub; clear errors when unreachable.
+
+    A quick metadata request is made before downloading, so an unreachable Hub fails in well under a
+    second instead of after the minutes of retries ``from_pretrained`` would spend.
+    """
+    try:
+        return _from_pretrained(repo_id, local_files_only=True)
+    except Exception as exc:  # not cached (or a broken cache entry): the Hub is the only source left
+        logger.debug("%s not loadable from the local HF cache: %s", repo_id, _first_line(exc))
+    if _hub_offline():
+        raise ModelLoadError(_unreachable_message(repo_id, "HF_HUB_OFFLINE is set"))
+    _probe_hub(repo_id)
+    try:
+        return _from_pretrained(repo_id)
+    except Exception as exc:
+        if _is_connection_error(exc):
+            raise ModelLoadError(_unreachable_message(repo_id, _first_line(exc))) from exc
+        raise ModelLoadError(
+            f"could not load {repo_id!r} from the Hugging Face Hub: {_first_line(exc)}"
+        ) from exc
+
+
+def _probe_hub(repo_id: str) -> None:
+    """Raise ``ModelLoadError`` fast if the Hub is unreachable or does not know ``repo_id``."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except Exception as exc:
+        if {"RepositoryNotFoundError", "GatedRepoError", "HFValidationError"} & _class_names(exc):
+            raise ModelLoadError(
+                f"{repo_id!r} is neither a local folder nor a model on the Hugging Face Hub "
+                "(or it is private/gated and you are not logged in)"
+            ) from exc
+        if _is_connection_error(exc):
+            raise ModelLoadError(_unreachable_message(repo_id, _first_line(exc))) from exc
+        logger.debug("Hub probe for %s failed (%s); trying to download anyway", repo_id, exc)
+
+
+def _from_pretrained(source: str, **kwargs: Any) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
+    """``from_pretrained`` for both model and processor; warns if model weights had to be initialized."""
+    model, info = CLIPSegForImageSegmentation.from_pretrained(source, output_loading_info=True, **kwargs)
+    processor = CLIPSegProcessor.from_pretrained(source, **kwargs)
+    missing = info.get("missing_keys") or []
+    if missing:
+        logger.warning(
+            "%s: %d weights were missing and randomly initialized (e.g. %s)", source, len(missing), missing[0]
+        )
+    return model, processor
+
+
+def _hub_offline() -> bool:
+    """Offline mode as huggingface_hub saw it at import, or as the environment says now."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or env.strip().upper() in _TRUTHY
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or anything in its cause chain) means "could not reach the Hub"."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if _CONNECTION_ERROR_NAMES & _class_names(current):
+            return True
+        if isinstance(current, OSError) and any(m in str(current).lower() for m in _CONNECTION_ERROR_WORDS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _class_names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
+def _unreachable_message(repo_id: str, reason: str) -> str:
+    local = f"models/{repo_id.split('/')[-1]}"
+    return (
+        f"Could not load {repo_id!r} from the Hugging Face Hub (unreachable, and no cached copy; {reason}). "
+        f"On a machine with internet run `hf download {repo_id} --local-dir {local}`, copy that folder here "
+        f"and pass `--model {local}` (or set {MODEL_ENV_VAR}={local})."
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# Metadata and saving
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The defectseg metadata of a checkpoint folder (``defectseg.json``) or decoder file (header).
+
+    Returns {} when there is none (including Hub ids and paths that do not exist).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        meta_file = path / METADATA_FILE
+        return json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+    if path.is_file() and path.suffix == ".safetensors":
+        raw = _safetensors_header(path).get(_METADATA_KEY)
+        return json.loads(raw) if raw else {}
+    return {}
+
+
+def save_checkpoint(
+    model: CLIPSegForImageSegmentation,
+    processor: CLIPSegProcessor,
+    out_dir: str | Path,
+    metadata: dict[str, Any],
+) -> None:
+    """Write a full ``save_pretrained`` folder (weights, config, processor) + ``defectseg.json``, atomically.
+
+    Everything is written into a sibling temp folder ``.<name>.tmp-<pid>`` first, then swapped in
+    (old folder renamed aside, new one renamed into place, old one deleted). A crash while writing
+    leaves the previous ``out_dir`` untouched. The folder loads with ``load_model`` or plain
+    ``CLIPSegForImageSegmentation.from_pretrained``.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        logger.info("removing stale temp folder %s", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _swap_in(tmp, out)
+    logger.info("saved checkpoint to %s", out)
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace folder ``out`` by folder ``new`` with two renames; restores ``out`` if the second fails."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_decoder(
+    model: CLIPSegForImageSegmentation,
+    path: str | Path,
+    metadata: dict[str, Any],
+    base_model: str,
+) -> None:
+    """Write only the decoder weights (keys ``decoder.*``) to a small ``.safetensors`` file, atomically.
+
+    The header records ``base_model`` (what ``load_model(path)`` loads underneath) and ``metadata``
+    (JSON, read back by ``read_metadata``). Written to a temp file then ``os.replace``-d into place.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"decoder file must end in .safetensors, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        _DECODER_PREFIX + name: tensor.detach().cpu().contiguous()
+        for name, tensor in model.decoder.state_dict().items()
+    }
+    header = {
+        _BASE_MODEL_KEY: str(base_model),
+        _METADATA_KEY: json.dumps(metadata, default=str),
+        "format": "pt",
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=header)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    logger.info("saved decoder (%d tensors) to %s", len(tensors), path)
+
+
+def load_decoder(model: CLIPSegForImageSegmentation, path: str | Path) -> None:
+    """Load a ``save_decoder`` file into ``model.decoder`` in place (strict: same keys, same shapes).
+
+    Raises ``ModelLoadError`` naming the mismatch when the file does not fit the model's decoder.
+    """
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read decoder file {path}: {_first_line(exc)}") from exc
+    state = {k[len(_DECODER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_DECODER_PREFIX)}
+    expected = model.decoder.state_dict()
+    problems = []
+    if foreign := sorted(k for k in tensors if not k.startswith(_DECODER_PREFIX)):
+        problems.append(f"non-decoder keys {foreign[:3]}")
+    if missing := sorted(set(expected) - set(state)):
+        problems.append(f"missing {len(missing)} decoder weights (e.g. {missing[0]})")
+    if unexpected := sorted(set(state) - set(expected)):
+        problems.append(f"unexpected weights {unexpected[:3]}")
+    if mismatched := [k for k in state if k in expected and state[k].shape != expected[k].shape]:
+        k = mismatched[0]
+        problems.append(
+            f"{len(mismatched)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)}, "
+            f"model {tuple(expected[k].shape)})"
+        )
+    if problems:
+        raise ModelLoadError(
+            f"decoder file {path} does not fit this model's decoder ({'; '.join(problems)}); "
+            "was it trained on a different base model?"
+        )
+    model.decoder.load_state_dict(state, strict=True)
+
+
+def _safetensors_header(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file's header ({} if none)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is not a readable .safetensors file: {_first_line(exc)}") from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# Split forward: encode_images -> encode_prompts -> decode
+
+
+def deepest_layer(model: CLIPSegForImageSegmentation) -> int:
+    """Index (0-based) of the deepest vision encoder layer the decoder reads; layers after it are unused."""
+    return max(model.config.extract_layers)
+
+
+def used_vision_layers(model: CLIPSegForImageSegmentation) -> list[nn.Module]:
+    """The vision encoder layers that ``encode_images`` runs: layers 0..deepest_layer(model)."""
+    return list(model.clip.vision_model.encoder.layers[: deepest_layer(model) + 1])
+
+
+def encode_images(model: CLIPSegForImageSegmentation, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """The vision activations the decoder reads, running only the vision layers it needs.
+
+    pixel_values: float (B, 3, H, W), normalized by the processor; H == W, multiples of the patch size
+        (other sizes than the config's image size use interpolated position embeddings, as HF does).
+    Returns: one tensor per ``config.extract_layers`` entry, in that order, each (B, 1 + n_patches,
+        hidden) in the model's dtype: exactly HF's ``[hidden_states[i + 1] for i in extract_layers]``.
+
+    No ``torch.no_grad`` here: wrap the call in one for a frozen encoder, or leave it out to
+    fine-tune the last used vision layers.
+    """
+    vision = model.clip.vision_model
+    embeddings = vision.embeddings
+    pixel_values = pixel_values.to(dtype=embeddings.patch_embedding.weight.dtype)
+    if _accepts(type(embeddings).forward, "interpolate_pos_encoding"):
+        hidden = embeddings(pixel_values, interpolate_pos_encoding=True)
+    else:  # transformers < 4.44 interpolates automatically when the size differs
+        hidden = embeddings(pixel_values)
+    hidden = vision.pre_layrnorm(hidden)
+
+    wanted = set(model.config.extract_layers)
+    captured: dict[int, torch.Tensor] = {}
+    for index, layer in enumerate(used_vision_layers(model)):
+        hidden = _run_encoder_layer(layer, hidden)
+        if index in wanted:
+            captured[index] = hidden
+    return [captured[i] for i in model.config.extract_layers]
+
+
+def _run_encoder_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """One ``CLIPSegEncoderLayer`` without attention masks, called as ``CLIPSegEncoder`` does.
+
+    transformers >= 5 takes ``(hidden, attention_mask)`` and returns a tensor; 4.x also takes a
+    ``causal_attention_mask`` and returns a tuple.
+    """
+    if _accepts(type(layer).forward, "causal_attention_mask"):
+        out = layer(hidden, None, None)
+    else:
+        out = layer(hidden, None)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@functools.cache
+def _accepts(fn: Any, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def encode_prompts(
+    model: CLIPSegForImageSegmentation,
+    processor: CLIPSegProcessor,
+    prompts: list[str],
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Text conditioning vectors: float (P, projection_dim), one row per prompt, in the model's dtype.
+
+    Tokenizes with padding (and truncation to the tokenizer's max length) like the processor does,
+    then ``model.clip.get_text_features``. ``device`` defaults to the model's device. No no_grad here.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    tokens = processor.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
+    features = model.clip.get_text_features(
+        input_ids=tokens["input_ids"].to(device),
+        attention_mask=tokens["attention_mask"].to(device),
+    )
+    if not isinstance(features, torch.Tensor):  # transformers >= 5 returns an output object
+        features = features.pooler_output
+    return features
+
+
+def decode(
+    model: CLIPSegForImageSegmentation,
+    activations: list[torch.Tensor],
+    cond: torch.Tensor,
+) -> torch.Tensor:
+    """Decoder logits: float (B, H, W) for activations from a (B, 3, H, W) input.
+
+    activations: ``encode_images`` output, possibly cached in another dtype/device (e.g. fp16 on CPU);
+        cast to the decoder's dtype and device here.
+    cond: float (B, projection_dim), one conditioning vector per image (index ``encode_prompts``).
+    The batch dim is kept for B == 1 (older transformers squeezed it away).
+    """
+    param = next(model.decoder.parameters())
+    activations = [a.to(device=param.device, dtype=param.dtype) for a in activations]
+    cond = cond.to(device=param.device, dtype=param.dtype)
+    out = model.decoder(activations, cond)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if logits.dim() == 2:
+        logits = logits.unsqueeze(0)
+    return logits
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter bookkeeping
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters in ``module`` (only those with requires_grad if ``trainable_only``)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def decoder_parameter_names(model: CLIPSegForImageSegmentation) -> list[str]:
+    """Names (as in ``model.named_parameters()``) of the decoder's parameters, e.g. "decoder.film_mul.weight"."""
+    return [name for name, _ in model.named_parameters() if name.startswith(_DECODER_PREFIX)]
