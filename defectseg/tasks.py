@@ -159,3 +159,20 @@ def find_task_dir(data_root: Path, task: Task) -> Path | None:
         if candidate.is_dir():
             return candidate
     return None
+
+
+def tasks_to_dict(tasks: dict[str, Task]) -> dict[str, dict]:
+    """The table as plain JSON (what checkpoints store in their metadata)."""
+    return {
+        t.name: {"prompt": t.prompt, "synonyms": list(t.synonyms), "dirs": list(t.dirs),
+                 "categories": list(t.categories)}
+        for t in tasks.values()
+    }
+
+
+def load_tasks_from_metadata(metadata: dict) -> dict[str, Task]:
+    """The task table a checkpoint was trained with (built-ins when it records none)."""
+    tasks = dict(DEFAULT_TASKS)
+    for name, spec in (metadata.get("tasks") or {}).items():
+        tasks[name] = _task_from_dict(name, spec, "checkpoint metadata")
+    return tasks

@@ -1,0 +1,195 @@
+"""The one inference path, shared by training validation, ``evaluate.py`` and ``predict.py``.
+
+    image (H, W, 3) uint8 -> processor -> pixel_values (B, 3, S, S)
+      -> truncated vision encoder, ONCE per image for all prompts   (``encode``)
+      -> decoder per prompt on those activations                    (``logits``)
+      -> bilinear upsampling of the logits to each image's own size -> sigmoid   (``probabilities``)
+      -> threshold (per prompt, from the checkpoint)                 (``binarize``)
+
+Training validation enters at ``logits`` with cached activations; the other scripts start from
+images. Prompt conditioning vectors are computed once per run and kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .metrics import binarize
+from .model import decode, encode_images, encode_prompts, load_model, read_metadata
+from .tasks import Task, load_tasks_from_metadata, normalize_prompt, task_for_prompt
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.5
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" -> cuda if available, else mps, else cpu; anything else as given."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32).
+
+    auto: bf16 on CUDA where supported, else fp16 on CUDA; fp32 on CPU/MPS.
+    """
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast context for ``dtype`` on ``device``; a no-op for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class Segmenter:
+    """A loaded model plus everything needed to turn images and prompts into masks.
+
+    thresholds: canonical prompt (normalized) -> probability threshold; prompts of a task share its
+        canonical prompt's threshold; other prompts use ``default_threshold``.
+    tta: also run the horizontally flipped image and average the logits.
+    ensemble: average the logits over the prompt's task synonyms (the prompt itself when it is not in
+        the task table).
+    """
+
+    model: torch.nn.Module
+    processor: object
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    tasks: dict[str, Task] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    default_threshold: float = DEFAULT_THRESHOLD
+    tta: bool = False
+    ensemble: bool = False
+    _cond: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, model_arg: str, device: str = "auto", precision: str = "auto", **options) -> Segmenter:
+        """Load ``model_arg`` (hub id, folder, ``runs/<name>/best`` or decoder file) with its metadata:
+        task table and tuned thresholds. Raises ``ModelLoadError`` with a user-facing message."""
+        dev = resolve_device(device)
+        model, processor = load_model(model_arg, dev)
+        meta = read_metadata(model_arg)
+        return cls(
+            model=model,
+            processor=processor,
+            device=dev,
+            amp_dtype=resolve_precision(precision, dev),
+            tasks=load_tasks_from_metadata(meta),
+            thresholds={normalize_prompt(k): float(v) for k, v in meta.get("thresholds", {}).items()},
+            **options,
+        )
+
+    # -- images -> activations ------------------------------------------------------------------
+
+    @property
+    def input_size(self) -> int:
+        size = self.processor.image_processor.size  # a dict, or a SizeDict in transformers >= 5
+        if isinstance(size, int):
+            return size
+        return int(size["height"] if size.get("height") else size["shortest_edge"])
+
+    def pixel_values(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(B, 3, S, S) float32 model input for RGB uint8 images of any sizes (the processor's resize)."""
+        out = self.processor.image_processor(images=list(images), return_tensors="pt")
+        return out["pixel_values"]
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Vision activations for a batch (the expensive part; once per image for all prompts).
+        With ``tta`` the batch is doubled: [images, horizontally flipped images]."""
+        pixel_values = pixel_values.to(self.device)
+        if self.tta:
+            pixel_values = torch.cat([pixel_values, pixel_values.flip(-1)])
+        with autocast(self.device, self.amp_dtype):
+            return encode_images(self.model, pixel_values)
+
+    # -- prompts --------------------------------------------------------------------------------
+
+    def prompt_group(self, prompt: str) -> list[str]:
+        """The prompts whose logits are averaged for ``prompt`` (synonyms when ensembling)."""
+        if not prompt.strip():
+            raise ValueError("empty prompt")
+        task = task_for_prompt(prompt, self.tasks)
+        return list(task.prompts) if self.ensemble and task is not None else [prompt]
+
+    @torch.no_grad()
+    def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(P, projection_dim) conditioning vectors, computed once per prompt per Segmenter."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond]
+        if missing:
+            with autocast(self.device, self.amp_dtype):
+                vectors = encode_prompts(self.model, self.processor, missing, self.device)
+            self._cond.update({p: v.float() for p, v in zip(missing, vectors)})
+        return torch.stack([self._cond[p] for p in prompts])
+
+    def threshold(self, prompt: str) -> float:
+        task = task_for_prompt(prompt, self.tasks)
+        key = normalize_prompt(task.prompt if task is not None else prompt)
+        return self.thresholds.get(key, self.default_threshold)
+
+    # -- activations -> logits -> probabilities -------------------------------------------------
+
+    @torch.no_grad()
+    def logits(self, activations: list[torch.Tensor], prompt: str) -> torch.Tensor:
+        """(B, S, S) float32 logits of one prompt for a batch of activations (B images; with ``tta``
+        the activations hold 2B rows and the flipped half is flipped back and averaged)."""
+        group = self.prompt_group(prompt)
+        batch = activations[0].shape[0]
+        total = None
+        for p in group:
+            cond = self.conditioning([p]).expand(batch, -1)
+            with autocast(self.device, self.amp_dtype):
+                out = decode(self.model, activations, cond).float()
+            total = out if total is None else total + out
+        logits = total / len(group)
+        if self.tta:
+            half = batch // 2
+            logits = (logits[:half] + logits[half:].flip(-1)) / 2
+        return logits
+
+    @staticmethod
+    def upsample(logits: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Probabilities at each image's own size: bilinear on the logits, then sigmoid.
+
+        logits: (B, S, S); sizes: B pairs (height, width). Returns B float32 arrays (H_i, W_i).
+        """
+        probs = []
+        for row, (h, w) in zip(logits, sizes):
+            up = F.interpolate(row[None, None].float(), size=(int(h), int(w)), mode="bilinear", align_corners=False)
+            probs.append(torch.sigmoid(up[0, 0]).cpu().numpy())
+        return probs
+
+    def probabilities(
+        self, activations: list[torch.Tensor], sizes: Sequence[tuple[int, int]], prompts: Sequence[str]
+    ) -> dict[str, list[np.ndarray]]:
+        """prompt -> list of (H_i, W_i) float32 probability maps, one per image of the batch."""
+        return {p: self.upsample(self.logits(activations, p), sizes) for p in prompts}
+
+    def predict(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, list[np.ndarray]]:
+        """Convenience: RGB images -> prompt -> list of (H, W) bool masks at each image's size."""
+        acts = self.encode(self.pixel_values(images))
+        sizes = [im.shape[:2] for im in images]
+        return {
+            p: [binarize(prob, self.threshold(p)) for prob in probs]
+            for p, probs in self.probabilities(acts, sizes, prompts).items()
+        }
