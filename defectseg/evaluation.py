@@ -1,0 +1,610 @@
+"""Scoring predicted masks against ground truth: the one evaluation path.
+
+Used by ``evaluate.py`` (images -> ``Segmenter.encode`` -> here) and by training validation (cached
+activations -> here), so nothing in the scoring functions knows where activations come from::
+
+    activations (Segmenter.encode output, or cached equivalents; B rows, 2B with TTA)
+      -> prompt_probabilities: decode each distinct prompt once, only on the rows that use it,
+         upsample to each ground truth's ORIGINAL size
+      -> score_probabilities: per-image confusion counts at the prompt's threshold, at every sweep
+         threshold, and for the other task's prompt ("text sensitivity")
+      -> aggregate: per task and overall (= mean of tasks) numbers, JSON-ready
+
+``score_batch`` is the first two steps in one call. Everything is scored at the masks' original
+resolution with the project's single threshold rule (``metrics``: foreground iff ``prob >= t``).
+Conventions: an image whose ground truth and prediction are both empty scores 1.0 (IoU and Dice),
+exactly one of them empty scores 0.0; see ``defectseg.metrics``.
+
+``evaluate_model`` and ``evaluate_pred_dir`` run a whole manifest split through a model or through a
+folder of masks made elsewhere (``<image_stem>__<prompt_slug>.png``, predict.py's format). An image or
+ground-truth mask that cannot be read is skipped, logged and listed in ``RunResult.skipped``.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import metrics
+from .inference import Segmenter
+from .io import ImageReadError, load_image, read_mask_png, write_json_atomic, write_mask_png
+from .model import METADATA_FILE, count_parameters, read_metadata
+from .preprocess import mask_name
+from .tasks import normalize_prompt, prompt_slug, task_for_prompt
+
+log = logging.getLogger(__name__)
+
+EMPTY_SCORE = 1.0  # IoU/Dice of an empty prediction on an empty ground truth
+DECODER_FILE = "decoder.safetensors"
+# aggregate(): per-task numbers that are averaged over tasks for "overall"; counts are summed instead.
+MEAN_KEYS = ("iou", "dice", "micro_iou", "micro_dice", "precision", "recall", "best_iou", "text_iou",
+             "text_dice")
+SUM_KEYS = ("n_images", "n_empty_gt", "n_empty_both")
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-image scores
+
+
+@dataclass
+class ImageScore:
+    """The scores of one (image, prompt) pair, as confusion counts (tp, fp, fn, tn).
+
+    counts: (4,) int64 at ``threshold`` (None for masks made elsewhere).
+    sweep: (T, 4) int64, one row per sweep threshold, or None.
+    other_counts: (4,) int64 of the mask predicted with ``other_prompt`` (the other task's canonical
+        prompt, at that prompt's threshold) against THIS image's ground truth, or None.
+    pred: the (H, W) bool predicted mask, kept only when asked for (``keep_masks``).
+    """
+
+    image: str
+    mask: str
+    task: str
+    prompt: str
+    counts: np.ndarray
+    threshold: float | None = None
+    sweep: np.ndarray | None = None
+    other_prompt: str | None = None
+    other_counts: np.ndarray | None = None
+    pred: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def iou(self) -> float:
+        return float(metrics.iou_from_counts(self.counts, EMPTY_SCORE))
+
+    @property
+    def dice(self) -> float:
+        return float(metrics.dice_from_counts(self.counts, EMPTY_SCORE))
+
+    @property
+    def fg_fraction(self) -> float:
+        """Fraction of the ground truth's pixels that are foreground."""
+        tp, _, fn, _ = (int(v) for v in self.counts)
+        return (tp + fn) / max(int(self.counts.sum()), 1)
+
+    @property
+    def other_iou(self) -> float | None:
+        return None if self.other_counts is None else float(metrics.iou_from_counts(self.other_counts, EMPTY_SCORE))
+
+
+def select_rows(activations: Sequence[torch.Tensor], index: Sequence[int], n_rows: int) -> list[torch.Tensor]:
+    """The activations of batch rows ``index`` out of ``n_rows``.
+
+    Activations may hold k * n_rows rows in k blocks of n_rows (TTA: [images, flipped images]); the same
+    rows are taken from every block, keeping the layout. Returns the input itself when all rows are kept.
+    """
+    total = activations[0].shape[0]
+    if n_rows <= 0 or total % n_rows:
+        raise ValueError(f"activations have {total} rows, not a multiple of the batch's {n_rows}")
+    if list(index) == list(range(n_rows)):
+        return list(activations)
+    rows = [i + block * n_rows for block in range(total // n_rows) for i in index]
+    picked = torch.tensor(rows, dtype=torch.long, device=activations[0].device)
+    return [a.index_select(0, picked) for a in activations]
+
+
+def prompt_probabilities(
+    segmenter: Segmenter,
+    activations: Sequence[torch.Tensor],
+    prompts: Sequence[str | None],
+    sizes: Sequence[tuple[int, int]],
+) -> list[np.ndarray | None]:
+    """Row i's (H_i, W_i) float32 probability map for ``prompts[i]`` (None where the prompt is None).
+
+    Each distinct prompt is decoded once, on only the rows that use it; ``sizes`` are (height, width).
+    """
+    out: list[np.ndarray | None] = [None] * len(prompts)
+    rows_of: dict[str, list[int]] = defaultdict(list)
+    for i, prompt in enumerate(prompts):
+        if prompt is not None:
+            rows_of[prompt].append(i)
+    for prompt, index in rows_of.items():
+        acts = select_rows(activations, index, len(prompts))
+        probs = segmenter.probabilities(acts, [tuple(sizes[i]) for i in index], [prompt])[prompt]
+        for i, prob in zip(index, probs):
+            out[i] = prob
+    return out
+
+
+def score_probabilities(
+    rows: Sequence[dict],
+    targets: Sequence[np.ndarray],
+    probs: Sequence[np.ndarray],
+    threshold_of: Callable[[str], float],
+    thresholds: Sequence[float] | np.ndarray | None = None,
+    other_prompts: Sequence[str | None] | None = None,
+    other_probs: Sequence[np.ndarray | None] | None = None,
+    keep_masks: bool = False,
+) -> list[ImageScore]:
+    """Scores of probability maps that are already at their ground truth's size.
+
+    rows: manifest rows (task, prompt, image, mask); targets: (H, W) bool ground truths; probs: (H, W)
+    float maps for each row's own prompt; threshold_of: prompt -> threshold (``Segmenter.threshold``);
+    thresholds: the sweep (None: no sweep); other_prompts/other_probs: per row, the other task's prompt
+    and its map (None entries: no text-sensitivity score for that row).
+    """
+    sweep_thr = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    scores = []
+    for i, (row, target, prob) in enumerate(zip(rows, targets, probs)):
+        threshold = threshold_of(row["prompt"])
+        pred = metrics.binarize(prob, threshold)
+        other_prompt = other_prompts[i] if other_prompts is not None else None
+        other_prob = other_probs[i] if other_probs is not None else None
+        other_counts = None
+        if other_prompt is not None and other_prob is not None:
+            other_counts = metrics.confusion(metrics.binarize(other_prob, threshold_of(other_prompt)), target)
+        scores.append(ImageScore(
+            image=row["image"],
+            mask=row["mask"],
+            task=row["task"],
+            prompt=row["prompt"],
+            counts=metrics.confusion(pred, target),
+            threshold=float(threshold),
+            sweep=None if sweep_thr is None else metrics.counts_at_thresholds(prob, target, sweep_thr),
+            other_prompt=other_prompt if other_counts is not None else None,
+            other_counts=other_counts,
+            pred=pred if keep_masks else None,
+        ))
+    return scores
+
+
+def score_batch(
+    segmenter: Segmenter,
+    activations: Sequence[torch.Tensor],
+    rows: Sequence[dict],
+    targets: Sequence[np.ndarray],
+    thresholds: Sequence[float] | np.ndarray | None = None,
+    other_prompts: dict[str, str] | None = None,
+    keep_masks: bool = False,
+    own: Sequence[np.ndarray] | None = None,
+) -> list[ImageScore]:
+    """Score one batch: ``activations`` from ``segmenter.encode`` (or cached equivalents, same layout:
+    2B rows with TTA) of the B images of ``rows`` (in that order), ``targets`` their (H, W) bool ground
+    truths at ORIGINAL resolution.
+
+    Rows of different tasks may be mixed. ``thresholds``: sweep thresholds (None: no sweep);
+    ``other_prompts``: task -> the prompt whose mask is scored against that task's ground truth (text
+    sensitivity; None: not measured); ``own``: the rows' own-prompt probabilities when already computed
+    (``prompt_probabilities``). Returns one ``ImageScore`` per row, in order.
+    """
+    sizes = [t.shape[:2] for t in targets]
+    if own is None:
+        own = prompt_probabilities(segmenter, activations, [r["prompt"] for r in rows], sizes)
+    others = [(other_prompts or {}).get(r["task"]) for r in rows]
+    other_probs = prompt_probabilities(segmenter, activations, others, sizes)
+    return score_probabilities(rows, targets, own, segmenter.threshold, thresholds, others, other_probs,
+                               keep_masks)
+
+
+def other_task_prompts(task_prompts: dict[str, str]) -> dict[str, str] | None:
+    """task -> the canonical prompt of the NEXT task (in the given order, cyclically): with two tasks,
+    each task's images are also scored with the other task's prompt. None with fewer than two tasks."""
+    names = list(task_prompts)
+    if len(names) < 2:
+        return None
+    return {name: task_prompts[names[(i + 1) % len(names)]] for i, name in enumerate(names)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def _task_summary(group: list[ImageScore], thresholds: np.ndarray | None) -> dict[str, Any]:
+    counts = np.stack([s.counts for s in group])
+    out: dict[str, Any] = {"prompt": group[0].prompt, **metrics.summarize(counts, EMPTY_SCORE)}
+    out["n_empty_both"] = int(np.count_nonzero(counts[:, :3].sum(axis=1) == 0))
+    used = {s.threshold for s in group}
+    out["threshold"] = used.pop() if len(used) == 1 else None
+    if thresholds is not None and all(s.sweep is not None for s in group):
+        sweep = np.stack([s.sweep for s in group])  # (N, T, 4)
+        out["best_threshold"], out["best_iou"] = metrics.best_threshold(sweep, thresholds, EMPTY_SCORE)
+        out["sweep_iou"] = [float(v) for v in metrics.iou_from_counts(sweep, EMPTY_SCORE).mean(axis=0)]
+        out["sweep_dice"] = [float(v) for v in metrics.dice_from_counts(sweep, EMPTY_SCORE).mean(axis=0)]
+    others = [s for s in group if s.other_counts is not None]
+    if others:
+        other = np.stack([s.other_counts for s in others])
+        out["text_prompt"] = others[0].other_prompt
+        out["text_iou"] = float(metrics.iou_from_counts(other, EMPTY_SCORE).mean())
+        out["text_dice"] = float(metrics.dice_from_counts(other, EMPTY_SCORE).mean())
+    return out
+
+
+def aggregate(scores: Sequence[ImageScore], thresholds: Sequence[float] | np.ndarray | None = None) -> dict:
+    """Per-task and overall numbers (JSON-ready plain Python values).
+
+    ``tasks[name]``: ``iou``/``dice`` (mean over images), ``micro_iou``/``micro_dice``/``precision``/
+    ``recall`` (from summed counts), ``n_images``, ``n_empty_gt``, ``n_empty_both`` (scored 1.0),
+    ``threshold`` (the one used), and when every image has a sweep ``best_threshold``/``best_iou``
+    (``metrics.best_threshold``) and ``sweep_iou``/``sweep_dice`` (mean over images per threshold);
+    with text sensitivity ``text_prompt``, ``text_iou``, ``text_dice`` (low is good).
+    ``overall``: the mean over tasks of every score (each task weighs the same), the sum of the counts,
+    and the mean sweep curve. ``thresholds`` lists the sweep (or is absent).
+    """
+    thr = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    groups: dict[str, list[ImageScore]] = defaultdict(list)
+    for score in scores:
+        groups[score.task].append(score)
+    tasks = {name: _task_summary(groups[name], thr) for name in sorted(groups)}
+    overall: dict[str, Any] = {}
+    for key in MEAN_KEYS:
+        values = [t[key] for t in tasks.values() if key in t]
+        if values and len(values) == len(tasks):
+            overall[key] = float(np.mean(values))
+    for key in SUM_KEYS:
+        overall[key] = int(sum(t[key] for t in tasks.values()))
+    for key in ("sweep_iou", "sweep_dice"):
+        if tasks and all(key in t for t in tasks.values()):
+            overall[key] = [float(v) for v in np.mean([t[key] for t in tasks.values()], axis=0)]
+    out: dict[str, Any] = {"tasks": tasks, "overall": overall}
+    if thr is not None:
+        out["thresholds"] = [float(v) for v in thr]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading rows
+
+
+@dataclass
+class Batch:
+    """Rows that loaded, with their images ((H, W, 3) uint8 RGB, or None when not loaded) and (H, W)
+    bool ground truths; ``skipped`` lists the rows that could not be read as {image, task, reason}."""
+
+    rows: list[dict]
+    images: list[np.ndarray] | None
+    targets: list[np.ndarray]
+    skipped: list[dict]
+
+
+def _load_row(row: dict, load_images: bool) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    try:
+        image = load_image(row["image"]) if load_images else None
+        return image, read_mask_png(row["mask"]), None
+    except ImageReadError as err:
+        return None, None, str(err)
+
+
+def iter_rows(
+    rows: Sequence[dict], batch_size: int, *, load_images: bool = True, workers: int = 2, prefetch: int = 2
+) -> Iterator[Batch]:
+    """Batches of ``rows`` in order with their images (``defectseg.io.load_image``) and ground-truth
+    masks (``read_mask_png``), read by ``workers`` threads ``prefetch`` batches ahead of the consumer.
+    Unreadable files are logged and reported in ``Batch.skipped``, never raised."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    chunks = [list(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: deque[tuple[list[dict], list[Future]]] = deque()
+
+        def submit(chunk: list[dict]) -> None:
+            pending.append((chunk, [pool.submit(_load_row, row, load_images) for row in chunk]))
+
+        for chunk in chunks[:prefetch]:
+            submit(chunk)
+        for k in range(len(chunks)):
+            chunk, futures = pending.popleft()
+            if k + prefetch < len(chunks):
+                submit(chunks[k + prefetch])
+            batch = Batch([], [] if load_images else None, [], [])
+            for row, future in zip(chunk, futures):
+                image, target, error = future.result()
+                if error is not None:
+                    log.warning("skipping %s: %s", row["image"], error)
+                    batch.skipped.append({"image": row["image"], "task": row["task"], "reason": error})
+                    continue
+                batch.rows.append(row)
+                batch.targets.append(target)
+                if batch.images is not None:
+                    batch.images.append(image)
+            yield batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole runs
+
+
+@dataclass
+class RunResult:
+    """Scores of one evaluated source (a model or a folder of masks) over a manifest split.
+
+    skipped: rows whose image or ground truth could not be read ({image, task, reason}).
+    missing / unreadable / resized: (masks made elsewhere) prediction files not found, not readable
+        (both scored as empty predictions) or of another size than the ground truth (resized nearest).
+    runtime: timing numbers (``evaluate_model``) or {} .
+    """
+
+    scores: list[ImageScore]
+    skipped: list[dict] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    missing_by_task: dict[str, int] = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable name of ``device``: the GPU's name, or the CPU and torch's thread count."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuda)"
+    if device.type == "cpu":
+        cpu = platform.processor() or platform.machine() or "cpu"
+        return f"CPU {cpu}, {torch.get_num_threads()} torch threads"
+    return str(device)
+
+
+def _runtime(segmenter: Segmenter, timings: list[tuple[int, float, float]], warm_wall: float | None,
+             warm_images: int, total_wall: float) -> dict:
+    """Timing summary; the first batch (warm-up) is left out when there is more than one."""
+    warm = len(timings) > 1
+    timed = timings[1:] if warm else timings
+    n = sum(t[0] for t in timed)
+    encode_ms = 1000 * sum(t[1] for t in timed) / max(n, 1)
+    decode_ms = 1000 * sum(t[2] for t in timed) / max(n, 1)
+    per_image_prompt = encode_ms + decode_ms
+    return {
+        "device": device_name(segmenter.device),
+        "precision": str(segmenter.amp_dtype).replace("torch.", "") if segmenter.amp_dtype else "fp32",
+        "tta": segmenter.tta,
+        "ensemble": segmenter.ensemble,
+        "warm": warm,
+        "images_timed": n,
+        "encode_ms_per_image": round(encode_ms, 3),
+        "decode_ms_per_image_prompt": round(decode_ms, 3),
+        "ms_per_image_prompt": round(per_image_prompt, 3),
+        "model_images_per_s": round(1000 / per_image_prompt, 2) if per_image_prompt > 0 else None,
+        "end_to_end_images_per_s": round(warm_images / warm_wall, 2) if warm_wall and warm_images else None,
+        "seconds_total": round(total_wall, 2),
+    }
+
+
+def evaluate_model(
+    segmenter: Segmenter,
+    rows: Sequence[dict],
+    *,
+    batch_size: int = 16,
+    thresholds: Sequence[float] | np.ndarray | None = None,
+    other_prompts: dict[str, str] | None = None,
+    mask_dir: str | Path | None = None,
+    workers: int = 2,
+    progress: bool = True,
+) -> RunResult:
+    """Run ``rows`` through ``segmenter`` (the inference path from images) and score every image.
+
+    Timing: per batch, processor + ``encode`` ("encode") and decoding + upsampling each row's own prompt
+    ("decode"); loading, text-sensitivity decoding and scoring are not model time. With ``mask_dir``,
+    each predicted mask is written there as ``<image_stem>__<prompt_slug>.png`` (predict.py's format).
+    """
+    result = RunResult(scores=[])
+    timings: list[tuple[int, float, float]] = []
+    start = time.perf_counter()
+    warm_start, warm_from = None, 0
+    batches = iter_rows(rows, batch_size, load_images=True, workers=workers)
+    for batch in tqdm(batches, total=-(-len(rows) // batch_size), desc="evaluate", unit="batch",
+                      disable=not progress):
+        result.skipped += batch.skipped
+        if not batch.rows:
+            continue
+        sizes = [t.shape[:2] for t in batch.targets]
+        t0 = time.perf_counter()
+        acts = segmenter.encode(segmenter.pixel_values(batch.images))
+        _sync(segmenter.device)
+        t1 = time.perf_counter()
+        own = prompt_probabilities(segmenter, acts, [r["prompt"] for r in batch.rows], sizes)
+        t2 = time.perf_counter()
+        scores = score_batch(segmenter, acts, batch.rows, batch.targets, thresholds, other_prompts,
+                             keep_masks=mask_dir is not None, own=own)
+        if mask_dir is not None:
+            for score in scores:
+                write_mask_png(Path(mask_dir) / mask_name(score.image, prompt_slug(score.prompt)), score.pred)
+                score.pred = None
+        result.scores += scores
+        timings.append((len(batch.rows), t1 - t0, t2 - t1))
+        if warm_start is None:
+            warm_start, warm_from = time.perf_counter(), len(result.scores)
+    end = time.perf_counter()
+    warm_wall = end - warm_start if warm_start is not None and len(timings) > 1 else None
+    result.runtime = _runtime(segmenter, timings, warm_wall, len(result.scores) - warm_from, end - start)
+    return result
+
+
+def prediction_path(pred_dir: str | Path, row: dict) -> Path:
+    """Where a folder of masks made elsewhere holds the mask of ``row``: ``<image_stem>__<prompt_slug>.png``."""
+    return Path(pred_dir) / mask_name(row["image"], prompt_slug(row["prompt"]))
+
+
+def read_prediction(pred_dir: str | Path, row: dict, shape: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """The (H, W) = ``shape`` bool mask predicted for ``row`` in ``pred_dir``, and how it was found:
+    "ok", "resized" (another size: resized nearest), "missing" or "unreadable" (both: an empty mask)."""
+    path = prediction_path(pred_dir, row)
+    if not path.is_file():
+        return np.zeros(shape, dtype=bool), "missing"
+    try:
+        pred = read_mask_png(path)
+    except ImageReadError:
+        return np.zeros(shape, dtype=bool), "unreadable"
+    if pred.shape != tuple(shape):
+        resized = cv2.resize(pred.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+        return resized > 0, "resized"
+    return pred, "ok"
+
+
+def evaluate_pred_dir(pred_dir: str | Path, rows: Sequence[dict], *, workers: int = 2,
+                      progress: bool = True) -> RunResult:
+    """Score a folder of masks made elsewhere (no model): for each row, ``prediction_path(pred_dir, row)``.
+    A missing or unreadable file scores as an empty prediction and is listed; another size is resized
+    nearest to the ground truth's size and listed. No sweep, no text sensitivity."""
+    result = RunResult(scores=[])
+    start = time.perf_counter()
+    lists = {"missing": result.missing, "unreadable": result.unreadable, "resized": result.resized}
+    for batch in tqdm(iter_rows(rows, 64, load_images=False, workers=workers), desc="score", unit="batch",
+                      total=-(-len(rows) // 64), disable=not progress):
+        result.skipped += batch.skipped
+        for row, target in zip(batch.rows, batch.targets):
+            pred, status = read_prediction(pred_dir, row, target.shape)
+            if status in lists:
+                lists[status].append(prediction_path(pred_dir, row).name)
+            if status == "missing":
+                result.missing_by_task[row["task"]] = result.missing_by_task.get(row["task"], 0) + 1
+            result.scores.append(ImageScore(image=row["image"], mask=row["mask"], task=row["task"],
+                                            prompt=row["prompt"], counts=metrics.confusion(pred, target)))
+    for status, names in lists.items():
+        if names:
+            log.warning("%d prediction(s) %s in %s (%s), e.g. %s", len(names), status, pred_dir,
+                        "resized nearest to the ground truth" if status == "resized" else "scored as empty",
+                        ", ".join(names[:3]))
+    for task, n in sorted(result.missing_by_task.items()):
+        if n == sum(s.task == task for s in result.scores):
+            log.warning("%s has no mask at all for task %s (all %d scored as empty); if it does not cover that "
+                        "task, leave it out with --tasks", pred_dir, task, n)
+    result.runtime = {"seconds_total": round(time.perf_counter() - start, 2)}
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Examples (image, ground truth, prediction) for a scored image
+
+
+def _example_inputs(score: ImageScore) -> tuple[np.ndarray | None, np.ndarray]:
+    target = read_mask_png(score.mask)
+    try:
+        image = load_image(score.image)
+    except ImageReadError as err:
+        log.warning("example image unreadable: %s", err)
+        image = None
+    return image, target
+
+
+def model_example(segmenter: Segmenter, score: ImageScore) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """(image, ground truth, predicted mask) of a scored image, predicted again through the same path."""
+    image, target = _example_inputs(score)
+    if image is None:
+        return None, target, np.zeros_like(target)
+    acts = segmenter.encode(segmenter.pixel_values([image]))
+    prob = prompt_probabilities(segmenter, acts, [score.prompt], [target.shape])[0]
+    return image, target, metrics.binarize(prob, segmenter.threshold(score.prompt))
+
+
+def pred_dir_example(pred_dir: str | Path, score: ImageScore) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """(image, ground truth, predicted mask) of an image scored from a folder of masks."""
+    image, target = _example_inputs(score)
+    row = {"image": score.image, "prompt": score.prompt}
+    return image, target, read_prediction(pred_dir, row, target.shape)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# The checkpoint: footprint and tuned thresholds
+
+
+def _size_on_disk(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def find_decoder_file(model_arg: str) -> Path | None:
+    """The decoder-only file of a model: the argument itself when it is a ``.safetensors`` file, else
+    ``decoder.safetensors`` in the model folder or its parent (a run folder), else None."""
+    path = Path(model_arg).expanduser()
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    if path.is_dir():
+        for candidate in (path / DECODER_FILE, path.parent / DECODER_FILE):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def model_footprint(model_arg: str, model: torch.nn.Module) -> dict[str, Any]:
+    """Parameter counts (total, decoder) and sizes on disk (bytes; None when not a local folder/file)."""
+    path = Path(model_arg).expanduser()
+    decoder_file = find_decoder_file(model_arg)
+    decoder = getattr(model, "decoder", None)
+    return {
+        "parameters": count_parameters(model),
+        "decoder_parameters": count_parameters(decoder) if decoder is not None else None,
+        "model_folder": str(path) if path.is_dir() else None,
+        "model_folder_bytes": _size_on_disk(path) if path.is_dir() else None,
+        "decoder_file": str(decoder_file) if decoder_file else None,
+        "decoder_file_bytes": _size_on_disk(decoder_file) if decoder_file else None,
+    }
+
+
+def thresholds_target(model_arg: str) -> Path:
+    """The checkpoint folder whose ``defectseg.json`` tuned thresholds can be written to.
+
+    Raises ValueError (a user-facing message) for a Hub id, a decoder file or a folder that is not a
+    checkpoint.
+    """
+    path = Path(model_arg).expanduser()
+    if path.is_file():
+        raise ValueError(f"--write-thresholds needs a checkpoint folder; {path} is a file (a decoder file's "
+                         "metadata lives in its header and is written by training, not here)")
+    if not path.is_dir():
+        raise ValueError(f"--write-thresholds needs a local checkpoint folder; {model_arg!r} is not one "
+                         "(a Hub id cannot be written to)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--write-thresholds: {path} is not a checkpoint folder (no config.json)")
+    return path
+
+
+def best_thresholds(summary: dict, segmenter: Segmenter) -> dict[str, float]:
+    """canonical prompt -> best threshold of its task's sweep, from ``aggregate`` output. The canonical
+    prompt is the segmenter's task table's (what ``Segmenter.threshold`` looks up)."""
+    best = {}
+    for task in summary["tasks"].values():
+        if "best_threshold" in task:
+            known = task_for_prompt(task["prompt"], segmenter.tasks)
+            best[known.prompt if known is not None else task["prompt"]] = task["best_threshold"]
+    return best
+
+
+def write_thresholds(model_dir: str | Path, thresholds: dict[str, float], source: dict[str, Any]) -> Path:
+    """Store ``thresholds`` {canonical prompt: value} in the checkpoint folder's ``defectseg.json``
+    (other metadata and other prompts' thresholds kept; ``source`` recorded under ``thresholds_source``),
+    atomically. Returns the metadata file's path."""
+    folder = Path(model_dir)
+    meta = read_metadata(folder)
+    new = {normalize_prompt(k) for k in thresholds}
+    kept = {k: v for k, v in meta.get("thresholds", {}).items() if normalize_prompt(k) not in new}
+    meta["thresholds"] = {**kept, **{k: float(v) for k, v in thresholds.items()}}
+    meta["thresholds_source"] = source
+    target = folder / METADATA_FILE
+    write_json_atomic(target, meta)
+    return target

@@ -1,0 +1,473 @@
+"""What ``evaluate.py`` writes: metrics.json, per_image.csv, report.md, threshold_curves.png, example grids.
+
+``report.md`` is rendered from the metrics dict alone (the same content as metrics.json), so a report
+can be re-rendered from a saved metrics.json. Every file is written atomically (``defectseg.io``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .evaluation import EMPTY_SCORE, ImageScore, RunResult
+from .io import encode_png, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .preprocess import SUMMARY_FILE
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+PER_IMAGE_FILE = "per_image.csv"
+REPORT_FILE = "report.md"
+CURVES_FILE = "threshold_curves.png"
+PER_IMAGE_COLUMNS = ["image", "task", "prompt", "iou", "dice", "tp", "fp", "fn", "fg_fraction",
+                     "other_prompt_iou"]
+FIRST_NAMES = 5  # how many names of missing/skipped files are listed
+# leakage keys of preprocess's summary.json, with the words the report uses
+LEAKAGE_COLUMNS = {
+    "same_source_as_train": "same source photo as a train image",
+    "identical_pixels_in_train": "identical pixels",
+    "near_duplicate_of_train": "near-duplicate (any flip/rotation)",
+    "any_of_these": "any of these",
+}
+RESULT_COLUMNS = {  # metrics key -> column title
+    "iou": "mean IoU", "dice": "mean Dice", "micro_iou": "micro IoU", "micro_dice": "micro Dice",
+    "precision": "precision", "recall": "recall",
+}
+ExampleLoader = Callable[[ImageScore], tuple["np.ndarray | None", np.ndarray, np.ndarray]]
+
+
+# --------------------------------------------------------------------------------------------------
+# The metrics dict
+
+
+def source_metrics(label: str, kind: str, result: RunResult, summary: dict,
+                   footprint: dict | None = None) -> dict[str, Any]:
+    """The metrics of one evaluated source: ``kind`` is "model" or "pred_dir"; ``summary`` is
+    ``evaluation.aggregate`` output; lists of files are cut to their first few names."""
+    out: dict[str, Any] = {"model": label, "kind": kind, **summary, "runtime": result.runtime,
+                           "footprint": footprint, "n_skipped": len(result.skipped), "skipped": result.skipped}
+    if kind == "pred_dir":
+        out["predictions"] = {
+            name: {"count": len(files), "first": files[:FIRST_NAMES]}
+            for name, files in (("missing", result.missing), ("unreadable", result.unreadable),
+                                ("resized", result.resized))
+        }
+        out["predictions"]["missing"]["by_task"] = dict(result.missing_by_task)
+    return out
+
+
+def read_leakage(data_dir: str | Path, split: str) -> dict[str, Any] | None:
+    """The leakage counts of ``split`` from ``<data>/summary.json``: {"tasks": {task: counts},
+    "measured": whether train was preprocessed in that run (without it nothing could be found)}."""
+    path = Path(data_dir) / SUMMARY_FILE
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    tasks = {task: splits[split] for task, splits in summary.get("leakage", {}).items() if split in splits}
+    return {"tasks": tasks, "measured": "train" in summary.get("splits", [])}
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------------
+# per_image.csv
+
+
+def per_image_csv(scores: Sequence[ImageScore]) -> str:
+    """One row per scored image (``PER_IMAGE_COLUMNS``); other_prompt_iou empty when not measured."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(PER_IMAGE_COLUMNS)
+    for s in scores:
+        tp, fp, fn, _ = (int(v) for v in s.counts)
+        other = s.other_iou
+        writer.writerow([s.image, s.task, s.prompt, f"{s.iou:.6f}", f"{s.dice:.6f}", tp, fp, fn,
+                         f"{s.fg_fraction:.6f}", "" if other is None else f"{other:.6f}"])
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# Example grids
+
+
+def pick_examples(scores: Sequence[ImageScore], n: int) -> list[tuple[str, ImageScore]]:
+    """Up to ``n`` best, ``n`` median and ``n`` worst images by IoU (ties by name), best first; an image
+    is shown once even when the categories overlap (small sets)."""
+    order = sorted(scores, key=lambda s: (-s.iou, s.image))
+    total, mid = len(order), len(order) // 2
+    start = max(0, min(mid - n // 2, total - n))
+    picks = ([("best", i) for i in range(min(n, total))]
+             + [("median", i) for i in range(start, min(total, start + n))]
+             + [("worst", i) for i in range(max(0, total - n), total)])
+    chosen: dict[int, str] = {}
+    for label, i in picks:
+        chosen.setdefault(i, label)
+    return [(chosen[i], order[i]) for i in sorted(chosen)]
+
+
+def _fit(image: np.ndarray, tile: int, interpolation: int) -> np.ndarray:
+    """``image`` scaled to fit a tile x tile square (aspect kept), centred on grey. (H, W, 3) uint8."""
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    h, w = image.shape[:2]
+    scale = tile / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = cv2.resize(image, (nw, nh), interpolation=interpolation)
+    out = np.full((tile, tile, 3), 64, dtype=np.uint8)
+    top, left = (tile - nh) // 2, (tile - nw) // 2
+    out[top:top + nh, left:left + nw] = small
+    return out
+
+
+def overlay(image: np.ndarray | None, target: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: the image dimmed, true positives green, false positives red, misses blue."""
+    base = np.full((*target.shape, 3), 128, np.uint8) if image is None else image
+    if base.shape[:2] != target.shape:
+        base = cv2.resize(base, (target.shape[1], target.shape[0]), interpolation=cv2.INTER_AREA)
+    out = base.astype(np.float32) * 0.55
+    for mask, color in ((pred & target, (0, 255, 0)), (pred & ~target, (255, 0, 0)),
+                        (~pred & target, (0, 90, 255))):
+        out[mask] = out[mask] * 0.35 + np.array(color, np.float32) * 0.65
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def _text_bar(text: str, width: int, height: int = 24) -> np.ndarray:
+    bar = np.full((height, width, 3), 255, dtype=np.uint8)
+    cv2.putText(bar, text, (6, height - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return bar
+
+
+def example_grid(examples: Sequence[tuple[str, ImageScore, np.ndarray | None, np.ndarray, np.ndarray]],
+                 tile: int = 256) -> np.ndarray:
+    """(H, W, 3) uint8 RGB grid: one row per (label, score, image, ground truth, prediction), columns
+    image | ground truth | prediction | overlay, each row under a line naming the image and its scores."""
+    columns = ["image", "ground truth", "prediction", "overlay: green TP, red FP, blue FN"]
+    width = 4 * tile
+    parts = [np.concatenate([_text_bar(c, tile) for c in columns], axis=1)]
+    for label, score, image, target, pred in examples:
+        name = Path(score.image).name
+        name = name if len(name) <= 60 else name[:57] + "..."
+        parts.append(_text_bar(f"{label}: IoU {score.iou:.3f}  Dice {score.dice:.3f}  {name}", width))
+        shown = np.full((*target.shape, 3), 128, np.uint8) if image is None else image
+        tiles = [_fit(shown, tile, cv2.INTER_AREA)]
+        tiles += [_fit(m.astype(np.uint8) * 255, tile, cv2.INTER_NEAREST) for m in (target, pred)]
+        tiles.append(_fit(overlay(image, target, pred), tile, cv2.INTER_AREA))
+        parts.append(np.concatenate(tiles, axis=1))
+    return np.concatenate(parts, axis=0)
+
+
+def write_examples(out: Path, scores: Sequence[ImageScore], loader: ExampleLoader, n: int) -> list[str]:
+    """``examples_<task>.png`` per task (``pick_examples``); returns the file names written."""
+    written = []
+    for task in sorted({s.task for s in scores}):
+        picks = pick_examples([s for s in scores if s.task == task], n)
+        rows = [(label, score, *loader(score)) for label, score in picks]
+        name = f"examples_{task}.png"
+        write_bytes_atomic(out / name, encode_png(example_grid(rows)))
+        written.append(name)
+    return written
+
+
+# --------------------------------------------------------------------------------------------------
+# threshold_curves.png
+
+
+def plot_threshold_curves(path: Path, sections: Sequence[dict]) -> bool:
+    """Mean IoU against threshold per task for each metrics section (the first solid, the others
+    dashed), the best threshold marked. Returns False (nothing written) when no section has a sweep."""
+    curves = [(i, s, name, t) for i, s in enumerate(sections)
+              for name, t in s["tasks"].items() if "sweep_iou" in t]
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    task_names = sorted({name for _, _, name, _ in curves})
+    for i, section, name, task in curves:
+        color = colors[task_names.index(name) % len(colors)]
+        source = Path(section["model"]).name or section["model"]
+        ax.plot(section["thresholds"], task["sweep_iou"], color=color, linestyle="-" if i == 0 else "--",
+                marker="." if i == 0 else None,
+                label=f"{name} ({task['prompt']}), {source}: best {task['best_threshold']:.2f} -> "
+                      f"{task['best_iou']:.3f}")
+        ax.plot([task["best_threshold"]], [task["best_iou"]], "o", color=color, markersize=7)
+    ax.set_xlabel("threshold (foreground iff probability >= threshold)")
+    ax.set_ylabel("mean IoU over images")
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# report.md
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _size(n_bytes: int | None) -> str:
+    if n_bytes is None:
+        return "n/a"
+    return f"{n_bytes / 1e6:.2f} MB" if n_bytes >= 1e5 else f"{n_bytes / 1e3:.1f} kB"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_num(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _rows_with_overall(m: dict) -> list[tuple[str, dict]]:
+    return [(name, t) for name, t in m["tasks"].items()] + [("**overall** (mean of tasks)", m["overall"])]
+
+
+def _results_section(m: dict) -> str:
+    header = ["task", "prompt", "images", *RESULT_COLUMNS.values()]
+    rows = [[name, t.get("prompt", ""), t["n_images"], *(t.get(k) for k in RESULT_COLUMNS)]
+            for name, t in _rows_with_overall(m)]
+    if m["kind"] == "model":
+        header.append("threshold")
+        for row, name in zip(rows, [*m["tasks"], None]):
+            row.append(_num(m["tasks"][name].get("threshold"), 2) if name else "")
+    return _table(header, rows)
+
+
+def _compare_section(a: dict, b: dict) -> str:
+    keys = [k for k in ("iou", "dice", "micro_iou", "best_iou", "text_iou")
+            if k in a["overall"] or k in b["overall"]]
+    header = ["task"]
+    for k in keys:
+        title = {"best_iou": "mean IoU at best threshold", "text_iou": "other-prompt IoU"}.get(k)
+        title = title or RESULT_COLUMNS[k]
+        header += [f"{title}: A", "B", "B - A"]
+    rows = []
+    b_rows = dict(_rows_with_overall(b))
+    for name, ta in _rows_with_overall(a):
+        tb = b_rows.get(name, {})
+        row: list[Any] = [name]
+        for k in keys:
+            va, vb = ta.get(k), tb.get(k)
+            row += [va, vb, None if va is None or vb is None else vb - va]
+        rows.append(row)
+    ms = [x["runtime"].get("ms_per_image_prompt") for x in (a, b)]
+    text = [f"A = `{a['model']}`, B = `{b['model']}` (same data, split and options).", "", _table(header, rows)]
+    if all(v is not None for v in ms):
+        text += ["", f"Warm time per image per prompt: A {ms[0]:.2f} ms, B {ms[1]:.2f} ms."]
+    return "\n".join(text)
+
+
+def _sweep_section(m: dict) -> str:
+    rows = []
+    for name, t in m["tasks"].items():
+        if "sweep_iou" not in t:
+            continue
+        at_used = None
+        if t.get("threshold") in m["thresholds"]:
+            at_used = t["sweep_iou"][m["thresholds"].index(t["threshold"])]
+        rows.append([name, t["prompt"], _num(t.get("threshold"), 2), at_used, _num(t["best_threshold"], 2),
+                     t["best_iou"]])
+    if not rows:
+        return ""
+    if "best_iou" in m["overall"]:
+        at_used = [r[3] for r in rows]
+        rows.append(["**overall** (mean of tasks)", "", "",
+                     float(np.mean(at_used)) if None not in at_used else None, "per prompt",
+                     m["overall"]["best_iou"]])
+    thr = m["thresholds"]
+    return "\n".join([
+        f"Mean IoU over images at {len(thr)} thresholds from {thr[0]:g} to {thr[-1]:g} "
+        "(ties go to the threshold nearest 0.5).", "",
+        _table(["task", "prompt", "threshold used", "mean IoU there", "best threshold", "mean IoU at best"], rows),
+        "", f"![threshold curves]({CURVES_FILE})", "",
+        "The best threshold is chosen on this same split, so its score is optimistic for this split; tune "
+        "on valid (`--write-thresholds` stores it in the checkpoint) and report on a split not used for tuning.",
+    ])
+
+
+def _text_section(m: dict) -> str:
+    rows = [[name, t["prompt"], t["iou"], t["text_prompt"], t["text_iou"], t["text_dice"]]
+            for name, t in m["tasks"].items() if "text_iou" in t]
+    if not rows:
+        return ""
+    return "\n".join([
+        "Each image is also segmented with the *other* task's prompt (at that prompt's threshold) and scored "
+        "against its own ground truth. Low is good: the model follows the text instead of marking whatever "
+        "defect it sees.", "",
+        _table(["task", "own prompt", "own-prompt mean IoU", "other prompt", "other-prompt mean IoU",
+                "other-prompt mean Dice"], rows),
+    ])
+
+
+def _runtime_section(m: dict) -> str:
+    r, f = m["runtime"], m.get("footprint")
+    if m["kind"] != "model":
+        return f"Masks made elsewhere: no model was run (scoring took {r.get('seconds_total', 0):.1f} s)."
+    warm = "warm: first batch left out" if r["warm"] else "only one batch, so it includes warm-up"
+    rows = [
+        ["device", r["device"]],
+        ["precision / TTA / prompt ensemble", f"{r['precision']} / {'yes' if r['tta'] else 'no'} / "
+                                              f"{'yes' if r['ensemble'] else 'no'}"],
+        ["mean time per image per prompt",
+         f"{r['ms_per_image_prompt']:.2f} ms ({warm}; {r['images_timed']} images)"],
+        ["of which: processor + vision encoder, per image", f"{r['encode_ms_per_image']:.2f} ms"],
+        ["of which: decoder + upsampling, per prompt", f"{r['decode_ms_per_image_prompt']:.2f} ms"],
+        ["model throughput", f"{_num(r['model_images_per_s'], 1)} images/s"],
+        ["end-to-end throughput (loading, model, scoring)", f"{_num(r['end_to_end_images_per_s'], 1)} images/s"],
+    ]
+    if f:
+        rows += [
+            ["parameters (total / decoder)", f"{f['parameters']:,} / {_num(f['decoder_parameters'])}"
+             if f["decoder_parameters"] is None else f"{f['parameters']:,} / {f['decoder_parameters']:,}"],
+            ["model folder on disk", f"{_size(f['model_folder_bytes'])}"
+             + (f" (`{f['model_folder']}`)" if f["model_folder"] else "")],
+            ["decoder file on disk", f"{_size(f['decoder_file_bytes'])}"
+             + (f" (`{f['decoder_file']}`)" if f["decoder_file"] else "")],
+        ]
+    return "\n".join([_table(["", ""], rows), "",
+                      "Times cover the model only (image processor, vision encoder once per image, decoder and "
+                      "upsampling to the original size per prompt), not file reading or scoring."])
+
+
+def _leakage_section(m: dict, split: str) -> str:
+    leak = m.get("leakage")
+    if not leak or not leak["tasks"]:
+        return f"No leakage numbers for split `{split}` (no `{SUMMARY_FILE}` for it in the data folder)."
+    if not leak["measured"]:
+        return (f"Leakage was not measured: the train split was not preprocessed together with `{split}` "
+                "(run preprocess_masks.py with train included to get it).")
+    shown = {task: c for task, c in leak["tasks"].items() if task in m["tasks"]}
+    if not shown:
+        return f"No leakage numbers for the scored tasks in split `{split}`."
+    rows = [[task, c["images"], *(c[k] for k in LEAKAGE_COLUMNS)] for task, c in shown.items()]
+    worst = max(shown.items(), key=lambda kv: kv[1]["any_of_these"] / max(kv[1]["images"], 1))
+    return "\n".join([
+        _table(["task", "images", *LEAKAGE_COLUMNS.values()], rows), "",
+        f"These {split} images share a source photo (Roboflow file name before `.rf.`), identical pixels, or a "
+        "near-identical picture under a flip or 90-degree rotation with a train image (from preprocess_masks.py). "
+        "A model may have seen the same picture in training, so scores on such images are optimistic "
+        f"(worst here: {worst[0]}, {worst[1]['any_of_these']} of {worst[1]['images']} images).",
+    ])
+
+
+def _problems_section(m: dict) -> str:
+    lines = []
+    if m["n_skipped"]:
+        names = ", ".join(f"`{Path(s['image']).name}`" for s in m["skipped"][:FIRST_NAMES])
+        lines.append(f"- {m['n_skipped']} image(s) skipped because a file could not be read (not scored): {names}")
+    for name, info in (m.get("predictions") or {}).items():
+        if info["count"]:
+            how = "resized nearest to the ground truth's size" if name == "resized" else "scored as empty masks"
+            first = ", ".join(f"`{n}`" for n in info["first"])
+            by_task = info.get("by_task")
+            per_task = f" ({', '.join(f'{t}: {n}' for t, n in by_task.items())})" if by_task else ""
+            lines.append(f"- {info['count']} prediction file(s) {name}{per_task}, {how}: {first}"
+                         + (" ..." if info["count"] > len(info["first"]) else ""))
+    return "\n".join(lines)
+
+
+def _definitions(m: dict) -> str:
+    o = m["overall"]
+    model = m["kind"] == "model"
+    fitted = ("predicted probabilities are upsampled (bilinear, on the logits) to it" if model else
+              "a predicted mask of another size is resized to it, nearest neighbour")
+    threshold = ("- **threshold**: a pixel is foreground iff its probability >= the threshold (per prompt, from "
+                 "the checkpoint unless overridden; 0.5 by default).")
+    return "\n".join([
+        "- **mean IoU / mean Dice** (the headline numbers): IoU = TP / (TP + FP + FN) and Dice = 2 TP / "
+        "(2 TP + FP + FN) per image, computed on the ground-truth mask at the image's **original resolution** "
+        f"({fitted}), then averaged over images, so every image weighs the same (the "
+        "convention peers report). An image whose ground truth and prediction are both empty scores "
+        f"{EMPTY_SCORE:.1f} ({o['n_empty_both']} such image(s) here, of {o['n_empty_gt']} with an empty ground "
+        "truth); exactly one of them empty scores 0.",
+        "- **micro IoU / micro Dice**: from TP, FP, FN summed over every pixel of the split (large defects "
+        "weigh more).",
+        "- **precision / recall**: TP / (TP + FP) and TP / (TP + FN) from the summed counts.",
+        *([threshold] if model else []),
+        "- **overall**: the mean over tasks of each per-task number (each task weighs the same); image "
+        "counts are summed.",
+        "- Ground truth: exact COCO rasterization of the annotations (pycocotools), from preprocess_masks.py.",
+    ])
+
+
+def _setup_section(m: dict) -> str:
+    r = m["runtime"]
+    rows = [["model" if m["kind"] == "model" else "predicted masks", f"`{m['model']}`"],
+            ["data", f"`{m['data']}`, split `{m['split']}`"],
+            ["images scored", ", ".join(f"{n} {t['n_images']}" for n, t in m["tasks"].items())]]
+    if m["kind"] == "model":
+        rows += [["device", r["device"]], ["precision", r["precision"]],
+                 ["TTA (horizontal flip)", "yes" if r["tta"] else "no"],
+                 ["prompt ensemble (synonyms)", "yes" if r["ensemble"] else "no"],
+                 ["thresholds", ", ".join(f"{t['prompt']}: {_num(t.get('threshold'), 2)}"
+                                          for t in m["tasks"].values()) + f" ({m.get('threshold_source', '')})"]]
+    rows.append(["date", m["created"]])
+    return "\n".join([_table(["", ""], rows), "", "Command:", "", "```", m["command"], "```"])
+
+
+def render_report(m: dict) -> str:
+    """report.md from the metrics dict (see ``evaluate.py`` for its keys)."""
+    o = m["overall"]
+    sections = [
+        f"# Evaluation of `{Path(m['model']).name or m['model']}` on `{m['split']}`", "",
+        f"Overall (mean of {len(m['tasks'])} task(s)): **mean IoU {_num(o.get('iou'))}**, mean Dice "
+        f"{_num(o.get('dice'))} over {o['n_images']} images, per image at the original resolution.", "",
+        "## Setup", "", _setup_section(m), "",
+        "## Results", "", _results_section(m), "",
+    ]
+    if m.get("compare"):
+        sections += ["## Comparison", "", _compare_section(m, m["compare"]), ""]
+    for title, body in (("Threshold sweep", _sweep_section(m)), ("Text sensitivity", _text_section(m)),
+                        ("Runtime and footprint", _runtime_section(m)),
+                        ("Data leakage between train and this split", _leakage_section(m, m["split"])),
+                        ("Metric definitions", _definitions(m)),
+                        ("Skipped and missing files", _problems_section(m))):
+        if body:
+            sections += [f"## {title}", "", body, ""]
+    if m.get("thresholds_written"):
+        w = m["thresholds_written"]
+        sections += ["Best thresholds written to `" + w["file"] + "`: "
+                     + ", ".join(f"{p}: {v:.2f}" for p, v in w["thresholds"].items()), ""]
+    if m.get("examples"):
+        sections += ["## Examples", "", "Per task: best, median and worst images by IoU.", ""]
+        sections += [f"![{name}]({name})\n" for name in m["examples"]]
+    return "\n".join(sections).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_outputs(out: Path, metrics_: dict, scores: Sequence[ImageScore]) -> None:
+    """metrics.json, per_image.csv, threshold_curves.png (when there is a sweep) and report.md."""
+    sections = [metrics_] + ([metrics_["compare"]] if metrics_.get("compare") else [])
+    plot_threshold_curves(out / CURVES_FILE, sections)
+    write_json_atomic(out / METRICS_FILE, metrics_)
+    write_text_atomic(out / PER_IMAGE_FILE, per_image_csv(scores))
+    write_text_atomic(out / REPORT_FILE, render_report(metrics_))

@@ -1,0 +1,258 @@
+#!/usr/bin/env python
+"""Score a model (or a folder of masks made elsewhere) on a preprocessed split and write a report.
+
+    python evaluate.py --model runs/<name>/best --data processed_dataset --split valid --out reports/<name>
+    python evaluate.py --pred-dir their_masks/ --split valid          # masks made elsewhere, no model
+
+Writes to --out: metrics.json, per_image.csv, report.md (paste-ready), threshold_curves.png and
+examples_<task>.png. Headline numbers are mean-over-images IoU and Dice at each mask's original
+resolution (an empty ground truth predicted empty scores 1.0), per task and overall (= mean of tasks).
+
+An image or ground-truth mask that cannot be read is skipped with a warning and listed in
+metrics.json and report.md; the run still exits 0. Exit 1: bad arguments, no manifest, a model that
+cannot be loaded, or nothing readable at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from defectseg import evaluation, metrics, report
+from defectseg.cli import fail, setup_logging
+from defectseg.inference import Segmenter
+from defectseg.model import ModelLoadError, resolve_model_arg
+from defectseg.preprocess import MANIFEST_FILE, read_manifest
+
+log = logging.getLogger("evaluate")
+# options that mean nothing for masks made elsewhere (left out of the recorded command)
+MODEL_ONLY = {"model": None, "batch_size": None, "device": None, "precision": None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help="checkpoint folder (runs/<name>/best), decoder .safetensors file or Hub id "
+                             "(default: $DEFECTSEG_MODEL, else CIDAS/clipseg-rd64-refined)")
+    parser.add_argument("--data", default="processed_dataset",
+                        help="preprocess_masks.py output folder (default: %(default)s)")
+    parser.add_argument("--split", default="valid", help="split to score (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="report folder (default: reports/<model or folder name>)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="tasks to score (default: all in the manifest)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="autocast precision; auto = bf16/fp16 on CUDA, fp32 elsewhere (default: %(default)s)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="use this threshold for every prompt instead of the checkpoint's")
+    parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    parser.add_argument("--ensemble", action="store_true", help="average the logits over each task's synonyms")
+    parser.add_argument("--thresholds-sweep", nargs="+", type=float, default=None, metavar="T",
+                        help="thresholds of the sweep (default: 0.05 0.10 ... 0.95)")
+    parser.add_argument("--write-thresholds", action="store_true",
+                        help="store each task's best sweep threshold in the checkpoint folder's defectseg.json "
+                             "(refused on the test split)")
+    parser.add_argument("--compare", default=None, metavar="OTHER",
+                        help="also score OTHER the same way (a model; with --pred-dir, another mask folder) and "
+                             "add side-by-side columns")
+    parser.add_argument("--save-masks", action="store_true",
+                        help="write the predicted masks to <out>/masks/<image_stem>__<prompt_slug>.png")
+    parser.add_argument("--pred-dir", default=None,
+                        help="score masks made elsewhere (<image_stem>__<prompt_slug>.png) instead of a model")
+    parser.add_argument("--examples", type=int, default=1, metavar="N",
+                        help="per task, N best, N median and N worst images in examples_<task>.png "
+                             "(0: none; default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="threads reading files (default: %(default)s)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return parser
+
+
+def default_out(source: str) -> Path:
+    """reports/<name>: the model folder's name (its run's name for runs/<name>/best), a decoder file's
+    stem, a Hub id's last part, or the mask folder's name."""
+    path = Path(source.rstrip("/\\"))
+    name = path.stem if path.suffix == ".safetensors" else path.name
+    if name in ("best", "last") and path.parent.name:
+        name = path.parent.name if name == "best" else f"{path.parent.name}-last"
+    return Path("reports") / name
+
+
+def command_line(args: argparse.Namespace, **resolved: object) -> str:
+    """The command that reproduces this run, every option spelled out (``resolved`` replaces values)."""
+    parts = ["python", "evaluate.py"]
+    for key, value in {**vars(args), **resolved}.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, *map(str, value)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def check_args(args: argparse.Namespace, model_arg: str) -> str | None:
+    """A message for arguments that cannot work together, else None."""
+    if args.batch_size < 1 or args.workers < 1 or args.examples < 0:
+        return "--batch-size and --workers must be >= 1 and --examples >= 0"
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        return f"--threshold must be in [0, 1], got {args.threshold}"
+    if args.thresholds_sweep and not all(0.0 <= t <= 1.0 for t in args.thresholds_sweep):
+        return "--thresholds-sweep values must be in [0, 1]"
+    if args.pred_dir is not None:
+        if args.write_thresholds or args.save_masks:
+            return "--write-thresholds and --save-masks need a model; they cannot be used with --pred-dir"
+        for folder in (args.pred_dir, args.compare):
+            if folder is not None and not Path(folder).is_dir():
+                return f"prediction folder {folder} does not exist or is not a folder"
+    if args.write_thresholds:
+        if args.split == "test":
+            return ("refusing --write-thresholds on the test split: a threshold tuned on test makes the test "
+                    "score meaningless; tune on valid (--split valid)")
+        try:
+            evaluation.thresholds_target(model_arg)
+        except ValueError as err:
+            return str(err)
+    return None
+
+
+def load_rows(data: Path, split: str, tasks: list[str] | None) -> tuple[list[dict], dict[str, str]]:
+    """The manifest rows of the chosen tasks, and task -> prompt for every task of the manifest.
+    Raises ValueError with a user-facing message."""
+    manifest = data / split / MANIFEST_FILE
+    if not manifest.is_file():
+        raise ValueError(f"no manifest at {manifest}: run `python preprocess_masks.py --data-root <exports> "
+                         f"--out {data} --splits {split}` first (or pass --data/--split)")
+    rows = read_manifest(manifest)
+    task_prompts: dict[str, str] = {}
+    for row in sorted(rows, key=lambda r: r["task"]):
+        task_prompts.setdefault(row["task"], row["prompt"])
+    unknown = sorted(set(tasks or []) - set(task_prompts))
+    if unknown:
+        raise ValueError(f"task(s) {', '.join(unknown)} not in {manifest}; it has: {', '.join(task_prompts)}")
+    rows = [r for r in rows if tasks is None or r["task"] in tasks]
+    if not rows:
+        raise ValueError(f"{manifest} has no rows")
+    return rows, task_prompts
+
+
+def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep: np.ndarray,
+              other_prompts: dict[str, str] | None,
+              mask_dir: Path | None) -> tuple[dict, list[evaluation.ImageScore], Segmenter]:
+    """Load and score one model. Raises ModelLoadError."""
+    segmenter = Segmenter.load(model_arg, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
+    source = "from the checkpoint" if segmenter.thresholds else "default"
+    if args.threshold is not None:
+        segmenter.thresholds, segmenter.default_threshold, source = {}, args.threshold, "--threshold"
+    log.info("scoring %s on %d images (%s)", model_arg, len(rows), evaluation.device_name(segmenter.device))
+    result = evaluation.evaluate_model(segmenter, rows, batch_size=args.batch_size, thresholds=sweep,
+                                       other_prompts=other_prompts, mask_dir=mask_dir, workers=args.workers,
+                                       progress=not args.quiet)
+    summary = evaluation.aggregate(result.scores, sweep)
+    section = report.source_metrics(model_arg, "model", result, summary,
+                                    evaluation.model_footprint(model_arg, segmenter.model))
+    section["threshold_source"] = source
+    return section, result.scores, segmenter
+
+
+def run_pred_dir(pred_dir: str, args: argparse.Namespace, rows: list[dict]) -> tuple[dict, list]:
+    log.info("scoring the masks in %s against %d ground truths", pred_dir, len(rows))
+    result = evaluation.evaluate_pred_dir(pred_dir, rows, workers=args.workers, progress=not args.quiet)
+    return report.source_metrics(pred_dir, "pred_dir", result, evaluation.aggregate(result.scores)), result.scores
+
+
+def log_summary(section: dict) -> None:
+    for name, t in [*section["tasks"].items(), ("overall", section["overall"])]:
+        best = (f", best threshold {t['best_threshold']:.2f} -> {t['best_iou']:.4f}"
+                if "best_threshold" in t else "")
+        text = f", other prompt IoU {t['text_iou']:.4f}" if "text_iou" in t else ""
+        log.info("%-8s mean IoU %.4f  mean Dice %.4f  micro IoU %.4f  (%d images)%s%s", name, t["iou"],
+                 t["dice"], t["micro_iou"], t["n_images"], best, text)
+
+
+def main(args: argparse.Namespace) -> int:
+    setup_logging(args.quiet)
+    model_arg = resolve_model_arg(args.model)
+    problem = check_args(args, model_arg)
+    if problem:
+        return fail(problem)
+    try:
+        rows, task_prompts = load_rows(Path(args.data), args.split, args.tasks)
+    except ValueError as err:
+        return fail(str(err))
+    source = args.pred_dir or model_arg
+    out = Path(args.out) if args.out else default_out(source)
+    sweep = (np.unique(np.round(args.thresholds_sweep, 6)) if args.thresholds_sweep
+             else metrics.default_thresholds())
+    other_prompts = evaluation.other_task_prompts(task_prompts)
+    thresholds_written = None
+
+    try:
+        if args.pred_dir:
+            if args.tta or args.ensemble or args.threshold is not None:
+                log.warning("--tta, --ensemble and --threshold do nothing with --pred-dir")
+            section, scores = run_pred_dir(args.pred_dir, args, rows)
+            loader = partial(evaluation.pred_dir_example, args.pred_dir)
+        else:
+            mask_dir = out / "masks" if args.save_masks else None
+            section, scores, segmenter = run_model(model_arg, args, rows, sweep, other_prompts, mask_dir)
+            loader = partial(evaluation.model_example, segmenter)
+        if not scores:
+            return fail(f"no image of {args.data}/{args.split} could be read; nothing scored")
+        examples = report.write_examples(out, scores, loader, args.examples) if args.examples else []
+        if args.write_thresholds:
+            best = evaluation.best_thresholds(section, segmenter)
+            folder = evaluation.thresholds_target(model_arg)
+            provenance = {"data": str(args.data), "split": args.split, "tta": args.tta, "ensemble": args.ensemble,
+                          "created": report.now_iso()}
+            path = evaluation.write_thresholds(folder, best, provenance)
+            thresholds_written = {"file": str(path), "thresholds": best}
+            log.info("wrote best thresholds %s to %s", best, path)
+        del loader
+        segmenter = None  # free the first model before loading the one to compare with
+        compare = None
+        if args.compare:
+            if args.pred_dir:
+                compare = run_pred_dir(args.compare, args, rows)[0]
+            else:
+                compare = run_model(args.compare, args, rows, sweep, other_prompts, None)[0]
+    except ModelLoadError as err:
+        return fail(str(err))
+
+    metrics_ = {
+        "command": command_line(args, out=str(out), **(MODEL_ONLY if args.pred_dir else {"model": model_arg})),
+        "created": report.now_iso(),
+        "data": str(args.data),
+        "split": args.split,
+        "conventions": {
+            "headline": "mean over images of per-image IoU and Dice",
+            "resolution": "original size of each ground-truth mask",
+            "empty_gt_and_empty_prediction_score": evaluation.EMPTY_SCORE,
+            "threshold_rule": "foreground iff probability >= threshold",
+            "overall": "mean over tasks",
+        },
+        **section,
+        "examples": examples,
+        "leakage": report.read_leakage(args.data, args.split),
+        "thresholds_written": thresholds_written,
+        "compare": compare,
+    }
+    report.write_outputs(out, metrics_, scores)
+    log_summary(section)
+    if section["n_skipped"]:
+        log.warning("%d image(s) could not be read and were skipped (listed in %s)", section["n_skipped"],
+                    out / report.METRICS_FILE)
+    log.info("wrote %s", out / report.REPORT_FILE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))

@@ -1,0 +1,441 @@
+"""evaluate.py and defectseg.evaluation: hand-computed scores, masks made elsewhere, a tiny model end to end,
+tuned thresholds written back, bad input, and (when present) real peer masks against exact ground truth."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import REPO, SHARED_DATA
+
+import evaluate
+import preprocess_masks
+from defectseg import evaluation, report
+from defectseg.evaluation import ImageScore, aggregate, prompt_probabilities, score_batch
+from defectseg.inference import Segmenter
+from defectseg.io import load_image, read_mask_png, write_mask_png
+from defectseg.model import METADATA_FILE, load_model, read_metadata, save_decoder
+from defectseg.preprocess import mask_name, read_manifest
+from defectseg.tasks import prompt_slug
+from defectseg.tiny import build_tiny_model
+
+PEERS = REPO.parent / "shared" / "peer-predictions"
+OTHER = {"cracks": "segment taping area", "drywall": "segment crack"}
+
+
+def run(*argv: str) -> int:
+    return evaluate.main(evaluate.build_parser().parse_args(list(argv)))
+
+
+def run_logged(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
+    """Exit code and what was logged (setup_logging replaces the root handlers, so caplog sees nothing)."""
+    capsys.readouterr()
+    code = run(*argv)
+    return code, capsys.readouterr().err
+
+
+def preprocess(data_root: Path, out: Path, *extra: str) -> Path:
+    argv = ["--data-root", str(data_root), "--out", str(out), "--workers", "2", "-q", *extra]
+    assert preprocess_masks.main(preprocess_masks.build_parser().parse_args(argv)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory: pytest.TempPathFactory, sample_root: Path) -> Path:
+    return preprocess(sample_root, tmp_path_factory.mktemp("evaldata") / "processed")
+
+
+@pytest.fixture(scope="module")
+def valid_rows(processed: Path) -> list[dict]:
+    return read_manifest(processed / "valid" / "manifest.csv")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("evaltiny") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_dir: Path) -> Segmenter:
+    """Read-only; tests that change options load their own."""
+    return Segmenter.load(str(tiny_dir), "cpu")
+
+
+def load_metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def per_image(out: Path) -> list[dict]:
+    with open(out / "per_image.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def by_task(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for row in rows:
+        out.setdefault(row["task"], []).append(row)
+    return out
+
+
+def pred_file(folder: Path, row: dict) -> Path:
+    return folder / mask_name(row["image"], prompt_slug(row["prompt"]))
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    """A manifest with absolute paths (read_manifest keeps them as they are)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# --pred-dir: masks made elsewhere, hand-known answers
+
+
+def test_pred_dir_ground_truth_scores_exactly_one(processed, valid_rows, tmp_path):
+    out = tmp_path / "report"
+    # the ground-truth masks are named <image_stem>__<prompt_slug>.png, exactly what --pred-dir reads
+    assert run("--pred-dir", str(processed / "valid" / "masks"), "--data", str(processed), "--out", str(out),
+               "-q") == 0
+    m = load_metrics(out)
+    assert set(m["tasks"]) == {"cracks", "drywall"}
+    for t in [*m["tasks"].values(), m["overall"]]:
+        for key in ("iou", "dice", "micro_iou", "micro_dice", "precision", "recall"):
+            assert t[key] == 1.0, key
+    assert m["overall"]["n_images"] == len(valid_rows) == 8
+    assert m["predictions"]["missing"]["count"] == 0
+    assert "sweep_iou" not in m["tasks"]["cracks"] and "text_iou" not in m["tasks"]["cracks"]
+    assert len(per_image(out)) == 8
+    assert (out / "examples_cracks.png").is_file() and not (out / "threshold_curves.png").exists()
+
+
+def test_pred_dir_empty_folder_scores_zero_and_reports_missing(processed, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "report"
+    code, log = run_logged(capsys, "--pred-dir", str(empty), "--data", str(processed), "--out", str(out),
+                           "--examples", "0")
+    assert code == 0
+    m = load_metrics(out)
+    for name in ("cracks", "drywall"):  # every valid ground truth of the sample is non-empty
+        assert m["tasks"][name]["n_empty_gt"] == 0
+        assert m["tasks"][name]["iou"] == m["tasks"][name]["dice"] == 0.0
+    assert m["predictions"]["missing"]["count"] == 8
+    assert m["predictions"]["missing"]["by_task"] == {"cracks": 4, "drywall": 4}
+    assert "8 prediction file(s) missing" in (out / "report.md").read_text()
+    assert "8 prediction(s) missing" in log and "--tasks" in log
+
+
+def test_pred_dir_hand_made_predictions(processed, valid_rows, tmp_path):
+    """cracks: 2 exact copies + 2 missing -> IoU exactly 0.5. drywall: 2 copies, 1 all-foreground mask at
+    half size (resized nearest -> IoU = the ground truth's foreground fraction), 1 missing."""
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    tasks = by_task(valid_rows)
+    for row in tasks["cracks"][:2] + tasks["drywall"][:2]:
+        shutil.copy(row["mask"], pred_file(preds, row))
+    resized_row = tasks["drywall"][2]
+    gt = read_mask_png(resized_row["mask"])
+    write_mask_png(pred_file(preds, resized_row), np.ones((gt.shape[0] // 2, gt.shape[1] // 2), bool))
+    out = tmp_path / "report"
+    assert run("--pred-dir", str(preds), "--data", str(processed), "--out", str(out), "--examples", "0", "-q") == 0
+    m = load_metrics(out)
+    assert m["tasks"]["cracks"]["iou"] == m["tasks"]["cracks"]["dice"] == 0.5
+    fg = gt.mean()
+    assert m["tasks"]["drywall"]["iou"] == pytest.approx((2 + fg) / 4, abs=1e-12)
+    assert m["tasks"]["drywall"]["dice"] == pytest.approx((2 + 2 * fg / (1 + fg)) / 4, abs=1e-12)
+    assert m["overall"]["iou"] == pytest.approx((0.5 + (2 + fg) / 4) / 2, abs=1e-12)
+    assert m["predictions"]["missing"]["count"] == 3
+    assert m["predictions"]["resized"] == {"count": 1, "first": [pred_file(preds, resized_row).name]}
+    text = (out / "report.md").read_text()
+    assert "3 prediction file(s) missing" in text and "resized nearest" in text
+    csv_rows = {Path(r["image"]).name: r for r in per_image(out)}
+    assert float(csv_rows[Path(resized_row["image"]).name]["iou"]) == pytest.approx(fg, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# score_batch / aggregate
+
+
+def test_score_batch_counts_at_threshold_zero(tiny_dir, valid_rows):
+    """Threshold 0: every pixel is foreground, so tp = ground-truth pixels, fp = the rest, IoU = fg fraction.
+    Rows of both tasks mixed in one batch, text sensitivity and the sweep included."""
+    seg = Segmenter.load(str(tiny_dir), "cpu", default_threshold=0.0)
+    rows = [valid_rows[0], valid_rows[4], valid_rows[1]]  # cracks, drywall, cracks
+    assert [r["task"] for r in rows] == ["cracks", "drywall", "cracks"]
+    targets = [read_mask_png(r["mask"]) for r in rows]
+    acts = seg.encode(seg.pixel_values([load_image(r["image"]) for r in rows]))
+    sweep = [0.0, 0.5, 2.0]
+    scores = score_batch(seg, acts, rows, targets, sweep, OTHER)
+    for row, target, score in zip(rows, targets, scores):
+        fg, total = int(target.sum()), target.size
+        expected = np.array([fg, total - fg, 0, 0])
+        assert score.counts.dtype == np.int64 and score.counts.shape == (4,)
+        np.testing.assert_array_equal(score.counts, expected)
+        np.testing.assert_array_equal(score.other_counts, expected)
+        assert score.other_prompt == OTHER[row["task"]]
+        assert score.sweep.shape == (3, 4) and score.sweep.dtype == np.int64
+        np.testing.assert_array_equal(score.sweep[0], expected)
+        np.testing.assert_array_equal(score.sweep[2], [0, 0, fg, total - fg])  # nothing reaches 2.0
+        assert score.iou == pytest.approx(fg / total) and score.fg_fraction == fg / total
+        assert (score.image, score.task, score.prompt, score.threshold) == (row["image"], row["task"],
+                                                                              row["prompt"], 0.0)
+    # the middle sweep row equals thresholding the same probabilities at 0.5 (the predict path)
+    probs = prompt_probabilities(seg, acts, [r["prompt"] for r in rows], [t.shape for t in targets])
+    for prob, target, score in zip(probs, targets, scores):
+        np.testing.assert_array_equal(score.sweep[1], evaluation.metrics.confusion(prob >= 0.5, target))
+
+
+def test_prompt_probabilities_mixed_batch_matches_single_rows(tiny_dir, valid_rows):
+    """Decoding each prompt on only its rows (with TTA's doubled activations) gives each row's own result."""
+    seg = Segmenter.load(str(tiny_dir), "cpu", tta=True)
+    rows = [valid_rows[5], valid_rows[2], valid_rows[6]]
+    images = [load_image(r["image"]) for r in rows]
+    sizes = [(50, 70), (64, 64), (33, 20)]
+    acts = seg.encode(seg.pixel_values(images))
+    assert acts[0].shape[0] == 2 * len(rows)
+    prompts = [r["prompt"] for r in rows]
+    mixed = prompt_probabilities(seg, acts, prompts, sizes)
+    for image, prompt, size, prob in zip(images, prompts, sizes, mixed):
+        single = prompt_probabilities(seg, seg.encode(seg.pixel_values([image])), [prompt], [size])[0]
+        assert prob.shape == size and prob.dtype == np.float32
+        np.testing.assert_allclose(prob, single, atol=1e-5)
+    assert prompt_probabilities(seg, acts, [None, None, None], sizes) == [None, None, None]
+
+
+def score(task: str, counts: list[int], sweep: list[list[int]] | None = None) -> ImageScore:
+    return ImageScore(image=f"{task}.jpg", mask="m.png", task=task, prompt=f"segment {task}",
+                      counts=np.array(counts, np.int64), threshold=0.5,
+                      sweep=None if sweep is None else np.array(sweep, np.int64))
+
+
+def test_aggregate_overall_is_mean_of_tasks():
+    scores = [
+        score("a", [4, 0, 0, 12], [[4, 4, 0, 8], [4, 0, 0, 12]]),  # IoU 1; sweep IoU 0.5, 1
+        score("a", [0, 0, 0, 16], [[0, 2, 0, 14], [0, 0, 0, 16]]),  # empty gt, empty prediction: 1.0
+        score("b", [1, 1, 2, 12], [[1, 1, 2, 12], [0, 0, 3, 13]]),  # IoU 0.25; sweep 0.25, 0
+    ]
+    agg = aggregate(scores, [0.3, 0.6])
+    json.dumps(agg)  # JSON-ready
+    a, b, overall = agg["tasks"]["a"], agg["tasks"]["b"], agg["overall"]
+    assert (a["iou"], a["n_images"], a["n_empty_gt"], a["n_empty_both"]) == (1.0, 2, 1, 1)
+    assert b["iou"] == 0.25 and b["dice"] == pytest.approx(0.4)
+    assert overall["iou"] == 0.625  # mean of tasks, not of the 3 images (0.75)
+    assert overall["dice"] == pytest.approx((1.0 + 0.4) / 2)
+    assert overall["micro_iou"] == pytest.approx((a["micro_iou"] + b["micro_iou"]) / 2)
+    assert (overall["n_images"], overall["n_empty_both"]) == (3, 1)
+    assert a["sweep_iou"] == [0.25, 1.0] and (a["best_threshold"], a["best_iou"]) == (0.6, 1.0)
+    assert b["sweep_iou"] == [0.25, 0.0] and (b["best_threshold"], b["best_iou"]) == (0.3, 0.25)
+    assert overall["sweep_iou"] == [0.25, 0.5] and overall["best_iou"] == 0.625
+    assert agg["thresholds"] == [0.3, 0.6]
+    assert "best_threshold" not in aggregate(scores)["tasks"]["a"]
+
+
+# --------------------------------------------------------------------------------------------------
+# A model end to end
+
+
+def test_model_end_to_end_writes_every_output(processed, tiny_dir, valid_rows, tmp_path):
+    out = tmp_path / "report"
+    assert run("--model", str(tiny_dir), "--data", str(processed), "--out", str(out), "--batch-size", "3",
+               "--examples", "1", "-q") == 0
+    m = load_metrics(out)
+    for key in ("command", "data", "split", "conventions", "tasks", "overall", "thresholds", "runtime",
+                "footprint", "skipped", "leakage", "examples"):
+        assert key in m, key
+    for t in m["tasks"].values():
+        assert 0.0 <= t["iou"] <= 1.0 and len(t["sweep_iou"]) == 19 and "best_threshold" in t
+        assert "text_iou" in t and t["threshold"] == 0.5
+    assert m["tasks"]["cracks"]["text_prompt"] == "segment taping area"
+    assert m["runtime"]["warm"] and m["runtime"]["images_timed"] == 5  # the first batch of 3 left out
+    assert m["footprint"]["parameters"] > m["footprint"]["decoder_parameters"] > 0
+    assert m["footprint"]["decoder_file"] is None and m["footprint"]["model_folder_bytes"] > 0
+    assert m["leakage"]["tasks"]["drywall"]["same_source_as_train"] == 2
+    rows = per_image(out)
+    assert len(rows) == len(valid_rows) == 8
+    assert list(rows[0]) == report.PER_IMAGE_COLUMNS and all(r["other_prompt_iou"] for r in rows)
+    text = (out / "report.md").read_text()
+    assert "averaged over images" in text and "scores 1.0" in text and "original resolution" in text
+    assert "python evaluate.py --model" in text and "## Data leakage" in text and "n/a" in text
+    for name in ("threshold_curves.png", "examples_cracks.png", "examples_drywall.png"):
+        image = cv2.imread(str(out / name))
+        assert image is not None and image.shape[0] > 100, name
+    assert not (out / "masks").exists()
+
+
+def test_save_masks_match_the_predict_path(processed, tiny_dir, segmenter, valid_rows, tmp_path):
+    out = tmp_path / "report"
+    assert run("--model", str(tiny_dir), "--data", str(processed), "--out", str(out), "--save-masks",
+               "--batch-size", "1", "--examples", "0", "--threshold", "0.55", "-q") == 0
+    csv_rows = {r["image"]: r for r in per_image(out)}
+    seg = Segmenter.load(str(tiny_dir), "cpu", default_threshold=0.55)
+    for row in valid_rows:
+        saved = read_mask_png(out / "masks" / mask_name(row["image"], prompt_slug(row["prompt"])))
+        gt = read_mask_png(row["mask"])
+        assert saved.shape == gt.shape
+        expected = seg.predict([load_image(row["image"])], [row["prompt"]])[row["prompt"]][0]
+        np.testing.assert_array_equal(saved, expected)
+        assert int(csv_rows[row["image"]]["tp"]) == int((saved & gt).sum())
+        assert int(csv_rows[row["image"]]["fp"]) == int((saved & ~gt).sum())
+    assert len(list((out / "masks").iterdir())) == 8
+    assert load_metrics(out)["threshold_source"] == "--threshold"
+
+
+def test_write_thresholds_updates_the_checkpoint(processed, tiny_dir, tmp_path):
+    model = tmp_path / "run" / "best"
+    shutil.copytree(tiny_dir, model)
+    (model / METADATA_FILE).write_text(json.dumps({"note": "kept", "thresholds": {"Segment Crack": 0.9}}))
+    out = tmp_path / "report"
+    assert run("--model", str(model), "--data", str(processed), "--out", str(out), "--write-thresholds",
+               "--thresholds-sweep", "0.3", "0.6", "0.2", "--examples", "0", "-q") == 0
+    m = load_metrics(out)
+    assert m["thresholds"] == [0.2, 0.3, 0.6]
+    best = {t["prompt"]: t["best_threshold"] for t in m["tasks"].values()}
+    meta = read_metadata(model)
+    assert meta["note"] == "kept" and meta["thresholds"] == best  # the old "Segment Crack" key replaced
+    assert meta["thresholds_source"]["split"] == "valid"
+    seg = Segmenter.load(str(model), "cpu")
+    assert seg.threshold("segment crack") == best["segment crack"]
+    assert seg.threshold("segment wall crack") == best["segment crack"]  # synonyms share it
+    assert seg.threshold("segment taping area") == best["segment taping area"]
+    assert "Best thresholds written" in (out / "report.md").read_text()
+    assert m["thresholds_written"]["thresholds"] == best
+
+
+def test_write_thresholds_refused(processed, tiny_dir, tmp_path, capsys):
+    shutil.copytree(processed / "valid", processed / "test", dirs_exist_ok=True)
+    before = sorted(p.name for p in tiny_dir.iterdir())
+    code, log = run_logged(capsys, "--model", str(tiny_dir), "--data", str(processed), "--split", "test", "--out",
+                   str(tmp_path / "r"), "--write-thresholds")
+    assert code == 1 and "test split" in log
+    assert sorted(p.name for p in tiny_dir.iterdir()) == before and not (tmp_path / "r").exists()
+    code, log = run_logged(capsys, "--model", "CIDAS/clipseg-rd64-refined", "--data", str(processed),
+                           "--write-thresholds")
+    assert code == 1 and "Hub id" in log
+    decoder = tmp_path / "decoder.safetensors"
+    model, _ = load_model(tiny_dir)
+    save_decoder(model, decoder, {}, base_model=str(tiny_dir))
+    code, log = run_logged(capsys, "--model", str(decoder), "--data", str(processed), "--write-thresholds")
+    assert code == 1 and "is a file" in log
+    code, log = run_logged(capsys, "--pred-dir", str(tmp_path), "--data", str(processed), "--write-thresholds")
+    assert code == 1 and "need a model" in log
+
+
+def test_compare_adds_side_by_side_columns(processed, tiny_dir, tmp_path):
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    out = tmp_path / "report"
+    assert run("--model", str(tiny_dir), "--compare", str(other), "--data", str(processed), "--out", str(out),
+               "--tasks", "cracks", "--examples", "0", "-q") == 0
+    m = load_metrics(out)
+    assert set(m["tasks"]) == {"cracks"} and m["compare"]["model"] == str(other)
+    assert set(m["compare"]["tasks"]) == {"cracks"} and m["compare"]["kind"] == "model"
+    assert m["tasks"]["cracks"]["text_prompt"] == "segment taping area"  # other task's prompt, from the manifest
+    text = (out / "report.md").read_text()
+    assert "## Comparison" in text and "mean IoU: A" in text and "B - A" in text and str(other) in text
+    diff = m["compare"]["tasks"]["cracks"]["iou"] - m["tasks"]["cracks"]["iou"]
+    assert f"{diff:.4f}" in text
+
+
+def test_decoder_file_is_found_for_the_footprint(tiny_dir, tmp_path):
+    model_dir = tmp_path / "run" / "best"
+    shutil.copytree(tiny_dir, model_dir)
+    decoder = tmp_path / "run" / "decoder.safetensors"
+    decoder.write_bytes(b"x" * 10)
+    assert evaluation.find_decoder_file(str(model_dir)) == decoder
+    model, _ = load_model(model_dir)
+    f = evaluation.model_footprint(str(model_dir), model)
+    assert f["decoder_file_bytes"] == 10 and f["model_folder_bytes"] > 10
+    assert evaluation.model_footprint("CIDAS/clipseg-rd64-refined", model)["model_folder_bytes"] is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
+    code, log = run_logged(capsys, "--pred-dir", str(tmp_path), "--data", str(tmp_path / "nowhere"),
+                           "--out", str(tmp_path / "r"))
+    assert code == 1 and "no manifest at" in log and "preprocess_masks.py" in log
+    assert not (tmp_path / "r").exists()
+
+
+def test_model_load_error_is_one_line(processed, tmp_path, capsys):
+    code, log = run_logged(capsys, "--model", str(tmp_path / "no-such-model"), "--data", str(processed), "--out",
+                   str(tmp_path / "r"))
+    assert code == 1 and "does not exist" in log and "Traceback" not in log
+
+
+def test_unknown_task_is_a_clear_error(processed, tmp_path, capsys):
+    code, log = run_logged(capsys, "--pred-dir", str(tmp_path), "--data", str(processed), "--tasks", "rust")
+    assert code == 1 and "rust" in log and "cracks" in log
+
+
+def test_unreadable_image_is_skipped_and_reported(tiny_dir, valid_rows, tmp_path):
+    data = tmp_path / "data"
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    rows = [dict(r) for r in valid_rows]
+    rows[1]["image"] = str(broken)
+    write_manifest(data / "valid" / "manifest.csv", rows)
+    out = tmp_path / "report"
+    assert run("--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--examples", "0", "-q") == 0
+    m = load_metrics(out)
+    assert m["n_skipped"] == 1 and m["skipped"][0]["image"] == str(broken)
+    assert m["overall"]["n_images"] == 7 and len(per_image(out)) == 7
+    assert "1 image(s) skipped" in (out / "report.md").read_text()
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        evaluate.build_parser().parse_args(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--pred-dir", "--write-thresholds", "--compare", "--thresholds-sweep", "--save-masks"):
+        assert option in text
+
+
+def test_default_out():
+    assert evaluate.default_out("runs/exp1/best") == Path("reports/exp1")
+    assert evaluate.default_out("runs/exp1/last") == Path("reports/exp1-last")
+    assert evaluate.default_out("CIDAS/clipseg-rd64-refined") == Path("reports/clipseg-rd64-refined")
+    assert evaluate.default_out("runs/exp1/decoder.safetensors") == Path("reports/decoder")
+
+
+# --------------------------------------------------------------------------------------------------
+# Real masks made by other public solutions, against exact COCO ground truth
+
+
+@pytest.fixture(scope="module")
+def shared_valid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not (SHARED_DATA / "cracks-3ii36").is_dir() or not PEERS.is_dir():
+        pytest.skip(f"real data or peer predictions not present ({SHARED_DATA}, {PEERS})")
+    return preprocess(SHARED_DATA, tmp_path_factory.mktemp("shared") / "processed", "--splits", "valid")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder, tasks, missing", [
+    ("arnabrai-89df6ed", ["cracks"], 1),  # README: crack 200, one valid image has no mask
+    ("chandanrkumar-42ded71", ["cracks", "drywall"], 0),
+])
+def test_peer_predictions(shared_valid, tmp_path, folder, tasks, missing):
+    if not (PEERS / folder).is_dir():
+        pytest.skip(f"{PEERS / folder} not present")
+    out = tmp_path / "report"
+    assert run("--pred-dir", str(PEERS / folder), "--data", str(shared_valid), "--out", str(out),
+               "--tasks", *tasks, "--examples", "0", "-q") == 0
+    m = load_metrics(out)
+    assert set(m["tasks"]) == set(tasks)
+    for t in tasks:
+        assert m["tasks"][t]["n_images"] == {"cracks": 201, "drywall": 202}[t]
+        assert 0.0 < m["tasks"][t]["iou"] < 1.0 and 0.0 < m["tasks"][t]["dice"] < 1.0
+        assert m["tasks"][t]["iou"] < m["tasks"][t]["dice"]
+    assert m["predictions"]["missing"]["count"] == missing
+    assert m["predictions"]["resized"]["count"] == 0
