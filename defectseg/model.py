@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -297,8 +298,12 @@ def save_checkpoint(
     processor: CLIPSegProcessor,
     out_dir: str | Path,
     metadata: dict[str, Any],
+    extra: Callable[[Path], None] | None = None,
 ) -> None:
     """Write a full ``save_pretrained`` folder (weights, config, processor) + ``defectseg.json``, atomically.
+
+    ``extra(folder)``, when given, writes more files (decoder file, trainer state) into the folder
+    before it is swapped in, so they are part of the same atomic update.
 
     Everything is written into a sibling temp folder ``.<name>.tmp-<pid>`` first, then swapped in
     (old folder renamed aside, new one renamed into place, old one deleted). A crash while writing
@@ -315,6 +320,8 @@ def save_checkpoint(
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
+        if extra is not None:
+            extra(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -503,6 +510,7 @@ def decode(
     model: CLIPSegForImageSegmentation,
     activations: list[torch.Tensor],
     cond: torch.Tensor,
+    decoder: nn.Module | None = None,
 ) -> torch.Tensor:
     """Decoder logits: float (B, H, W) for activations from a (B, 3, H, W) input.
 
@@ -510,11 +518,12 @@ def decode(
         cast to the decoder's dtype and device here.
     cond: float (B, projection_dim), one conditioning vector per image (index ``encode_prompts``).
     The batch dim is kept for B == 1 (older transformers squeezed it away).
+    decoder: what to call instead of ``model.decoder`` (e.g. its DistributedDataParallel wrapper).
     """
     param = next(model.decoder.parameters())
     activations = [a.to(device=param.device, dtype=param.dtype) for a in activations]
     cond = cond.to(device=param.device, dtype=param.dtype)
-    out = model.decoder(activations, cond)
+    out = (decoder or model.decoder)(activations, cond)
     logits = out.logits if hasattr(out, "logits") else out[0]
     if logits.dim() == 2:
         logits = logits.unsqueeze(0)

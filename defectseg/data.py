@@ -1,0 +1,90 @@
+"""Training data: manifests, targets at the model's resolution, and the per-epoch sample plan.
+
+An epoch is a list of ``Sample(row, view, prompt, negative)``:
+- task-balanced: each sample first draws a task uniformly, then an image of that task, so the small
+  drywall set (820 images) weighs as much as cracks (5,164);
+- a random synonym of the task's prompts per sample (the one task table in ``tasks.py``);
+- negative pairs: with probability ``negative_prob`` the image is paired with another task's prompt
+  and an empty target, so the model must read the text;
+- a random view (original or horizontally flipped) when flip augmentation is on.
+The plan depends only on (seed, epoch), so a resumed run sees exactly the samples a straight run would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .io import read_mask_png
+from .preprocess import MANIFEST_FILE, read_manifest
+from .tasks import Task
+
+
+class DataError(ValueError):
+    """Training or evaluation data that cannot be used."""
+
+
+def load_rows(data_dir: str | Path, split: str, tasks: list[Task]) -> list[dict]:
+    """Manifest rows of ``split`` for the given tasks. Raises DataError naming what is missing."""
+    manifest = Path(data_dir) / split / MANIFEST_FILE
+    if not manifest.is_file():
+        raise DataError(f"{manifest} not found; run preprocess_masks.py --out {data_dir} first")
+    names = {t.name for t in tasks}
+    rows = [r for r in read_manifest(manifest) if r["task"] in names]
+    if not rows:
+        raise DataError(f"{manifest} has no rows for tasks {sorted(names)}")
+    return rows
+
+
+def soft_target(mask: np.ndarray, size: int) -> np.ndarray:
+    """(S, S) float32 in [0, 1]: the fraction of each model-resolution cell the mask covers.
+
+    Area averaging keeps thin cracks that nearest-neighbour resizing would drop.
+    """
+    return cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+
+
+def load_targets(rows: list[dict], size: int) -> np.ndarray:
+    """(N, S, S) float16 soft targets for manifest rows (original view)."""
+    return np.stack([soft_target(read_mask_png(r["mask"]), size) for r in rows]).astype(np.float16)
+
+
+@dataclass(frozen=True)
+class Sample:
+    row: int
+    view: int  # 0 original, 1 horizontally flipped
+    prompt: str
+    negative: bool
+
+
+def epoch_plan(rows: list[dict], tasks: list[Task], seed: int, epoch: int, negative_prob: float,
+               flip: bool, synonyms: bool = True) -> list[Sample]:
+    """The samples of one epoch (as many as there are rows), in training order."""
+    rng = np.random.default_rng([seed, epoch])
+    by_task = {t.name: [i for i, r in enumerate(rows) if r["task"] == t.name] for t in tasks}
+    present = [t for t in tasks if by_task[t.name]]
+    plan = []
+    for _ in range(len(rows)):
+        task = present[rng.integers(len(present))]
+        row = by_task[task.name][rng.integers(len(by_task[task.name]))]
+        negative = len(present) > 1 and rng.random() < negative_prob
+        if negative:
+            others = [t for t in present if t.name != task.name]
+            task = others[rng.integers(len(others))]
+        prompts = task.prompts if synonyms else (task.prompt,)
+        prompt = prompts[rng.integers(len(prompts))]
+        view = int(rng.integers(2)) if flip else 0
+        plan.append(Sample(row, view, prompt, negative))
+    return plan
+
+
+def batch_targets(targets: np.ndarray, samples: list[Sample]) -> np.ndarray:
+    """(B, S, S) float32 targets for a batch: flipped for flipped views, zero for negatives."""
+    out = np.zeros((len(samples), *targets.shape[1:]), dtype=np.float32)
+    for i, s in enumerate(samples):
+        if not s.negative:
+            out[i] = targets[s.row][:, ::-1] if s.view else targets[s.row]
+    return out

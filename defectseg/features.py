@@ -1,0 +1,109 @@
+"""The activation cache: vision activations computed once per image (and view), reused across runs.
+
+With CLIP frozen (the default), the decoder is all that trains, and its input for an image never
+changes. So each image's activations at the decoder's extract layers (``model.encode_images``, the
+vision tower truncated after the deepest extract layer) are computed once and stored as one
+``.npy`` file per (image, view) in fp16 (or fp32):
+
+    <cache_dir>/<model fingerprint>-<input size>-<dtype>/<image content hash>-<view>.npy
+        array (L, T, D): L extract layers, T = 1 + patches tokens, D = vision hidden size
+
+The key covers everything the activations depend on: the image's bytes, the view (original or
+horizontally flipped), the vision weights and config (fingerprint), the input resolution and the
+storage dtype. A changed image, model or resolution never reuses a stale entry. Files are written
+atomically and read back as memory maps, so the cache can exceed RAM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .io import load_image, write_bytes_atomic
+from .model import used_vision_layers
+
+log = logging.getLogger(__name__)
+
+VIEWS = ("orig", "hflip")
+CACHE_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+
+
+def file_hash(path: str | Path) -> str:
+    """Content hash of a file (20 hex chars)."""
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=10).hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of what the activations depend on: vision config, extract layers and the weights of the
+    embeddings, pre-layernorm and every used vision layer (16 hex chars)."""
+    vision = model.clip.vision_model
+    h = hashlib.blake2b(digest_size=8)
+    h.update(json.dumps([model.config.vision_config.to_dict(), list(model.config.extract_layers)],
+                        sort_keys=True, default=str).encode())
+    for module in (vision.embeddings, vision.pre_layrnorm, *used_vision_layers(model)):
+        for name, tensor in module.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Activations per (image, view) on disk, for one model, input size and storage dtype."""
+
+    def __init__(self, root: str | Path, model: torch.nn.Module, input_size: int, dtype: str = "fp16"):
+        if dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache dtype must be one of {list(CACHE_DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
+        self.dir = Path(root) / f"{model_fingerprint(model)}-{input_size}-{dtype}"
+        self._keys: dict[str, str] = {}
+
+    def key(self, image: str) -> str:
+        if image not in self._keys:
+            self._keys[image] = file_hash(image)
+        return self._keys[image]
+
+    def path(self, image: str, view: int) -> Path:
+        return self.dir / f"{self.key(image)}-{VIEWS[view]}.npy"
+
+    def build(self, images: Sequence[str], views: Sequence[int], encode, pixel_values, batch_size: int,
+              desc: str = "features", shard: tuple[int, int] = (0, 1)) -> int:
+        """Compute and store every missing (image, view). Returns how many were computed.
+
+        encode: pixel_values (B, 3, S, S) -> list of L tensors (B, T, D) (``Segmenter.encode``).
+        pixel_values: list of RGB uint8 images -> (B, 3, S, S) (``Segmenter.pixel_values``).
+        shard: (rank, world) — with several processes each computes its share of the missing files.
+        """
+        # Shard before checking what exists: every process must split the same list, whatever the
+        # others have already written.
+        mine = [(im, v) for im in images for v in views][shard[0]::shard[1]]
+        todo = [(im, v) for im, v in mine if not self.path(im, v).exists()]
+        if not todo:
+            return 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        np_dtype = CACHE_DTYPES[self.dtype]
+        for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", dynamic_ncols=True,
+                          disable=shard[0] != 0):
+            chunk = todo[start:start + batch_size]
+            rgb = [load_image(im) for im, _ in chunk]
+            rgb = [np.ascontiguousarray(x[:, ::-1]) if v == 1 else x for x, (_, v) in zip(rgb, chunk)]
+            acts = encode(pixel_values(rgb))
+            stacked = torch.stack([a.float() for a in acts], dim=1).cpu().numpy().astype(np_dtype)  # (B, L, T, D)
+            for (im, v), arr in zip(chunk, stacked):
+                buf = io.BytesIO()
+                np.save(buf, arr)
+                write_bytes_atomic(self.path(im, v), buf.getvalue())
+        return len(todo)
+
+    def load(self, items: Sequence[tuple[str, int]]) -> list[torch.Tensor]:
+        """Activations of a batch of (image, view) as L float tensors (B, T, D), in the cache dtype."""
+        arrays = np.stack([np.load(self.path(im, v), mmap_mode="r") for im, v in items])  # (B, L, T, D)
+        tensor = torch.from_numpy(arrays)
+        return [tensor[:, layer] for layer in range(tensor.shape[1])]

@@ -1,0 +1,464 @@
+"""The training loop: CLIPSeg's decoder on cached vision activations, validated through the one
+inference path, with honest model selection and exact resume.
+
+Read top to bottom: ``TrainConfig`` (every flag of train.py), ``train`` (set-up, cache, loop,
+validation, checkpoints), then the small helpers it calls.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from . import evaluation
+from .data import Sample, batch_targets, epoch_plan, load_rows, load_targets
+from .features import FeatureCache
+from .inference import Segmenter, autocast, resolve_device, resolve_precision
+from .io import load_image, read_mask_png, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .losses import bce_dice_loss
+from .metrics import default_thresholds
+from .model import (
+    count_parameters,
+    decode,
+    encode_images,
+    load_model,
+    save_checkpoint,
+    save_decoder,
+    used_vision_layers,
+)
+from .tasks import Task, load_tasks, tasks_to_dict
+
+log = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+class ConfigError(ValueError):
+    """A training setting that cannot work with this model or data."""
+
+DECODER_FILE = "decoder.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    data: str = "processed_dataset"
+    out: str = ""  # runs/<name>; filled in by train.py when empty
+    model: str = "CIDAS/clipseg-rd64-refined"
+    tasks: list[str] = field(default_factory=lambda: ["cracks", "drywall"])
+    tasks_file: str | None = None
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: float = 0.05  # fraction of all steps with linear warm-up, then cosine decay to 0
+    grad_clip: float = 1.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off)
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+    negative_prob: float = 0.2
+    flip: bool = True
+    synonyms: bool = True
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    cache: bool = True
+    cache_dir: str = ""  # default <data>/features
+    cache_dtype: str = "fp16"
+    train_vision_layers: int = 0
+    patience: int = 5  # stop after this many epochs without a better validation score (0: never)
+    val_batch_size: int = 16
+
+
+class TrainForward(nn.Module):
+    """Everything that carries gradients in one module, so DistributedDataParallel can wrap it.
+
+    Three ways in: cached activations (the fast path); pixel values through our own truncated
+    vision forward (``--train-vision-layers``); or HF's own forward with input ids (``--no-cache``).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, cond=None, activations=None, pixel_values=None, input_ids=None, attention_mask=None):
+        if input_ids is not None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+        if activations is None:
+            activations = encode_images(self.model, pixel_values)
+        return decode(self.model, activations, cond)
+
+
+def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Train; returns the run summary (also in ``<out>/summary.json``).
+
+    stop_after: end this invocation after that many epochs (continue later with ``resume``); the
+    schedule still spans ``cfg.epochs``, so the resumed run matches a straight one exactly.
+    """
+    rank, world = _init_distributed(cfg.device)
+    main_process = rank == 0
+    out = Path(cfg.out)
+    device = _device_for_rank(cfg.device, rank, world)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    _seed_everything(cfg.seed)
+
+    table = load_tasks(cfg.tasks_file)
+    tasks = [table[name] for name in cfg.tasks]
+    train_rows = load_rows(cfg.data, "train", tasks)
+    valid_rows = load_rows(cfg.data, "valid", tasks)
+
+    state = torch.load(out / "last" / TRAINER_STATE, weights_only=False) if resume else None
+    model, processor = load_model(out / "last" if resume else cfg.model, device)
+    trainable = _set_trainable(model, cfg.train_vision_layers)
+    segmenter = Segmenter(model, processor, device, amp_dtype, tasks=table)
+    size = segmenter.input_size
+    prompts = sorted({p for t in tasks for p in t.prompts})
+    cond_table = dict(zip(prompts, segmenter.conditioning(prompts)))
+    other_prompts = evaluation.other_task_prompts({t.name: t.prompt for t in tasks})
+
+    use_cache = cfg.cache and cfg.train_vision_layers == 0
+    cache = None
+    if use_cache:
+        cache = FeatureCache(cfg.cache_dir or Path(cfg.data) / "features", model, size, cfg.cache_dtype)
+        views = (0, 1) if cfg.flip else (0,)
+        t0 = time.perf_counter()
+        built = cache.build([r["image"] for r in train_rows], views, segmenter.encode, segmenter.pixel_values,
+                            cfg.val_batch_size, "features train", (rank, world))
+        built += cache.build([r["image"] for r in valid_rows], (0,), segmenter.encode, segmenter.pixel_values,
+                             cfg.val_batch_size, "features valid", (rank, world))
+        _barrier(world)
+        if main_process:
+            log.info("feature cache %s: %d new entries in %.1f s", cache.dir, built, time.perf_counter() - t0)
+    targets = load_targets(train_rows, size)
+    valid_masks = [read_mask_png(r["mask"]) for r in valid_rows]
+
+    forward = TrainForward(model)
+    if world > 1:
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / world) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup, steps_per_epoch * cfg.epochs))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = [p.detach().clone() for p in trainable] if cfg.ema > 0 else None
+
+    history: list[dict] = []
+    best = {"score": -1.0, "epoch": 0, "bad_epochs": 0}
+    start_epoch = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema") is not None:
+            ema = [t.to(device) for t in state["ema"]]
+        history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        _set_rng_state(state["rng"])
+        if main_process:
+            log.info("resumed %s after epoch %d (best %.4f at epoch %d)", out, start_epoch, best["score"], best["epoch"])
+
+    if main_process:
+        log.info("training %s parameters of %s (%s) on %s%s, %d train / %d valid images, %d steps per epoch",
+                 f"{sum(p.numel() for p in trainable):,}", f"{count_parameters(model):,}",
+                 "cached features" if use_cache else "plain HF forward" if cfg.train_vision_layers == 0
+                 else f"last {cfg.train_vision_layers} vision layers unfrozen", device,
+                 f" x{world} processes" if world > 1 else "", len(train_rows), len(valid_rows), steps_per_epoch)
+
+    stop = False
+    end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+    for epoch in range(start_epoch, end_epoch):
+        t0 = time.perf_counter()
+        plan = epoch_plan(train_rows, tasks, cfg.seed, epoch, cfg.negative_prob, cfg.flip, cfg.synonyms)[rank::world]
+        model.train()
+        losses, skipped = [], 0
+        batches = [plan[i:i + cfg.batch_size] for i in range(0, len(plan), cfg.batch_size)]
+        for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True,
+                          disable=not main_process, leave=False):
+            target = torch.from_numpy(batch_targets(targets, batch)).to(device)
+            with autocast(device, amp_dtype):
+                logits = _forward_batch(forward, cfg, batch, train_rows, cache, cond_table, segmenter, use_cache)
+            loss = bce_dice_loss(logits, target, cfg.bce_weight, cfg.dice_weight).mean()
+            if not torch.isfinite(loss):
+                skipped += 1
+                log.error("epoch %d: non-finite loss (%s) on images %s; step skipped", epoch + 1, loss.item(),
+                          [Path(train_rows[s.row]["image"]).name for s in batch][:4])
+                if skipped > 10:
+                    raise FloatingPointError("more than 10 non-finite losses in one epoch; lower --lr or use --precision fp32")
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for shadow, p in zip(ema, trainable):
+                        shadow.lerp_(p.detach(), 1 - cfg.ema)
+            losses.append(loss.item())
+        train_seconds = time.perf_counter() - t0
+        train_loss = _mean_across(losses, world, device)
+
+        if main_process:
+            with _swapped(trainable, ema):
+                agg = validate(segmenter, valid_rows, valid_masks, cache, other_prompts, cfg.val_batch_size)
+                row = _history_row(epoch + 1, train_loss, agg, scheduler.get_last_lr()[0], train_seconds,
+                                   time.perf_counter() - t0, len(plan) * world / train_seconds, skipped)
+                history.append(row)
+                score = agg["overall"]["iou"]
+                improved = score > best["score"]
+                if improved:
+                    best = {"score": score, "epoch": epoch + 1, "bad_epochs": 0}
+                    _save(model, processor, out / "best", cfg, tasks, agg, epoch + 1, state=None)
+                else:
+                    best["bad_epochs"] += 1
+            _save(model, processor, out / "last", cfg, tasks, agg, epoch + 1, state={
+                "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "ema": ema, "history": history, "best": best, "rng": _rng_state()})
+            _write_history(out, history)
+            log.info("epoch %d/%d  loss %.4f  val IoU %s  mean %.4f%s  (%.1f s, %.0f samples/s)", epoch + 1,
+                     cfg.epochs, train_loss, "  ".join(f"{t.name} {agg['tasks'][t.name]['iou']:.4f}" for t in tasks),
+                     score, "  *best*" if improved else "", row["seconds"], row["samples_per_s"])
+            stop = cfg.patience > 0 and best["bad_epochs"] >= cfg.patience
+            if stop:
+                log.info("early stop: no better validation score for %d epochs", cfg.patience)
+        stop = _broadcast_flag(stop, world)
+        if stop:
+            break
+
+    summary = {}
+    if main_process:
+        summary = {"out": str(out), "best_epoch": best["epoch"], "best_mean_iou": best["score"],
+                   "epochs_run": len(history), "last": history[-1] if history else None}
+        write_json_atomic(out / "summary.json", summary)
+        log.info("best mean IoU %.4f at epoch %d -> %s", best["score"], best["epoch"], out / "best")
+    _barrier(world)
+    if world > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+def validate(segmenter: Segmenter, rows: list[dict], masks: list[np.ndarray], cache: FeatureCache | None,
+             other_prompts: dict[str, str] | None, batch_size: int) -> dict:
+    """Scores on the valid split through the inference path; cached activations when available."""
+    segmenter.model.eval()
+    thresholds = default_thresholds()
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        if cache is not None:
+            acts = cache.load([(r["image"], 0) for r in chunk])
+        else:
+            acts = segmenter.encode(segmenter.pixel_values([load_image(r["image"]) for r in chunk]))
+        scores += evaluation.score_batch(segmenter, acts, chunk, masks[start:start + batch_size], thresholds,
+                                         other_prompts)
+    return evaluation.aggregate(scores, thresholds)
+
+
+def _forward_batch(forward, cfg: TrainConfig, batch: list[Sample], rows: list[dict], cache, cond_table,
+                   segmenter: Segmenter, use_cache: bool) -> torch.Tensor:
+    device = segmenter.device
+    cond = torch.stack([cond_table[s.prompt] for s in batch]).to(device)
+    if use_cache:
+        return forward(cond, activations=[a.to(device) for a in cache.load([(rows[s.row]["image"], s.view) for s in batch])])
+    images = [load_image(rows[s.row]["image"]) for s in batch]
+    images = [np.ascontiguousarray(im[:, ::-1]) if s.view else im for im, s in zip(images, batch)]
+    pixel_values = segmenter.pixel_values(images).to(device)
+    if cfg.train_vision_layers > 0:
+        return forward(cond, pixel_values=pixel_values)
+    tokens = segmenter.processor.tokenizer([s.prompt for s in batch], padding=True, return_tensors="pt")
+    return forward(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device),
+                   pixel_values=pixel_values)
+
+
+def _set_trainable(model: nn.Module, vision_layers: int) -> list[nn.Parameter]:
+    """Freeze everything but the decoder (and the last ``vision_layers`` used vision layers)."""
+    model.requires_grad_(False)
+    model.decoder.requires_grad_(True)
+    layers = used_vision_layers(model)
+    if vision_layers > len(layers):
+        raise ConfigError(f"--train-vision-layers {vision_layers}: the model uses only {len(layers)} vision layers")
+    for layer in layers[len(layers) - vision_layers:]:
+        layer.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _warmup_cosine(warmup: float, total_steps: int):
+    warm = max(1, int(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total_steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class _swapped:
+    """Context manager: EMA weights in the model for validation and saving, then the live ones back."""
+
+    def __init__(self, params: list[nn.Parameter], ema: list[torch.Tensor] | None):
+        self.params, self.ema = params, ema
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.live = [p.detach().clone() for p in self.params]
+            with torch.no_grad():
+                for p, e in zip(self.params, self.ema):
+                    p.copy_(e)
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            with torch.no_grad():
+                for p, live in zip(self.params, self.live):
+                    p.copy_(live)
+
+
+def _save(model, processor, folder: Path, cfg: TrainConfig, tasks: list[Task], agg: dict, epoch: int,
+          state: dict | None) -> None:
+    """A checkpoint folder: save_pretrained weights + processor, defectseg.json metadata (task table,
+    tuned per-prompt thresholds, config, metrics), the decoder alone, and (last/) the trainer state."""
+    metadata = {
+        "base_model": cfg.model,
+        "epoch": epoch,
+        "tasks": tasks_to_dict({t.name: t for t in tasks}),
+        "thresholds": {t.prompt: agg["tasks"][t.name]["best_threshold"] for t in tasks},
+        "selection": "mean over tasks of per-image mean IoU at threshold 0.5 on the valid split",
+        "metrics": agg,
+        "train_config": asdict(cfg),
+    }
+
+    def extra(tmp: Path) -> None:
+        save_decoder(model, tmp / DECODER_FILE, metadata, base_model=cfg.model)
+        if state is not None:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            (tmp / TRAINER_STATE).write_bytes(buf.getvalue())
+
+    save_checkpoint(model, processor, folder, metadata, extra=extra)
+
+
+def _history_row(epoch: int, loss: float, agg: dict, lr: float, train_s: float, total_s: float,
+                 samples_per_s: float, skipped: int) -> dict:
+    row = {"epoch": epoch, "train_loss": round(loss, 6), "lr": lr}
+    for name, m in agg["tasks"].items():
+        row[f"{name}_iou"] = round(m["iou"], 6)
+        row[f"{name}_dice"] = round(m["dice"], 6)
+    row["mean_iou"] = round(agg["overall"]["iou"], 6)
+    row["mean_dice"] = round(agg["overall"]["dice"], 6)
+    row.update({"train_seconds": round(train_s, 2), "seconds": round(total_s, 2),
+                "samples_per_s": round(samples_per_s, 1), "skipped_steps": skipped})
+    return row
+
+
+def _write_history(out: Path, history: list[dict]) -> None:
+    """metrics.csv (a row per epoch) and curves.png."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(out / "metrics.csv", buf.getvalue())
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="train loss (BCE + Dice)", title="training loss")
+    for key in [k for k in history[0] if k.endswith("_iou")]:
+        ax_iou.plot(epochs, [r[key] for r in history], marker="o", label=key.replace("_iou", ""))
+    ax_iou.set(xlabel="epoch", ylabel="valid IoU (mean over images, t=0.5)", title="validation")
+    ax_iou.legend()
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes_atomic(out / "curves.png", png.getvalue())
+
+
+# -- reproducibility and distributed helpers ----------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size); starts the process group under torchrun (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), world
+
+
+def _device_for_rank(name: str, rank: int, world: int) -> torch.device:
+    device = resolve_device(name)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    return device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _mean_across(values: list[float], world: int, device: torch.device) -> float:
+    total = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(total)
+    return float(total[0] / total[1]) if total[1] else float("nan")
+
+
+def _broadcast_flag(flag: bool, world: int) -> bool:
+    if world == 1:
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The TrainConfig a run was started with (``<run>/config.json``)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a training run folder?")
+    known = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})

@@ -1,0 +1,227 @@
+"""train.py end to end with tiny CLIPSeg models on the bundled real sample."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from transformers import CLIPSegForImageSegmentation
+
+import preprocess_masks
+import train
+from defectseg.data import batch_targets, epoch_plan, load_rows, load_targets
+from defectseg.features import FeatureCache
+from defectseg.inference import Segmenter
+from defectseg.losses import bce_dice_loss
+from defectseg.model import load_model, read_metadata, used_vision_layers
+from defectseg.tasks import DEFAULT_TASKS
+from defectseg.tiny import build_tiny_model
+from defectseg.training import TrainForward
+
+TIMING_COLUMNS = {"train_seconds", "seconds", "samples_per_s"}
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory, sample_root) -> Path:
+    out = tmp_path_factory.mktemp("processed")
+    args = preprocess_masks.build_parser().parse_args(["--data-root", str(sample_root), "--out", str(out), "-q"])
+    assert preprocess_masks.main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+def run_train(*argv: str) -> int:
+    return train.main(train.build_parser().parse_args(list(argv)))
+
+
+def base_args(processed: Path, tiny: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(processed), "--model", str(tiny), "--out", str(out), "--batch-size", "4",
+            "--lr", "3e-3", "--cache-dir", str(out.parent / "features"), "-q", *extra]
+
+
+def history(run: Path) -> list[dict]:
+    with open(run / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(f)]
+
+
+def test_train_two_epochs_writes_a_usable_run(processed, tiny, tmp_path):
+    run = tmp_path / "run"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "2")) == 0
+    for name in ("config.json", "metrics.csv", "curves.png", "summary.json", "best/model.safetensors",
+                 "best/defectseg.json", "best/decoder.safetensors", "last/trainer_state.pt"):
+        assert (run / name).exists(), name
+    rows = history(run)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"cracks_iou", "drywall_iou", "mean_iou", "train_loss", "lr"} <= set(rows[0])
+    config = json.loads((run / "config.json").read_text())
+    assert config["epochs"] == 2 and config["seed"] == 0 and config["negative_prob"] == 0.2
+
+    meta = read_metadata(run / "best")
+    assert set(meta["thresholds"]) == {"segment crack", "segment taping area"}
+    assert meta["tasks"]["cracks"]["prompt"] == "segment crack"
+    # Plain transformers loads best/ too, and the decoder file alone is small and reproduces it.
+    plain = CLIPSegForImageSegmentation.from_pretrained(run / "best")
+    from_decoder, _ = load_model(run / "best" / "decoder.safetensors")
+    for name, tensor in plain.decoder.state_dict().items():
+        torch.testing.assert_close(from_decoder.decoder.state_dict()[name], tensor)
+    assert (run / "best" / "decoder.safetensors").stat().st_size < (run / "best" / "model.safetensors").stat().st_size
+    # The decoder changed from the base model's.
+    base, _ = load_model(tiny)
+    assert any(not torch.equal(base.decoder.state_dict()[k], v) for k, v in plain.decoder.state_dict().items())
+    # Tuned thresholds reach the inference path.
+    segmenter = Segmenter.load(str(run / "best"), device="cpu")
+    assert segmenter.threshold("segment wall crack") == meta["thresholds"]["segment crack"]
+
+
+def test_same_seed_same_numbers_and_resume_equals_straight_run(processed, tiny, tmp_path):
+    straight, again, resumed = tmp_path / "straight", tmp_path / "again", tmp_path / "resumed"
+    assert run_train(*base_args(processed, tiny, straight, "--epochs", "2", "--ema", "0.9")) == 0
+    assert run_train(*base_args(processed, tiny, again, "--epochs", "2", "--ema", "0.9")) == 0
+    assert history(straight) == history(again)
+
+    assert run_train(*base_args(processed, tiny, resumed, "--epochs", "2", "--ema", "0.9", "--stop-after", "1")) == 0
+    assert len(history(resumed)) == 1
+    assert run_train("--resume", str(resumed), "-q") == 0
+    assert history(resumed) == history(straight)
+    a = CLIPSegForImageSegmentation.from_pretrained(straight / "last").decoder.state_dict()
+    b = CLIPSegForImageSegmentation.from_pretrained(resumed / "last").decoder.state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_cached_loss_equals_plain_hf_forward(processed, tiny, tmp_path):
+    """The fast path computes the same loss as HF's own forward on the same batch."""
+    model, processor = load_model(tiny)
+    segmenter = Segmenter(model, processor, torch.device("cpu"), tasks=dict(DEFAULT_TASKS))
+    tasks = list(DEFAULT_TASKS.values())
+    rows = load_rows(processed, "train", tasks)
+    cache = FeatureCache(tmp_path / "features", model, segmenter.input_size, "fp32")
+    cache.build([r["image"] for r in rows], (0, 1), segmenter.encode, segmenter.pixel_values, 8)
+    batch = epoch_plan(rows, tasks, seed=3, epoch=0, negative_prob=0.3, flip=True)[:6]
+    assert {s.view for s in batch} == {0, 1}
+    target = torch.from_numpy(batch_targets(load_targets(rows, segmenter.input_size), batch))
+
+    cond = segmenter.conditioning([s.prompt for s in batch])
+    cached = TrainForward(model)(cond, activations=cache.load([(rows[s.row]["image"], s.view) for s in batch]))
+    from defectseg.io import load_image
+
+    images = [load_image(rows[s.row]["image"]) for s in batch]
+    images = [np.ascontiguousarray(im[:, ::-1]) if s.view else im for im, s in zip(images, batch)]
+    tokens = processor.tokenizer([s.prompt for s in batch], padding=True, return_tensors="pt")
+    plain = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                  pixel_values=segmenter.pixel_values(images)).logits
+    torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(bce_dice_loss(cached, target).mean(), bce_dice_loss(plain, target).mean(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_no_cache_runs_the_plain_path(processed, tiny, tmp_path):
+    run = tmp_path / "plain"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "1", "--no-cache")) == 0
+    assert not (tmp_path / "features").exists()
+    assert len(history(run)) == 1
+
+
+def test_train_vision_layers_changes_those_weights(processed, tiny, tmp_path):
+    run = tmp_path / "vision"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "1", "--train-vision-layers", "1")) == 0
+    base, _ = load_model(tiny)
+    tuned, _ = load_model(run / "last")
+    base_layers, tuned_layers = used_vision_layers(base), used_vision_layers(tuned)
+
+    def changed(a, b) -> bool:
+        return any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    assert changed(base_layers[-1], tuned_layers[-1])
+    assert not any(changed(a, b) for a, b in zip(base_layers[:-1], tuned_layers[:-1]))
+    assert not changed(base.clip.text_model, tuned.clip.text_model)
+    assert json.loads((run / "config.json").read_text())["train_vision_layers"] == 1
+
+
+def copies_export(sample_root: Path, root: Path, copies: int) -> Path:
+    """A data root whose train split is the sample's valid images, each ``copies`` times (renamed),
+    and whose valid split is those same images: training on exactly what is validated."""
+    for task in ("cracks", "drywall"):
+        src = sample_root / task / "valid"
+        shutil.copytree(src, root / task / "valid")
+        coco = json.loads((src / "_annotations.coco.json").read_text())
+        images, annotations = [], []
+        for k in range(copies):
+            for im in coco["images"]:
+                new_id = k * 1000 + im["id"]
+                name = f"copy{k:02d}_{im['file_name']}"
+                (root / task / "train").mkdir(parents=True, exist_ok=True)
+                shutil.copy(src / im["file_name"], root / task / "train" / name)
+                images.append(dict(im, id=new_id, file_name=name))
+                annotations += [dict(a, id=len(annotations), image_id=new_id)
+                                for a in coco["annotations"] if a["image_id"] == im["id"]]
+        (root / task / "train" / "_annotations.coco.json").write_text(
+            json.dumps(dict(coco, images=images, annotations=annotations)))
+    return root
+
+
+def test_overfit_reads_image_mask_and_prompt(sample_root, tmp_path):
+    """8 real images, both prompts: IoU on them climbs far above the untrained model's, and asking
+    with the other task's prompt gives a low IoU: image, mask and prompt stay aligned end to end."""
+    data = copies_export(sample_root, tmp_path / "data", copies=16)
+    processed = tmp_path / "processed"
+    assert preprocess_masks.main(preprocess_masks.build_parser().parse_args(
+        ["--data-root", str(data), "--out", str(processed), "-q"])) == 0
+    tiny = build_tiny_model(tmp_path / "tiny", seed=1, image_size=128, patch_size=8)
+    run = tmp_path / "overfit"
+    assert run_train("--data", str(processed), "--model", str(tiny), "--out", str(run), "--cache-dir",
+                     str(tmp_path / "features"), "--epochs", "80", "--batch-size", "8", "--lr", "3e-3",
+                     "--no-flip", "--no-synonyms", "--negative-prob", "0.3", "--patience", "0", "-q") == 0
+    rows = history(run)
+    first, best = float(rows[0]["mean_iou"]), max(float(r["mean_iou"]) for r in rows)
+    tasks = read_metadata(run / "best")["metrics"]["tasks"]
+    print("overfit: mean IoU epoch 1", first, "best", best,
+          {t: (round(m["iou"], 3), round(m["text_iou"], 3)) for t, m in tasks.items()})
+    assert best > first + 0.25
+    for task, m in tasks.items():
+        assert m["iou"] > 0.3, (task, m["iou"])
+        assert m["text_iou"] < m["iou"] - 0.2, (task, m["iou"], m["text_iou"])
+
+
+def test_clear_errors(processed, tmp_path, monkeypatch, capsys):
+    assert run_train("--data", str(tmp_path / "nope"), "--model", "x", "--out", str(tmp_path / "r")) == 1
+    assert "manifest.csv not found" in capsys.readouterr().err
+    assert run_train("--epochs", "0", "--out", str(tmp_path / "r")) == 1
+    assert "--epochs must be > 0" in capsys.readouterr().err
+    assert run_train("--resume", str(tmp_path / "missing")) == 1
+    assert "config.json not found" in capsys.readouterr().err
+
+
+def test_unreachable_hub_is_one_clear_line(processed, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    env.pop("DEFECTSEG_MODEL", None)
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--data", str(processed), "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1
+    assert "CIDAS/clipseg-rd64-refined" in proc.stderr and "--model" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_ddp_two_cpu_processes(processed, tiny, tmp_path):
+    run = tmp_path / "ddp"
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(REPO / "train.py"),
+           *base_args(processed, tiny, run, "--epochs", "2", "--device", "cpu")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(history(run)) == 2
+    assert (run / "best" / "decoder.safetensors").exists()
+    assert not list(run.glob(".*tmp*")), "rank 1 must not write"

@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Fine-tune CLIPSeg for text-prompted defect segmentation.
+
+    python train.py                                  # processed_dataset/ -> runs/<timestamp>/
+    python train.py --model models/clipseg-rd64-refined --epochs 10 --out runs/first
+    python train.py --resume runs/first --epochs 20  # continue a run (same config, more epochs)
+    torchrun --nproc_per_node 2 train.py ...         # data-parallel on 2 GPUs (or CPU processes)
+
+CLIP stays frozen by default: each image's vision activations are computed once and cached
+(<data>/features), and only the decoder trains, so an epoch after the first runs no vision encoder.
+Writes runs/<name>/: config.json, best/ and last/ (save_pretrained folders with decoder.safetensors
+and defectseg.json), metrics.csv, curves.png, summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+
+from defectseg.cli import fail, setup_logging
+from defectseg.data import DataError
+from defectseg.io import write_json_atomic
+from defectseg.model import ModelLoadError, resolve_model_arg
+from defectseg.tasks import TaskTableError
+from defectseg.training import ConfigError, TrainConfig, load_run_config, train
+
+log = logging.getLogger("train")
+
+HELP = {
+    "data": "preprocessed dataset folder (preprocess_masks.py --out)",
+    "out": "run folder (default: runs/<timestamp>)",
+    "model": "base model: hub id or local folder (default: $DEFECTSEG_MODEL or CIDAS/clipseg-rd64-refined)",
+    "tasks": "tasks to train on",
+    "tasks_file": "JSON file extending the task table",
+    "epochs": "number of epochs",
+    "batch_size": "samples per step (per process)",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "warmup": "fraction of steps with linear warm-up before the cosine decay",
+    "grad_clip": "max gradient norm",
+    "ema": "EMA decay of the weights, e.g. 0.999 (0: off); validation and best/ use the EMA weights",
+    "bce_weight": "weight of the BCE term of the loss",
+    "dice_weight": "weight of the soft Dice term of the loss",
+    "negative_prob": "probability of pairing an image with another task's prompt and an empty target",
+    "flip": "horizontal-flip augmentation (cached as a second view)",
+    "synonyms": "sample a random synonym of the task prompt per sample",
+    "seed": "random seed (same seed, same numbers on CPU)",
+    "device": "auto, cpu, cuda, cuda:1, mps",
+    "precision": "auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16, fp16",
+    "cache": "cache vision activations (off: plain HF forward every step)",
+    "cache_dir": "feature cache folder (default: <data>/features)",
+    "cache_dtype": "fp16 or fp32 storage of cached activations",
+    "train_vision_layers": "also fine-tune the last K used vision layers (turns the cache off)",
+    "patience": "early stop after this many epochs without a better validation score (0: never)",
+    "val_batch_size": "batch size for validation and cache building",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags mirror TrainConfig; only flags given on the command line end up in the namespace."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--resume", metavar="RUN", help="continue runs/<name> from its last/ checkpoint")
+    parser.add_argument("--stop-after", type=int, metavar="N",
+                        help="end this invocation after N epochs; continue later with --resume "
+                             "(the LR schedule still spans --epochs)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{HELP[f.name]} (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_text)
+        elif isinstance(default, list):
+            parser.add_argument(flag, nargs="+", help=help_text)
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            parser.add_argument(flag, type=kind, help=help_text)
+    return parser
+
+
+def make_config(args: argparse.Namespace) -> TrainConfig:
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    if getattr(args, "resume", None):
+        cfg = load_run_config(args.resume)
+        cfg.out = args.resume
+        return dataclasses.replace(cfg, **{k: v for k, v in given.items() if k != "out"})
+    cfg = TrainConfig(**given)
+    cfg.model = resolve_model_arg(given.get("model"))
+    cfg.out = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    return cfg
+
+
+def check_config(cfg: TrainConfig) -> str | None:
+    """A message when a value can't work, else None."""
+    positive = ("epochs", "batch_size", "lr", "val_batch_size")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            return f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}"
+    if not 0 <= cfg.negative_prob < 1:
+        return f"--negative-prob must be in [0, 1), got {cfg.negative_prob}"
+    if not 0 <= cfg.ema < 1:
+        return f"--ema must be in [0, 1), got {cfg.ema}"
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        return f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision}"
+    return None
+
+
+def main(args: argparse.Namespace) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(getattr(args, "quiet", False) or rank != 0)
+    try:
+        cfg = make_config(args)
+    except FileNotFoundError as err:
+        return fail(str(err))
+    if message := check_config(cfg):
+        return fail(message)
+    if rank == 0:
+        log.info("run %s", cfg.out)
+        for key, value in dataclasses.asdict(cfg).items():
+            log.info("  %-20s %s", key, value)
+        write_json_atomic(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
+    try:
+        train(cfg, resume=bool(getattr(args, "resume", None)), stop_after=getattr(args, "stop_after", None))
+    except (ModelLoadError, DataError, TaskTableError, FloatingPointError, ConfigError) as err:
+        return fail(str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))
