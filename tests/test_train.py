@@ -225,3 +225,64 @@ def test_ddp_two_cpu_processes(processed, tiny, tmp_path):
     assert len(history(run)) == 2
     assert (run / "best" / "decoder.safetensors").exists()
     assert not list(run.glob(".*tmp*")), "rank 1 must not write"
+
+
+def test_feature_cache_keys_never_reuse_stale_entries(tmp_path, sample_root, tiny):
+    model, processor = load_model(tiny)
+    segmenter = Segmenter(model, processor, torch.device("cpu"))
+    image = tmp_path / "a.jpg"
+    shutil.copy(next((sample_root / "cracks" / "valid").glob("*.jpg")), image)
+    cache = FeatureCache(tmp_path / "f", model, 64, "fp16")
+    assert cache.build([str(image)], (0, 1), segmenter.encode, segmenter.pixel_values, 4) == 2
+    assert cache.build([str(image)], (0, 1), segmenter.encode, segmenter.pixel_values, 4) == 0  # reused
+    first = cache.path(str(image), 0)
+    # Another resolution, another dtype or other weights: another folder.
+    assert FeatureCache(tmp_path / "f", model, 96, "fp16").dir != cache.dir
+    assert FeatureCache(tmp_path / "f", model, 64, "fp32").dir != cache.dir
+    with torch.no_grad():
+        used_vision_layers(model)[0].mlp.fc1.weight.add_(0.01)
+    assert FeatureCache(tmp_path / "f", model, 64, "fp16").dir != cache.dir
+    # Changed pixels: another file key.
+    shutil.copy(next((sample_root / "drywall" / "valid").glob("*.jpg")), image)
+    assert FeatureCache(tmp_path / "f", model, 64, "fp16").path(str(image), 0).name != first.name
+    # The stored activations are exactly what the encoder gives (fp16-rounded), flipped view included.
+    fresh = FeatureCache(tmp_path / "g", model, 64, "fp32")
+    fresh.build([str(image)], (0, 1), segmenter.encode, segmenter.pixel_values, 4)
+    from defectseg.io import load_image
+
+    rgb = load_image(image)
+    for view, pixels in ((0, rgb), (1, np.ascontiguousarray(rgb[:, ::-1]))):
+        expected = segmenter.encode(segmenter.pixel_values([pixels]))
+        for got, want in zip(fresh.load([(str(image), view)]), expected):
+            torch.testing.assert_close(got, want)
+
+
+def test_warm_cache_runs_no_vision_encoder(processed, tiny, tmp_path, monkeypatch):
+    """Once the cache is built, training and validation epochs never run the vision tower."""
+    assert run_train(*base_args(processed, tiny, tmp_path / "cold", "--epochs", "1")) == 0
+    model, _ = load_model(tiny)
+    calls = []
+    import defectseg.model
+
+    original = defectseg.model.encode_images
+    monkeypatch.setattr("defectseg.inference.encode_images", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr("defectseg.training.encode_images", lambda *a: calls.append(1) or original(*a))
+    assert run_train(*base_args(processed, tiny, tmp_path / "warm", "--epochs", "2")) == 0
+    assert calls == []
+    assert len(history(tmp_path / "warm")) == 2
+
+
+def test_non_finite_loss_is_reported_and_skipped(processed, tiny, tmp_path, capsys):
+    """A corrupt cache entry (NaN activations) makes a non-finite loss: the step is skipped and logged."""
+    run = tmp_path / "nan"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "1", "--no-flip")) == 0
+    from defectseg.features import file_hash
+
+    train_image = load_rows(processed, "train", list(DEFAULT_TASKS.values()))[0]["image"]
+    path = next((tmp_path / "features").rglob(f"{file_hash(train_image)}-orig.npy"))
+    np.save(path, np.full_like(np.load(path), np.nan))
+    capsys.readouterr()
+    assert run_train(*base_args(processed, tiny, tmp_path / "nan2", "--epochs", "1", "--no-flip")) == 0
+    assert "non-finite loss" in capsys.readouterr().err
+    skipped = [int(r["skipped_steps"]) for r in history(tmp_path / "nan2")]
+    assert skipped[0] >= 1
