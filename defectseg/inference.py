@@ -16,11 +16,14 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
+from .io import ImageReadError, load_image
 from .metrics import binarize
 from .model import decode, encode_images, encode_prompts, load_model, read_metadata
 from .tasks import Task, load_tasks_from_metadata, normalize_prompt, task_for_prompt
@@ -110,8 +113,7 @@ class Segmenter:
 
     def pixel_values(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(B, 3, S, S) float32 model input for RGB uint8 images of any sizes (the processor's resize)."""
-        out = self.processor.image_processor(images=list(images), return_tensors="pt")
-        return out["pixel_values"]
+        return processor_inputs(self.processor.image_processor, images)
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -193,3 +195,64 @@ class Segmenter:
             p: [binarize(prob, self.threshold(p)) for prob in probs]
             for p, probs in self.probabilities(acts, sizes, prompts).items()
         }
+
+
+def processor_inputs(image_processor, images: Sequence[np.ndarray]) -> torch.Tensor:
+    """(B, 3, S, S) float32 model input for RGB uint8 images of any sizes (``Segmenter.pixel_values``)."""
+    return image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+
+# -- image files -> model inputs, decoded in DataLoader workers while the model runs -------------
+
+
+@dataclass
+class LoadedImage:
+    """One image file read for inference: the image and its model input, or why it could not be read.
+
+    image: (H, W, 3) uint8 RGB with the EXIF orientation applied (``io.load_image``); its size is the
+        size masks are written at.
+    pixel_values: (3, S, S) float32, this image's row of ``Segmenter.pixel_values``.
+    """
+
+    path: Path
+    image: np.ndarray | None = None
+    pixel_values: torch.Tensor | None = None
+    error: str | None = None
+
+
+class ImageFiles(Dataset):
+    """Image files -> ``LoadedImage``. A file that cannot be read comes back with ``error`` set rather
+    than raising, so one bad file does not end a run. Holds only the image processor (not the model),
+    so it is cheap to send to worker processes."""
+
+    def __init__(self, paths: Sequence[str | Path], image_processor) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.image_processor = image_processor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> LoadedImage:
+        path = self.paths[index]
+        try:
+            image = load_image(path)
+        except ImageReadError as err:
+            return LoadedImage(path, error=str(err))
+        return LoadedImage(path, image, processor_inputs(self.image_processor, [image])[0])
+
+
+def image_batches(
+    segmenter: Segmenter, paths: Sequence[str | Path], batch_size: int = 8, workers: int = 0
+) -> DataLoader:
+    """Batches (lists) of ``LoadedImage`` for ``paths``, in order.
+
+    With ``workers`` > 0 the files are decoded and resized in that many processes, ahead of the model.
+    At most one worker per batch after the first is started: the first batch has nothing to overlap.
+    """
+    n_batches = -(-len(paths) // batch_size)
+    return DataLoader(
+        ImageFiles(paths, segmenter.processor.image_processor),
+        batch_size=batch_size,
+        num_workers=max(0, min(workers, n_batches - 1)),
+        collate_fn=list,
+    )

@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Inference speed on the real CLIPSeg rd64-refined architecture (random weights, nothing downloaded).
+
+    python bench/bench_inference.py [--device auto] [--precision auto] [--iters 3] [--images 32]
+
+The model has CIDAS/clipseg-rd64-refined's architecture (ViT-B/16 vision tower, 12-layer text tower,
+rd64 decoder with the refined head, 352x352 input, 150.7M parameters) and random weights: speed does not
+depend on the weights. It is saved to a temp folder and loaded through ``Segmenter.load``, so the code
+users run is what is measured. The tokenizer is ``defectseg.tiny``'s byte-level one (prompts are a few
+tokens longer than with CLIP's BPE, which only makes the naive path below slower by a little).
+
+1. Warm latency per image (median of --iters runs after a warm-up), batch 1 and 8, 1 and 2 prompts, from
+   RGB arrays to full-size binary masks:
+   - segmenter: ``Segmenter.predict``, vision encoder once per image, decoder once per prompt;
+   - naive HF: ``model(input_ids, attention_mask, pixel_values)``, each image repeated once per prompt
+     (the whole vision and text towers run for every image-prompt pair), then the same upsampling.
+2. End to end: ``predict.main`` on a folder of --images 640x640 JPEGs (the bundled samples, flipped and
+   rotated into distinct files), 2 prompts; images/s as predict.py reports it (model loading excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import predict  # noqa: E402
+from defectseg import tiny  # noqa: E402
+from defectseg.inference import Segmenter, autocast  # noqa: E402
+from defectseg.io import list_images, load_image  # noqa: E402
+from defectseg.metrics import binarize  # noqa: E402
+
+PROMPTS = ["segment crack", "segment taping area"]
+SAMPLE = REPO / "sample_data"
+TARGET_RATIO = 1.2  # 2 prompts may cost at most this much more than 1 (Segmenter path)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="as predict.py (default: %(default)s)")
+    parser.add_argument("--iters", type=predict.int_at_least(1), default=3,
+                        help="timed runs per measurement, after one warm-up (default: %(default)s)")
+    parser.add_argument("--images", type=predict.int_at_least(1), default=32,
+                        help="JPEGs for the end-to-end run (default: %(default)s)")
+    parser.add_argument("--workers", type=predict.int_at_least(0), default=predict.build_parser().get_default("workers"),
+                        help="predict.py --workers for the end-to-end run (default: %(default)s, as predict.py)")
+    return parser
+
+
+@torch.no_grad()
+def naive_logits(seg: Segmenter, images: list[np.ndarray], prompts: list[str]) -> torch.Tensor:
+    """The plain HF forward, every image repeated once per prompt: (B * P, S, S), image-major."""
+    pixel_values = seg.pixel_values(images).repeat_interleave(len(prompts), dim=0).to(seg.device)
+    tokens = seg.processor.tokenizer(prompts * len(images), padding=True, return_tensors="pt").to(seg.device)
+    with autocast(seg.device, seg.amp_dtype):
+        logits = seg.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                           pixel_values=pixel_values).logits
+    return (logits if logits.dim() == 3 else logits[None]).float()  # some transformers versions squeeze B == 1
+
+
+def naive_masks(seg: Segmenter, images: list[np.ndarray], prompts: list[str]) -> list[np.ndarray]:
+    """Full-size binary masks the naive way (same upsampling and threshold as ``Segmenter.predict``)."""
+    probs = seg.upsample(naive_logits(seg, images, prompts), [im.shape[:2] for im in images for _ in prompts])
+    return [binarize(prob, 0.5) for prob in probs]
+
+
+def seconds(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def median_seconds(runs: dict[str, Callable[[], object]], iters: int, device: torch.device) -> dict[str, float]:
+    """Median wall time of each run over ``iters`` timings, after one warm-up each. The runs take turns, so a
+    slow spell of a shared machine hits all of them alike instead of skewing one."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(iters):
+        for name, fn in runs.items():
+            times[name].append(seconds(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def bench_latency(seg: Segmenter, images: list[np.ndarray], iters: int) -> None:
+    """Print the per-image latency table (ms) and the cost of a second prompt on each path."""
+    activations = seg.encode(seg.pixel_values(images[:1]))
+    ours = torch.cat([seg.logits(activations, p) for p in PROMPTS])
+    naive = naive_logits(seg, images[:1], PROMPTS)
+    print(f"check: Segmenter vs naive HF logits, max |difference| / max |logit| = "
+          f"{float((ours - naive).abs().max() / naive.abs().max()):.1e}")
+
+    print(f"\n{'batch':>5} {'prompts':>7} {'segmenter ms/img':>17} {'naive HF ms/img':>16} {'naive/segmenter':>16}")
+    for batch in (1, 8):
+        batch_images = [images[i % len(images)] for i in range(batch)]
+        runs = {}
+        for n in (1, 2):
+            runs[f"segmenter {n}"] = partial(seg.predict, batch_images, PROMPTS[:n])
+            runs[f"naive {n}"] = partial(naive_masks, seg, batch_images, PROMPTS[:n])
+        ms = {name: 1000 * t / batch for name, t in median_seconds(runs, iters, seg.device).items()}
+        for n in (1, 2):
+            print(f"{batch:>5} {n:>7} {ms[f'segmenter {n}']:>17.1f} {ms[f'naive {n}']:>16.1f} "
+                  f"{ms[f'naive {n}'] / ms[f'segmenter {n}']:>15.2f}x")
+        ratio = ms["segmenter 2"] / ms["segmenter 1"]
+        print(f"      batch {batch}: 2 prompts cost {ratio:.2f}x one with Segmenter "
+              f"({'meets' if ratio <= TARGET_RATIO else 'MISSES'} the {TARGET_RATIO}x target), "
+              f"{ms['naive 2'] / ms['naive 1']:.2f}x with the naive forward", flush=True)
+
+
+def write_jpegs(folder: Path, count: int) -> None:
+    """``count`` distinct 640x640 JPEGs: the bundled samples, then their flips and rotations."""
+    sources = sorted(p for split in SAMPLE.glob("*/*") if split.is_dir() for p in list_images(split))
+    variants = [None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90]
+    folder.mkdir(parents=True)
+    for i in range(count):
+        image = Image.fromarray(load_image(sources[i % len(sources)]))
+        variant = variants[(i // len(sources)) % len(variants)]
+        (image if variant is None else image.transpose(variant)).save(folder / f"img{i:04d}.jpg", quality=90)
+
+
+def bench_end_to_end(model_dir: Path, folder: Path, args: argparse.Namespace) -> None:
+    out = folder.parent / "predictions"
+    argv = ["--image", str(folder), "--model", str(model_dir), "--out", str(out), "--device", args.device,
+            "--precision", args.precision, "--batch-size", "8", "--workers", str(args.workers), "-q"]
+    for prompt in PROMPTS:
+        argv += ["--prompt", prompt]
+    start = time.perf_counter()
+    code = predict.main(predict.build_parser().parse_args(argv))
+    wall = time.perf_counter() - start
+    report = json.loads((out / predict.CONFIG_FILE).read_text())
+    print(f"\nend to end: predict.py, {report['images']} JPEGs 640x640 x {len(PROMPTS)} prompts, batch 8, "
+          f"--workers {args.workers}: "
+          f"{report['images_per_second']:.2f} images/s ({report['seconds']:.1f} s; {wall:.1f} s with model loading), "
+          f"{report['masks_written']} masks, exit code {code}")
+
+
+def main(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
+        model_dir = tiny.build_rd64_random(Path(tmp) / "rd64-random")
+        seg = Segmenter.load(str(model_dir), args.device, args.precision)
+        n_params = sum(p.numel() for p in seg.model.parameters())
+        print(f"device: {seg.device} ({device_name(seg.device)}), precision "
+              f"{predict.precision_name(seg.amp_dtype)}, torch {torch.__version__} with {torch.get_num_threads()} "
+              f"threads, transformers {transformers.__version__}")
+        print(f"model: rd64-refined architecture, random weights, {n_params / 1e6:.1f}M parameters, "
+              f"{seg.input_size}px input; images: bundled 640x640 JPEGs; median of {args.iters} warm runs")
+        images = [load_image(p) for p in sorted(SAMPLE.glob("*/valid/*.jpg"))]
+        bench_latency(seg, images, args.iters)
+        del seg
+
+        folder = Path(tmp) / "images"
+        write_jpegs(folder, args.images)
+        bench_end_to_end(model_dir, folder, args)
+    print(f"\nbenchmark took {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))

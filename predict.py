@@ -1,0 +1,338 @@
+#!/usr/bin/env python
+"""Binary masks for images and text prompts, with CLIPSeg (fine-tuned or not).
+
+    python predict.py --image photo.jpg --prompt "segment crack"
+    python predict.py --image shots/ "more/*.png" --prompt "segment crack" --prompt "segment taping area" \\
+        --model runs/exp/best --out predictions --overlay
+
+For every image and prompt it writes <out>/<image_stem>__<prompt_slug>.png: single channel, 8-bit,
+values {0, 255}, the size of the image as viewers show it (EXIF rotation applied). --overlay adds
+<stem>__<slug>_overlay.png (the mask tinted over the image), --probs <stem>__<slug>_prob.png (the
+probability map, 0-255). Files are named by the image's stem alone, so two inputs with the same stem
+(a/x.jpg and b/x.jpg, or x.jpg and x.png) are refused before anything is written: predict them into
+different --out folders.
+
+The vision encoder runs once per batch of images for all prompts; images are decoded and resized in
+--workers processes while the model runs. An unreadable image is reported and skipped; the exit code is
+then 1, after the other images' masks are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from defectseg.cli import fail, setup_logging
+from defectseg.inference import LoadedImage, Segmenter, image_batches, resolve_device
+from defectseg.io import (
+    IMAGE_EXTENSIONS,
+    encode_png,
+    list_images,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_mask_png,
+)
+from defectseg.metrics import binarize
+from defectseg.model import DEFAULT_MODEL, MODEL_ENV_VAR, ModelLoadError, resolve_model_arg
+from defectseg.preprocess import mask_name
+from defectseg.tasks import TaskTableError, prompt_slug
+
+log = logging.getLogger("predict")
+
+CONFIG_FILE = "predict_config.json"
+OVERLAY_SUFFIX = "_overlay"
+PROB_SUFFIX = "_prob"
+OVERLAY_COLOR = np.array([255, 0, 0], dtype=np.float32)  # red
+OVERLAY_ALPHA = 0.5
+WRITER_THREADS = 2
+
+
+class InputError(ValueError):
+    """Command-line input that cannot be used (message for the user)."""
+
+
+def int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def threshold_value(text: str) -> float:
+    value = float(text)
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError("must be a number")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH",
+                        help="image files, folders (the images directly inside) or quoted glob patterns; repeatable")
+    parser.add_argument("--prompt", nargs="+", action="extend", required=True,
+                        help='what to segment, e.g. "segment crack"; repeatable, one mask per image and prompt')
+    parser.add_argument("--model", default=None,
+                        help="Hub id, save_pretrained folder, runs/<name>/best or decoder .safetensors file "
+                             f"(default: ${MODEL_ENV_VAR}, else {DEFAULT_MODEL})")
+    parser.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
+    parser.add_argument("--threshold", type=threshold_value, default=None,
+                        help="probability threshold for every prompt (default: the checkpoint's tuned "
+                             "per-prompt thresholds, else 0.5)")
+    parser.add_argument("--tta", action="store_true", help="also run the mirrored image and average")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="average over the prompt's synonyms from the task table")
+    parser.add_argument("--overlay", action="store_true", help="also write <stem>__<slug>_overlay.png")
+    parser.add_argument("--probs", action="store_true", help="also write <stem>__<slug>_prob.png (probability x 255)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="images per batch (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="auto: bf16/fp16 on CUDA, fp32 elsewhere (default: %(default)s)")
+    parser.add_argument("--workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),
+                        help="processes decoding images while the model runs; 0: in the main process "
+                             "(default: %(default)s)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return parser
+
+
+# -- checking the input -------------------------------------------------------------------------------
+
+
+def check_prompts(prompts: list[str], suffixes: list[str]) -> list[str]:
+    """The prompts, stripped, each once. Refuses empty prompts and prompts whose output files would
+    collide (same slug, e.g. "Segment crack" and "segment crack")."""
+    writers: dict[str, str] = {}  # output file slug -> prompt that writes it
+    kept: list[str] = []
+    for prompt in prompts:
+        prompt = prompt.strip()
+        if not prompt:
+            raise InputError("--prompt must not be empty")
+        if prompt in kept:
+            continue
+        for suffix in suffixes:
+            name = prompt_slug(prompt) + suffix
+            if name in writers:
+                raise InputError(f"prompts {writers[name]!r} and {prompt!r} would both write "
+                                 f"<image_stem>__{name}.png; use one of them")
+            writers[name] = prompt
+        kept.append(prompt)
+    return kept
+
+
+def collect_images(specs: list[str]) -> list[Path]:
+    """Files named by ``--image``: files as given, folders' images (directly inside), glob patterns;
+    each file once, in the order given."""
+    found: dict[Path, Path] = {}  # resolved -> as given
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            matches = list_images(path)
+            if not matches:
+                log.warning("%s: no images (%s) in this folder", spec, " ".join(IMAGE_EXTENSIONS))
+        elif path.exists():
+            matches = [path]
+        else:
+            matches = sorted(
+                Path(p) for p in glob.glob(str(path), recursive=True)
+                if Path(p).suffix.lower() in IMAGE_EXTENSIONS and Path(p).is_file()
+            )
+            if not matches:
+                raise InputError(f"--image {spec}: no such file or folder, and no image file matches it")
+        for match in matches:
+            found.setdefault(match.resolve(), match)
+    if not found:
+        raise InputError("no images to predict")
+    return list(found.values())
+
+
+def check_unique_stems(paths: list[Path]) -> None:
+    """Refuse inputs whose output files would overwrite each other (same file stem)."""
+    by_stem: dict[str, list[Path]] = {}
+    for path in paths:
+        by_stem.setdefault(path.stem, []).append(path)
+    clashes = [group for group in by_stem.values() if len(group) > 1]
+    if clashes:
+        shown = "; ".join(" and ".join(str(p) for p in group) for group in clashes[:5])
+        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
+        raise InputError(f"images with the same file stem would write the same mask files: {shown}{more}. "
+                         "Rename them or predict them into different --out folders")
+
+
+def check_device(name: str) -> str | None:
+    """Why ``--device name`` cannot be used on this machine (None when it can)."""
+    try:
+        device = resolve_device(name)
+    except RuntimeError as err:
+        return f"--device {name}: {err}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: CUDA is not available (torch {torch.__version__})"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {name}: MPS is not available"
+    return None
+
+
+# -- predicting ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunStats:
+    images: int = 0  # images predicted
+    masks: int = 0  # masks written (one per image and prompt; overlays and probability maps not counted)
+    failed: list[Path] = field(default_factory=list)  # images that could not be read
+    seconds: float = 0.0
+
+
+def output_suffixes(overlay: bool, probs: bool) -> list[str]:
+    """What follows the prompt slug in the names of the files written per image and prompt."""
+    return [""] + [OVERLAY_SUFFIX] * overlay + [PROB_SUFFIX] * probs
+
+
+def tint(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: ``image`` with the mask's pixels blended towards OVERLAY_COLOR."""
+    out = image.copy()
+    out[mask] = (image[mask] * (1 - OVERLAY_ALPHA) + OVERLAY_COLOR * OVERLAY_ALPHA + 0.5).astype(np.uint8)
+    return out
+
+
+def write_outputs(out: Path, item: LoadedImage, slug: str, prob: np.ndarray, threshold: float,
+                  suffixes: list[str]) -> None:
+    """Write the mask (and overlay / probability map, as ``suffixes`` asks) of one image and prompt."""
+    mask = binarize(prob, threshold)
+    write_mask_png(out / mask_name(item.path.name, slug), mask)
+    if OVERLAY_SUFFIX in suffixes:
+        write_bytes_atomic(out / mask_name(item.path.name, slug + OVERLAY_SUFFIX), encode_png(tint(item.image, mask)))
+    if PROB_SUFFIX in suffixes:
+        prob8 = np.clip(prob * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        write_bytes_atomic(out / mask_name(item.path.name, slug + PROB_SUFFIX), encode_png(prob8))
+
+
+def predict_images(
+    segmenter: Segmenter,
+    paths: list[Path],
+    thresholds: dict[str, float],
+    out: Path,
+    *,
+    suffixes: list[str],
+    batch_size: int = 8,
+    workers: int = 0,
+    progress: bool = False,
+) -> RunStats:
+    """Write the outputs of every image in ``paths`` for every prompt in ``thresholds`` into ``out``.
+
+    Per batch: one ``encode`` (the vision encoder), then ``probabilities`` for all prompts. PNG encoding
+    and writing run in threads, overlapping the next batch; at most one batch of writes is pending.
+    """
+    stats = RunStats()
+    start = time.perf_counter()
+    prompts = list(thresholds)
+    pending: list[Future[None]] = []
+    bar = tqdm(total=len(paths), unit="image", disable=None if progress else True)  # None: only on a terminal
+    with ThreadPoolExecutor(WRITER_THREADS) as writer, logging_redirect_tqdm(), bar:
+        for batch in image_batches(segmenter, paths, batch_size, workers):
+            for item in batch:
+                if item.error is not None:
+                    log.error("%s", item.error)
+                    stats.failed.append(item.path)
+            loaded = [item for item in batch if item.error is None]
+            if loaded:
+                activations = segmenter.encode(torch.stack([item.pixel_values for item in loaded]))
+                probs = segmenter.probabilities(activations, [item.image.shape[:2] for item in loaded], prompts)
+                stats.masks += wait_for(pending)
+                pending = [
+                    writer.submit(write_outputs, out, item, prompt_slug(prompt), prob, thresholds[prompt], suffixes)
+                    for prompt in prompts
+                    for item, prob in zip(loaded, probs[prompt])
+                ]
+                stats.images += len(loaded)
+            bar.update(len(batch))
+        stats.masks += wait_for(pending)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def wait_for(writes: list[Future[None]]) -> int:
+    """Wait for ``writes`` (re-raising their errors); their number."""
+    for write in writes:
+        write.result()
+    return len(writes)
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def main(args: argparse.Namespace) -> int:
+    setup_logging(args.quiet)
+    if args.quiet:
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights"
+    suffixes = output_suffixes(args.overlay, args.probs)
+    try:
+        prompts = check_prompts(args.prompt, suffixes)
+        paths = collect_images(args.image)
+        check_unique_stems(paths)
+    except InputError as err:
+        return fail(str(err))
+    if problem := check_device(args.device):
+        return fail(problem)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return fail(f"cannot create output folder {out}: {err}")
+
+    model = resolve_model_arg(args.model)
+    try:
+        segmenter = Segmenter.load(model, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
+    except (ModelLoadError, TaskTableError) as err:
+        return fail(str(err))
+    thresholds = {p: segmenter.threshold(p) if args.threshold is None else args.threshold for p in prompts}
+    precision = precision_name(segmenter.amp_dtype)
+    log.info("%d images x %d prompts with %s on %s (%s)%s%s; thresholds: %s%s", len(paths), len(prompts), model,
+             segmenter.device, precision, ", TTA" if args.tta else "", ", synonym ensemble" if args.ensemble else "",
+             ", ".join(f"{p!r} {t:g}" for p, t in thresholds.items()),
+             " (--threshold)" if args.threshold is not None else "")
+
+    try:
+        stats = predict_images(segmenter, paths, thresholds, out, suffixes=suffixes, batch_size=args.batch_size,
+                               workers=args.workers, progress=not args.quiet and len(paths) > args.batch_size)
+    except OSError as err:  # e.g. the disk is full or --out is read-only
+        return fail(f"cannot write predictions into {out}: {err}")
+    rate = stats.images / stats.seconds if stats.seconds > 0 else 0.0
+    write_json_atomic(out / CONFIG_FILE, {
+        "model": model, "prompts": prompts, "thresholds": thresholds, "tta": args.tta, "ensemble": args.ensemble,
+        "device": str(segmenter.device), "precision": precision, "batch_size": args.batch_size,
+        "images": stats.images, "failed": [str(p) for p in stats.failed], "masks_written": stats.masks,
+        "seconds": round(stats.seconds, 3), "images_per_second": round(rate, 3),
+    })
+    log.info("%d images, %d prompts: %d masks written in %.1f s (%.2f images/s on %s, %s) -> %s",
+             stats.images, len(prompts), stats.masks, stats.seconds, rate, segmenter.device, precision, out)
+    if stats.failed:
+        return fail(f"{len(stats.failed)} of {len(paths)} images could not be read (listed above); "
+                    "the others were written")
+    return 0
+
+
+if __name__ == "__main__":
+    # SIGTERM (kill, timeout, job schedulers) unwinds like Ctrl-C, so the image loader's worker processes
+    # are shut down instead of outliving this one.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    sys.exit(main(build_parser().parse_args()))

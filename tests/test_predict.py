@@ -1,0 +1,228 @@
+"""predict.py on a tiny random CLIPSeg built locally (no Hub, the model is never mocked).
+
+What a user relies on: one {0, 255} mask per image and prompt, named <stem>__<slug>.png, at the
+image's own (EXIF-applied) size, equal to what ``Segmenter`` computes; thresholds applied; any input
+form; clean errors.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, SAMPLE, write_image
+from PIL import Image
+
+import predict
+from defectseg.inference import Segmenter
+from defectseg.io import load_image
+from defectseg.metrics import binarize
+from defectseg.model import used_vision_layers
+from defectseg.tiny import build_tiny_model
+
+PROMPTS = ["segment crack", "segment taping area"]
+SLUGS = ["segment_crack", "segment_taping_area"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("predict_tiny") / "clipseg-tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Images in the forms users have: non-square, grayscale, RGBA, 16-bit, EXIF-rotated."""
+    folder = tmp_path_factory.mktemp("odd")
+    rng = np.random.default_rng(0)
+    paths = {
+        "wide": write_image(folder / "wide.png", 300, 120, seed=1),
+        "exif": write_image(folder / "exif.jpg", 40, 30, seed=2, exif_orientation=6),
+    }
+    forms = {
+        "gray": Image.fromarray(rng.integers(0, 255, (211, 97), dtype=np.uint8)),
+        "rgba": Image.fromarray(rng.integers(0, 255, (50, 70, 4), dtype=np.uint8)),
+        "deep": Image.fromarray(rng.integers(0, 65535, (33, 65), dtype=np.uint16)),
+    }
+    for name, img in forms.items():
+        paths[name] = folder / f"{name}.png"
+        img.save(paths[name])
+    assert Image.open(paths["deep"]).mode.startswith("I")  # really a 16-bit PNG
+    return paths
+
+
+def run(tiny_dir: Path, out: Path, *args: str, prompts: list[str] = PROMPTS) -> int:
+    argv = ["--model", str(tiny_dir), "--out", str(out), "--workers", "0", *args]
+    for prompt in prompts:
+        argv += ["--prompt", prompt]
+    return predict.main(predict.build_parser().parse_args(argv))
+
+
+def read_png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def direct_probabilities(tiny_dir: Path, paths: list[Path], batch_size: int) -> dict[str, list[np.ndarray]]:
+    """prompt -> probability maps from ``Segmenter`` called directly, batched as predict.py batches."""
+    seg = Segmenter.load(str(tiny_dir), "cpu")
+    out: dict[str, list[np.ndarray]] = {p: [] for p in PROMPTS}
+    for i in range(0, len(paths), batch_size):
+        images = [load_image(p) for p in paths[i : i + batch_size]]
+        acts = seg.encode(seg.pixel_values(images))
+        for prompt, probs in seg.probabilities(acts, [im.shape[:2] for im in images], PROMPTS).items():
+            out[prompt] += probs
+    return out
+
+
+def test_sample_images_two_prompts_match_segmenter(tiny_dir: Path, tmp_path: Path) -> None:
+    folders = [SAMPLE / "cracks" / "valid", SAMPLE / "drywall" / "valid"]
+    out = tmp_path / "pred"
+    # batches of 3 over 8 images: 3 batches, so the 2 DataLoader worker processes really run
+    assert run(tiny_dir, out, "--image", *map(str, folders), "--batch-size", "3", "--workers", "2") == 0
+
+    paths = predict.collect_images([str(f) for f in folders])
+    assert len(paths) == 8 and all(p.suffix == ".jpg" for p in paths)
+    expected = direct_probabilities(tiny_dir, paths, batch_size=3)
+    for prompt, slug in zip(PROMPTS, SLUGS):
+        for path, prob in zip(paths, expected[prompt]):
+            mask = read_png(out / f"{path.stem}__{slug}.png")
+            assert mask.dtype == np.uint8 and mask.shape == (640, 640)
+            assert set(np.unique(mask)) <= {0, 255}
+            np.testing.assert_array_equal(mask == 255, binarize(prob, 0.5))
+    written = sorted(p.name for p in out.glob("*.png"))
+    assert len(written) == 16 and not list(out.glob(".*"))  # no temp files left
+    config = json.loads((out / predict.CONFIG_FILE).read_text())
+    assert config["masks_written"] == 16 and config["thresholds"] == dict.fromkeys(PROMPTS, 0.5)
+
+
+def test_any_image_form_gets_a_mask_of_its_own_size(tiny_dir: Path, tmp_path: Path, odd_images) -> None:
+    folder = odd_images["wide"].parent
+    # the glob picks up the PNGs, the JPEG is named; the folder names all of them again (each runs once)
+    assert run(tiny_dir, tmp_path, "--image", str(folder / "*.png"), str(odd_images["exif"]), str(folder)) == 0
+    for name, path in odd_images.items():
+        mask = read_png(tmp_path / f"{name}__segment_crack.png")
+        assert mask.ndim == 2 and mask.dtype == np.uint8, name
+        assert mask.shape == load_image(path).shape[:2], name
+        assert set(np.unique(mask)) <= {0, 255}, name
+    assert Image.open(odd_images["exif"]).size == (40, 30)
+    assert Image.open(tmp_path / "exif__segment_taping_area.png").size == (30, 40)
+    assert Image.open(tmp_path / "gray__segment_crack.png").size == (97, 211)
+    assert json.loads((tmp_path / predict.CONFIG_FILE).read_text())["masks_written"] == 2 * len(odd_images)
+
+
+@pytest.mark.parametrize(("threshold", "value"), [("0", 255), ("1.01", 0)])
+def test_threshold_is_applied(tiny_dir: Path, tmp_path: Path, odd_images, threshold: str, value: int) -> None:
+    images = [str(odd_images["wide"]), str(odd_images["gray"])]
+    assert run(tiny_dir, tmp_path, "--image", *images, "--threshold", threshold) == 0
+    masks = list(tmp_path.glob("*__segment_*.png"))
+    assert len(masks) == 4
+    assert all((read_png(m) == value).all() for m in masks)
+
+
+def test_overlay_and_probability_maps(tiny_dir: Path, tmp_path: Path, odd_images) -> None:
+    path = odd_images["wide"]
+    assert run(tiny_dir, tmp_path, "--image", str(path), "--overlay", "--probs", "--tta", "--ensemble") == 0
+    image = load_image(path)
+    for slug in SLUGS:
+        mask = read_png(tmp_path / f"wide__{slug}.png") > 0
+        overlay = read_png(tmp_path / f"wide__{slug}_overlay.png")
+        prob = read_png(tmp_path / f"wide__{slug}_prob.png")
+        assert overlay.shape == image.shape and prob.shape == mask.shape == image.shape[:2]
+        assert prob.dtype == np.uint8
+        np.testing.assert_array_equal(overlay[~mask], image[~mask])  # untouched outside the mask
+        assert (overlay[mask] != image[mask]).any() or not mask.any()
+        assert (prob[mask] >= 128).all() and (prob[~mask] <= 127).all()  # rounded prob * 255, threshold 0.5
+
+
+def test_encoder_runs_once_per_batch_for_all_prompts(tiny_dir: Path, tmp_path: Path, odd_images) -> None:
+    seg = Segmenter.load(str(tiny_dir), "cpu")
+    calls: list[int] = []
+    hook = used_vision_layers(seg.model)[-1].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        stats = predict.predict_images(seg, list(odd_images.values()), dict.fromkeys(PROMPTS, 0.5), tmp_path,
+                                       suffixes=[""], batch_size=2)
+    finally:
+        hook.remove()
+    assert len(calls) == 3  # 5 images in batches of 2, both prompts decoded from the same activations
+    assert stats.images == 5 and stats.masks == 10 and not stats.failed
+
+
+def test_unreadable_image_is_reported_and_skipped(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "in"
+    write_image(folder / "good.jpg", 64, 48)
+    (folder / "bad.jpg").write_bytes(b"this is not a JPEG" * 10)
+    write_image(folder / "zgood.png", 20, 30)
+    assert run(tiny_dir, tmp_path / "out", "--image", str(folder)) == 1
+    err = capsys.readouterr().err
+    assert "bad.jpg: cannot read image" in err and "1 of 3 images could not be read" in err
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
+        f"{stem}__{slug}.png" for stem in ("good", "zgood") for slug in SLUGS
+    ]
+
+
+@pytest.mark.parametrize(
+    ("prompts", "message"),
+    [
+        (["segment crack", "  "], "--prompt must not be empty"),
+        ([""], "--prompt must not be empty"),
+        (["segment crack", "Segment  CRACK"], "would both write <image_stem>__segment_crack.png"),
+    ],
+)
+def test_bad_prompts(tiny_dir: Path, tmp_path: Path, capsys, prompts: list[str], message: str) -> None:
+    assert run(tiny_dir, tmp_path / "out", "--image", str(SAMPLE), prompts=prompts) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_prompt_and_help(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        predict.build_parser().parse_args(["--image", "x.jpg"])
+    assert info.value.code == 2 and "--prompt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        predict.build_parser().parse_args(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in ("--image", "--prompt", "--model", "--threshold", "--overlay", "--workers"))
+
+
+def test_bad_inputs_fail_before_writing(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    a = write_image(tmp_path / "a" / "same.jpg", 16, 16)
+    b = write_image(tmp_path / "b" / "same.png", 16, 16)
+    assert run(tiny_dir, tmp_path / "out", "--image", str(a), str(b)) == 1
+    err = capsys.readouterr().err
+    assert "same file stem" in err and str(a) in err and str(b) in err
+    assert run(tiny_dir, tmp_path / "out", "--image", str(tmp_path / "nope*.jpg")) == 1
+    assert "no such file or folder" in capsys.readouterr().err
+    assert run(tiny_dir, tmp_path / "out", "--image", str(a), "--device", "cuda:7") == 1
+    assert "--device cuda:7" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_end_to_end(tiny_dir: Path, tmp_path: Path, odd_images) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "predict.py"), "--image", str(SAMPLE / "cracks" / "valid" / "*.jpg"),
+         str(odd_images["exif"]), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--model", str(tiny_dir),
+         "--out", str(tmp_path), "--batch-size", "2", "--workers", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "5 images, 2 prompts: 10 masks written" in proc.stderr
+    assert len(list(tmp_path.glob("*__segment_*.png"))) == 10
+    assert Image.open(tmp_path / "exif__segment_crack.png").size == (30, 40)
+
+
+def test_missing_model_is_one_clear_line(tmp_path: Path, odd_images) -> None:
+    missing = tmp_path / "runs" / "nope" / "best"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "predict.py"), "--image", str(odd_images["wide"]), "--prompt", "segment crack",
+         "--model", str(missing), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert f"model path {missing} does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sum("ERROR" in line for line in proc.stderr.splitlines()) == 1
+
