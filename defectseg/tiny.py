@@ -178,6 +178,35 @@ def build_tiny_model(
     return out
 
 
+# CIDAS/clipseg-rd64-refined's architecture (its config.json; transformers' CLIPSegConfig defaults differ:
+# patch 32 and the simple head). Used by the benchmarks: speed does not depend on the weights.
+RD64_TEXT = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+             "num_attention_heads": 8, "max_position_embeddings": MAX_TEXT_LENGTH}
+RD64_VISION = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+               "image_size": 224, "patch_size": 16}
+RD64_DECODER = {"projection_dim": 512, "extract_layers": [3, 6, 9], "reduce_dim": 64,
+                "decoder_num_attention_heads": 4, "decoder_intermediate_size": 2048, "conditional_layer": 0,
+                "use_complex_transposed_convolution": True}
+RD64_INPUT_SIZE = 352
+
+
+def build_rd64_random(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """The rd64-refined architecture (150.7M parameters, 352 px input) with random weights and this
+    module's byte-level tokenizer, saved like a real checkpoint. For benchmarks: nothing downloaded."""
+    out = Path(out_dir)
+    vocab = byte_level_vocab()
+    eos = vocab[EOS_TOKEN]
+    text = {**RD64_TEXT, "bos_token_id": vocab[BOS_TOKEN], "eos_token_id": eos, "pad_token_id": eos}
+    torch.manual_seed(seed)
+    model = CLIPSegForImageSegmentation(CLIPSegConfig(text_config=text, vision_config=RD64_VISION, **RD64_DECODER))
+    processor = CLIPSegProcessor(image_processor=build_image_processor(RD64_INPUT_SIZE), tokenizer=build_tokenizer(vocab))
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    if not (out / "vocab.json").exists():  # transformers 4.x's slow tokenizer class reads these
+        write_vocab_files(vocab, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m defectseg.tiny",

@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Training speed on the real CLIPSeg rd64-refined architecture (random weights, nothing downloaded).
+
+    python bench/bench_train.py [--device auto] [--precision auto] [--batch-size 8]
+
+Prints, in one run:
+1. the seed-style loop: HF's ``model(input_ids, pixel_values)`` forward on every step (both CLIP towers
+   run under no_grad inside it), BCE+Dice loss, backward and AdamW step on the decoder: samples/s;
+2. the cached-feature loop train.py runs: activations read from the fp16 feature cache, decoder forward,
+   loss, backward, step: samples/s, and the ratio of the two (target on a 2-core CPU: >= 12x);
+3. the cost of building the cache per image view (truncated vision encoder + write), in the precision
+   asked for and, on CPU, in bf16 too;
+4. the training epoch time for a dataset of the real size (--dataset-images, default 6,000), cold cache
+   (build 2 views per image, then train) and warm, estimated from the measured rates;
+5. on CUDA, peak GPU memory of the cached loop.
+Images are the bundled real samples; the model is built by ``defectseg.tiny.build_rd64_random``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from defectseg.features import FeatureCache  # noqa: E402
+from defectseg.inference import Segmenter, autocast  # noqa: E402
+from defectseg.io import list_images, load_image  # noqa: E402
+from defectseg.losses import bce_dice_loss  # noqa: E402
+from defectseg.tiny import build_rd64_random  # noqa: E402
+from defectseg.training import TrainForward, _set_trainable  # noqa: E402
+
+PROMPTS = ["segment crack", "segment taping area"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(step, steps: int, device: torch.device) -> float:
+    """Seconds per step (mean of ``steps`` after one warm-up step)."""
+    step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build_rd64_random(Path(tmp) / "rd64")
+        seg = Segmenter.load(str(folder), device=args.device, precision=args.precision)
+        device, model = seg.device, seg.model
+        cpu = platform.processor() or platform.machine()
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu}, {torch.get_num_threads()} threads"
+        print(f"device: {name}; precision: {seg.amp_dtype or 'fp32'}; torch {torch.__version__}; batch {args.batch_size}")
+        params = _set_trainable(model, 0)
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        images = [load_image(p) for p in list_images(REPO / "sample_data" / "cracks" / "train")]
+        images = (images * (args.batch_size // len(images) + 1))[: args.batch_size]
+        target = torch.rand(args.batch_size, 352, 352, device=device).round()
+        prompts = [PROMPTS[i % 2] for i in range(args.batch_size)]
+        forward = TrainForward(model)
+        model.train()
+
+        def update(logits: torch.Tensor) -> None:
+            loss = bce_dice_loss(logits, target).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        tokens = seg.processor.tokenizer(prompts, padding=True, return_tensors="pt").to(device)
+
+        def seed_step() -> None:  # what a from-scratch fine-tuning script does every step
+            pixel_values = seg.pixel_values(images).to(device)
+            with autocast(device, seg.amp_dtype):
+                logits = forward(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                                 pixel_values=pixel_values)
+            update(logits)
+
+        seed_s = timed_steps(seed_step, args.hf_steps, device)
+
+        # Build the cache for the batch's images (both views), timing it per image view.
+        paths = [str(p) for p in list_images(REPO / "sample_data" / "cracks" / "train")][: args.batch_size]
+        cache = FeatureCache(Path(tmp) / "features", model, seg.input_size, "fp16")
+        model.eval()
+        sync(device)
+        start = time.perf_counter()
+        built = cache.build(paths, (0, 1), seg.encode, seg.pixel_values, args.batch_size, desc="cache")
+        sync(device)
+        build_s = (time.perf_counter() - start) / built
+        build_bf16_s = None
+        if device.type == "cpu" and args.precision in ("auto", "fp32"):
+            seg.amp_dtype = torch.bfloat16
+            other = FeatureCache(Path(tmp) / "features-bf16", model, seg.input_size, "fp16")
+            start = time.perf_counter()
+            other.build(paths, (0, 1), seg.encode, seg.pixel_values, args.batch_size, desc="cache bf16")
+            build_bf16_s = (time.perf_counter() - start) / built
+            seg.amp_dtype = None
+        model.train()
+        items = [(paths[i % len(paths)], i % 2) for i in range(args.batch_size)]
+        cond = seg.conditioning(prompts)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def cached_step() -> None:
+            acts = [a.to(device, non_blocking=True) for a in cache.load(items)]
+            with autocast(device, seg.amp_dtype):
+                logits = forward(cond, activations=acts)
+            update(logits)
+
+        cached_s = timed_steps(cached_step, args.cached_steps, device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+    b, n = args.batch_size, args.dataset_images
+    seed_rate, cached_rate = b / seed_s, b / cached_s
+    warm_epoch = n / cached_rate
+    cold_epoch = warm_epoch + 2 * n * build_s
+    print(f"seed-style loop (HF forward every step): {seed_rate:8.2f} samples/s  ({seed_s:.3f} s/step)")
+    print(f"cached-feature loop (train.py):          {cached_rate:8.2f} samples/s  ({cached_s:.3f} s/step)")
+    print(f"speed-up: {cached_rate / seed_rate:.1f}x (target >= 12x on a 2-core CPU)")
+    print(f"cache build: {build_s:.3f} s per image view ({seg.amp_dtype or 'fp32'})"
+          + (f", {build_bf16_s:.3f} s in bf16" if build_bf16_s else ""))
+    print(f"epoch over {n:,} images (estimated from the rates above): warm cache {warm_epoch:,.1f} s, "
+          f"cold cache {cold_epoch:,.1f} s (building 2 views per image, then training)")
+    if peak is not None:
+        print(f"peak GPU memory, cached loop: {peak:.2f} GiB")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="as train.py (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per step (default: %(default)s)")
+    parser.add_argument("--hf-steps", type=int, default=3, help="timed seed-style steps (default: %(default)s)")
+    parser.add_argument("--cached-steps", type=int, default=30, help="timed cached steps (default: %(default)s)")
+    parser.add_argument("--dataset-images", type=int, default=6000, help="dataset size for the epoch estimate")
+    main(parser.parse_args())
