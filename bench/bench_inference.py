@@ -179,7 +179,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"model: rd64-refined architecture, random weights, {n_params / 1e6:.1f}M parameters, "
               f"{seg.input_size}px input; images: bundled 640x640 JPEGs; median of {args.iters} warm runs")
         images = [load_image(p) for p in sorted(SAMPLE.glob("*/valid/*.jpg"))]
+        if seg.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(seg.device)
         bench_latency(seg, images, args.iters)
+        if seg.device.type == "cuda":
+            print(f"peak GPU memory, latency runs: {torch.cuda.max_memory_allocated(seg.device) / 2**30:.2f} GiB")
         del seg
 
         folder = Path(tmp) / "images"

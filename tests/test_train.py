@@ -16,11 +16,13 @@ import torch
 from conftest import REPO
 from transformers import CLIPSegForImageSegmentation
 
+import predict
 import preprocess_masks
 import train
 from defectseg.data import batch_targets, epoch_plan, load_rows, load_targets
 from defectseg.features import FeatureCache
 from defectseg.inference import Segmenter
+from defectseg.io import read_mask_png
 from defectseg.losses import bce_dice_loss
 from defectseg.model import load_model, read_metadata, used_vision_layers
 from defectseg.tasks import DEFAULT_TASKS
@@ -81,9 +83,16 @@ def test_train_two_epochs_writes_a_usable_run(processed, tiny, tmp_path):
     # The decoder changed from the base model's.
     base, _ = load_model(tiny)
     assert any(not torch.equal(base.decoder.state_dict()[k], v) for k, v in plain.decoder.state_dict().items())
-    # Tuned thresholds reach the inference path.
+    # Tuned thresholds reach the inference path, and predict.py takes best/ as its model.
     segmenter = Segmenter.load(str(run / "best"), device="cpu")
     assert segmenter.threshold("segment wall crack") == meta["thresholds"]["segment crack"]
+    image = next((REPO / "sample_data" / "drywall" / "valid").glob("*.jpg"))
+    out = tmp_path / "predictions"
+    assert predict.main(predict.build_parser().parse_args(
+        ["--model", str(run / "best"), "--image", str(image), "--prompt", "segment taping area", "--out", str(out),
+         "--workers", "0", "-q"])) == 0
+    mask = read_mask_png(out / f"{image.stem}__segment_taping_area.png")
+    assert mask.shape == (640, 640)
 
 
 def test_same_seed_same_numbers_and_resume_equals_straight_run(processed, tiny, tmp_path):
