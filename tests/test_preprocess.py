@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +245,19 @@ def test_full_real_sets_agree_with_pycocotools(shared_data, tmp_path):
     assert counts["drywall"]["train"]["empty_masks"] == 2
     assert counts["drywall"]["valid"]["bbox_only_annotations"] == 250
     assert assert_matches_pycocotools(out, ["train", "valid", "test"]) == 3869
+
+
+def test_atomic_writes_keep_the_old_file_and_usual_permissions(tmp_path):
+    from defectseg.io import atomic_path, write_text_atomic
+
+    target = tmp_path / "report.md"
+    write_text_atomic(target, "good")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == 0o666 & ~umask
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
