@@ -11,6 +11,12 @@ from .tasks import DEFAULT_TASKS, Task, TaskTableError, load_tasks
 log = logging.getLogger("defectseg")
 
 
+def _not_torchvision_notice(record: logging.LogRecord) -> bool:
+    """Drop transformers' notice that ViTImageProcessor falls back to PIL without torchvision: the
+    project does not need torchvision, and the notice would open every run."""
+    return "requires torchvision" not in record.getMessage()
+
+
 def setup_logging(quiet: bool = False) -> None:
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
@@ -18,6 +24,8 @@ def setup_logging(quiet: bool = False) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    for handler in logging.getLogger("transformers").handlers:
+        handler.addFilter(_not_torchvision_notice)
 
 
 def fail(message: str, code: int = 1) -> int:
