@@ -325,8 +325,17 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _usual_permissions(tmp)
     _swap_in(tmp, out)
     logger.info("saved checkpoint to %s", out)
+
+
+def _usual_permissions(path: Path) -> None:
+    """Give files the permissions the umask allows (safetensors writes 0600 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(file, 0o666 & ~umask)
 
 
 def _swap_in(new: Path, out: Path) -> None:
@@ -373,6 +382,7 @@ def save_decoder(
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=header)
+        _usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

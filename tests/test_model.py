@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import huggingface_hub
@@ -388,3 +389,13 @@ def test_read_metadata_absent(tiny_dir: Path, tmp_path: Path) -> None:
     assert read_metadata(tiny_dir) == {}
     assert read_metadata(tmp_path / "nothing-here") == {}
     assert read_metadata(DEFAULT_MODEL) == {}
+
+
+def test_checkpoint_files_get_the_usual_permissions(tiny_dir, tmp_path):
+    model, processor = load_model(tiny_dir)
+    umask = os.umask(0)
+    os.umask(umask)
+    save_checkpoint(model, processor, tmp_path / "ckpt", {"x": 1})
+    save_decoder(model, tmp_path / "decoder.safetensors", {}, base_model=str(tiny_dir))
+    files = [p for p in (tmp_path / "ckpt").iterdir()] + [tmp_path / "decoder.safetensors"]
+    assert files and all((p.stat().st_mode & 0o777) == 0o666 & ~umask for p in files)
