@@ -26,7 +26,7 @@ import numpy as np
 
 from defectseg import evaluation, metrics, report
 from defectseg.cli import fail, setup_logging
-from defectseg.inference import Segmenter
+from defectseg.inference import Segmenter, check_device
 from defectseg.model import ModelLoadError, resolve_model_arg
 from defectseg.preprocess import MANIFEST_FILE, read_manifest
 
@@ -181,7 +181,7 @@ def log_summary(section: dict) -> None:
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.quiet)
     model_arg = resolve_model_arg(args.model)
-    problem = check_args(args, model_arg)
+    problem = check_args(args, model_arg) or (None if args.pred_dir else check_device(args.device))
     if problem:
         return fail(problem)
     try:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from defectseg.cli import fail, setup_logging
-from defectseg.inference import LoadedImage, Segmenter, image_batches, resolve_device
+from defectseg.inference import LoadedImage, Segmenter, check_device, image_batches
 from defectseg.io import (
     IMAGE_EXTENSIONS,
     encode_png,
@@ -173,21 +173,6 @@ def check_unique_stems(paths: list[Path]) -> None:
         more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
         raise InputError(f"images with the same file stem would write the same mask files: {shown}{more}. "
                          "Rename them or predict them into different --out folders")
-
-
-def check_device(name: str) -> str | None:
-    """Why ``--device name`` cannot be used on this machine (None when it can)."""
-    try:
-        device = resolve_device(name)
-    except RuntimeError as err:
-        return f"--device {name}: {err}"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return f"--device {name}: CUDA is not available (torch {torch.__version__})"
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        return f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices"
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        return f"--device {name}: MPS is not available"
-    return None
 
 
 # -- predicting ----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import time
 
 from defectseg.cli import fail, setup_logging
 from defectseg.data import DataError
+from defectseg.inference import check_device
 from defectseg.io import write_json_atomic
 from defectseg.model import ModelLoadError, resolve_model_arg
 from defectseg.tasks import TaskTableError
@@ -107,7 +108,7 @@ def check_config(cfg: TrainConfig) -> str | None:
         return f"--ema must be in [0, 1), got {cfg.ema}"
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         return f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision}"
-    return None
+    return check_device(cfg.device)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -44,6 +44,21 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def check_device(name: str) -> str | None:
+    """Why ``--device name`` cannot be used on this machine (None when it can)."""
+    try:
+        device = resolve_device(name)
+    except RuntimeError as err:
+        return f"--device {name}: {err}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: CUDA is not available (torch {torch.__version__})"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {name}: MPS is not available"
+    return None
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device`` (None = plain fp32).
 

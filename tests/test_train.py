@@ -212,6 +212,9 @@ def test_clear_errors(processed, tmp_path, monkeypatch, capsys):
     assert "--epochs must be > 0" in capsys.readouterr().err
     assert run_train("--resume", str(tmp_path / "missing")) == 1
     assert "config.json not found" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run_train("--device", "cuda", "--out", str(tmp_path / "r")) == 1
+        assert "CUDA is not available" in capsys.readouterr().err
 
 
 def test_unreachable_hub_is_one_clear_line(processed, tmp_path):
