@@ -36,6 +36,11 @@ VIEWS = ("orig", "hflip")
 CACHE_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
 
+def view_of(rgb: np.ndarray, view: int) -> np.ndarray:
+    """The image as seen in ``view``: 0 as is, 1 flipped left-right. (H, W, 3) uint8 in and out."""
+    return np.ascontiguousarray(rgb[:, ::-1]) if view == 1 else rgb
+
+
 def file_hash(path: str | Path) -> str:
     """Content hash of a file (20 hex chars)."""
     return hashlib.blake2b(Path(path).read_bytes(), digest_size=10).hexdigest()
@@ -92,8 +97,7 @@ class FeatureCache:
         for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", dynamic_ncols=True,
                           disable=shard[0] != 0):
             chunk = todo[start:start + batch_size]
-            rgb = [load_image(im) for im, _ in chunk]
-            rgb = [np.ascontiguousarray(x[:, ::-1]) if v == 1 else x for x, (_, v) in zip(rgb, chunk)]
+            rgb = [view_of(load_image(im), v) for im, v in chunk]
             acts = encode(pixel_values(rgb))
             stacked = torch.stack([a.float() for a in acts], dim=1).cpu().numpy().astype(np_dtype)  # (B, L, T, D)
             for (im, v), arr in zip(chunk, stacked):

@@ -16,7 +16,10 @@ import os
 import random
 import time
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,7 @@ from tqdm import tqdm
 
 from . import evaluation
 from .data import Sample, batch_targets, epoch_plan, load_rows, load_targets
-from .features import FeatureCache
+from .features import FeatureCache, view_of
 from .inference import Segmenter, autocast, resolve_device, resolve_precision
 from .io import load_image, read_mask_png, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .losses import bce_dice_loss
@@ -185,11 +188,17 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         model.train()
         losses, skipped = [], 0
         batches = [plan[i:i + cfg.batch_size] for i in range(0, len(plan), cfg.batch_size)]
-        for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True,
-                          disable=not main_process, leave=False):
-            target = torch.from_numpy(batch_targets(targets, batch)).to(device)
+        load = partial(_load_batch, cfg=cfg, rows=train_rows, targets=targets, cache=cache, segmenter=segmenter)
+        for batch, (target, inputs) in tqdm(prefetched(load, batches), total=len(batches), unit="batch",
+                                            desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
+                                            disable=not main_process, leave=False):
+            target = target.to(device, non_blocking=True)
+            inputs = {k: [t.to(device, non_blocking=True) for t in v] if isinstance(v, list)
+                      else v.to(device, non_blocking=True) for k, v in inputs.items()}
+            if "input_ids" not in inputs:
+                inputs["cond"] = torch.stack([cond_table[s.prompt] for s in batch]).to(device)
             with autocast(device, amp_dtype):
-                logits = _forward_batch(forward, cfg, batch, train_rows, cache, cond_table, segmenter, use_cache)
+                logits = forward(**inputs)
             loss = bce_dice_loss(logits, target, cfg.bce_weight, cfg.dice_weight).mean()
             if not torch.isfinite(loss):
                 skipped += 1
@@ -270,20 +279,31 @@ def validate(segmenter: Segmenter, rows: list[dict], masks: list[np.ndarray], ca
     return evaluation.aggregate(scores, thresholds)
 
 
-def _forward_batch(forward, cfg: TrainConfig, batch: list[Sample], rows: list[dict], cache, cond_table,
-                   segmenter: Segmenter, use_cache: bool) -> torch.Tensor:
-    device = segmenter.device
-    cond = torch.stack([cond_table[s.prompt] for s in batch]).to(device)
-    if use_cache:
-        return forward(cond, activations=[a.to(device) for a in cache.load([(rows[s.row]["image"], s.view) for s in batch])])
-    images = [load_image(rows[s.row]["image"]) for s in batch]
-    images = [np.ascontiguousarray(im[:, ::-1]) if s.view else im for im, s in zip(images, batch)]
-    pixel_values = segmenter.pixel_values(images).to(device)
-    if cfg.train_vision_layers > 0:
-        return forward(cond, pixel_values=pixel_values)
-    tokens = segmenter.processor.tokenizer([s.prompt for s in batch], padding=True, return_tensors="pt")
-    return forward(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device),
-                   pixel_values=pixel_values)
+def _load_batch(batch: list[Sample], cfg: TrainConfig, rows: list[dict], targets: np.ndarray,
+                cache: FeatureCache | None, segmenter: Segmenter) -> tuple[torch.Tensor, dict]:
+    """CPU tensors for one step: the (B, S, S) target and the forward's inputs (cached activations;
+    or pixel values, plus token ids for the plain HF forward). Runs in a prefetch thread."""
+    target = torch.from_numpy(batch_targets(targets, batch))
+    if cache is not None:
+        return target, {"activations": cache.load([(rows[s.row]["image"], s.view) for s in batch])}
+    images = [view_of(load_image(rows[s.row]["image"]), s.view) for s in batch]
+    inputs = {"pixel_values": segmenter.pixel_values(images)}
+    if cfg.train_vision_layers == 0:
+        tokens = segmenter.processor.tokenizer([s.prompt for s in batch], padding=True, return_tensors="pt")
+        inputs.update(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    return target, inputs
+
+
+def prefetched(fn, items: list, depth: int = 2):
+    """Yield (item, fn(item)) in order, computing up to ``depth`` items ahead in threads, so reading the
+    cache (or decoding images) overlaps the model's work."""
+    with ThreadPoolExecutor(max_workers=depth) as pool:
+        pending = deque(pool.submit(fn, item) for item in items[:depth])
+        for i, item in enumerate(items):
+            result = pending.popleft().result()
+            if i + depth < len(items):
+                pending.append(pool.submit(fn, items[i + depth]))
+            yield item, result
 
 
 def _set_trainable(model: nn.Module, vision_layers: int) -> list[nn.Parameter]:

@@ -20,7 +20,7 @@ import predict
 import preprocess_masks
 import train
 from defectseg.data import batch_targets, epoch_plan, load_rows, load_targets
-from defectseg.features import FeatureCache
+from defectseg.features import FeatureCache, view_of
 from defectseg.inference import Segmenter
 from defectseg.io import read_mask_png
 from defectseg.losses import bce_dice_loss
@@ -127,8 +127,7 @@ def test_cached_loss_equals_plain_hf_forward(processed, tiny, tmp_path):
     cached = TrainForward(model)(cond, activations=cache.load([(rows[s.row]["image"], s.view) for s in batch]))
     from defectseg.io import load_image
 
-    images = [load_image(rows[s.row]["image"]) for s in batch]
-    images = [np.ascontiguousarray(im[:, ::-1]) if s.view else im for im, s in zip(images, batch)]
+    images = [view_of(load_image(rows[s.row]["image"]), s.view) for s in batch]
     tokens = processor.tokenizer([s.prompt for s in batch], padding=True, return_tensors="pt")
     plain = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
                   pixel_values=segmenter.pixel_values(images)).logits
@@ -263,7 +262,7 @@ def test_feature_cache_keys_never_reuse_stale_entries(tmp_path, sample_root, tin
     from defectseg.io import load_image
 
     rgb = load_image(image)
-    for view, pixels in ((0, rgb), (1, np.ascontiguousarray(rgb[:, ::-1]))):
+    for view, pixels in ((0, rgb), (1, rgb[:, ::-1].copy())):
         expected = segmenter.encode(segmenter.pixel_values([pixels]))
         for got, want in zip(fresh.load([(str(image), view)]), expected):
             torch.testing.assert_close(got, want)
