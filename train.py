@@ -20,14 +20,14 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from defectseg.cli import fail, setup_logging
 from defectseg.data import DataError
 from defectseg.inference import check_device
-from defectseg.io import write_json_atomic
 from defectseg.model import ModelLoadError, resolve_model_arg
-from defectseg.tasks import TaskTableError
-from defectseg.training import ConfigError, TrainConfig, load_run_config, train
+from defectseg.tasks import TaskTableError, load_tasks
+from defectseg.training import TRAINER_STATE, ConfigError, TrainConfig, load_run_config, train
 
 log = logging.getLogger("train")
 
@@ -88,6 +88,9 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     if getattr(args, "resume", None):
         cfg = load_run_config(args.resume)
+        if not (Path(args.resume) / "last" / TRAINER_STATE).is_file():
+            raise FileNotFoundError(f"{args.resume}: no last/{TRAINER_STATE} to resume from (the run ended before "
+                                    "its first epoch did); start it again without --resume")
         cfg.out = args.resume
         return dataclasses.replace(cfg, **{k: v for k, v in given.items() if k != "out"})
     cfg = TrainConfig(**given)
@@ -106,6 +109,12 @@ def check_config(cfg: TrainConfig) -> str | None:
         return f"--negative-prob must be in [0, 1), got {cfg.negative_prob}"
     if not 0 <= cfg.ema < 1:
         return f"--ema must be in [0, 1), got {cfg.ema}"
+    try:
+        table = load_tasks(cfg.tasks_file)
+    except TaskTableError as err:
+        return str(err)
+    if unknown := [name for name in cfg.tasks if name not in table]:
+        return f"unknown task(s) {', '.join(unknown)}; known: {', '.join(table)}"
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         return f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision}"
     return check_device(cfg.device)
@@ -124,11 +133,12 @@ def main(args: argparse.Namespace) -> int:
         log.info("run %s", cfg.out)
         for key, value in dataclasses.asdict(cfg).items():
             log.info("  %-20s %s", key, value)
-        write_json_atomic(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
     try:
         train(cfg, resume=bool(getattr(args, "resume", None)), stop_after=getattr(args, "stop_after", None))
     except (ModelLoadError, DataError, TaskTableError, FloatingPointError, ConfigError) as err:
         return fail(str(err))
+    except OSError as err:  # a file named in a manifest that is missing or unreadable
+        return fail(f"{err}; re-run preprocess_masks.py if the data moved")
     return 0
 
 

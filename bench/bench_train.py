@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> None:
 
         # Build the cache for the batch's images (both views), timing it per image view.
         paths = [str(p) for p in list_images(REPO / "sample_data" / "cracks" / "train")][: args.batch_size]
-        cache = FeatureCache(Path(tmp) / "features", model, seg.input_size, "fp16")
+        cache = FeatureCache.for_segmenter(Path(tmp) / "features", seg, "fp16")
         model.eval()
         sync(device)
         start = time.perf_counter()
@@ -103,7 +103,7 @@ def main(args: argparse.Namespace) -> None:
         build_bf16_s = None
         if device.type == "cpu" and args.precision in ("auto", "fp32"):
             seg.amp_dtype = torch.bfloat16
-            other = FeatureCache(Path(tmp) / "features-bf16", model, seg.input_size, "fp16")
+            other = FeatureCache.for_segmenter(Path(tmp) / "features", seg, "fp16")
             start = time.perf_counter()
             other.build(paths, (0, 1), seg.encode, seg.pixel_values, args.batch_size, desc="cache bf16")
             build_bf16_s = (time.perf_counter() - start) / built

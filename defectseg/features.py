@@ -5,12 +5,12 @@ changes. So each image's activations at the decoder's extract layers (``model.en
 vision tower truncated after the deepest extract layer) are computed once and stored as one
 ``.npy`` file per (image, view) in fp16 (or fp32):
 
-    <cache_dir>/<model fingerprint>-<input size>-<dtype>/<image content hash>-<view>.npy
+    <cache_dir>/<model fingerprint>-<input size>-<compute precision>-<storage dtype>/<image hash>-<view>.npy
         array (L, T, D): L extract layers, T = 1 + patches tokens, D = vision hidden size
 
 The key covers everything the activations depend on: the image's bytes, the view (original or
-horizontally flipped), the vision weights and config (fingerprint), the input resolution and the
-storage dtype. A changed image, model or resolution never reuses a stale entry. Files are written
+horizontally flipped), the vision weights, config and image preprocessing (fingerprint), the input
+resolution, the precision they were computed in and the storage dtype. A changed image, model or resolution never reuses a stale entry. Files are written
 atomically and read back as memory maps, so the cache can exceed RAM.
 """
 
@@ -46,12 +46,12 @@ def file_hash(path: str | Path) -> str:
     return hashlib.blake2b(Path(path).read_bytes(), digest_size=10).hexdigest()
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of what the activations depend on: vision config, extract layers and the weights of the
-    embeddings, pre-layernorm and every used vision layer (16 hex chars)."""
+def model_fingerprint(model: torch.nn.Module, preprocessing: dict | None = None) -> str:
+    """Hash of what the activations depend on: vision config, extract layers, the image processor's
+    settings and the weights of the embeddings, pre-layernorm and every used vision layer (16 hex)."""
     vision = model.clip.vision_model
     h = hashlib.blake2b(digest_size=8)
-    h.update(json.dumps([model.config.vision_config.to_dict(), list(model.config.extract_layers)],
+    h.update(json.dumps([model.config.vision_config.to_dict(), list(model.config.extract_layers), preprocessing],
                         sort_keys=True, default=str).encode())
     for module in (vision.embeddings, vision.pre_layrnorm, *used_vision_layers(model)):
         for name, tensor in module.state_dict().items():
@@ -63,12 +63,23 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 class FeatureCache:
     """Activations per (image, view) on disk, for one model, input size and storage dtype."""
 
-    def __init__(self, root: str | Path, model: torch.nn.Module, input_size: int, dtype: str = "fp16"):
+    def __init__(self, root: str | Path, model: torch.nn.Module, input_size: int, dtype: str = "fp16",
+                 compute: str = "fp32", preprocessing: dict | None = None):
+        """compute: the precision activations are computed in (fp32, bf16, fp16); preprocessing: the
+        image processor's settings (resize, normalization). Both are part of the key."""
         if dtype not in CACHE_DTYPES:
             raise ValueError(f"cache dtype must be one of {list(CACHE_DTYPES)}, got {dtype!r}")
         self.dtype = dtype
-        self.dir = Path(root) / f"{model_fingerprint(model)}-{input_size}-{dtype}"
+        fingerprint = model_fingerprint(model, preprocessing)
+        self.dir = Path(root) / f"{fingerprint}-{input_size}-{compute}-{dtype}"
         self._keys: dict[str, str] = {}
+
+    @classmethod
+    def for_segmenter(cls, root: str | Path, segmenter, dtype: str = "fp16") -> FeatureCache:
+        """The cache of what ``segmenter.encode`` computes: its model, input size, precision, processor."""
+        compute = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[segmenter.amp_dtype]
+        preprocessing = segmenter.processor.image_processor.to_dict()
+        return cls(root, segmenter.model, segmenter.input_size, dtype, compute, preprocessing)
 
     def key(self, image: str) -> str:
         if image not in self._keys:

@@ -123,6 +123,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     tasks = [table[name] for name in cfg.tasks]
     train_rows = load_rows(cfg.data, "train", tasks)
     valid_rows = load_rows(cfg.data, "valid", tasks)
+    if main_process:
+        for task in tasks:
+            if not any(r["task"] == task.name for r in valid_rows):
+                log.warning("task %s has no valid images: it trains but is not validated", task.name)
+        write_json_atomic(out / "config.json", asdict(cfg))
 
     state = torch.load(out / "last" / TRAINER_STATE, weights_only=False) if resume else None
     model, processor = load_model(out / "last" if resume else cfg.model, device)
@@ -136,7 +141,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     use_cache = cfg.cache and cfg.train_vision_layers == 0
     cache = None
     if use_cache:
-        cache = FeatureCache(cfg.cache_dir or Path(cfg.data) / "features", model, size, cfg.cache_dtype)
+        cache = FeatureCache.for_segmenter(cfg.cache_dir or Path(cfg.data) / "features", segmenter, cfg.cache_dtype)
         views = (0, 1) if cfg.flip else (0,)
         t0 = time.perf_counter()
         built = cache.build([r["image"] for r in train_rows], views, segmenter.encode, segmenter.pixel_values,
@@ -168,6 +173,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema = [t.to(device) for t in state["ema"]]
+        if state.get("live") is not None:  # last/ holds the EMA weights; training goes on from the live ones
+            with torch.no_grad():
+                for p, live in zip(trainable, state["live"]):
+                    p.copy_(live.to(device))
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
         _set_rng_state(state["rng"])
         if main_process:
@@ -184,7 +193,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
     for epoch in range(start_epoch, end_epoch):
         t0 = time.perf_counter()
-        plan = epoch_plan(train_rows, tasks, cfg.seed, epoch, cfg.negative_prob, cfg.flip, cfg.synonyms)[rank::world]
+        plan = epoch_plan(train_rows, tasks, cfg.seed, epoch, cfg.negative_prob, cfg.flip, cfg.synonyms)
+        plan = (plan + plan[: -len(plan) % world])[rank::world]  # every process gets as many steps
         model.train()
         losses, skipped = [], 0
         batches = [plan[i:i + cfg.batch_size] for i in range(0, len(plan), cfg.batch_size)]
@@ -200,7 +210,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             with autocast(device, amp_dtype):
                 logits = forward(**inputs)
             loss = bce_dice_loss(logits, target, cfg.bce_weight, cfg.dice_weight).mean()
-            if not torch.isfinite(loss):
+            if not _finite_everywhere(loss, world):  # all processes skip together, or none does
                 skipped += 1
                 log.error("epoch %d: non-finite loss (%s) on images %s; step skipped", epoch + 1, loss.item(),
                           [Path(train_rows[s.row]["image"]).name for s in batch][:4])
@@ -224,6 +234,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         train_loss = _mean_across(losses, world, device)
 
         if main_process:
+            # Validation and both checkpoints see the same weights (the EMA ones when --ema is on), so a
+            # checkpoint's metadata always describes the weights beside it; last/ also keeps the live
+            # weights in its trainer state for --resume.
+            live = [p.detach().clone() for p in trainable] if ema is not None else None
             with _swapped(trainable, ema):
                 agg = validate(segmenter, valid_rows, valid_masks, cache, other_prompts, cfg.val_batch_size)
                 row = _history_row(epoch + 1, train_loss, agg, scheduler.get_last_lr()[0], train_seconds,
@@ -236,12 +250,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                     _save(model, processor, out / "best", cfg, tasks, agg, epoch + 1, state=None)
                 else:
                     best["bad_epochs"] += 1
-            _save(model, processor, out / "last", cfg, tasks, agg, epoch + 1, state={
-                "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "ema": ema, "history": history, "best": best, "rng": _rng_state()})
+                _save(model, processor, out / "last", cfg, tasks, agg, epoch + 1, state={
+                    "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "ema": ema, "live": live, "history": history, "best": best,
+                    "rng": _rng_state()})
             _write_history(out, history)
             log.info("epoch %d/%d  loss %.4f  val IoU %s  mean %.4f%s  (%.1f s, %.0f samples/s)", epoch + 1,
-                     cfg.epochs, train_loss, "  ".join(f"{t.name} {agg['tasks'][t.name]['iou']:.4f}" for t in tasks),
+                     cfg.epochs, train_loss, "  ".join(f"{name} {m['iou']:.4f}" for name, m in agg["tasks"].items()),
                      score, "  *best*" if improved else "", row["seconds"], row["samples_per_s"])
             stop = cfg.patience > 0 and best["bad_epochs"] >= cfg.patience
             if stop:
@@ -358,14 +373,15 @@ def _save(model, processor, folder: Path, cfg: TrainConfig, tasks: list[Task], a
         "base_model": cfg.model,
         "epoch": epoch,
         "tasks": tasks_to_dict({t.name: t for t in tasks}),
-        "thresholds": {t.prompt: agg["tasks"][t.name]["best_threshold"] for t in tasks},
+        "thresholds": {t.prompt: agg["tasks"][t.name]["best_threshold"] for t in tasks if t.name in agg["tasks"]},
         "selection": "mean over tasks of per-image mean IoU at threshold 0.5 on the valid split",
         "metrics": agg,
         "train_config": asdict(cfg),
     }
 
     def extra(tmp: Path) -> None:
-        save_decoder(model, tmp / DECODER_FILE, metadata, base_model=cfg.model)
+        if cfg.train_vision_layers == 0:  # with tuned vision layers the decoder alone is not the model
+            save_decoder(model, tmp / DECODER_FILE, metadata, base_model=cfg.model)
         if state is not None:
             buf = io.BytesIO()
             torch.save(state, buf)
@@ -465,6 +481,14 @@ def _mean_across(values: list[float], world: int, device: torch.device) -> float
     if world > 1:
         dist.all_reduce(total)
     return float(total[0] / total[1]) if total[1] else float("nan")
+
+
+def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every process (each must take or skip the step together)."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 def _broadcast_flag(flag: bool, world: int) -> bool:

@@ -25,6 +25,7 @@ from defectseg.inference import Segmenter
 from defectseg.io import read_mask_png
 from defectseg.losses import bce_dice_loss
 from defectseg.model import load_model, read_metadata, used_vision_layers
+from defectseg.preprocess import read_manifest
 from defectseg.tasks import DEFAULT_TASKS
 from defectseg.tiny import build_tiny_model
 from defectseg.training import TrainForward
@@ -211,6 +212,12 @@ def test_clear_errors(processed, tmp_path, monkeypatch, capsys):
     assert "--epochs must be > 0" in capsys.readouterr().err
     assert run_train("--resume", str(tmp_path / "missing")) == 1
     assert "config.json not found" in capsys.readouterr().err
+    assert run_train("--tasks", "bogus", "--out", str(tmp_path / "r")) == 1
+    assert "unknown task(s) bogus" in capsys.readouterr().err
+    (tmp_path / "crashed").mkdir()
+    (tmp_path / "crashed" / "config.json").write_text("{}")
+    assert run_train("--resume", str(tmp_path / "crashed")) == 1
+    assert "no last/trainer_state.pt to resume from" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert run_train("--device", "cuda", "--out", str(tmp_path / "r")) == 1
         assert "CUDA is not available" in capsys.readouterr().err
@@ -227,11 +234,21 @@ def test_unreachable_hub_is_one_clear_line(processed, tmp_path):
 
 
 def test_ddp_two_cpu_processes(processed, tiny, tmp_path):
+    """torchrun with 2 gloo processes; 15 train images at batch 7, so the processes' shares differ unless
+    the plan is evened out (a process with one more step would wait forever)."""
+    data = tmp_path / "data15"
+    for split, keep in (("train", 15), ("valid", None)):
+        rows = read_manifest(processed / split / "manifest.csv")[:keep]
+        (data / split).mkdir(parents=True)
+        with open(data / split / "manifest.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     run = tmp_path / "ddp"
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(REPO / "train.py"),
-           *base_args(processed, tiny, run, "--epochs", "2", "--device", "cpu")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+           *base_args(data, tiny, run, "--epochs", "2", "--device", "cpu", "--batch-size", "7")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(history(run)) == 2
     assert (run / "best" / "decoder.safetensors").exists()
@@ -250,6 +267,12 @@ def test_feature_cache_keys_never_reuse_stale_entries(tmp_path, sample_root, tin
     # Another resolution, another dtype or other weights: another folder.
     assert FeatureCache(tmp_path / "f", model, 96, "fp16").dir != cache.dir
     assert FeatureCache(tmp_path / "f", model, 64, "fp32").dir != cache.dir
+    assert FeatureCache(tmp_path / "f", model, 64, "fp16", compute="bf16").dir != cache.dir
+    assert FeatureCache(tmp_path / "f", model, 64, "fp16", preprocessing={"image_mean": [0.5] * 3}).dir != cache.dir
+    fp32_dir = FeatureCache.for_segmenter(tmp_path / "f", segmenter).dir
+    segmenter.amp_dtype = torch.bfloat16
+    assert FeatureCache.for_segmenter(tmp_path / "f", segmenter).dir != fp32_dir
+    segmenter.amp_dtype = None
     with torch.no_grad():
         used_vision_layers(model)[0].mlp.fc1.weight.add_(0.01)
     assert FeatureCache(tmp_path / "f", model, 64, "fp16").dir != cache.dir
@@ -297,3 +320,60 @@ def test_non_finite_loss_is_reported_and_skipped(processed, tiny, tmp_path, caps
     assert "non-finite loss" in capsys.readouterr().err
     skipped = [int(r["skipped_steps"]) for r in history(tmp_path / "nan2")]
     assert skipped[0] >= 1
+
+
+def copy_manifests(processed: Path, out: Path, keep) -> Path:
+    """Manifests of ``processed`` (absolute paths) filtered by ``keep(split, row)``, in ``out``."""
+    for split in ("train", "valid"):
+        rows = [r for r in read_manifest(processed / split / "manifest.csv") if keep(split, r)]
+        (out / split).mkdir(parents=True)
+        with open(out / split / "manifest.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return out
+
+
+def test_task_without_valid_images_still_trains(processed, tiny, tmp_path):
+    data = copy_manifests(processed, tmp_path / "data", lambda split, r: split == "train" or r["task"] == "cracks")
+    run = tmp_path / "run"
+    assert run_train(*base_args(data, tiny, run, "--epochs", "1")) == 0
+    assert set(read_metadata(run / "best")["thresholds"]) == {"segment crack"}
+
+
+def test_missing_mask_file_is_one_clear_line(processed, tiny, tmp_path, capsys):
+    data = copy_manifests(processed, tmp_path / "data", lambda split, r: True)
+    rows = read_manifest(data / "train" / "manifest.csv")
+    rows[0]["mask"] = str(tmp_path / "gone.png")
+    with open(data / "train" / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert run_train(*base_args(data, tiny, tmp_path / "run", "--epochs", "1")) == 1
+    assert "gone.png" in capsys.readouterr().err
+
+
+def test_ema_checkpoints_hold_the_weights_their_metadata_describes(processed, tiny, tmp_path):
+    """With --ema, best/ and last/ both hold the EMA weights their stored metrics were measured on."""
+    run = tmp_path / "ema"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "2", "--ema", "0.5", "--lr", "3e-2")) == 0
+    for folder in ("best", "last"):
+        meta = read_metadata(run / folder)
+        segmenter = Segmenter.load(str(run / folder), device="cpu")
+        rows = load_rows(processed, "valid", list(DEFAULT_TASKS.values()))
+        from defectseg import evaluation
+        from defectseg.io import load_image
+
+        masks = [read_mask_png(r["mask"]) for r in rows]
+        segmenter.thresholds = {}  # the stored metrics are at threshold 0.5
+        acts = segmenter.encode(segmenter.pixel_values([load_image(r["image"]) for r in rows]))
+        agg = evaluation.aggregate(evaluation.score_batch(segmenter, acts, rows, masks))
+        for task, m in agg["tasks"].items():
+            assert m["iou"] == pytest.approx(meta["metrics"]["tasks"][task]["iou"], abs=2e-3), (folder, task)
+
+
+def test_tuned_vision_layers_write_no_decoder_only_file(processed, tiny, tmp_path):
+    run = tmp_path / "vision"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "1", "--train-vision-layers", "1")) == 0
+    assert (run / "best" / "model.safetensors").exists()
+    assert not (run / "best" / "decoder.safetensors").exists()
