@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -44,9 +44,10 @@ from .coco import (
 from .io import (
     ImageReadError,
     apply_orientation,
+    encode_png,
     open_image,
+    write_bytes_atomic,
     write_json_atomic,
-    write_mask_png,
     write_text_atomic,
 )
 from .tasks import Task, find_task_dir
@@ -77,6 +78,7 @@ class Job:
     mask: str  # absolute path
     entry: ImageEntry
     key: str
+    defer: bool = False  # return the PNG instead of writing it (--strict writes only if all is well)
 
 
 def mask_name(image_file: str, prompt_slug: str) -> str:
@@ -130,7 +132,9 @@ def process_job(job: Job) -> tuple[dict | None, list[Problem]]:
             mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
     elif orientation != 1:
         problems.append(Problem(where, "exif_rotated", f"EXIF orientation {orientation} applied; sizes agree", True))
-    write_mask_png(job.mask, mask)
+    png = encode_png(np.where(mask, 255, 0).astype(np.uint8))
+    if not job.defer:
+        write_bytes_atomic(job.mask, png)
     mask_dir = Path(job.mask).parent.parent
     row = {
         "image": os.path.relpath(job.image, mask_dir),
@@ -148,6 +152,8 @@ def process_job(job: Job) -> tuple[dict | None, list[Problem]]:
         "ahash": average_hash(rgb),
         "key": job.key,
     }
+    if job.defer:
+        row["_png"] = png
     return row, problems
 
 
@@ -230,29 +236,39 @@ def leakage_report(rows: list[dict]) -> dict:
 
 @dataclass
 class Plan:
-    jobs: list[Job]
-    reused: list[dict]
+    jobs: list[Job]  # masks to make
+    reused: list[dict]  # up-to-date rows of this run's tasks and splits
+    kept: list[dict]  # rows of other tasks or splits, from earlier runs, left as they are
     problems: list[Problem]
     missing_splits: list[str]
+
+
+def _as_written(row: dict, split: str, out: Path) -> dict:
+    """A row read back from a manifest (absolute paths), ready to be written again."""
+    return dict(row, _split=split, image=os.path.relpath(row["image"], out / split),
+                mask=os.path.relpath(row["mask"], out / split))
 
 
 def plan_jobs(
     data_root: Path, out: Path, tasks: list[Task], splits: list[str], overwrite: bool
 ) -> Plan:
     """Read every annotations file and decide which masks to (re)make. Raises CocoError when a task
-    folder is missing or an annotations file cannot be used at all."""
+    folder is missing, no requested split exists, or an annotations file cannot be used at all."""
     jobs: list[Job] = []
     reused: list[dict] = []
     problems: list[Problem] = []
     missing: list[str] = []
-    previous: dict[str, dict] = {}
-    for split in splits:
-        manifest = out / split / MANIFEST_FILE
-        if manifest.exists() and not overwrite:
-            try:
-                previous.update({row["mask"]: row for row in read_manifest(manifest)})
-            except (OSError, csv.Error, KeyError, UnicodeDecodeError) as err:
-                log.warning("%s: unreadable manifest (%s); every mask of this split is redone", manifest, err)
+    previous: dict[str, list[dict]] = {}
+    for manifest in sorted(out.glob(f"*/{MANIFEST_FILE}")):
+        try:
+            previous[manifest.parent.name] = read_manifest(manifest)
+        except (OSError, csv.Error, KeyError, UnicodeDecodeError) as err:
+            log.warning("%s: unreadable manifest (%s); every mask of this split is redone", manifest, err)
+    names = {t.name for t in tasks}
+    kept = [_as_written(row, split, out) for split, rows in previous.items() for row in rows
+            if (split not in splits or row["task"] not in names) and Path(row["mask"]).exists()]
+    up_to_date = {} if overwrite else {
+        row["mask"]: row for split in splits for row in previous.get(split, []) if row["task"] in names}
     for task in tasks:
         task_dir = find_task_dir(data_root, task)
         if task_dir is None:
@@ -270,15 +286,15 @@ def plan_jobs(
                 image = (task_dir / split / entry.file_name).resolve()
                 mask = (out / split / "masks" / mask_name(entry.file_name, task.slug)).resolve()
                 key = job_key(entry, image, task.prompt)
-                old = previous.get(str(mask))
+                old = up_to_date.get(str(mask))
                 if old and old.get("key") == key and mask.exists():
-                    old = dict(old, _split=split)
-                    old["image"] = os.path.relpath(old["image"], out / split)
-                    old["mask"] = os.path.relpath(old["mask"], out / split)
-                    reused.append(old)
+                    reused.append(_as_written(old, split, out))
                 else:
                     jobs.append(Job(task.name, task.prompt, split, str(image), str(mask), entry, key))
-    return Plan(jobs, reused, problems, missing)
+    if len(missing) == len(tasks) * len(splits):
+        raise CocoError(f"none of the splits {', '.join(splits)} exists for tasks {', '.join(sorted(names))} "
+                        f"under {data_root} (expected <task folder>/<split>/{ANNOTATIONS_FILE})")
+    return Plan(jobs, reused, kept, problems, missing)
 
 
 def run_jobs(jobs: list[Job], workers: int) -> tuple[list[dict], list[Problem]]:
@@ -354,8 +370,8 @@ def preprocess(
 ) -> dict:
     """Run the whole preprocessing; returns the summary (also written to ``out/summary.json``).
 
-    Raises CocoError for unrecoverable input, and under ``strict`` for any problem at all
-    (manifests and summary are then left as they were).
+    Raises CocoError for unrecoverable input, and under ``strict`` for any problem at all (masks,
+    manifests and summary are then left as they were). Rows of tasks or splits not in this run are kept.
     """
     data_root, out = Path(data_root), Path(out)
     if not data_root.is_dir():
@@ -364,16 +380,22 @@ def preprocess(
     plan = plan_jobs(data_root, out, tasks, splits, overwrite)
     if strict and plan.problems:
         raise CocoError(_strict_message(plan.problems))
+    if strict:
+        plan.jobs = [replace(job, defer=True) for job in plan.jobs]
     rows, problems = run_jobs(plan.jobs, workers)
     problems = plan.problems + problems
     if strict and problems:
         raise CocoError(_strict_message(problems))
+    for row in rows:
+        if "_png" in row:
+            write_bytes_atomic(out / row["_split"] / row["mask"], row.pop("_png"))
     rows += plan.reused
     seconds = time.perf_counter() - start
     for split in splits:
-        split_rows = [r for r in rows if r["_split"] == split]
+        split_rows = [r for r in rows + plan.kept if r["_split"] == split]
         if split_rows:
             write_manifest(out / split / MANIFEST_FILE, split_rows)
+    rows += plan.kept  # the summary covers every manifest under ``out``
     summary = {
         "data_root": str(data_root.resolve()),
         "tasks": {t.name: {"prompt": t.prompt, "synonyms": list(t.synonyms)} for t in tasks},

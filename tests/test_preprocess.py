@@ -261,3 +261,38 @@ def test_atomic_writes_keep_the_old_file_and_usual_permissions(tmp_path):
             raise RuntimeError("interrupted")
     assert target.read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_rerun_with_fewer_tasks_or_splits_keeps_the_rest(sample_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run("--data-root", str(sample_root), "--out", str(out)) == 0
+    full = json.loads((out / "summary.json").read_text())
+    assert run("--data-root", str(sample_root), "--out", str(out), "--tasks", "cracks", "--overwrite") == 0
+    rows = read_manifest(out / "valid" / "manifest.csv")
+    assert sorted({r["task"] for r in rows}) == ["cracks", "drywall"] and len(rows) == 8
+    assert run("--data-root", str(sample_root), "--out", str(out), "--splits", "valid") == 0
+    assert len(read_manifest(out / "train" / "manifest.csv")) == 16
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == full["counts"] and summary["leakage"] == full["leakage"]
+    capsys.readouterr()
+    assert run("--data-root", str(sample_root), "--out", str(out), "--splits", "trian") == 1
+    assert "none of the splits trian exists" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["counts"] == full["counts"]
+
+
+def test_strict_failure_leaves_masks_untouched(sample_root, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_root, data)
+    out = tmp_path / "out"
+    assert run("--data-root", str(data), "--out", str(out)) == 0
+    before = {p: p.read_bytes() for p in (out / "valid" / "masks").iterdir()}
+    json_path = data / "cracks" / "valid" / "_annotations.coco.json"
+    coco = json.loads(json_path.read_text())
+    coco["annotations"][0]["segmentation"] = [[0, 0, 50, 0, 50, 50, 0, 50, 7]]  # odd length: a repair
+    json_path.write_text(json.dumps(coco))
+    assert run("--data-root", str(data), "--out", str(out), "--strict") == 1
+    assert {p: p.read_bytes() for p in (out / "valid" / "masks").iterdir()} == before
+    assert run("--data-root", str(data), "--out", str(out)) == 0  # without --strict the repair is applied
+    assert {p: p.read_bytes() for p in (out / "valid" / "masks").iterdir()} != before
