@@ -7,7 +7,7 @@ run's ``runs/<name>/best``) or a decoder-only ``*.safetensors`` file, and turns 
 one ``ModelLoadError`` whose message is written for the user.
 
 Saving writes either a full checkpoint folder (``save_checkpoint``) or only the decoder
-(``save_decoder``, ~1 MB for rd64), both atomically so a crash never leaves a broken file behind.
+(``save_decoder``, 4.5 MB for rd64), both atomically so a crash never leaves a broken file behind.
 
 The split forward is what makes training fast. HF's ``CLIPSegForImageSegmentation.forward`` runs the
 whole frozen vision tower (all 12 layers) and the text tower on every call. Instead::
@@ -106,6 +106,7 @@ def load_model(
     """
     if isinstance(name_or_path, Path) or _looks_like_local_path(name_or_path):
         path = Path(name_or_path).expanduser()
+        recover_checkpoint(path)
         if not path.exists():
             raise ModelLoadError(f"model path {path} does not exist")
         if path.is_file():
@@ -286,11 +287,18 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if path.is_dir():
         meta_file = path / METADATA_FILE
-        return json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
-    if path.is_file() and path.suffix == ".safetensors":
-        raw = _safetensors_header(path).get(_METADATA_KEY)
-        return json.loads(raw) if raw else {}
-    return {}
+        raw, where = (meta_file.read_text(encoding="utf-8") if meta_file.is_file() else None), meta_file
+    elif path.is_file() and path.suffix == ".safetensors":
+        raw, where = _safetensors_header(path).get(_METADATA_KEY), path
+    else:
+        return {}
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError as exc:
+        raise ModelLoadError(f"{where}: metadata is not valid JSON ({exc}); restore it or delete it") from exc
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{where}: metadata must be a JSON object")
+    return meta
 
 
 def save_checkpoint(
@@ -313,9 +321,11 @@ def save_checkpoint(
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    recover_checkpoint(out)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        logger.info("removing stale temp folder %s", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):  # never another live writer's folder
+            logger.info("removing stale temp folder %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -328,6 +338,28 @@ def save_checkpoint(
     _usual_permissions(tmp)
     _swap_in(tmp, out)
     logger.info("saved checkpoint to %s", out)
+
+
+def recover_checkpoint(out: Path) -> None:
+    """Finish a swap that a crash interrupted: when ``out`` is missing but the folder renamed aside
+    (``.<name>.old-<pid>``) is there, put it back."""
+    out = Path(out)
+    if out.exists():
+        return
+    aside = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if aside:
+        logger.warning("restoring %s from %s (a save was interrupted)", out, aside[-1])
+        aside[-1].rename(out)
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return int(pid) != os.getpid()  # this process's own leftovers are stale too
 
 
 def _usual_permissions(path: Path) -> None:

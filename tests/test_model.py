@@ -399,3 +399,25 @@ def test_checkpoint_files_get_the_usual_permissions(tiny_dir, tmp_path):
     save_decoder(model, tmp_path / "decoder.safetensors", {}, base_model=str(tiny_dir))
     files = [p for p in (tmp_path / "ckpt").iterdir()] + [tmp_path / "decoder.safetensors"]
     assert files and all((p.stat().st_mode & 0o777) == 0o666 & ~umask for p in files)
+
+
+def test_interrupted_swap_is_recovered(tiny_dir, tmp_path):
+    """A crash between the two renames leaves only the folder set aside; the next load or save puts it back."""
+    model, processor = load_model(tiny_dir)
+    out = tmp_path / "last"
+    save_checkpoint(model, processor, out, {"epoch": 1})
+    out.rename(tmp_path / ".last.old-999999")
+    loaded, _ = load_model(out)
+    assert out.is_dir() and read_metadata(out) == {"epoch": 1}
+    assert not list(tmp_path.glob(".last.old-*"))
+    del loaded
+
+
+def test_corrupt_metadata_is_a_model_load_error(tiny_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "defectseg.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="defectseg.json: metadata is not valid JSON"):
+        read_metadata(folder)
