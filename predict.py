@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
-import math
 import os
 import signal
 import sys
@@ -78,8 +77,8 @@ def int_at_least(minimum: int):
 
 def threshold_value(text: str) -> float:
     value = float(text)
-    if math.isnan(value):
-        raise argparse.ArgumentTypeError("must be a number")
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
     return value
 
 

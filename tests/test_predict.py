@@ -113,13 +113,20 @@ def test_any_image_form_gets_a_mask_of_its_own_size(tiny_dir: Path, tmp_path: Pa
     assert json.loads((tmp_path / predict.CONFIG_FILE).read_text())["masks_written"] == 2 * len(odd_images)
 
 
-@pytest.mark.parametrize(("threshold", "value"), [("0", 255), ("1.01", 0)])
-def test_threshold_is_applied(tiny_dir: Path, tmp_path: Path, odd_images, threshold: str, value: int) -> None:
+def test_threshold_is_applied(tiny_dir: Path, tmp_path: Path, odd_images) -> None:
     images = [str(odd_images["wide"]), str(odd_images["gray"])]
-    assert run(tiny_dir, tmp_path, "--image", *images, "--threshold", threshold) == 0
+    assert run(tiny_dir, tmp_path, "--image", *images, "--threshold", "0") == 0
     masks = list(tmp_path.glob("*__segment_*.png"))
     assert len(masks) == 4
-    assert all((read_png(m) == value).all() for m in masks)
+    assert all((read_png(m) == 255).all() for m in masks)
+
+
+@pytest.mark.parametrize("threshold", ["1.01", "-0.1", "nan", "5"])
+def test_threshold_outside_0_1_is_refused(tiny_dir: Path, tmp_path: Path, odd_images, threshold: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run(tiny_dir, tmp_path, "--image", str(odd_images["wide"]), "--threshold", threshold)
+    assert exit_info.value.code == 2 and "must be a probability in [0, 1]" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_overlay_and_probability_maps(tiny_dir: Path, tmp_path: Path, odd_images) -> None:
