@@ -26,9 +26,11 @@ import numpy as np
 
 from defectseg import evaluation, metrics, report
 from defectseg.cli import fail, setup_logging
+from defectseg.data import DataError, select_tasks
+from defectseg.data import load_rows as data_rows
 from defectseg.inference import Segmenter, check_device
 from defectseg.model import ModelLoadError, resolve_model_arg
-from defectseg.preprocess import MANIFEST_FILE, read_manifest
+from defectseg.preprocess import MANIFEST_FILE
 
 log = logging.getLogger("evaluate")
 # options that mean nothing for masks made elsewhere (left out of the recorded command)
@@ -125,23 +127,13 @@ def check_args(args: argparse.Namespace, model_arg: str) -> str | None:
 
 
 def load_rows(data: Path, split: str, tasks: list[str] | None) -> tuple[list[dict], dict[str, str]]:
-    """The manifest rows of the chosen tasks, and task -> prompt for every task of the manifest.
-    Raises ValueError with a user-facing message."""
-    manifest = data / split / MANIFEST_FILE
-    if not manifest.is_file():
-        raise ValueError(f"no manifest at {manifest}: run `python preprocess_masks.py --data-root <exports> "
-                         f"--out {data} --splits {split}` first (or pass --data/--split)")
-    rows = read_manifest(manifest)
+    """The manifest rows of the chosen tasks, and task -> prompt for every task of the manifest (the
+    other task's prompt is what text sensitivity asks with). Raises DataError with a user-facing message."""
+    rows = data_rows(data, split)
     task_prompts: dict[str, str] = {}
     for row in sorted(rows, key=lambda r: r["task"]):
         task_prompts.setdefault(row["task"], row["prompt"])
-    unknown = sorted(set(tasks or []) - set(task_prompts))
-    if unknown:
-        raise ValueError(f"task(s) {', '.join(unknown)} not in {manifest}; it has: {', '.join(task_prompts)}")
-    rows = [r for r in rows if tasks is None or r["task"] in tasks]
-    if not rows:
-        raise ValueError(f"{manifest} has no rows")
-    return rows, task_prompts
+    return select_tasks(rows, tasks, str(data / split / MANIFEST_FILE)), task_prompts
 
 
 def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep: np.ndarray,
@@ -186,7 +178,7 @@ def main(args: argparse.Namespace) -> int:
         return fail(problem)
     try:
         rows, task_prompts = load_rows(Path(args.data), args.split, args.tasks)
-    except ValueError as err:
+    except DataError as err:
         return fail(str(err))
     source = args.pred_dir or model_arg
     out = Path(args.out) if args.out else default_out(source)

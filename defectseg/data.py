@@ -27,16 +27,28 @@ class DataError(ValueError):
     """Training or evaluation data that cannot be used."""
 
 
-def load_rows(data_dir: str | Path, split: str, tasks: list[Task]) -> list[dict]:
-    """Manifest rows of ``split`` for the given tasks. Raises DataError naming what is missing."""
+def load_rows(data_dir: str | Path, split: str, tasks: list[str] | None = None, require_all: bool = True) -> list[dict]:
+    """Manifest rows of ``split`` for the named tasks (None: every task in it).
+
+    Raises DataError naming the manifest when it is missing, has no rows for the tasks, or (with
+    ``require_all``) lacks one of them.
+    """
     manifest = Path(data_dir) / split / MANIFEST_FILE
     if not manifest.is_file():
-        raise DataError(f"{manifest} not found; run preprocess_masks.py --out {data_dir} first")
-    names = {t.name for t in tasks}
-    rows = [r for r in read_manifest(manifest) if r["task"] in names]
-    if not rows:
-        raise DataError(f"{manifest} has no rows for tasks {sorted(names)}")
-    return rows
+        raise DataError(f"no manifest at {manifest}: run `python preprocess_masks.py --data-root <exports> "
+                        f"--out {data_dir} --splits {split}` first (or pass --data)")
+    return select_tasks(read_manifest(manifest), tasks, str(manifest), require_all)
+
+
+def select_tasks(rows: list[dict], tasks: list[str] | None, source: str, require_all: bool = True) -> list[dict]:
+    """The rows of the named tasks (None: all). Raises DataError as ``load_rows`` does."""
+    present = sorted({r["task"] for r in rows})
+    if require_all and (unknown := [t for t in tasks or [] if t not in present]):
+        raise DataError(f"task(s) {', '.join(unknown)} not in {source}; it has: {', '.join(present) or 'no rows'}")
+    selected = [r for r in rows if tasks is None or r["task"] in tasks]
+    if not selected:
+        raise DataError(f"{source} has no rows" + (f" for tasks {', '.join(tasks)}" if tasks else ""))
+    return selected
 
 
 def soft_target(mask: np.ndarray, size: int) -> np.ndarray:

@@ -40,14 +40,13 @@ from tqdm import tqdm
 from . import metrics
 from .inference import Segmenter
 from .io import ImageReadError, load_image, read_mask_png, write_json_atomic, write_mask_png
-from .model import METADATA_FILE, count_parameters, read_metadata
+from .model import DECODER_FILE, METADATA_FILE, count_parameters, read_metadata, update_decoder_metadata
 from .preprocess import mask_name
 from .tasks import normalize_prompt, prompt_slug, task_for_prompt
 
 log = logging.getLogger(__name__)
 
 EMPTY_SCORE = 1.0  # IoU/Dice of an empty prediction on an empty ground truth
-DECODER_FILE = "decoder.safetensors"
 # aggregate(): per-task numbers that are averaged over tasks for "overall"; counts are summed instead.
 MEAN_KEYS = ("iou", "dice", "micro_iou", "micro_dice", "precision", "recall", "best_iou", "text_iou",
              "text_dice")
@@ -597,8 +596,8 @@ def best_thresholds(summary: dict, segmenter: Segmenter) -> dict[str, float]:
 
 def write_thresholds(model_dir: str | Path, thresholds: dict[str, float], source: dict[str, Any]) -> Path:
     """Store ``thresholds`` {canonical prompt: value} in the checkpoint folder's ``defectseg.json``
-    (other metadata and other prompts' thresholds kept; ``source`` recorded under ``thresholds_source``),
-    atomically. Returns the metadata file's path."""
+    (other metadata and other prompts' thresholds kept; ``source`` recorded under ``thresholds_source``)
+    and in its decoder file's header, atomically. Returns the metadata file's path."""
     folder = Path(model_dir)
     meta = read_metadata(folder)
     new = {normalize_prompt(k) for k in thresholds}
@@ -607,4 +606,6 @@ def write_thresholds(model_dir: str | Path, thresholds: dict[str, float], source
     meta["thresholds_source"] = source
     target = folder / METADATA_FILE
     write_json_atomic(target, meta)
+    if (folder / DECODER_FILE).is_file():  # the decoder file carries the same metadata
+        update_decoder_metadata(folder / DECODER_FILE, meta)
     return target

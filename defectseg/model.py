@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
 MODEL_ENV_VAR = "DEFECTSEG_MODEL"
 METADATA_FILE = "defectseg.json"
+DECODER_FILE = "decoder.safetensors"  # the decoder alone, inside a training checkpoint folder
 
 # safetensors header keys of a decoder-only file
 _BASE_MODEL_KEY = "base_model"
@@ -422,6 +423,22 @@ def save_decoder(
     logger.info("saved decoder (%d tensors) to %s", len(tensors), path)
 
 
+def update_decoder_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
+    """Replace the defectseg metadata in a decoder file's header (weights and base model kept), atomically."""
+    path = Path(path)
+    header = _safetensors_header(path)
+    header[_METADATA_KEY] = json.dumps(metadata, default=str)
+    tensors = load_file(str(path))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=header)
+        _usual_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def load_decoder(model: CLIPSegForImageSegmentation, path: str | Path) -> None:
     """Load a ``save_decoder`` file into ``model.decoder`` in place (strict: same keys, same shapes).
 
@@ -552,7 +569,6 @@ def decode(
     model: CLIPSegForImageSegmentation,
     activations: list[torch.Tensor],
     cond: torch.Tensor,
-    decoder: nn.Module | None = None,
 ) -> torch.Tensor:
     """Decoder logits: float (B, H, W) for activations from a (B, 3, H, W) input.
 
@@ -560,12 +576,11 @@ def decode(
         cast to the decoder's dtype and device here.
     cond: float (B, projection_dim), one conditioning vector per image (index ``encode_prompts``).
     The batch dim is kept for B == 1 (older transformers squeezed it away).
-    decoder: what to call instead of ``model.decoder`` (e.g. its DistributedDataParallel wrapper).
     """
     param = next(model.decoder.parameters())
     activations = [a.to(device=param.device, dtype=param.dtype) for a in activations]
     cond = cond.to(device=param.device, dtype=param.dtype)
-    out = (decoder or model.decoder)(activations, cond)
+    out = model.decoder(activations, cond)
     logits = out.logits if hasattr(out, "logits") else out[0]
     if logits.dim() == 2:
         logits = logits.unsqueeze(0)

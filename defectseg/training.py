@@ -36,6 +36,7 @@ from .io import load_image, read_mask_png, write_bytes_atomic, write_json_atomic
 from .losses import bce_dice_loss
 from .metrics import default_thresholds
 from .model import (
+    DECODER_FILE,
     count_parameters,
     decode,
     encode_images,
@@ -54,7 +55,6 @@ TRAINER_STATE = "trainer_state.pt"
 class ConfigError(ValueError):
     """A training setting that cannot work with this model or data."""
 
-DECODER_FILE = "decoder.safetensors"
 
 
 @dataclass
@@ -121,8 +121,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
 
     table = load_tasks(cfg.tasks_file)
     tasks = [table[name] for name in cfg.tasks]
-    train_rows = load_rows(cfg.data, "train", tasks)
-    valid_rows = load_rows(cfg.data, "valid", tasks)
+    train_rows = load_rows(cfg.data, "train", cfg.tasks)
+    valid_rows = load_rows(cfg.data, "valid", cfg.tasks, require_all=False)
     if main_process:
         for task in tasks:
             if not any(r["task"] == task.name for r in valid_rows):

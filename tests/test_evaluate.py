@@ -19,7 +19,7 @@ from defectseg import evaluation, report
 from defectseg.evaluation import ImageScore, aggregate, prompt_probabilities, score_batch
 from defectseg.inference import Segmenter
 from defectseg.io import load_image, read_mask_png, write_mask_png
-from defectseg.model import METADATA_FILE, load_model, read_metadata, save_decoder
+from defectseg.model import DECODER_FILE, METADATA_FILE, load_model, read_metadata, save_decoder
 from defectseg.preprocess import mask_name, read_manifest
 from defectseg.tasks import prompt_slug
 from defectseg.tiny import build_tiny_model
@@ -293,6 +293,8 @@ def test_write_thresholds_updates_the_checkpoint(processed, tiny_dir, tmp_path):
     model = tmp_path / "run" / "best"
     shutil.copytree(tiny_dir, model)
     (model / METADATA_FILE).write_text(json.dumps({"note": "kept", "thresholds": {"Segment Crack": 0.9}}))
+    base, _ = load_model(tiny_dir)
+    save_decoder(base, model / DECODER_FILE, {"thresholds": {"Segment Crack": 0.9}}, base_model=str(tiny_dir))
     out = tmp_path / "report"
     assert run("--model", str(model), "--data", str(processed), "--out", str(out), "--write-thresholds",
                "--thresholds-sweep", "0.3", "0.6", "0.2", "--examples", "0", "-q") == 0
@@ -308,6 +310,7 @@ def test_write_thresholds_updates_the_checkpoint(processed, tiny_dir, tmp_path):
     assert seg.threshold("segment taping area") == best["segment taping area"]
     assert "Best thresholds written" in (out / "report.md").read_text()
     assert m["thresholds_written"]["thresholds"] == best
+    assert read_metadata(model / DECODER_FILE)["thresholds"] == best  # the decoder file agrees
 
 
 def test_write_thresholds_refused(processed, tiny_dir, tmp_path, capsys):

@@ -117,7 +117,7 @@ def test_cached_loss_equals_plain_hf_forward(processed, tiny, tmp_path):
     model, processor = load_model(tiny)
     segmenter = Segmenter(model, processor, torch.device("cpu"), tasks=dict(DEFAULT_TASKS))
     tasks = list(DEFAULT_TASKS.values())
-    rows = load_rows(processed, "train", tasks)
+    rows = load_rows(processed, "train")
     cache = FeatureCache(tmp_path / "features", model, segmenter.input_size, "fp32")
     cache.build([r["image"] for r in rows], (0, 1), segmenter.encode, segmenter.pixel_values, 8)
     batch = epoch_plan(rows, tasks, seed=3, epoch=0, negative_prob=0.3, flip=True)[:6]
@@ -207,7 +207,7 @@ def test_overfit_reads_image_mask_and_prompt(sample_root, tmp_path):
 
 def test_clear_errors(processed, tmp_path, monkeypatch, capsys):
     assert run_train("--data", str(tmp_path / "nope"), "--model", "x", "--out", str(tmp_path / "r")) == 1
-    assert "manifest.csv not found" in capsys.readouterr().err
+    assert "no manifest at" in capsys.readouterr().err
     assert run_train("--epochs", "0", "--out", str(tmp_path / "r")) == 1
     assert "--epochs must be > 0" in capsys.readouterr().err
     assert run_train("--resume", str(tmp_path / "missing")) == 1
@@ -312,7 +312,7 @@ def test_non_finite_loss_is_reported_and_skipped(processed, tiny, tmp_path, caps
     assert run_train(*base_args(processed, tiny, run, "--epochs", "1", "--no-flip")) == 0
     from defectseg.features import file_hash
 
-    train_image = load_rows(processed, "train", list(DEFAULT_TASKS.values()))[0]["image"]
+    train_image = load_rows(processed, "train")[0]["image"]
     path = next((tmp_path / "features").rglob(f"{file_hash(train_image)}-orig.npy"))
     np.save(path, np.full_like(np.load(path), np.nan))
     capsys.readouterr()
@@ -360,7 +360,7 @@ def test_ema_checkpoints_hold_the_weights_their_metadata_describes(processed, ti
     for folder in ("best", "last"):
         meta = read_metadata(run / folder)
         segmenter = Segmenter.load(str(run / folder), device="cpu")
-        rows = load_rows(processed, "valid", list(DEFAULT_TASKS.values()))
+        rows = load_rows(processed, "valid")
         from defectseg import evaluation
         from defectseg.io import load_image
 
