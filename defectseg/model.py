@@ -39,6 +39,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
+from .io import atomic_path
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
@@ -412,14 +414,8 @@ def save_decoder(
         _METADATA_KEY: json.dumps(metadata, default=str),
         "format": "pt",
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
-        _usual_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     logger.info("saved decoder (%d tensors) to %s", len(tensors), path)
 
 
@@ -429,14 +425,8 @@ def update_decoder_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
     header = _safetensors_header(path)
     header[_METADATA_KEY] = json.dumps(metadata, default=str)
     tensors = load_file(str(path))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
-        _usual_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_decoder(model: CLIPSegForImageSegmentation, path: str | Path) -> None:
