@@ -12,7 +12,8 @@ Prints, in one run:
    asked for and, on CPU, in bf16 too;
 4. the training epoch time for a dataset of the real size (--dataset-images, default 6,000), cold cache
    (build 2 views per image, then train) and warm, estimated from the measured rates;
-5. on CUDA, peak GPU memory of the cached loop.
+5. on CUDA, peak GPU memory of the cached loop;
+and the parameter counts and the size of the decoder-only file train.py writes.
 Images are the bundled real samples; the model is built by ``defectseg.tiny.build_rd64_random``.
 """
 
@@ -34,6 +35,7 @@ from defectseg.features import FeatureCache  # noqa: E402
 from defectseg.inference import Segmenter, autocast  # noqa: E402
 from defectseg.io import list_images, load_image  # noqa: E402
 from defectseg.losses import bce_dice_loss  # noqa: E402
+from defectseg.model import count_parameters, save_decoder  # noqa: E402
 from defectseg.tiny import build_rd64_random  # noqa: E402
 from defectseg.training import TrainForward, _set_trainable  # noqa: E402
 
@@ -66,6 +68,10 @@ def main(args: argparse.Namespace) -> None:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu}, {torch.get_num_threads()} threads"
         print(f"device: {name}; precision: {seg.amp_dtype or 'fp32'}; torch {torch.__version__}; batch {args.batch_size}")
         params = _set_trainable(model, 0)
+        save_decoder(model, Path(tmp) / "decoder.safetensors", {}, base_model="rd64-random")
+        print(f"parameters: {count_parameters(model) / 1e6:.1f} M, of which the decoder (trained) "
+              f"{count_parameters(model, trainable_only=True) / 1e6:.2f} M; decoder file "
+              f"{(Path(tmp) / 'decoder.safetensors').stat().st_size / 1e6:.1f} MB")
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         images = [load_image(p) for p in list_images(REPO / "sample_data" / "cracks" / "train")]
         images = (images * (args.batch_size // len(images) + 1))[: args.batch_size]
