@@ -25,9 +25,8 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from tqdm import tqdm
 
 from . import metrics
 from .inference import Segmenter
-from .io import ImageReadError, load_image, read_mask_png, write_json_atomic, write_mask_png
+from .io import ImageReadError, load_image, prefetched, read_mask_png, write_json_atomic, write_mask_png
 from .model import DECODER_FILE, METADATA_FILE, count_parameters, read_metadata, update_decoder_metadata
 from .preprocess import mask_name
 from .tasks import normalize_prompt, prompt_slug, task_for_prompt
@@ -299,35 +298,27 @@ def iter_rows(
     rows: Sequence[dict], batch_size: int, *, load_images: bool = True, workers: int = 2, prefetch: int = 2
 ) -> Iterator[Batch]:
     """Batches of ``rows`` in order with their images (``defectseg.io.load_image``) and ground-truth
-    masks (``read_mask_png``), read by ``workers`` threads ``prefetch`` batches ahead of the consumer.
+    masks (``read_mask_png``), read by threads up to max(``workers``, ``prefetch``) batches ahead.
     Unreadable files are logged and reported in ``Batch.skipped``, never raised."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     chunks = [list(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending: deque[tuple[list[dict], list[Future]]] = deque()
 
-        def submit(chunk: list[dict]) -> None:
-            pending.append((chunk, [pool.submit(_load_row, row, load_images) for row in chunk]))
+    def load(chunk: list[dict]) -> list[tuple]:
+        return [_load_row(row, load_images) for row in chunk]
 
-        for chunk in chunks[:prefetch]:
-            submit(chunk)
-        for k in range(len(chunks)):
-            chunk, futures = pending.popleft()
-            if k + prefetch < len(chunks):
-                submit(chunks[k + prefetch])
-            batch = Batch([], [] if load_images else None, [], [])
-            for row, future in zip(chunk, futures):
-                image, target, error = future.result()
-                if error is not None:
-                    log.warning("skipping %s: %s", row["image"], error)
-                    batch.skipped.append({"image": row["image"], "task": row["task"], "reason": error})
-                    continue
-                batch.rows.append(row)
-                batch.targets.append(target)
-                if batch.images is not None:
-                    batch.images.append(image)
-            yield batch
+    for chunk, loaded in prefetched(load, chunks, depth=max(1, workers, prefetch)):
+        batch = Batch([], [] if load_images else None, [], [])
+        for row, (image, target, error) in zip(chunk, loaded):
+            if error is not None:
+                log.warning("skipping %s: %s", row["image"], error)
+                batch.skipped.append({"image": row["image"], "task": row["task"], "reason": error})
+                continue
+            batch.rows.append(row)
+            batch.targets.append(target)
+            if batch.images is not None:
+                batch.images.append(image)
+        yield batch
 
 
 # --------------------------------------------------------------------------------------------------

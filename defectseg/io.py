@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -151,3 +153,15 @@ def apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
     if method is None:
         return array
     return np.asarray(Image.fromarray(array).transpose(method))
+
+
+def prefetched(fn: Callable, items: Sequence, depth: int = 2) -> Iterator[tuple]:
+    """Yield (item, fn(item)) in order, computing up to ``depth`` items ahead in ``depth`` threads, so
+    reading files (cached activations, images, masks) overlaps the model's work."""
+    with ThreadPoolExecutor(max_workers=depth) as pool:
+        pending = deque(pool.submit(fn, item) for item in items[:depth])
+        for i, item in enumerate(items):
+            result = pending.popleft().result()
+            if i + depth < len(items):
+                pending.append(pool.submit(fn, items[i + depth]))
+            yield item, result

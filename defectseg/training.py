@@ -16,8 +16,6 @@ import os
 import random
 import time
 import warnings
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,7 +30,14 @@ from . import evaluation
 from .data import Sample, batch_targets, epoch_plan, load_rows, load_targets
 from .features import FeatureCache, view_of
 from .inference import Segmenter, autocast, resolve_device, resolve_precision
-from .io import load_image, read_mask_png, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .io import (
+    load_image,
+    prefetched,
+    read_mask_png,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .losses import bce_dice_loss
 from .metrics import default_thresholds
 from .model import (
@@ -307,18 +312,6 @@ def _load_batch(batch: list[Sample], cfg: TrainConfig, rows: list[dict], targets
         tokens = segmenter.processor.tokenizer([s.prompt for s in batch], padding=True, return_tensors="pt")
         inputs.update(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
     return target, inputs
-
-
-def prefetched(fn, items: list, depth: int = 2):
-    """Yield (item, fn(item)) in order, computing up to ``depth`` items ahead in threads, so reading the
-    cache (or decoding images) overlaps the model's work."""
-    with ThreadPoolExecutor(max_workers=depth) as pool:
-        pending = deque(pool.submit(fn, item) for item in items[:depth])
-        for i, item in enumerate(items):
-            result = pending.popleft().result()
-            if i + depth < len(items):
-                pending.append(pool.submit(fn, items[i + depth]))
-            yield item, result
 
 
 def _set_trainable(model: nn.Module, vision_layers: int) -> list[nn.Parameter]:
