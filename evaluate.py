@@ -29,8 +29,8 @@ from defectseg.cli import fail, setup_logging
 from defectseg.data import DataError, select_tasks
 from defectseg.data import load_rows as data_rows
 from defectseg.inference import Segmenter, check_device
+from defectseg.manifest import MANIFEST_FILE
 from defectseg.model import ModelLoadError, resolve_model_arg
-from defectseg.preprocess import MANIFEST_FILE
 
 log = logging.getLogger("evaluate")
 # options that mean nothing for masks made elsewhere (left out of the recorded command)

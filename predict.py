@@ -46,9 +46,9 @@ from defectseg.io import (
     write_json_atomic,
     write_mask_png,
 )
+from defectseg.manifest import mask_name
 from defectseg.metrics import binarize
 from defectseg.model import DEFAULT_MODEL, MODEL_ENV_VAR, ModelLoadError, resolve_model_arg
-from defectseg.preprocess import mask_name
 from defectseg.tasks import TaskTableError, prompt_slug
 
 log = logging.getLogger("predict")

@@ -17,7 +17,8 @@ import sys
 
 from defectseg.cli import add_tasks_argument, fail, pick_tasks, setup_logging
 from defectseg.coco import CocoError
-from defectseg.preprocess import SUMMARY_FILE, preprocess
+from defectseg.manifest import SUMMARY_FILE
+from defectseg.preprocess import preprocess
 
 log = logging.getLogger("preprocess_masks")
 

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from .io import read_mask_png
-from .preprocess import MANIFEST_FILE, read_manifest
+from .manifest import MANIFEST_FILE, read_manifest
 from .tasks import Task
 
 

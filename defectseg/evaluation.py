@@ -39,8 +39,8 @@ from tqdm import tqdm
 from . import metrics
 from .inference import Segmenter
 from .io import ImageReadError, load_image, prefetched, read_mask_png, write_json_atomic, write_mask_png
+from .manifest import mask_name
 from .model import DECODER_FILE, METADATA_FILE, count_parameters, read_metadata, update_decoder_metadata
-from .preprocess import mask_name
 from .tasks import normalize_prompt, prompt_slug, task_for_prompt
 
 log = logging.getLogger(__name__)

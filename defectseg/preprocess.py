@@ -1,10 +1,6 @@
 """Roboflow COCO exports -> mask PNGs, per-split manifests, a summary and a leakage report.
 
-Layout written under ``out``::
-
-    <split>/masks/<image_stem>__<prompt_slug>.png   single channel, {0, 255}, the image's own size
-    <split>/manifest.csv                           one row per (image, task); paths relative to <split>/
-    summary.json                                   counts, problems, leakage
+Writes the layout that ``manifest`` describes: masks, a manifest per split, summary.json.
 
 Each image is decoded once (that catches truncated files and reads the real size and EXIF
 orientation), its annotations rasterized (``coco.rasterize``) and the mask written atomically.
@@ -16,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -48,18 +43,12 @@ from .io import (
     open_image,
     write_bytes_atomic,
     write_json_atomic,
-    write_text_atomic,
 )
+from .manifest import MANIFEST_FILE, SUMMARY_FILE, mask_name, read_manifest, write_manifest
 from .tasks import Task, find_task_dir
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.csv"
-SUMMARY_FILE = "summary.json"
-MANIFEST_COLUMNS = [
-    "image", "mask", "task", "prompt", "width", "height", "annotations", "source",
-    "fg_fraction", "annotation_sources", "source_stem", "pixel_hash", "ahash", "key",
-]
 RASTER_VERSION = "1"  # bump when the rasterization rules change: every mask becomes stale
 # Max Hamming distance (of 256 bits) between 16x16 average hashes, under any flip/rotation, for two
 # images to count as near-duplicates. Checked by eye on the real sets: at <= 3 the pairs are the same
@@ -79,11 +68,6 @@ class Job:
     entry: ImageEntry
     key: str
     defer: bool = False  # return the PNG instead of writing it (--strict writes only if all is well)
-
-
-def mask_name(image_file: str, prompt_slug: str) -> str:
-    """``<image_stem>__<prompt_slug>.png`` with the full stem (Roboflow's ``.rf.<hash>`` kept)."""
-    return f"{Path(image_file).stem}__{prompt_slug}.png"
 
 
 def job_key(entry: ImageEntry, image_path: Path, prompt: str) -> str:
@@ -164,25 +148,6 @@ def format_sources(sources: Counter) -> str:
 
 def parse_sources(text: str) -> Counter:
     return Counter({k: int(v) for k, v in (part.split(":") for part in text.split(";") if part)})
-
-
-def read_manifest(path: str | Path) -> list[dict]:
-    """Rows of a manifest.csv as dicts (strings); ``image``/``mask`` resolved to absolute paths."""
-    path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for col in ("image", "mask"):
-            row[col] = str((path.parent / row[col]).resolve())
-    return rows
-
-
-def write_manifest(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(sorted(rows, key=lambda r: (r["task"], r["mask"])))
-    write_text_atomic(path, buf.getvalue())
 
 
 def _hash_bits(hex_hashes: list[str]) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 
 from .evaluation import EMPTY_SCORE, ImageScore, RunResult
 from .io import encode_png, write_bytes_atomic, write_json_atomic, write_text_atomic
-from .preprocess import SUMMARY_FILE
+from .manifest import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 

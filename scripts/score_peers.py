@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from defectseg import evaluation  # noqa: E402
-from defectseg.preprocess import MANIFEST_FILE, read_manifest  # noqa: E402
+from defectseg.manifest import MANIFEST_FILE, read_manifest  # noqa: E402
 from defectseg.tasks import DEFAULT_TASKS  # noqa: E402
 
 

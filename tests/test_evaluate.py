@@ -19,8 +19,8 @@ from defectseg import evaluation, report
 from defectseg.evaluation import ImageScore, aggregate, prompt_probabilities, score_batch
 from defectseg.inference import Segmenter
 from defectseg.io import load_image, read_mask_png, write_mask_png
+from defectseg.manifest import mask_name, read_manifest
 from defectseg.model import DECODER_FILE, METADATA_FILE, load_model, read_metadata, save_decoder
-from defectseg.preprocess import mask_name, read_manifest
 from defectseg.tasks import prompt_slug
 from defectseg.tiny import build_tiny_model
 

@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 
 import preprocess_masks
 from defectseg.io import apply_orientation
-from defectseg.preprocess import MANIFEST_COLUMNS, read_manifest
+from defectseg.manifest import MANIFEST_COLUMNS, read_manifest
 from defectseg.tasks import DEFAULT_TASKS
 
 

@@ -24,8 +24,8 @@ from defectseg.features import FeatureCache, view_of
 from defectseg.inference import Segmenter
 from defectseg.io import read_mask_png
 from defectseg.losses import bce_dice_loss
+from defectseg.manifest import read_manifest
 from defectseg.model import load_model, read_metadata, used_vision_layers
-from defectseg.preprocess import read_manifest
 from defectseg.tasks import DEFAULT_TASKS
 from defectseg.tiny import build_tiny_model
 from defectseg.training import TrainForward

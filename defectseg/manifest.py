@@ -1,0 +1,49 @@
+"""The processed dataset's layout: what ``preprocess_masks.py`` writes and every other script reads.
+
+    <split>/masks/<image_stem>__<prompt_slug>.png   single channel, {0, 255}, the image's own size
+    <split>/manifest.csv                           one row per (image, task); paths relative to <split>/
+    summary.json                                   counts, problems, leakage
+
+Kept apart from ``preprocess`` so that reading a processed dataset (training, evaluation,
+prediction) needs no COCO tooling.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from .io import write_text_atomic
+
+MANIFEST_FILE = "manifest.csv"
+SUMMARY_FILE = "summary.json"
+MANIFEST_COLUMNS = [
+    "image", "mask", "task", "prompt", "width", "height", "annotations", "source",
+    "fg_fraction", "annotation_sources", "source_stem", "pixel_hash", "ahash", "key",
+]
+
+
+def mask_name(image_file: str, prompt_slug: str) -> str:
+    """``<image_stem>__<prompt_slug>.png`` with the full stem (Roboflow's ``.rf.<hash>`` kept)."""
+    return f"{Path(image_file).stem}__{prompt_slug}.png"
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Rows of a manifest.csv as dicts (strings); ``image``/``mask`` resolved to absolute paths."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for col in ("image", "mask"):
+            row[col] = str((path.parent / row[col]).resolve())
+    return rows
+
+
+def write_manifest(path: Path, rows: list[dict]) -> None:
+    """Rows sorted by (task, mask), the columns of ``MANIFEST_COLUMNS``, written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda r: (r["task"], r["mask"])))
+    write_text_atomic(path, buf.getvalue())
