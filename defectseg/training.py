@@ -227,9 +227,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
+            if scaler.get_scale() >= scale:  # fp16: the scaler skips steps whose gradients overflowed
+                scheduler.step()
             if ema is not None:
                 with torch.no_grad():
                     for shadow, p in zip(ema, trainable):

@@ -377,3 +377,13 @@ def test_tuned_vision_layers_write_no_decoder_only_file(processed, tiny, tmp_pat
     assert run_train(*base_args(processed, tiny, run, "--epochs", "1", "--train-vision-layers", "1")) == 0
     assert (run / "best" / "model.safetensors").exists()
     assert not (run / "best" / "decoder.safetensors").exists()
+
+
+def test_fp16_overflow_steps_do_not_advance_the_schedule(processed, tiny, tmp_path, recwarn):
+    """fp16's GradScaler skips the first steps while it calibrates its scale; the learning-rate schedule
+    must wait for real optimizer steps (torch warns when the scheduler steps first)."""
+    assert run_train(*base_args(processed, tiny, tmp_path / "fp16", "--epochs", "1", "--precision", "fp16")) == 0
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+    state = torch.load(tmp_path / "fp16" / "last" / "trainer_state.pt", weights_only=False)
+    assert state["scaler"]["scale"] < 2.0**16  # it did overflow and back off
+    assert state["scheduler"]["last_epoch"] < len(load_rows(processed, "train")) / 4
