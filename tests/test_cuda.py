@@ -1,0 +1,116 @@
+"""The CUDA paths: inference and training on a GPU in every precision. Skipped where torch sees no CUDA
+device (CI); `bash bench/gpu.sh` runs them on a GPU machine before the benchmarks."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE
+
+import predict
+import preprocess_masks
+import train
+from defectseg.data import batch_targets, epoch_plan, load_rows, load_targets
+from defectseg.features import FeatureCache, view_of
+from defectseg.inference import Segmenter
+from defectseg.io import load_image, read_mask_png
+from defectseg.losses import bce_dice_loss
+from defectseg.model import load_model, read_metadata
+from defectseg.tasks import DEFAULT_TASKS
+from defectseg.tiny import build_tiny_model
+from defectseg.training import TrainForward
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+PROMPTS = ["segment crack", "segment taping area"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("processed")
+    args = preprocess_masks.build_parser().parse_args(["--data-root", str(SAMPLE), "--out", str(out), "-q"])
+    assert preprocess_masks.main(args) == 0
+    return out
+
+
+def probabilities(model_dir: Path, device: str, precision: str) -> dict[str, list[np.ndarray]]:
+    images = [load_image(p) for p in sorted((SAMPLE / "drywall" / "valid").glob("*.jpg"))[:3]]
+    seg = Segmenter.load(str(model_dir), device=device, precision=precision)
+    return seg.probabilities(seg.encode(seg.pixel_values(images)), [im.shape[:2] for im in images], PROMPTS)
+
+
+def test_cuda_fp32_inference_matches_cpu(tiny):
+    cpu, gpu = probabilities(tiny, "cpu", "fp32"), probabilities(tiny, "cuda", "fp32")
+    for prompt in PROMPTS:
+        for a, b in zip(cpu[prompt], gpu[prompt]):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, atol=2e-3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "auto"])
+def test_cuda_reduced_precision_inference_is_close_to_fp32(tiny, precision):
+    full, half = probabilities(tiny, "cuda", "fp32"), probabilities(tiny, "cuda", precision)
+    for prompt in PROMPTS:
+        for a, b in zip(full[prompt], half[prompt]):
+            assert b.dtype == np.float32 and np.isfinite(b).all()
+            assert np.mean(np.abs(a - b)) < 0.05
+
+
+def test_cuda_cached_loss_equals_plain_hf_forward(processed, tiny, tmp_path):
+    model, processor = load_model(tiny, torch.device("cuda"))
+    seg = Segmenter(model, processor, torch.device("cuda"), tasks=dict(DEFAULT_TASKS))
+    rows = load_rows(processed, "train")
+    cache = FeatureCache.for_segmenter(tmp_path / "features", seg, "fp32")
+    cache.build([r["image"] for r in rows], (0, 1), seg.encode, seg.pixel_values, 8)
+    batch = epoch_plan(rows, list(DEFAULT_TASKS.values()), seed=3, epoch=0, negative_prob=0.3, flip=True)[:6]
+    target = torch.from_numpy(batch_targets(load_targets(rows, seg.input_size), batch)).cuda()
+    cond = seg.conditioning([s.prompt for s in batch])
+    acts = [a.cuda() for a in cache.load([(rows[s.row]["image"], s.view) for s in batch])]
+    cached = TrainForward(model)(cond, activations=acts)
+    tokens = processor.tokenizer([s.prompt for s in batch], padding=True, return_tensors="pt").to("cuda")
+    images = [view_of(load_image(rows[s.row]["image"]), s.view) for s in batch]
+    plain = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                  pixel_values=seg.pixel_values(images).cuda()).logits
+    torch.testing.assert_close(cached, plain, rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(bce_dice_loss(cached, target).mean(), bce_dice_loss(plain, target).mean(),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision,extra", [
+    ("fp32", []),
+    ("bf16", []),
+    ("fp16", []),  # GradScaler
+    ("fp16", ["--no-cache"]),  # HF forward under autocast
+    ("bf16", ["--train-vision-layers", "1", "--ema", "0.9"]),
+])
+def test_cuda_training_runs_and_its_checkpoint_serves_predict(processed, tiny, tmp_path, precision, extra):
+    run = tmp_path / "run"
+    argv = ["--data", str(processed), "--model", str(tiny), "--out", str(run), "--epochs", "2",
+            "--batch-size", "8", "--lr", "3e-3", "--device", "cuda", "--precision", precision,
+            "--cache-dir", str(tmp_path / "features"), "--stop-after", "1", "-q", *extra]
+    assert train.main(train.build_parser().parse_args(argv)) == 0
+    assert train.main(train.build_parser().parse_args(["--resume", str(run), "-q"])) == 0  # state onto CUDA
+    with open(run / "metrics.csv") as f:
+        history = list(csv.DictReader(f))
+    assert [r["epoch"] for r in history] == ["1", "2"]
+    for r in history:
+        assert math.isfinite(float(r["train_loss"])) and int(r["skipped_steps"]) == 0, r
+        assert 0.0 <= float(r["mean_iou"]) <= 1.0
+    assert read_metadata(run / "best")["train_config"]["precision"] == precision
+    # A GPU-trained checkpoint serves predict.py on the GPU and loads on the CPU.
+    image = next((SAMPLE / "cracks" / "valid").glob("*.jpg"))
+    out = tmp_path / "pred"
+    assert predict.main(predict.build_parser().parse_args(
+        ["--model", str(run / "best"), "--image", str(image), "--prompt", "segment crack", "--out", str(out),
+         "--device", "cuda", "--precision", precision, "-q"])) == 0
+    assert read_mask_png(out / f"{image.stem}__segment_crack.png").shape == load_image(image).shape[:2]
+    Segmenter.load(str(run / "best"), device="cpu")
