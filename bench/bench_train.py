@@ -11,7 +11,8 @@ Prints, in one run:
 3. the cost of building the cache per image view (truncated vision encoder + write), in the precision
    asked for and, on CPU, in bf16 too;
 4. the training epoch time for a dataset of the real size (--dataset-images, default 6,000), cold cache
-   (build 2 views per image, then train) and warm, estimated from the measured rates;
+   (build 2 views per image, then train) and warm, estimated from the measured rates, and the cache's
+   size on disk;
 5. on CUDA, peak GPU memory of the cached loop;
 and the parameter counts and the size of the decoder-only file train.py writes.
 Images are the bundled real samples; the model is built by ``defectseg.tiny.build_rd64_random``.
@@ -106,6 +107,7 @@ def main(args: argparse.Namespace) -> None:
         built = cache.build(paths, (0, 1), seg.encode, seg.pixel_values, args.batch_size, desc="cache")
         sync(device)
         build_s = (time.perf_counter() - start) / built
+        view_bytes = cache.path(paths[0], 0).stat().st_size
         build_bf16_s = None
         if device.type == "cpu" and args.precision in ("auto", "fp32"):
             seg.amp_dtype = torch.bfloat16
@@ -140,6 +142,8 @@ def main(args: argparse.Namespace) -> None:
           + (f", {build_bf16_s:.3f} s in bf16" if build_bf16_s else ""))
     print(f"epoch over {n:,} images (estimated from the rates above): warm cache {warm_epoch:,.1f} s, "
           f"cold cache {cold_epoch:,.1f} s (building 2 views per image, then training)")
+    print(f"cache on disk: {view_bytes / 1e6:.2f} MB per image view (fp16), {2 * n * view_bytes / 1e9:,.1f} GB for "
+          f"{n:,} images x 2 views")
     if peak is not None:
         print(f"peak GPU memory, cached loop: {peak:.2f} GiB")
 
