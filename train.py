@@ -42,7 +42,7 @@ HELP = {
     "lr": "AdamW learning rate",
     "weight_decay": "AdamW weight decay",
     "warmup": "fraction of steps with linear warm-up before the cosine decay",
-    "grad_clip": "max gradient norm",
+    "grad_clip": "max gradient norm (0: no clipping)",
     "ema": "EMA decay of the weights, e.g. 0.999 (0: off); validation and best/ use the EMA weights",
     "bce_weight": "weight of the BCE term of the loss",
     "dice_weight": "weight of the soft Dice term of the loss",
@@ -56,6 +56,7 @@ HELP = {
     "cache_dir": "feature cache folder (default: <data>/features)",
     "cache_dtype": "fp16 or fp32 storage of cached activations",
     "train_vision_layers": "also fine-tune the last K used vision layers (turns the cache off)",
+    "vision_lr_scale": "learning-rate multiplier for the vision layers --train-vision-layers unfreezes",
     "patience": "early stop after this many epochs without a better validation score (0: never)",
     "val_batch_size": "batch size for validation and cache building",
 }
@@ -101,14 +102,19 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
 
 def check_config(cfg: TrainConfig) -> str | None:
     """A message when a value can't work, else None."""
-    positive = ("epochs", "batch_size", "lr", "val_batch_size")
-    for name in positive:
-        if getattr(cfg, name) <= 0:
+    for name in ("epochs", "batch_size", "lr", "val_batch_size", "vision_lr_scale"):
+        if not getattr(cfg, name) > 0:  # also catches nan
             return f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}"
-    if not 0 <= cfg.negative_prob < 1:
-        return f"--negative-prob must be in [0, 1), got {cfg.negative_prob}"
-    if not 0 <= cfg.ema < 1:
-        return f"--ema must be in [0, 1), got {cfg.ema}"
+    for name in ("weight_decay", "grad_clip", "bce_weight", "dice_weight", "train_vision_layers", "patience"):
+        if not getattr(cfg, name) >= 0:
+            return f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}"
+    if cfg.bce_weight + cfg.dice_weight == 0:
+        return "--bce-weight and --dice-weight are both 0: nothing to train on"
+    for name in ("negative_prob", "ema", "warmup"):
+        if not 0 <= getattr(cfg, name) < 1:
+            return f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}"
+    if cfg.cache_dtype not in ("fp16", "fp32"):
+        return f"--cache-dtype must be fp16 or fp32, got {cfg.cache_dtype}"
     try:
         table = load_tasks(cfg.tasks_file)
     except TaskTableError as err:

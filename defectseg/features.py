@@ -78,7 +78,10 @@ class FeatureCache:
     def for_segmenter(cls, root: str | Path, segmenter, dtype: str = "fp16") -> FeatureCache:
         """The cache of what ``segmenter.encode`` computes: its model, input size, precision, processor."""
         compute = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[segmenter.amp_dtype]
-        preprocessing = segmenter.processor.image_processor.to_dict()
+        processor = segmenter.processor.image_processor
+        # The class too: transformers falls back to a PIL implementation without torchvision, whose
+        # to_dict() is the same but whose resizing differs slightly.
+        preprocessing = dict(processor.to_dict(), implementation=type(processor).__name__)
         return cls(root, segmenter.model, segmenter.input_size, dtype, compute, preprocessing)
 
     def key(self, image: str) -> str:

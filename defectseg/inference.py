@@ -62,12 +62,14 @@ def check_device(name: str) -> str | None:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device`` (None = plain fp32).
 
-    auto: bf16 on CUDA where supported, else fp16 on CUDA; fp32 on CPU/MPS.
+    auto: bf16 on CUDA GPUs with native bf16 (Ampere and newer, ROCm), else fp16; fp32 on CPU/MPS.
+    (``torch.cuda.is_bf16_supported()`` also says yes to the slow emulated bf16 of a T4 or V100.)
     """
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        native = torch.cuda.is_bf16_supported() if torch.version.hip else torch.cuda.get_device_capability(device) >= (8, 0)
+        return torch.bfloat16 if native else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

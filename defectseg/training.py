@@ -8,6 +8,7 @@ validation, checkpoints), then the small helpers it calls.
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
 import logging
@@ -88,6 +89,7 @@ class TrainConfig:
     cache_dir: str = ""  # default <data>/features
     cache_dtype: str = "fp16"
     train_vision_layers: int = 0
+    vision_lr_scale: float = 0.1  # learning-rate multiplier for the unfrozen vision layers
     patience: int = 5  # stop after this many epochs without a better validation score (0: never)
     val_batch_size: int = 16
 
@@ -132,9 +134,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         for task in tasks:
             if not any(r["task"] == task.name for r in valid_rows):
                 log.warning("task %s has no valid images: it trains but is not validated", task.name)
-        write_json_atomic(out / "config.json", asdict(cfg))
 
-    state = torch.load(out / "last" / TRAINER_STATE, weights_only=False) if resume else None
+    state = _load_trainer_state(out / "last" / TRAINER_STATE) if resume else None
     model, processor = load_model(out / "last" if resume else cfg.model, device)
     trainable = _set_trainable(model, cfg.train_vision_layers)
     segmenter = Segmenter(model, processor, device, amp_dtype, tasks=table)
@@ -163,9 +164,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     if world > 1:
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(math.ceil(len(train_rows) / world) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup, steps_per_epoch * cfg.epochs))
+    schedule = {"epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch}
+    lr_factor = _warmup_cosine(cfg.warmup, steps_per_epoch * cfg.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = [p.detach().clone() for p in trainable] if cfg.ema > 0 else None
 
@@ -173,8 +176,17 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     best = {"score": -1.0, "epoch": 0, "bad_epochs": 0}
     start_epoch = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as err:  # other parameter groups: --train-vision-layers changed, or an older run
+            raise ConfigError(f"{out}: its optimizer state does not fit this run's settings ({err}); "
+                              "resume with the settings it was started with, or start a new run") from err
         scheduler.load_state_dict(state["scheduler"])
+        for group in optimizer.param_groups:  # the restored step's lr under this run's schedule
+            group["lr"] = group["initial_lr"] * lr_factor(scheduler.last_epoch)
+        if main_process and state.get("schedule", schedule) != schedule:
+            log.warning("resuming with another schedule (%s, was %s): the learning rate continues from "
+                        "step %d of the new one", schedule, state["schedule"], scheduler.last_epoch)
         scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema = [t.to(device) for t in state["ema"]]
@@ -194,12 +206,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                  else f"last {cfg.train_vision_layers} vision layers unfrozen", device,
                  f" x{world} processes" if world > 1 else "", len(train_rows), len(valid_rows), steps_per_epoch)
 
+    if main_process:  # only now that data, model and any resumed state fit together
+        write_json_atomic(out / "config.json", asdict(cfg))
     stop = False
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
     for epoch in range(start_epoch, end_epoch):
         t0 = time.perf_counter()
         plan = epoch_plan(train_rows, tasks, cfg.seed, epoch, cfg.negative_prob, cfg.flip, cfg.synonyms)
-        plan = (plan + plan[: -len(plan) % world])[rank::world]  # every process gets as many steps
+        plan = _shard(plan, rank, world)
         model.train()
         losses, skipped = [], 0
         batches = [plan[i:i + cfg.batch_size] for i in range(0, len(plan), cfg.batch_size)]
@@ -225,17 +239,18 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 continue
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
-            if scaler.get_scale() >= scale:  # fp16: the scaler skips steps whose gradients overflowed
+            if scaler.get_scale() >= scale:  # else fp16's scaler skipped the step (its gradients overflowed)
                 scheduler.step()
-            if ema is not None:
-                with torch.no_grad():
-                    for shadow, p in zip(ema, trainable):
-                        shadow.lerp_(p.detach(), 1 - cfg.ema)
+                if ema is not None:
+                    with torch.no_grad():
+                        for shadow, p in zip(ema, trainable):
+                            shadow.lerp_(p.detach(), 1 - cfg.ema)
             losses.append(loss.item())
         train_seconds = time.perf_counter() - t0
         train_loss = _mean_across(losses, world, device)
@@ -260,7 +275,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 _save(model, processor, out / "last", cfg, tasks, agg, epoch + 1, state={
                     "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "ema": ema, "live": live, "history": history, "best": best,
-                    "rng": _rng_state()})
+                    "rng": _rng_state(), "schedule": schedule})
             _write_history(out, history)
             log.info("epoch %d/%d  loss %.4f  val IoU %s  mean %.4f%s  (%.1f s, %.0f samples/s)", epoch + 1,
                      cfg.epochs, train_loss, "  ".join(f"{name} {m['iou']:.4f}" for name, m in agg["tasks"].items()),
@@ -314,6 +329,26 @@ def _load_batch(batch: list[Sample], cfg: TrainConfig, rows: list[dict], targets
         tokens = segmenter.processor.tokenizer([s.prompt for s in batch], padding=True, return_tensors="pt")
         inputs.update(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
     return target, inputs
+
+
+def _shard(plan: list, rank: int, world: int) -> list:
+    """This process's share of the epoch's plan; the plan is padded by repeating it from the start so
+    every process gets as many samples, hence as many steps (a process with one more would wait forever)."""
+    padded = plan + [plan[i % len(plan)] for i in range(-len(plan) % world)] if plan else plan
+    return padded[rank::world]
+
+
+def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups of the trainable parameters: no weight decay on biases and norm weights (1-d), and
+    the unfrozen vision layers at ``vision_lr_scale`` times the decoder's learning rate."""
+    vision = {id(p) for layer in used_vision_layers(model) for p in layer.parameters()}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault((id(p) in vision, p.ndim <= 1), []).append(p)
+    return [{"params": params, "lr": cfg.lr * (cfg.vision_lr_scale if is_vision else 1.0),
+             "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+            for (is_vision, no_decay), params in sorted(groups.items())]
 
 
 def _set_trainable(model: nn.Module, vision_layers: int) -> list[nn.Parameter]:
@@ -447,6 +482,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _load_trainer_state(path: Path) -> dict:
+    """``last/trainer_state.pt`` onto the CPU (a run trained on a GPU resumes anywhere)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # truncated or not a trainer state at all
+        raise ConfigError(f"{path} cannot be read ({type(err).__name__}: {err}); resume from a copy or start "
+                          "a new run") from err
+
+
 def _init_distributed(device: str) -> tuple[int, int]:
     """(rank, world size); starts the process group under torchrun (gloo on CPU, nccl on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -454,7 +500,8 @@ def _init_distributed(device: str) -> tuple[int, int]:
         return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
-        dist.init_process_group(backend)
+        # Rank 0 validates and saves while the others wait: allow longer than nccl's 10 minutes.
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
     return dist.get_rank(), world
 
 
@@ -472,9 +519,10 @@ def _barrier(world: int) -> None:
 
 
 def _mean_across(values: list[float], world: int, device: torch.device) -> float:
+    if world == 1:
+        return sum(values) / len(values) if values else float("nan")
     total = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(total)
+    dist.all_reduce(total)
     return float(total[0] / total[1]) if total[1] else float("nan")
 
 

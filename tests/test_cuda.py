@@ -17,7 +17,7 @@ import preprocess_masks
 import train
 from defectseg.data import batch_targets, epoch_plan, load_rows, load_targets
 from defectseg.features import FeatureCache, view_of
-from defectseg.inference import Segmenter
+from defectseg.inference import Segmenter, resolve_precision
 from defectseg.io import load_image, read_mask_png
 from defectseg.losses import bce_dice_loss
 from defectseg.model import load_model, read_metadata
@@ -46,6 +46,13 @@ def probabilities(model_dir: Path, device: str, precision: str) -> dict[str, lis
     images = [load_image(p) for p in sorted((SAMPLE / "drywall" / "valid").glob("*.jpg"))[:3]]
     seg = Segmenter.load(str(model_dir), device=device, precision=precision)
     return seg.probabilities(seg.encode(seg.pixel_values(images)), [im.shape[:2] for im in images], PROMPTS)
+
+
+def test_auto_precision_on_this_gpu():
+    """bf16 only where the GPU computes it natively (compute capability 8.0+), else fp16."""
+    device = torch.device("cuda")
+    native = torch.cuda.get_device_capability(device) >= (8, 0)
+    assert resolve_precision("auto", device) is (torch.bfloat16 if native else torch.float16)
 
 
 def test_cuda_fp32_inference_matches_cpu(tiny):
@@ -114,3 +121,13 @@ def test_cuda_training_runs_and_its_checkpoint_serves_predict(processed, tiny, t
          "--device", "cuda", "--precision", precision, "-q"])) == 0
     assert read_mask_png(out / f"{image.stem}__segment_crack.png").shape == load_image(image).shape[:2]
     Segmenter.load(str(run / "best"), device="cpu")
+
+
+def test_gpu_run_resumes_on_the_cpu(processed, tiny, tmp_path):
+    run = tmp_path / "run"
+    common = ["--data", str(processed), "--model", str(tiny), "--out", str(run), "--epochs", "2",
+              "--batch-size", "8", "--cache-dir", str(tmp_path / "features"), "-q"]
+    assert train.main(train.build_parser().parse_args([*common, "--device", "cuda", "--stop-after", "1"])) == 0
+    assert train.main(train.build_parser().parse_args(["--resume", str(run), "--device", "cpu", "-q"])) == 0
+    with open(run / "metrics.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -273,6 +274,10 @@ def test_feature_cache_keys_never_reuse_stale_entries(tmp_path, sample_root, tin
     segmenter.amp_dtype = torch.bfloat16
     assert FeatureCache.for_segmenter(tmp_path / "f", segmenter).dir != fp32_dir
     segmenter.amp_dtype = None
+    image_processor = segmenter.processor.image_processor
+    image_processor.__class__ = type("OtherImplementation", (type(image_processor),), {})  # e.g. the PIL fallback
+    assert FeatureCache.for_segmenter(tmp_path / "f", segmenter).dir != fp32_dir
+    image_processor.__class__ = type(image_processor).__bases__[0]
     with torch.no_grad():
         used_vision_layers(model)[0].mlp.fc1.weight.add_(0.01)
     assert FeatureCache(tmp_path / "f", model, 64, "fp16").dir != cache.dir
@@ -387,3 +392,69 @@ def test_fp16_overflow_steps_do_not_advance_the_schedule(processed, tiny, tmp_pa
     state = torch.load(tmp_path / "fp16" / "last" / "trainer_state.pt", weights_only=False)
     assert state["scaler"]["scale"] < 2.0**16  # it did overflow and back off
     assert state["scheduler"]["last_epoch"] < len(load_rows(processed, "train")) / 4
+
+
+@pytest.mark.parametrize("n,world", [(15, 2), (1, 4), (3, 4), (8, 4), (0, 2)])
+def test_every_process_gets_as_many_samples(n, world):
+    from defectseg.training import _shard
+
+    plan = list(range(n))
+    shares = [_shard(plan, rank, world) for rank in range(world)]
+    assert len({len(share) for share in shares}) == 1
+    assert set().union(*shares) == set(plan)
+    assert sum(map(len, shares)) == (math.ceil(n / world) * world if n else 0)
+
+
+def test_param_groups_decay_and_vision_lr(tiny):
+    from defectseg.training import TrainConfig, _param_groups, _set_trainable
+
+    model, _ = load_model(tiny)
+    trainable = _set_trainable(model, 1)
+    cfg = TrainConfig(lr=1e-3, weight_decay=0.01, vision_lr_scale=0.1)
+    groups = _param_groups(model, cfg)
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(map(id, trainable))
+    vision = {id(p) for p in used_vision_layers(model)[-1].parameters()}
+    for g in groups:
+        for p in g["params"]:
+            assert g["lr"] == pytest.approx(1e-4 if id(p) in vision else 1e-3)
+            assert g["weight_decay"] == (0.0 if p.ndim == 1 else 0.01)
+
+
+def test_grad_clip_zero_means_no_clipping(processed, tiny, tmp_path):
+    run = tmp_path / "noclip"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "1", "--grad-clip", "0", "--weight-decay", "0")) == 0
+    base, _ = load_model(tiny)
+    tuned, _ = load_model(run / "last")
+    assert any(not torch.equal(base.decoder.state_dict()[k], v) for k, v in tuned.decoder.state_dict().items())
+
+
+def test_resume_errors_and_schedule_change(processed, tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "2", "--stop-after", "1")) == 0
+    capsys.readouterr()
+    # Other trainable parameters than the run was started with: one clear line, nothing changed.
+    assert run_train("--resume", str(run), "--train-vision-layers", "1", "-q") == 1
+    assert "optimizer state does not fit" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["train_vision_layers"] == 0
+    # More epochs than planned: the schedule is recomputed, and the user is told.
+    assert run_train("--resume", str(run), "--epochs", "3") == 0
+    assert "resuming with another schedule" in capsys.readouterr().err
+    assert len(history(run)) == 3
+    # A truncated trainer state: one clear line.
+    state = run / "last" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    assert run_train("--resume", str(run), "--epochs", "4", "-q") == 1
+    assert "cannot be read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--grad-clip", "-1", "--grad-clip must be >= 0"),
+    ("--warmup", "1.5", "--warmup must be in [0, 1)"),
+    ("--lr", "nan", "--lr must be > 0"),
+    ("--cache-dtype", "fp8", "--cache-dtype must be fp16 or fp32"),
+    ("--vision-lr-scale", "0", "--vision-lr-scale must be > 0"),
+])
+def test_bad_settings_are_one_clear_line(tmp_path, capsys, flag, value, message):
+    assert run_train(flag, value, "--out", str(tmp_path / "r")) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
