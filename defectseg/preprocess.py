@@ -115,7 +115,10 @@ def process_job(job: Job) -> tuple[dict | None, list[Problem]]:
             )
             mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
     elif orientation != 1:
-        problems.append(Problem(where, "exif_rotated", f"EXIF orientation {orientation} applied; sizes agree", True))
+        # Ambiguous: the JSON's size fits both the stored and the displayed picture (a 180-degree turn, a
+        # mirror, or a square image). Taken as drawn on the displayed picture, and flagged for a look.
+        problems.append(Problem(where, "exif_rotated", f"EXIF orientation {orientation}: the JSON size fits the image "
+                                "either way; annotations taken as drawn on the displayed (turned) picture", True))
     png = encode_png(np.where(mask, 255, 0).astype(np.uint8))
     if not job.defer:
         write_bytes_atomic(job.mask, png)

@@ -296,3 +296,23 @@ def test_strict_failure_leaves_masks_untouched(sample_root, tmp_path):
     assert {p: p.read_bytes() for p in (out / "valid" / "masks").iterdir()} == before
     assert run("--data-root", str(data), "--out", str(out)) == 0  # without --strict the repair is applied
     assert {p: p.read_bytes() for p in (out / "valid" / "masks").iterdir()} != before
+
+
+def test_ambiguous_exif_orientation_is_flagged(tmp_path):
+    """A square image turned 180 degrees by EXIF: the JSON size fits either way, so the annotations are
+    taken as drawn on the displayed picture (the mask is not turned) and the warning says so."""
+    split = tmp_path / "data" / "cracks" / "train"
+    write_export(split, [{"id": 1, "file_name": "square.jpg", "width": 12, "height": 12}],
+                 [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [], "bbox": [1, 2, 3, 4]}],
+                 make_images=False)
+    write_image(split / "square.jpg", 12, 12, exif_orientation=3)
+    out = tmp_path / "out"
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(out), "--tasks", "cracks") == 0
+    (problem,) = json.loads((out / "summary.json").read_text())["problems"]
+    assert problem["kind"] == "exif_rotated" and "either way" in problem["message"]
+    expected = np.zeros((12, 12), dtype=bool)
+    expected[2:6, 1:4] = True
+    (row,) = read_manifest(out / "train" / "manifest.csv")
+    np.testing.assert_array_equal(read_png(row["mask"]) > 0, expected)
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "strict"), "--tasks", "cracks",
+               "--strict") == 1
