@@ -95,9 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=threshold_value, default=None,
                         help="probability threshold for every prompt (default: the checkpoint's tuned "
                              "per-prompt thresholds, else 0.5)")
-    parser.add_argument("--tta", action="store_true", help="also run the mirrored image and average")
+    parser.add_argument("--tta", action="store_true",
+                        help="also run the mirrored image and average (the checkpoint's thresholds were tuned "
+                             "without it; `evaluate.py --tta --write-thresholds` retunes them with it)")
     parser.add_argument("--ensemble", action="store_true",
-                        help="average over the prompt's synonyms from the task table")
+                        help="average over the prompt's synonyms from the task table (thresholds: as --tta)")
     parser.add_argument("--overlay", action="store_true", help="also write <stem>__<slug>_overlay.png")
     parser.add_argument("--probs", action="store_true", help="also write <stem>__<slug>_prob.png (probability x 255)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="images per batch (default: %(default)s)")
