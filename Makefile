@@ -31,7 +31,7 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(PY) preprocess_masks.py --data-root $(DATA) --out $(OUT)
-	$(PY) train.py --data $(OUT) --model $(MODEL) --out $(RUN) --epochs $(EPOCHS) --batch-size 8
+	$(PY) train.py --data $(OUT) --model $(MODEL) --out $(RUN) --epochs $(EPOCHS) --batch-size 8 --overwrite
 	$(PY) predict.py --model $(RUN)/best --image $(DATA)/*/valid --prompt "segment crack" \
 		--prompt "segment taping area" --out $(RUN)/predictions --overlay
 	$(PY) evaluate.py --model $(RUN)/best --data $(OUT) --split valid --out $(RUN)/report

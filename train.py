@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import sys
 import time
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop-after", type=int, metavar="N",
                         help="end this invocation after N epochs; continue later with --resume "
                              "(the LR schedule still spans --epochs)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train into an --out folder that already holds a run, replacing it")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -85,29 +88,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Settings a resumed run must keep: they decide the model, the data or the parameters being trained.
+FIXED_ON_RESUME = ("data", "model", "tasks", "tasks_file", "train_vision_layers", "batch_size")
+
+
 def make_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's config: flags over defaults, or over the run's own config with --resume. Raises
+    ConfigError (or FileNotFoundError) with a user-facing message."""
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     if getattr(args, "resume", None):
         cfg = load_run_config(args.resume)
         if not (Path(args.resume) / "last" / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"{args.resume}: no last/{TRAINER_STATE} to resume from (the run ended before "
                                     "its first epoch did); start it again without --resume")
+        if changed := [k for k in FIXED_ON_RESUME if k in given and given[k] != getattr(cfg, k)]:
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise ConfigError(f"{args.resume}: {flags} cannot change when resuming (the run has "
+                              f"{', '.join(f'{k}={getattr(cfg, k)}' for k in changed)}); start a new run instead")
         cfg.out = args.resume
         return dataclasses.replace(cfg, **{k: v for k, v in given.items() if k != "out"})
     cfg = TrainConfig(**given)
     cfg.model = resolve_model_arg(given.get("model"))
     cfg.out = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if any((out / name).exists() for name in ("config.json", "best", "last")) and not getattr(args, "overwrite", False):
+        raise ConfigError(f"--out {out} already holds a run; continue it with --resume {out}, pick another --out, "
+                          "or pass --overwrite to replace it")
     return cfg
 
 
 def check_config(cfg: TrainConfig) -> str | None:
     """A message when a value can't work, else None."""
     for name in ("epochs", "batch_size", "lr", "val_batch_size", "vision_lr_scale"):
-        if not getattr(cfg, name) > 0:  # also catches nan
-            return f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}"
-    for name in ("weight_decay", "grad_clip", "bce_weight", "dice_weight", "train_vision_layers", "patience"):
-        if not getattr(cfg, name) >= 0:
-            return f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}"
+        if not 0 < getattr(cfg, name) < math.inf:  # also catches nan
+            return f"--{name.replace('_', '-')} must be > 0 and finite, got {getattr(cfg, name)}"
+    for name in ("weight_decay", "grad_clip", "bce_weight", "dice_weight", "train_vision_layers", "patience", "seed"):
+        if not 0 <= getattr(cfg, name) < math.inf:
+            return f"--{name.replace('_', '-')} must be >= 0 and finite, got {getattr(cfg, name)}"
     if cfg.bce_weight + cfg.dice_weight == 0:
         return "--bce-weight and --dice-weight are both 0: nothing to train on"
     for name in ("negative_prob", "ema", "warmup"):
@@ -131,10 +150,12 @@ def main(args: argparse.Namespace) -> int:
     setup_logging(getattr(args, "quiet", False) or rank != 0)
     try:
         cfg = make_config(args)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ConfigError) as err:
         return fail(str(err))
     if message := check_config(cfg):
         return fail(message)
+    if getattr(args, "stop_after", 1) < 1:
+        return fail(f"--stop-after must be >= 1, got {args.stop_after}")
     if rank == 0:
         log.info("run %s", cfg.out)
         for key, value in dataclasses.asdict(cfg).items():
@@ -143,8 +164,10 @@ def main(args: argparse.Namespace) -> int:
         train(cfg, resume=bool(getattr(args, "resume", None)), stop_after=getattr(args, "stop_after", None))
     except (ModelLoadError, DataError, TaskTableError, FloatingPointError, ConfigError) as err:
         return fail(str(err))
-    except OSError as err:  # a file named in a manifest that is missing or unreadable
+    except FileNotFoundError as err:  # a file named in a manifest
         return fail(f"{err}; re-run preprocess_masks.py if the data moved")
+    except OSError as err:  # disk full, no permission, ...
+        return fail(f"{err.filename or cfg.out}: {err.strerror or err}")
     return 0
 
 

@@ -137,6 +137,8 @@ def _looks_like_local_path(name: str) -> bool:
 def _load_local_dir(path: Path) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
     """Load model + processor from a ``save_pretrained`` folder, after checking it is a CLIPSeg one."""
     config_file = path / "config.json"
+    if (path / "best").is_dir() or (path / "last").is_dir():
+        raise ModelLoadError(f"{path} is a training run folder; pass its checkpoint: {path / 'best'} (or {path / 'last'})")
     if not config_file.is_file():
         raise ModelLoadError(
             f"{path} is not a CLIPSeg checkpoint folder (no config.json); expected a folder written by "
@@ -144,7 +146,7 @@ def _load_local_dir(path: Path) -> tuple[CLIPSegForImageSegmentation, CLIPSegPro
         )
     try:
         model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, AttributeError) as exc:  # AttributeError: JSON that is not an object
         raise ModelLoadError(
             f"{path} is not a CLIPSeg checkpoint folder: cannot read config.json ({exc})"
         ) from exc
@@ -170,17 +172,16 @@ def _load_decoder_file(
     header = _safetensors_header(path)
     base = base_model or header.get(_BASE_MODEL_KEY)
     if not base:
-        raise ModelLoadError(
-            f"decoder file {path} does not record its base model; pass base_model= explicitly"
-        )
+        hint = f"pass its folder {path.parent}" if (path.parent / "config.json").is_file() else "pass a checkpoint folder"
+        raise ModelLoadError(f"{path} is not a decoder file written by training (it records no base model); {hint}")
     if base.endswith(".safetensors"):
         raise ModelLoadError(f"decoder file {path}: its base model {base!r} must be a Hub id or a folder")
     try:
         model, processor = load_model(base)
     except ModelLoadError as exc:
         raise ModelLoadError(
-            f"decoder file {path} is built on base model {base!r}, which could not be loaded: {exc}\n"
-            "(a local copy of the base model can be given with base_model=...)"
+            f"decoder file {path} is built on base model {base!r}, which could not be loaded: {exc} "
+            f"(or pass the full checkpoint folder {path.parent} instead of the decoder file)"
         ) from exc
     load_decoder(model, path)
     return model, processor
@@ -388,6 +389,17 @@ def _swap_in(new: Path, out: Path) -> None:
         shutil.rmtree(new, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def base_model_ref(name_or_path: str) -> str:
+    """What a decoder file records as its base: a Hub id as is, a local folder as an absolute path (so
+    the file loads from any working directory), and for a decoder file the base that file records."""
+    if not _looks_like_local_path(name_or_path):
+        return name_or_path
+    path = Path(name_or_path).expanduser().resolve()
+    if path.is_file() and path.suffix == ".safetensors":
+        return _safetensors_header(path).get(_BASE_MODEL_KEY) or str(path.parent)
+    return str(path)
 
 
 def save_decoder(

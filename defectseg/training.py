@@ -43,6 +43,7 @@ from .losses import bce_dice_loss
 from .metrics import default_thresholds
 from .model import (
     DECODER_FILE,
+    base_model_ref,
     count_parameters,
     decode,
     encode_images,
@@ -399,8 +400,9 @@ def _save(model, processor, folder: Path, cfg: TrainConfig, tasks: list[Task], a
           state: dict | None) -> None:
     """A checkpoint folder: save_pretrained weights + processor, defectseg.json metadata (task table,
     tuned per-prompt thresholds, config, metrics), the decoder alone, and (last/) the trainer state."""
+    base = base_model_ref(cfg.model)
     metadata = {
-        "base_model": cfg.model,
+        "base_model": base,
         "epoch": epoch,
         "tasks": tasks_to_dict({t.name: t for t in tasks}),
         "thresholds": {t.prompt: agg["tasks"][t.name]["best_threshold"] for t in tasks if t.name in agg["tasks"]},
@@ -411,7 +413,7 @@ def _save(model, processor, folder: Path, cfg: TrainConfig, tasks: list[Task], a
 
     def extra(tmp: Path) -> None:
         if cfg.train_vision_layers == 0:  # with tuned vision layers the decoder alone is not the model
-            save_decoder(model, tmp / DECODER_FILE, metadata, base_model=cfg.model)
+            save_decoder(model, tmp / DECODER_FILE, metadata, base_model=base)
         if state is not None:
             buf = io.BytesIO()
             torch.save(state, buf)

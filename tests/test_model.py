@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import huggingface_hub
@@ -140,6 +141,20 @@ def test_load_model_dir_that_is_not_clipseg(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ModelLoadError, match="'bert' model, not a CLIPSeg"):
         load_model(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ModelLoadError, match="cannot read config.json"):
+        load_model(tmp_path)
+
+
+def test_load_model_points_at_the_right_thing(tiny_dir: Path, tmp_path: Path) -> None:
+    """Likely mix-ups: a training run folder instead of its best/, the full weights file instead of its folder."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_dir, run / "best")
+    (run / "config.json").write_text(json.dumps({"epochs": 2}))
+    with pytest.raises(ModelLoadError, match=r"is a training run folder; pass its checkpoint: .*best"):
+        load_model(run)
+    with pytest.raises(ModelLoadError, match=r"not a decoder file written by training .*; pass its folder"):
+        load_model(run / "best" / "model.safetensors")
 
 
 @pytest.fixture

@@ -432,10 +432,18 @@ def test_resume_errors_and_schedule_change(processed, tiny, tmp_path, capsys):
     run = tmp_path / "run"
     assert run_train(*base_args(processed, tiny, run, "--epochs", "2", "--stop-after", "1")) == 0
     capsys.readouterr()
-    # Other trainable parameters than the run was started with: one clear line, nothing changed.
-    assert run_train("--resume", str(run), "--train-vision-layers", "1", "-q") == 1
-    assert "optimizer state does not fit" in capsys.readouterr().err
+    # Settings that decide the model, data or trained parameters cannot change: one clear line, nothing changed.
+    for flag, value in (("--train-vision-layers", "1"), ("--batch-size", "8"), ("--tasks", "cracks"),
+                        ("--model", str(tmp_path))):
+        assert run_train("--resume", str(run), flag, value, "-q") == 1
+        assert f"{flag} cannot change when resuming" in capsys.readouterr().err
     assert json.loads((run / "config.json").read_text())["train_vision_layers"] == 0
+    # A trainer state whose optimizer does not fit (e.g. written by an older version): one clear line.
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(dict(config, train_vision_layers=1)))
+    assert run_train("--resume", str(run), "-q") == 1
+    assert "optimizer state does not fit" in capsys.readouterr().err
+    (run / "config.json").write_text(json.dumps(config))
     # More epochs than planned: the schedule is recomputed, and the user is told.
     assert run_train("--resume", str(run), "--epochs", "3") == 0
     assert "resuming with another schedule" in capsys.readouterr().err
@@ -458,3 +466,35 @@ def test_bad_settings_are_one_clear_line(tmp_path, capsys, flag, value, message)
     assert run_train(flag, value, "--out", str(tmp_path / "r")) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_an_existing_run_is_never_replaced_silently(processed, tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "1")) == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "1", "--lr", "0.5")) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "1", "--overwrite")) == 0
+    # A start that fails (here: the model) writes nothing, not even config.json.
+    fresh = tmp_path / "fresh"
+    assert run_train(*base_args(processed, tmp_path / "no-model", fresh, "--epochs", "1")) == 1
+    assert not (fresh / "config.json").exists()
+    (tmp_path / "afile").write_text("")
+    assert run_train(*base_args(processed, tiny, tmp_path / "afile", "--epochs", "1")) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_decoder_file_loads_from_any_working_directory(processed, tiny, tmp_path, monkeypatch):
+    """The decoder file records its base model as an absolute path, so it loads from anywhere; a run
+    trained from a decoder file records the same base."""
+    relative_tiny = Path(os.path.relpath(tiny, tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert run_train(*base_args(processed, relative_tiny, tmp_path / "a", "--epochs", "1")) == 0
+    assert run_train(*base_args(processed, tmp_path / "a" / "best" / "decoder.safetensors", tmp_path / "b",
+                                "--epochs", "1")) == 0
+    monkeypatch.chdir(tmp_path / "b")
+    for run in ("a", "b"):
+        model, _ = load_model(tmp_path / run / "best" / "decoder.safetensors")
+        assert read_metadata(tmp_path / run / "best")["base_model"] == str(tiny.resolve())
