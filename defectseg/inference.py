@@ -50,6 +50,8 @@ def check_device(name: str) -> str | None:
         device = resolve_device(name)
     except RuntimeError as err:
         return f"--device {name}: {err}"
+    if device.type not in ("cpu", "cuda", "mps"):
+        return f"--device {name}: not supported; use auto, cpu, cuda, cuda:N or mps"
     if device.type == "cuda" and not torch.cuda.is_available():
         return f"--device {name}: CUDA is not available (torch {torch.__version__})"
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -216,7 +218,9 @@ class Segmenter:
 
 def processor_inputs(image_processor, images: Sequence[np.ndarray]) -> torch.Tensor:
     """(B, 3, S, S) float32 model input for RGB uint8 images of any sizes (``Segmenter.pixel_values``)."""
-    return image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+    # Channels-last said outright: transformers guesses the layout otherwise, and guesses wrong for
+    # images 1, 3 or 4 pixels tall (it takes the height for the channel axis).
+    return image_processor(images=list(images), return_tensors="pt", input_data_format="channels_last")["pixel_values"]
 
 
 # -- image files -> model inputs, decoded in DataLoader workers while the model runs -------------

@@ -63,6 +63,8 @@ def open_image(path: str | Path) -> tuple[np.ndarray, tuple[int, int], int]:
             return _to_rgb_uint8(img), raw_size, orientation
     except FileNotFoundError:
         raise ImageReadError(f"{path}: image file not found") from None
+    except Image.DecompressionBombError as err:  # a decompression bomb, or just a huge picture
+        raise ImageReadError(f"{path}: image too large to read safely ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"{path}: cannot read image ({err})") from None
 

@@ -16,6 +16,7 @@ A task given in the file replaces the built-in task of the same name; other buil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ DEFAULT_TASKS: dict[str, Task] = {
 }
 
 _SLUG_RE = re.compile(r"[^a-z0-9]+")
+SLUG_MAX = 100
 
 
 def prompt_slug(prompt: str) -> str:
@@ -75,8 +77,19 @@ def prompt_slug(prompt: str) -> str:
     'segment_crack'
     >>> prompt_slug("Segment  joint/tape!")
     'segment_joint_tape_'
+
+    A prompt with characters beyond ASCII (which the rule would drop), or a slug over
+    ``SLUG_MAX`` characters, gets 8 hex characters of a hash of the prompt appended, so that
+    different prompts never share a file name and names stay short enough for any file system:
+
+    >>> prompt_slug("segment 裂缝")
+    'segment__3ac17fea'
     """
-    return _SLUG_RE.sub("_", prompt.lower())
+    slug = _SLUG_RE.sub("_", prompt.lower())
+    if prompt.isascii() and len(slug) <= SLUG_MAX:
+        return slug
+    digest = hashlib.sha1(normalize_prompt(prompt).encode()).hexdigest()[:8]
+    return f"{slug[:SLUG_MAX]}_{digest}"
 
 
 def normalize_prompt(prompt: str) -> str:

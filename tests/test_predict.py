@@ -41,6 +41,8 @@ def odd_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths = {
         "wide": write_image(folder / "wide.png", 300, 120, seed=1),
         "exif": write_image(folder / "exif.jpg", 40, 30, seed=2, exif_orientation=6),
+        "speck": write_image(folder / "speck.png", 1, 1, seed=3),  # 1, 3 or 4 px tall: transformers
+        "strip": write_image(folder / "strip.png", 100, 3, seed=4),  # would guess the channel axis wrong
     }
     forms = {
         "gray": Image.fromarray(rng.integers(0, 255, (211, 97), dtype=np.uint8)),
@@ -149,7 +151,7 @@ def test_encoder_runs_once_per_batch_for_all_prompts(tiny_dir: Path, tmp_path: P
     calls: list[int] = []
     hook = used_vision_layers(seg.model)[-1].register_forward_hook(lambda *_: calls.append(1))
     try:
-        stats = predict.predict_images(seg, list(odd_images.values()), dict.fromkeys(PROMPTS, 0.5), tmp_path,
+        stats = predict.predict_images(seg, list(odd_images.values())[:5], dict.fromkeys(PROMPTS, 0.5), tmp_path,
                                        suffixes=[""], batch_size=2)
     finally:
         hook.remove()
@@ -233,3 +235,50 @@ def test_missing_model_is_one_clear_line(tmp_path: Path, odd_images) -> None:
     assert "Traceback" not in proc.stderr
     assert sum("ERROR" in line for line in proc.stderr.splitlines()) == 1
 
+
+
+def test_tiny_images_keep_their_colours(tiny_dir: Path) -> None:
+    """A 3-pixel-tall image of one colour: the model input holds that colour in every channel (a wrong
+    guess of the channel axis would mix the channels or fail)."""
+    seg = Segmenter.load(str(tiny_dir), "cpu")
+    ip = seg.processor.image_processor
+    colour = np.array([10, 200, 30], dtype=np.uint8)
+    for height, width in ((3, 100), (1, 1), (4, 4)):
+        pixels = seg.pixel_values([np.broadcast_to(colour, (height, width, 3)).copy()])[0]
+        expected = (colour / 255 - np.array(ip.image_mean)) / np.array(ip.image_std)
+        np.testing.assert_allclose(pixels.mean(dim=(1, 2)).numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(("prompt", "slug"), [
+    ("segment crack", "segment_crack"),
+    ("Segment  joint/tape!", "segment_joint_tape_"),
+    ("segment 裂缝", "segment__3ac17fea"),
+])
+def test_prompt_slugs(prompt: str, slug: str) -> None:
+    from defectseg.tasks import SLUG_MAX, prompt_slug
+
+    assert prompt_slug(prompt) == slug
+    assert prompt_slug("裂缝") != prompt_slug("😀😀")  # both would be "_" without the hash
+    assert len(prompt_slug("crack " * 100)) == SLUG_MAX + 9
+
+
+def test_unusual_prompts_get_distinct_short_file_names(tiny_dir: Path, tmp_path: Path) -> None:
+    image = write_image(tmp_path / "in" / "a.png", 20, 20)
+    prompts = ["裂缝", "😀😀", "crack " * 60]
+    assert run(tiny_dir, tmp_path / "out", "--image", str(image), prompts=prompts) == 0
+    assert len(list((tmp_path / "out").glob("a__*.png"))) == 3
+
+
+def test_unsupported_device_is_one_clear_line(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    image = write_image(tmp_path / "in" / "a.png", 20, 20)
+    assert run(tiny_dir, tmp_path / "out", "--image", str(image), "--device", "meta") == 1
+    assert "--device meta: not supported" in capsys.readouterr().err
+
+
+def test_huge_image_is_reported_not_a_traceback(tmp_path: Path, monkeypatch) -> None:
+    from defectseg.io import ImageReadError
+
+    path = write_image(tmp_path / "big.png", 64, 64)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses images over twice this
+    with pytest.raises(ImageReadError, match="big.png: image too large to read safely"):
+        load_image(path)
