@@ -37,7 +37,11 @@ def load_rows(data_dir: str | Path, split: str, tasks: list[str] | None = None, 
     if not manifest.is_file():
         raise DataError(f"no manifest at {manifest}: run `python preprocess_masks.py --data-root <exports> "
                         f"--out {data_dir} --splits {split}` first (or pass --data)")
-    return select_tasks(read_manifest(manifest), tasks, str(manifest), require_all)
+    try:
+        rows = read_manifest(manifest)
+    except (OSError, ValueError) as err:
+        raise DataError(str(err)) from None
+    return select_tasks(rows, tasks, str(manifest), require_all)
 
 
 def select_tasks(rows: list[dict], tasks: list[str] | None, source: str, require_all: bool = True) -> list[dict]:

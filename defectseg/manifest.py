@@ -29,12 +29,28 @@ def mask_name(image_file: str, prompt_slug: str) -> str:
     return f"{Path(image_file).stem}__{prompt_slug}.png"
 
 
+REQUIRED_COLUMNS = ("image", "mask", "task", "prompt")
+
+
 def read_manifest(path: str | Path) -> list[dict]:
-    """Rows of a manifest.csv as dicts (strings); ``image``/``mask`` resolved to absolute paths."""
+    """Rows of a manifest.csv as dicts (strings); ``image``/``mask`` resolved to absolute paths.
+
+    Raises ValueError naming the file for a manifest that lacks a required column, has a short row or
+    is not UTF-8 text (OSError when it cannot be opened).
+    """
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path}: not a readable manifest ({err})") from None
+    if missing := [c for c in REQUIRED_COLUMNS if c not in columns]:
+        raise ValueError(f"{path}: not a manifest, no column(s) {', '.join(missing)}; re-run preprocess_masks.py")
+    for line, row in enumerate(rows, start=2):
+        if any(row.get(c) in (None, "") for c in REQUIRED_COLUMNS):
+            raise ValueError(f"{path}, line {line}: the row has no {'/'.join(REQUIRED_COLUMNS)} value(s)")
         for col in ("image", "mask"):
             row[col] = str((path.parent / row[col]).resolve())
     return rows

@@ -498,3 +498,17 @@ def test_decoder_file_loads_from_any_working_directory(processed, tiny, tmp_path
     for run in ("a", "b"):
         model, _ = load_model(tmp_path / run / "best" / "decoder.safetensors")
         assert read_metadata(tmp_path / run / "best")["base_model"] == str(tiny.resolve())
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda text: text.replace("mask,", "maskk,", 1), "no column(s) mask"),
+    (lambda text: text + "only,three,values\n", "line"),
+    (lambda text: text.encode("utf-16").decode("latin-1"), "not a"),
+])
+def test_broken_manifest_is_one_clear_line(processed, tiny, tmp_path, capsys, damage, message):
+    data = copy_manifests(processed, tmp_path / "data", lambda split, r: True)
+    manifest = data / "train" / "manifest.csv"
+    manifest.write_text(damage(manifest.read_text()), encoding="latin-1")
+    assert run_train(*base_args(data, tiny, tmp_path / "run", "--epochs", "1")) == 1
+    err = capsys.readouterr().err
+    assert "manifest.csv" in err and message in err and "Traceback" not in err
