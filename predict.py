@@ -32,11 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from defectseg.cli import fail, setup_logging
+from defectseg.cli import fail, run, setup_logging
 from defectseg.inference import LoadedImage, Segmenter, check_device, image_batches
 from defectseg.io import (
     IMAGE_EXTENSIONS,
@@ -268,8 +267,6 @@ def precision_name(dtype: torch.dtype | None) -> str:
 
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.quiet)
-    if args.quiet:
-        transformers.utils.logging.disable_progress_bar()  # "Loading weights"
     suffixes = output_suffixes(args.overlay, args.probs)
     try:
         prompts = check_prompts(args.prompt, suffixes)
@@ -321,4 +318,4 @@ if __name__ == "__main__":
     # SIGTERM (kill, timeout, job schedulers) unwinds like Ctrl-C, so the image loader's worker processes
     # are shut down instead of outliving this one.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    sys.exit(main(build_parser().parse_args()))
+    run(main, build_parser())

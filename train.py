@@ -19,11 +19,10 @@ import dataclasses
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
-from defectseg.cli import fail, setup_logging
+from defectseg.cli import fail, run, setup_logging
 from defectseg.data import DataError
 from defectseg.inference import check_device
 from defectseg.model import ModelLoadError, resolve_model_arg
@@ -172,4 +171,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(build_parser().parse_args()))
+    run(main, build_parser())

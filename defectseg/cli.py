@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from .tasks import DEFAULT_TASKS, Task, TaskTableError, load_tasks
 
@@ -26,6 +29,22 @@ def setup_logging(quiet: bool = False) -> None:
     )
     for handler in logging.getLogger("transformers").handlers:
         handler.addFilter(_not_torchvision_notice)
+    if "transformers" in sys.modules:  # its own progress bars ("Loading weights") follow -q too
+        from transformers.utils import logging as hf_logging
+
+        if quiet:
+            hf_logging.disable_progress_bar()
+        elif not os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
+            hf_logging.enable_progress_bar()
+
+
+def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser) -> NoReturn:
+    """A script's entry point: ``main(args)``'s exit code; Ctrl-C ends it with one line (exit 130)."""
+    try:
+        code = main(parser.parse_args())
+    except KeyboardInterrupt:
+        code = fail("interrupted", 130)
+    sys.exit(code)
 
 
 def fail(message: str, code: int = 1) -> int:

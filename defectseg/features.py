@@ -109,7 +109,7 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         np_dtype = CACHE_DTYPES[self.dtype]
         for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", dynamic_ncols=True,
-                          disable=shard[0] != 0):
+                          disable=shard[0] != 0 or not log.isEnabledFor(logging.INFO)):
             chunk = todo[start:start + batch_size]
             rgb = [view_of(load_image(im), v) for im, v in chunk]
             acts = encode(pixel_values(rgb))

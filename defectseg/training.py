@@ -221,7 +221,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         load = partial(_load_batch, cfg=cfg, rows=train_rows, targets=targets, cache=cache, segmenter=segmenter)
         for batch, (target, inputs) in tqdm(prefetched(load, batches), total=len(batches), unit="batch",
                                             desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
-                                            disable=not main_process, leave=False):
+                                            disable=not (main_process and log.isEnabledFor(logging.INFO)), leave=False):
             target = target.to(device, non_blocking=True)
             inputs = {k: [t.to(device, non_blocking=True) for t in v] if isinstance(v, list)
                       else v.to(device, non_blocking=True) for k, v in inputs.items()}

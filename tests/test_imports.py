@@ -21,3 +21,18 @@ def test_scripts_run_without_pycocotools(script):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
+    import argparse
+
+    monkeypatch.setattr(sys, "argv", ["script.py"])
+    from defectseg.cli import run
+
+    def main(args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as info:
+        run(main, argparse.ArgumentParser())
+    assert info.value.code == 130
+    assert "interrupted" in capsys.readouterr().err

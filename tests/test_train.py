@@ -512,3 +512,11 @@ def test_broken_manifest_is_one_clear_line(processed, tiny, tmp_path, capsys, da
     assert run_train(*base_args(data, tiny, tmp_path / "run", "--epochs", "1")) == 1
     err = capsys.readouterr().err
     assert "manifest.csv" in err and message in err and "Traceback" not in err
+
+
+def test_quiet_run_prints_no_progress_bars(processed, tiny, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *base_args(processed, tiny, tmp_path / "run",
+                                                                            "--epochs", "1")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "" and proc.stderr == "", proc.stderr[-2000:]
