@@ -336,6 +336,12 @@ def save_checkpoint(
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
         if extra is not None:
             extra(tmp)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as exc:  # e.g. safetensors' own error on a full disk: an OSError all the same to callers
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write the checkpoint {out}: {_first_line(exc)}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

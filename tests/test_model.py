@@ -349,6 +349,13 @@ def test_interrupted_save_keeps_previous_checkpoint(
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(model, processor, out, {"epoch": 2})
 
+    def library_error(save_directory, *args, **kwargs):  # safetensors raises its own error type
+        raise RuntimeError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(model, "save_pretrained", library_error)
+    with pytest.raises(OSError, match=r"could not write the checkpoint .*best: Error while serializing"):
+        save_checkpoint(model, processor, out, {"epoch": 2})
+
     assert read_metadata(out) == {"epoch": 1}
     assert temp_siblings(out) == []
     loaded, _ = load_model(out)
