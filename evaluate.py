@@ -37,6 +37,17 @@ log = logging.getLogger("evaluate")
 MODEL_ONLY = {"model": None, "batch_size": None, "device": None, "precision": None}
 
 
+def pred_threshold_value(text: str) -> float:
+    """argparse type of --pred-threshold: a pixel value in (0, 255]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 255:
+        raise argparse.ArgumentTypeError(f"must be in (0, 255], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
@@ -67,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the predicted masks to <out>/masks/<image_stem>__<prompt_slug>.png")
     parser.add_argument("--pred-dir", default=None,
                         help="score masks made elsewhere (<image_stem>__<prompt_slug>.png) instead of a model")
+    parser.add_argument("--pred-threshold", type=pred_threshold_value, default=None, metavar="V",
+                        help="with --pred-dir: a pixel is foreground iff its value >= V (masks saved as "
+                             "probabilities 0..255: e.g. 128); default: any non-zero pixel")
     parser.add_argument("--examples", type=int, default=1, metavar="N",
                         help="per task, N best, N median and N worst images in examples_<task>.png "
                              "(0: none; default: %(default)s)")
@@ -109,6 +123,8 @@ def check_args(args: argparse.Namespace, model_arg: str) -> str | None:
         return f"--threshold must be in [0, 1], got {args.threshold}"
     if args.thresholds_sweep and not all(0.0 <= t <= 1.0 for t in args.thresholds_sweep):
         return "--thresholds-sweep values must be in [0, 1]"
+    if args.pred_threshold is not None and args.pred_dir is None:
+        return "--pred-threshold is for masks made elsewhere; it needs --pred-dir"
     if args.pred_dir is not None:
         if args.write_thresholds or args.save_masks:
             return "--write-thresholds and --save-masks need a model; they cannot be used with --pred-dir"
@@ -157,7 +173,8 @@ def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep:
 
 def run_pred_dir(pred_dir: str, args: argparse.Namespace, rows: list[dict]) -> tuple[dict, list]:
     log.info("scoring the masks in %s against %d ground truths", pred_dir, len(rows))
-    result = evaluation.evaluate_pred_dir(pred_dir, rows, workers=args.workers, progress=not args.quiet)
+    result = evaluation.evaluate_pred_dir(pred_dir, rows, workers=args.workers, progress=not args.quiet,
+                                          pred_threshold=args.pred_threshold)
     return report.source_metrics(pred_dir, "pred_dir", result, evaluation.aggregate(result.scores)), result.scores
 
 
@@ -192,7 +209,7 @@ def main(args: argparse.Namespace) -> int:
             if args.tta or args.ensemble or args.threshold is not None:
                 log.warning("--tta, --ensemble and --threshold do nothing with --pred-dir")
             section, scores = run_pred_dir(args.pred_dir, args, rows)
-            loader = partial(evaluation.pred_dir_example, args.pred_dir)
+            loader = partial(evaluation.pred_dir_example, args.pred_dir, pred_threshold=args.pred_threshold)
         else:
             mask_dir = out / "masks" if args.save_masks else None
             section, scores, segmenter = run_model(model_arg, args, rows, sweep, other_prompts, mask_dir)
@@ -228,10 +245,13 @@ def main(args: argparse.Namespace) -> int:
             "headline": "mean over images of per-image IoU and Dice",
             "resolution": "original size of each ground-truth mask",
             "empty_gt_and_empty_prediction_score": evaluation.EMPTY_SCORE,
-            "threshold_rule": "foreground iff probability >= threshold",
+            "threshold_rule": ("foreground iff probability >= threshold" if not args.pred_dir else
+                               "foreground iff pixel value > 0" if args.pred_threshold is None else
+                               f"foreground iff pixel value >= {args.pred_threshold:g}"),
             "overall": "mean over tasks",
         },
         **section,
+        "pred_threshold": args.pred_threshold,
         "examples": examples,
         "leakage": report.read_leakage(args.data, args.split),
         "thresholds_written": thresholds_written,

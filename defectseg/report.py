@@ -54,12 +54,14 @@ def source_metrics(label: str, kind: str, result: RunResult, summary: dict,
     """The metrics of one evaluated source: ``kind`` is "model" or "pred_dir"; ``summary`` is
     ``evaluation.aggregate`` output; lists of files are cut to their first few names."""
     out: dict[str, Any] = {"model": label, "kind": kind, **summary, "runtime": result.runtime,
-                           "footprint": footprint, "n_skipped": len(result.skipped), "skipped": result.skipped}
+                           "footprint": footprint, "n_skipped": len(result.skipped), "skipped": result.skipped,
+                           "gt_resized": {"count": len(result.gt_resized),
+                                          "first": result.gt_resized[:FIRST_NAMES]}}
     if kind == "pred_dir":
         out["predictions"] = {
             name: {"count": len(files), "first": files[:FIRST_NAMES]}
             for name, files in (("missing", result.missing), ("unreadable", result.unreadable),
-                                ("resized", result.resized))
+                                ("resized", result.resized), ("graded", result.graded))
         }
         out["predictions"]["missing"]["by_task"] = dict(result.missing_by_task)
     return out
@@ -376,19 +378,36 @@ def _leakage_section(m: dict, split: str) -> str:
     ])
 
 
+def _binarized(m: dict) -> str:
+    """How masks made elsewhere were turned into foreground/background."""
+    t = m.get("pred_threshold")
+    return "every non-zero pixel is foreground" if t is None else f"a pixel is foreground iff its value >= {t:g}"
+
+
 def _problems_section(m: dict) -> str:
     lines = []
+
+    def more(info: dict) -> str:
+        return " ..." if info["count"] > len(info["first"]) else ""
+
     if m["n_skipped"]:
         names = ", ".join(f"`{Path(s['image']).name}`" for s in m["skipped"][:FIRST_NAMES])
         lines.append(f"- {m['n_skipped']} image(s) skipped because a file could not be read (not scored): {names}")
+    gt = m.get("gt_resized") or {"count": 0}
+    if gt["count"]:
+        lines.append(f"- {gt['count']} ground-truth mask(s) not the size of their image, scored at the mask's "
+                     "own size (the prediction fitted to it; re-run preprocess_masks.py?): "
+                     + ", ".join(f"`{n}`" for n in gt["first"]) + more(gt))
     for name, info in (m.get("predictions") or {}).items():
         if info["count"]:
-            how = "resized nearest to the ground truth's size" if name == "resized" else "scored as empty masks"
+            how = {"resized": "resized nearest to the ground truth's size",
+                   "graded": f"(probability maps?) binarized: {_binarized(m)}"}
+            label = "holding values other than 0 and one foreground value" if name == "graded" else name
             first = ", ".join(f"`{n}`" for n in info["first"])
             by_task = info.get("by_task")
             per_task = f" ({', '.join(f'{t}: {n}' for t, n in by_task.items())})" if by_task else ""
-            lines.append(f"- {info['count']} prediction file(s) {name}{per_task}, {how}: {first}"
-                         + (" ..." if info["count"] > len(info["first"]) else ""))
+            lines.append(f"- {info['count']} prediction file(s) {label}{per_task}, "
+                         f"{how.get(name, 'scored as empty masks')}: {first}{more(info)}")
     return "\n".join(lines)
 
 
@@ -398,7 +417,8 @@ def _definitions(m: dict) -> str:
     fitted = ("predicted probabilities are upsampled (bilinear, on the logits) to it" if model else
               "a predicted mask of another size is resized to it, nearest neighbour")
     threshold = ("- **threshold**: a pixel is foreground iff its probability >= the threshold (per prompt, from "
-                 "the checkpoint unless overridden; 0.5 by default).")
+                 "the checkpoint unless overridden; 0.5 by default)." if model else
+                 f"- **predicted masks**: {_binarized(m)} (`--pred-threshold`).")
     return "\n".join([
         "- **mean IoU / mean Dice** (the headline numbers): IoU = TP / (TP + FP + FN) and Dice = 2 TP / "
         "(2 TP + FP + FN) per image, computed on the ground-truth mask at the image's **original resolution** "
@@ -409,7 +429,7 @@ def _definitions(m: dict) -> str:
         "- **micro IoU / micro Dice**: from TP, FP, FN summed over every pixel of the split (large defects "
         "weigh more).",
         "- **precision / recall**: TP / (TP + FP) and TP / (TP + FN) from the summed counts.",
-        *([threshold] if model else []),
+        threshold,
         "- **overall**: the mean over tasks of each per-task number (each task weighs the same); image "
         "counts are summed.",
         "- Ground truth: exact COCO rasterization of the annotations (pycocotools), from preprocess_masks.py.",

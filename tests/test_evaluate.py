@@ -396,6 +396,103 @@ def test_unreadable_image_is_skipped_and_reported(tiny_dir, valid_rows, tmp_path
     assert "1 image(s) skipped" in (out / "report.md").read_text()
 
 
+def test_is_graded():
+    assert not evaluation.is_graded(np.array([[0, 255], [255, 0]], np.uint8))
+    assert not evaluation.is_graded(np.array([[0, 1], [1, 0]], np.uint8))
+    assert not evaluation.is_graded(np.zeros((2, 2), np.uint8))
+    assert not evaluation.is_graded(np.full((2, 2), 255, np.uint8))
+    assert not evaluation.is_graded(np.array([[0, 65535]], np.uint16))
+    assert evaluation.is_graded(np.array([[0, 1, 255]], np.uint8))
+    assert evaluation.is_graded(np.array([[3, 200]], np.uint8))
+
+
+def test_probability_maps_are_warned_about_and_can_be_thresholded(processed, valid_rows, tmp_path, capsys):
+    """Masks saved as probabilities (foreground 200, background 40): binarized at > 0 every pixel is foreground,
+    so an image's IoU is its ground truth's foreground fraction (one warning names a file); --pred-threshold
+    128 recovers the ground truth exactly (IoU 1.0)."""
+    preds = tmp_path / "probs"
+    preds.mkdir()
+    fg = {}
+    for row in valid_rows:
+        gt = read_mask_png(row["mask"])
+        cv2.imwrite(str(pred_file(preds, row)), np.where(gt, 200, 40).astype(np.uint8))
+        fg.setdefault(row["task"], []).append(gt.mean())
+    out = tmp_path / "r"
+    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out", str(out),
+                           "--examples", "0")
+    assert code == 0
+    warnings = [line for line in log.splitlines() if "hold values other than 0 and 255" in line]
+    assert len(warnings) == 1 and "8 prediction(s)" in warnings[0] and "--pred-threshold" in warnings[0]
+    assert pred_file(preds, valid_rows[0]).name in warnings[0]
+    m = load_metrics(out)
+    for task, fractions in fg.items():
+        assert m["tasks"][task]["iou"] == pytest.approx(np.mean(fractions), abs=1e-12)
+        assert m["tasks"][task]["recall"] == 1.0
+    assert m["predictions"]["graded"]["count"] == 8 and m["pred_threshold"] is None
+    assert "8 prediction file(s) holding values other than 0" in (out / "report.md").read_text()
+
+    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out", str(out),
+                           "--pred-threshold", "128")
+    assert code == 0 and "hold values" not in log
+    m = load_metrics(out)
+    assert m["overall"]["iou"] == 1.0 and m["pred_threshold"] == 128
+    assert m["conventions"]["threshold_rule"] == "foreground iff pixel value >= 128"
+    assert "--pred-threshold 128" in m["command"]
+    assert "a pixel is foreground iff its value >= 128" in (out / "report.md").read_text()
+
+
+def test_zero_one_masks_are_not_warned_about(processed, valid_rows, tmp_path, capsys):
+    preds = tmp_path / "binary"
+    preds.mkdir()
+    for row in valid_rows:
+        cv2.imwrite(str(pred_file(preds, row)), read_mask_png(row["mask"]).astype(np.uint8))  # {0, 1}
+    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out",
+                           str(tmp_path / "r"), "--examples", "0")
+    assert code == 0 and "hold values" not in log
+    m = load_metrics(tmp_path / "r")
+    assert m["overall"]["iou"] == 1.0 and m["predictions"]["graded"]["count"] == 0
+
+
+def test_pred_threshold_is_checked(processed, tmp_path, capsys):
+    code, log = run_logged(capsys, "--data", str(processed), "--pred-threshold", "128", "--out", str(tmp_path / "r"))
+    assert code == 1 and "needs --pred-dir" in log
+    for bad in ("0", "256", "half"):
+        with pytest.raises(SystemExit) as exc:
+            evaluate.build_parser().parse_args(["--pred-dir", str(tmp_path), "--pred-threshold", bad])
+        assert exc.value.code == 2
+
+
+def test_ground_truth_of_another_size_is_warned_about(processed, tiny_dir, valid_rows, tmp_path, capsys):
+    """Row 0's ground truth shrunk to half its image's size (640x640 -> 320x320). The full-size predictions
+    (the ground truths themselves) are resized nearest to it exactly as the ground truth was, so every image
+    still scores 1.0; the mismatch is warned about naming the file, and listed."""
+    data = tmp_path / "data"
+    rows = [dict(r) for r in valid_rows]
+    gt = read_mask_png(rows[0]["mask"])
+    assert gt.shape == (640, 640) and (rows[0]["width"], rows[0]["height"]) == ("640", "640")
+    small = tmp_path / "small" / Path(rows[0]["mask"]).name
+    small.parent.mkdir()
+    cv2.imwrite(str(small), cv2.resize(gt.astype(np.uint8) * 255, (320, 320), interpolation=cv2.INTER_NEAREST))
+    rows[0]["mask"] = str(small)
+    write_manifest(data / "valid" / "manifest.csv", rows)
+    expected = f"{small.name}: ground truth 320x320, image 640x640"
+    for source in (["--pred-dir", str(processed / "valid" / "masks")], ["--model", str(tiny_dir)]):
+        out = tmp_path / source[0].strip("-")
+        code, log = run_logged(capsys, *source, "--data", str(data), "--out", str(out), "--examples", "0")
+        assert code == 0
+        warnings = [line for line in log.splitlines() if "not the size of their image" in line]
+        assert len(warnings) == 1 and "1 ground-truth mask(s)" in warnings[0] and expected in warnings[0]
+        m = load_metrics(out)
+        assert m["gt_resized"] == {"count": 1, "first": [expected]}
+        assert "1 ground-truth mask(s) not the size of their image" in (out / "report.md").read_text()
+        if source[0] == "--pred-dir":
+            assert m["overall"]["iou"] == 1.0 and m["predictions"]["resized"]["count"] == 1
+        else:
+            row = next(r for r in per_image(out) if r["image"] == rows[0]["image"])
+            assert int(row["tp"]) + int(row["fn"]) == int(read_mask_png(small).sum())  # scored at 320x320
+
+
+
 def test_help(capsys):
     with pytest.raises(SystemExit) as exc:
         evaluate.build_parser().parse_args(["--help"])
