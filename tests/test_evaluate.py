@@ -396,6 +396,43 @@ def test_unreadable_image_is_skipped_and_reported(tiny_dir, valid_rows, tmp_path
     assert "1 image(s) skipped" in (out / "report.md").read_text()
 
 
+def error_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if " ERROR " in line]
+
+
+@pytest.mark.parametrize("meta, problem", [
+    ({"tasks": {"x": {"prompt": 3}}}, "task 'x' needs a non-empty string 'prompt'"),
+    ({"tasks": ["cracks"]}, "'tasks' must be an object"),
+    ({"tasks": {"x": {"prompt": "segment x", "synonyms": "segment y"}}}, "'synonyms' must be a list of strings"),
+    ({"thresholds": {"segment crack": "high"}}, "the threshold of 'segment crack' is \"high\", not a number"),
+    ({"thresholds": {"segment crack": 1.5}}, "is 1.5, not a number in [0, 1]"),
+    ({"thresholds": {"segment crack": None}}, "is null, not a number"),
+    ({"thresholds": [0.5]}, "'thresholds' must be an object"),
+])
+@pytest.mark.parametrize("as_compare", [False, True])
+def test_bad_checkpoint_metadata_is_one_line(processed, tiny_dir, tmp_path, capsys, meta, problem, as_compare):
+    model = tmp_path / "best"
+    shutil.copytree(tiny_dir, model)
+    (model / METADATA_FILE).write_text(json.dumps(meta))
+    models = ["--model", str(tiny_dir), "--compare", str(model)] if as_compare else ["--model", str(model)]
+    code, log = run_logged(capsys, *models, "--data", str(processed), "--out", str(tmp_path / "r"))
+    assert code == 1 and "Traceback" not in log and "scoring" not in log
+    assert error_lines(log) == [line for line in log.splitlines() if problem in line]
+    assert f"{model / METADATA_FILE}: " in error_lines(log)[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_checkpoint_threshold_written_as_a_string_number_is_used(processed, tiny_dir, tmp_path):
+    """What the loader accepts (float("0.25")) evaluate accepts too."""
+    model = tmp_path / "best"
+    shutil.copytree(tiny_dir, model)
+    (model / METADATA_FILE).write_text(json.dumps({"thresholds": {"segment crack": "0.25"}}))
+    out = tmp_path / "r"
+    assert run("--model", str(model), "--data", str(processed), "--out", str(out), "--tasks", "cracks",
+               "--examples", "0", "-q") == 0
+    assert load_metrics(out)["tasks"]["cracks"]["threshold"] == 0.25
+
+
 def test_is_graded():
     assert not evaluation.is_graded(np.array([[0, 255], [255, 0]], np.uint8))
     assert not evaluation.is_graded(np.array([[0, 1], [1, 0]], np.uint8))
