@@ -4,13 +4,19 @@
     python evaluate.py --model runs/<name>/best --data processed_dataset --split valid --out reports/<name>
     python evaluate.py --pred-dir their_masks/ --split valid          # masks made elsewhere, no model
 
-Writes to --out: metrics.json, per_image.csv, report.md (paste-ready), threshold_curves.png and
-examples_<task>.png. Headline numbers are mean-over-images IoU and Dice at each mask's original
-resolution (an empty ground truth predicted empty scores 1.0), per task and overall (= mean of tasks).
+Writes to --out (default reports/<name>-<split>): metrics.json, per_image.csv, report.md (paste-ready),
+threshold_curves.png and examples_<task>.png. Headline numbers are mean-over-images IoU and Dice at each
+mask's original resolution (an empty ground truth predicted empty scores 1.0), per task and overall
+(= mean of tasks).
+
+The report is written into a staging folder and moved into --out only when complete; files of an earlier
+report there that this one does not write are removed. --write-thresholds changes the checkpoint only
+after the report is complete. A run that fails leaves both as they were.
 
 An image or ground-truth mask that cannot be read is skipped with a warning and listed in
-metrics.json and report.md; the run still exits 0. Exit 1: bad arguments, no manifest, a model that
-cannot be loaded, or nothing readable at all.
+metrics.json and report.md; the run still exits 0. Exit 1: bad arguments, an --out that cannot be
+written, no manifest, a model that cannot be loaded or whose defectseg.json is broken, or nothing
+readable at all.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from defectseg.cli import fail, setup_logging
 from defectseg.data import DataError, select_tasks
 from defectseg.data import load_rows as data_rows
 from defectseg.inference import Segmenter, check_device
+from defectseg.io import ImageReadError
 from defectseg.manifest import MANIFEST_FILE
 from defectseg.model import METADATA_FILE, ModelLoadError, read_metadata, resolve_model_arg
 from defectseg.tasks import TaskTableError, load_tasks_from_metadata
@@ -59,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default="processed_dataset",
                         help="preprocess_masks.py output folder (default: %(default)s)")
     parser.add_argument("--split", default="valid", help="split to score (default: %(default)s)")
-    parser.add_argument("--out", default=None, help="report folder (default: reports/<model or folder name>)")
+    parser.add_argument("--out", default=None,
+                        help="report folder (default: reports/<model or folder name>-<split>); an earlier "
+                             "report there is replaced as a whole")
     parser.add_argument("--tasks", nargs="+", default=None, help="tasks to score (default: all in the manifest)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
@@ -92,14 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def default_out(source: str) -> Path:
-    """reports/<name>: the model folder's name (its run's name for runs/<name>/best), a decoder file's
-    stem, a Hub id's last part, or the mask folder's name."""
+def default_out(source: str, split: str) -> Path:
+    """reports/<name>-<split>: <name> is the model folder's name (its run's name for runs/<name>/best), a
+    decoder file's stem, a Hub id's last part, or the mask folder's name; each split gets its own folder."""
     path = Path(source.rstrip("/\\"))
     name = path.stem if path.suffix == ".safetensors" else path.name
     if name in ("best", "last") and path.parent.name:
         name = path.parent.name if name == "best" else f"{path.parent.name}-last"
-    return Path("reports") / name
+    return Path("reports") / f"{name}-{split}"
 
 
 def command_line(args: argparse.Namespace, **resolved: object) -> str:
@@ -160,7 +169,7 @@ def check_metadata(model_arg: str) -> str | None:
     except ModelLoadError as err:
         return str(err)
     except OSError as err:
-        return f"{where}: cannot read the metadata ({err})"
+        return f"{where}: cannot read the metadata ({report.os_reason(err)})"
     tasks, thresholds = meta.get("tasks"), meta.get("thresholds")
     if tasks is not None and not isinstance(tasks, dict):
         return f"{where}: 'tasks' must be an object mapping task names to specs, got {type(tasks).__name__}"
@@ -240,43 +249,57 @@ def main(args: argparse.Namespace) -> int:
     except DataError as err:
         return fail(str(err))
     source = args.pred_dir or model_arg
-    out = Path(args.out) if args.out else default_out(source)
+    out = Path(args.out) if args.out else default_out(source, args.split)
+    if problem := report.check_out_folder(out):
+        return fail(problem)
+    try:
+        with report.ReportFolder(out) as folder:
+            return evaluate(args, model_arg, rows, task_prompts, out, folder)
+    except report.ReportWriteError as err:
+        return fail(str(err))
+    except ModelLoadError as err:
+        return fail(str(err))
+
+
+def evaluate(args: argparse.Namespace, model_arg: str, rows: list[dict], task_prompts: dict[str, str], out: Path,
+             folder: report.ReportFolder) -> int:
+    """Score, write the report into ``folder``'s staging path, tune thresholds, put the report in place.
+    Raises ModelLoadError, ReportWriteError."""
+    stage = folder.path
     sweep = (np.unique(np.round(args.thresholds_sweep, 6)) if args.thresholds_sweep
              else metrics.default_thresholds())
     other_prompts = evaluation.other_task_prompts(task_prompts)
-    thresholds_written = None
-
+    compare = None
+    if args.compare and not args.pred_dir:
+        # the model to compare with first, one model in memory at a time: a --compare that cannot be
+        # loaded fails before the long part
+        compare = run_model(args.compare, args, rows, sweep, other_prompts, None)[0]
     try:
         if args.pred_dir:
             if args.tta or args.ensemble or args.threshold is not None:
                 log.warning("--tta, --ensemble and --threshold do nothing with --pred-dir")
             section, scores = run_pred_dir(args.pred_dir, args, rows)
             loader = partial(evaluation.pred_dir_example, args.pred_dir, pred_threshold=args.pred_threshold)
+            if args.compare:
+                compare = run_pred_dir(args.compare, args, rows)[0]
         else:
-            mask_dir = out / "masks" if args.save_masks else None
+            mask_dir = stage / report.MASKS_DIR if args.save_masks else None
             section, scores, segmenter = run_model(model_arg, args, rows, sweep, other_prompts, mask_dir)
             loader = partial(evaluation.model_example, segmenter)
         if not scores:
             return fail(f"no image of {args.data}/{args.split} could be read; nothing scored")
-        examples = report.write_examples(out, scores, loader, args.examples) if args.examples else []
-        if args.write_thresholds:
-            best = evaluation.best_thresholds(section, segmenter)
-            folder = evaluation.thresholds_target(model_arg)
-            provenance = {"data": str(args.data), "split": args.split, "tta": args.tta, "ensemble": args.ensemble,
-                          "created": report.now_iso()}
-            path = evaluation.write_thresholds(folder, best, provenance)
-            thresholds_written = {"file": str(path), "thresholds": best}
-            log.info("wrote best thresholds %s to %s", best, path)
-        del loader
-        segmenter = None  # free the first model before loading the one to compare with
-        compare = None
-        if args.compare:
-            if args.pred_dir:
-                compare = run_pred_dir(args.compare, args, rows)[0]
-            else:
-                compare = run_model(args.compare, args, rows, sweep, other_prompts, None)[0]
-    except ModelLoadError as err:
+        examples = report.write_examples(stage, scores, loader, args.examples) if args.examples else []
+    except ImageReadError as err:  # a ground truth that went away after scoring, for the examples
         return fail(str(err))
+    except OSError as err:
+        raise report.ReportWriteError(f"cannot write the report to {out}: {report.os_reason(err)}") from None
+    del loader
+    thresholds_written = None
+    if args.write_thresholds:
+        best = evaluation.best_thresholds(section, segmenter)
+        target = evaluation.thresholds_target(model_arg)
+        thresholds_written = {"file": str(target / METADATA_FILE), "thresholds": best}
+    segmenter = None
 
     metrics_ = {
         "command": command_line(args, out=str(out), **(MODEL_ONLY if args.pred_dir else {"model": model_arg})),
@@ -299,7 +322,26 @@ def main(args: argparse.Namespace) -> int:
         "thresholds_written": thresholds_written,
         "compare": compare,
     }
-    report.write_outputs(out, metrics_, scores)
+    try:
+        report.write_outputs(stage, metrics_, scores)
+    except OSError as err:
+        raise report.ReportWriteError(f"cannot write the report to {out}: {report.os_reason(err)}") from None
+    if thresholds_written:  # the checkpoint changes only once the report is complete
+        provenance = {"data": str(args.data), "split": args.split, "tta": args.tta, "ensemble": args.ensemble,
+                      "created": metrics_["created"]}
+        try:
+            path = evaluation.write_thresholds(target, thresholds_written["thresholds"], provenance)
+        except OSError as err:
+            return fail(f"cannot write the thresholds to {target / METADATA_FILE}: {report.os_reason(err)} "
+                        f"(nothing changed in {out})")
+        log.info("wrote best thresholds %s to %s", thresholds_written["thresholds"], path)
+    try:
+        folder.commit()
+    except report.ReportWriteError as err:
+        if thresholds_written:
+            raise report.ReportWriteError(f"{err} (the thresholds were written to {thresholds_written['file']})"
+                                          ) from None
+        raise
     log_summary(section)
     if section["n_skipped"]:
         log.warning("%d image(s) could not be read and were skipped (listed in %s)", section["n_skipped"],

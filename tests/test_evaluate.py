@@ -4,7 +4,9 @@ tuned thresholds written back, bad input, and (when present) real peer masks aga
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -396,8 +398,103 @@ def test_unreadable_image_is_skipped_and_reported(tiny_dir, valid_rows, tmp_path
     assert "1 image(s) skipped" in (out / "report.md").read_text()
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative name -> bytes), hidden ones included."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
 def error_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if " ERROR " in line]
+
+
+def test_default_out_is_per_split(processed, tmp_path, monkeypatch):
+    """Without --out, valid and test reports land in different folders; neither replaces the other."""
+    shutil.copytree(processed / "valid", processed / "test", dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    masks = tmp_path / "gt"
+    shutil.copytree(processed / "valid" / "masks", masks)
+    for split in ("valid", "test"):
+        assert run("--pred-dir", str(masks), "--data", str(processed), "--split", split, "--examples", "0",
+                   "-q") == 0
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["gt-test", "gt-valid"]
+    for split in ("valid", "test"):
+        m = load_metrics(tmp_path / "reports" / f"gt-{split}")
+        assert m["split"] == split and f"--out reports/gt-{split}" in m["command"]
+
+
+def test_rerun_replaces_the_whole_report(processed, tiny_dir, tmp_path):
+    """A second report in the same folder leaves none of the first one's files (examples of a task it does not
+    score, masks it does not save) and no staging folder; files that are not a report's are kept."""
+    out = tmp_path / "report"
+    assert run("--model", str(tiny_dir), "--data", str(processed), "--out", str(out), "--save-masks", "-q") == 0
+    assert {"examples_cracks.png", "examples_drywall.png", "masks"} <= {p.name for p in out.iterdir()}
+    assert len(list((out / "masks").iterdir())) == 8
+    (out / "notes.txt").write_text("mine")
+    assert run("--model", str(tiny_dir), "--data", str(processed), "--out", str(out), "--tasks", "cracks",
+               "--save-masks", "-q") == 0
+    assert len(list((out / "masks").iterdir())) == 4  # the old folder replaced, not merged into
+    assert run("--pred-dir", str(processed / "valid" / "masks"), "--data", str(processed), "--out", str(out),
+               "--tasks", "cracks", "-q") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["examples_cracks.png", "metrics.json", "notes.txt",
+                                                      "per_image.csv", "report.md"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert {r["task"] for r in per_image(out)} == {"cracks"} and load_metrics(out)["kind"] == "pred_dir"
+
+
+def test_bad_compare_changes_neither_checkpoint_nor_report(processed, tiny_dir, tmp_path, capsys):
+    """--write-thresholds with a --compare that cannot be loaded: exit 1 before anything is written."""
+    model = tmp_path / "run" / "best"
+    shutil.copytree(tiny_dir, model)
+    (model / METADATA_FILE).write_text(json.dumps({"thresholds": {"segment crack": 0.9}}))
+    out = tmp_path / "report"
+    assert run("--model", str(model), "--data", str(processed), "--out", str(out), "-q") == 0
+    report_before, model_before = snapshot(out), snapshot(model)
+    code, log = run_logged(capsys, "--model", str(model), "--data", str(processed), "--out", str(out),
+                           "--write-thresholds", "--compare", str(tmp_path / "nope"))
+    assert code == 1 and "does not exist" in log and "Traceback" not in log and len(error_lines(log)) == 1
+    assert f"scoring {model}" not in log  # the model to compare with is loaded first
+    assert snapshot(out) == report_before and snapshot(model) == model_before
+
+
+def test_full_disk_leaves_report_and_checkpoint_as_they_were(processed, tiny_dir, tmp_path, capsys, monkeypatch):
+    """Writing fails half-way (metrics.json written, per_image.csv not): one line naming the folder, the earlier
+    report untouched, no staging folder left, and --write-thresholds did not touch the checkpoint."""
+    model = tmp_path / "best"
+    shutil.copytree(tiny_dir, model)
+    out = tmp_path / "report"
+    assert run("--model", str(model), "--data", str(processed), "--out", str(out), "--examples", "0", "-q") == 0
+    report_before, model_before = snapshot(out), snapshot(model)
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "write_text_atomic", full)
+    code, log = run_logged(capsys, "--model", str(model), "--data", str(processed), "--out", str(out),
+                           "--write-thresholds", "--tasks", "cracks", "-q")
+    assert code == 1 and "Traceback" not in log
+    assert error_lines(log) and f"cannot write the report to {out}: No space left on device" in error_lines(log)[0]
+    assert snapshot(out) == report_before and snapshot(model) == model_before
+    new = tmp_path / "new" / "report"  # a folder made for this run is removed again
+    code, _ = run_logged(capsys, "--model", str(model), "--data", str(processed), "--out", str(new), "-q")
+    assert code == 1 and not (tmp_path / "new").exists()
+
+
+def test_out_that_cannot_be_written_is_refused_before_scoring(processed, tmp_path, capsys, monkeypatch):
+    masks = str(processed / "valid" / "masks")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, message in ((a_file, f"--out {a_file} is a file, not a folder"),
+                         (a_file / "sub", f"--out {a_file / 'sub'}: {a_file} is a file, not a folder")):
+        code, log = run_logged(capsys, "--pred-dir", masks, "--data", str(processed), "--out", str(out))
+        assert code == 1 and error_lines(log)[0].endswith(message) and "scoring" not in log
+    assert a_file.read_text() == "x"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    code, log = run_logged(capsys, "--pred-dir", masks, "--data", str(processed), "--out", str(locked / "r"))
+    assert code == 1 and f"{locked} is not writable" in log and "scoring" not in log
+    assert list(locked.iterdir()) == []
 
 
 @pytest.mark.parametrize("meta, problem", [
@@ -540,10 +637,13 @@ def test_help(capsys):
 
 
 def test_default_out():
-    assert evaluate.default_out("runs/exp1/best") == Path("reports/exp1")
-    assert evaluate.default_out("runs/exp1/last") == Path("reports/exp1-last")
-    assert evaluate.default_out("CIDAS/clipseg-rd64-refined") == Path("reports/clipseg-rd64-refined")
-    assert evaluate.default_out("runs/exp1/decoder.safetensors") == Path("reports/decoder")
+    """Each split gets its own default folder: --split test never lands on the valid report."""
+    assert evaluate.default_out("runs/exp1/best", "valid") == Path("reports/exp1-valid")
+    assert evaluate.default_out("runs/exp1/best", "test") == Path("reports/exp1-test")
+    assert evaluate.default_out("runs/exp1/last", "valid") == Path("reports/exp1-last-valid")
+    assert evaluate.default_out("CIDAS/clipseg-rd64-refined", "valid") == Path("reports/clipseg-rd64-refined-valid")
+    assert evaluate.default_out("runs/exp1/decoder.safetensors", "test") == Path("reports/decoder-test")
+    assert evaluate.default_out("their_masks/", "valid") == Path("reports/their_masks-valid")
 
 
 # --------------------------------------------------------------------------------------------------
