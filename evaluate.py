@@ -4,19 +4,27 @@
     python evaluate.py --model runs/<name>/best --data processed_dataset --split valid --out reports/<name>
     python evaluate.py --pred-dir their_masks/ --split valid          # masks made elsewhere, no model
 
-Writes to --out: metrics.json, per_image.csv, report.md (paste-ready), threshold_curves.png and
-examples_<task>.png. Headline numbers are mean-over-images IoU and Dice at each mask's original
-resolution (an empty ground truth predicted empty scores 1.0), per task and overall (= mean of tasks).
+Writes to --out (default reports/<name>-<split>): metrics.json, per_image.csv, report.md (paste-ready),
+threshold_curves.png and examples_<task>.png. Headline numbers are mean-over-images IoU and Dice at each
+mask's original resolution (an empty ground truth predicted empty scores 1.0), per task and overall
+(= mean of tasks).
+
+The report is written into a staging folder and moved into --out only when complete; files of an earlier
+report there that this one does not write are removed. --write-thresholds changes the checkpoint only
+after the report is complete. A run that fails leaves both as they were.
 
 An image or ground-truth mask that cannot be read is skipped with a warning and listed in
-metrics.json and report.md; the run still exits 0. Exit 1: bad arguments, no manifest, a model that
-cannot be loaded, or nothing readable at all.
+metrics.json and report.md; the run still exits 0. Exit 1: bad arguments, an --out that cannot be
+written, no manifest, a model that cannot be loaded or whose defectseg.json is broken, or nothing
+readable at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import shlex
 import sys
 from functools import partial
@@ -29,12 +37,25 @@ from defectseg.cli import fail, setup_logging
 from defectseg.data import DataError, select_tasks
 from defectseg.data import load_rows as data_rows
 from defectseg.inference import Segmenter, check_device
+from defectseg.io import ImageReadError
 from defectseg.manifest import MANIFEST_FILE
-from defectseg.model import ModelLoadError, resolve_model_arg
+from defectseg.model import METADATA_FILE, ModelLoadError, read_metadata, resolve_model_arg
+from defectseg.tasks import TaskTableError, load_tasks_from_metadata
 
 log = logging.getLogger("evaluate")
 # options that mean nothing for masks made elsewhere (left out of the recorded command)
 MODEL_ONLY = {"model": None, "batch_size": None, "device": None, "precision": None}
+
+
+def pred_threshold_value(text: str) -> float:
+    """argparse type of --pred-threshold: a pixel value in (0, 255]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 255:
+        raise argparse.ArgumentTypeError(f"must be in (0, 255], got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default="processed_dataset",
                         help="preprocess_masks.py output folder (default: %(default)s)")
     parser.add_argument("--split", default="valid", help="split to score (default: %(default)s)")
-    parser.add_argument("--out", default=None, help="report folder (default: reports/<model or folder name>)")
+    parser.add_argument("--out", default=None,
+                        help="report folder (default: reports/<model or folder name>-<split>); an earlier "
+                             "report there is replaced as a whole")
     parser.add_argument("--tasks", nargs="+", default=None, help="tasks to score (default: all in the manifest)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
@@ -67,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the predicted masks to <out>/masks/<image_stem>__<prompt_slug>.png")
     parser.add_argument("--pred-dir", default=None,
                         help="score masks made elsewhere (<image_stem>__<prompt_slug>.png) instead of a model")
+    parser.add_argument("--pred-threshold", type=pred_threshold_value, default=None, metavar="V",
+                        help="with --pred-dir: a pixel is foreground iff its value >= V (masks saved as "
+                             "probabilities 0..255: e.g. 128); default: any non-zero pixel")
     parser.add_argument("--examples", type=int, default=1, metavar="N",
                         help="per task, N best, N median and N worst images in examples_<task>.png "
                              "(0: none; default: %(default)s)")
@@ -75,14 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def default_out(source: str) -> Path:
-    """reports/<name>: the model folder's name (its run's name for runs/<name>/best), a decoder file's
-    stem, a Hub id's last part, or the mask folder's name."""
+def default_out(source: str, split: str) -> Path:
+    """reports/<name>-<split>: <name> is the model folder's name (its run's name for runs/<name>/best), a
+    decoder file's stem, a Hub id's last part, or the mask folder's name; each split gets its own folder."""
     path = Path(source.rstrip("/\\"))
     name = path.stem if path.suffix == ".safetensors" else path.name
     if name in ("best", "last") and path.parent.name:
         name = path.parent.name if name == "best" else f"{path.parent.name}-last"
-    return Path("reports") / name
+    return Path("reports") / f"{name}-{split}"
 
 
 def command_line(args: argparse.Namespace, **resolved: object) -> str:
@@ -109,6 +135,8 @@ def check_args(args: argparse.Namespace, model_arg: str) -> str | None:
         return f"--threshold must be in [0, 1], got {args.threshold}"
     if args.thresholds_sweep and not all(0.0 <= t <= 1.0 for t in args.thresholds_sweep):
         return "--thresholds-sweep values must be in [0, 1]"
+    if args.pred_threshold is not None and args.pred_dir is None:
+        return "--pred-threshold is for masks made elsewhere; it needs --pred-dir"
     if args.pred_dir is not None:
         if args.write_thresholds or args.save_masks:
             return "--write-thresholds and --save-masks need a model; they cannot be used with --pred-dir"
@@ -123,6 +151,42 @@ def check_args(args: argparse.Namespace, model_arg: str) -> str | None:
             evaluation.thresholds_target(model_arg)
         except ValueError as err:
             return str(err)
+    if args.pred_dir is None:
+        for model in (model_arg, args.compare):
+            if model is not None and (problem := check_metadata(model)):
+                return problem
+    return None
+
+
+def check_metadata(model_arg: str) -> str | None:
+    """A message naming the file when the defectseg metadata of a local model (a checkpoint folder's
+    defectseg.json, a decoder file's header) cannot be used: invalid JSON, a bad ``tasks`` entry, a
+    threshold that is not a number in [0, 1]. None when it is fine or there is none (a Hub id)."""
+    path = Path(model_arg).expanduser()
+    where = path / METADATA_FILE if path.is_dir() else path
+    try:
+        meta = read_metadata(model_arg)
+    except ModelLoadError as err:
+        return str(err)
+    except OSError as err:
+        return f"{where}: cannot read the metadata ({report.os_reason(err)})"
+    tasks, thresholds = meta.get("tasks"), meta.get("thresholds")
+    if tasks is not None and not isinstance(tasks, dict):
+        return f"{where}: 'tasks' must be an object mapping task names to specs, got {type(tasks).__name__}"
+    try:
+        load_tasks_from_metadata(meta)
+    except TaskTableError as err:
+        return f"{where}: {str(err).removeprefix('checkpoint metadata: ')}"
+    if thresholds is not None and not isinstance(thresholds, dict):
+        return f"{where}: 'thresholds' must be an object mapping prompts to numbers, got {type(thresholds).__name__}"
+    for prompt, value in (thresholds or {}).items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or not 0.0 <= number <= 1.0:
+            return (f"{where}: the threshold of {prompt!r} is {json.dumps(value)}, not a number in [0, 1]; fix it "
+                    "or remove it (evaluate.py --write-thresholds rewrites it)")
     return None
 
 
@@ -140,7 +204,10 @@ def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep:
               other_prompts: dict[str, str] | None,
               mask_dir: Path | None) -> tuple[dict, list[evaluation.ImageScore], Segmenter]:
     """Load and score one model. Raises ModelLoadError."""
-    segmenter = Segmenter.load(model_arg, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
+    try:
+        segmenter = Segmenter.load(model_arg, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
+    except (TaskTableError, TypeError, ValueError) as err:  # its metadata, should check_metadata miss a case
+        raise ModelLoadError(f"{model_arg}: cannot use its {METADATA_FILE} ({err})") from None
     source = "from the checkpoint" if segmenter.thresholds else "default"
     if args.threshold is not None:
         segmenter.thresholds, segmenter.default_threshold, source = {}, args.threshold, "--threshold"
@@ -157,7 +224,8 @@ def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep:
 
 def run_pred_dir(pred_dir: str, args: argparse.Namespace, rows: list[dict]) -> tuple[dict, list]:
     log.info("scoring the masks in %s against %d ground truths", pred_dir, len(rows))
-    result = evaluation.evaluate_pred_dir(pred_dir, rows, workers=args.workers, progress=not args.quiet)
+    result = evaluation.evaluate_pred_dir(pred_dir, rows, workers=args.workers, progress=not args.quiet,
+                                          pred_threshold=args.pred_threshold)
     return report.source_metrics(pred_dir, "pred_dir", result, evaluation.aggregate(result.scores)), result.scores
 
 
@@ -181,43 +249,57 @@ def main(args: argparse.Namespace) -> int:
     except DataError as err:
         return fail(str(err))
     source = args.pred_dir or model_arg
-    out = Path(args.out) if args.out else default_out(source)
+    out = Path(args.out) if args.out else default_out(source, args.split)
+    if problem := report.check_out_folder(out):
+        return fail(problem)
+    try:
+        with report.ReportFolder(out) as folder:
+            return evaluate(args, model_arg, rows, task_prompts, out, folder)
+    except report.ReportWriteError as err:
+        return fail(str(err))
+    except ModelLoadError as err:
+        return fail(str(err))
+
+
+def evaluate(args: argparse.Namespace, model_arg: str, rows: list[dict], task_prompts: dict[str, str], out: Path,
+             folder: report.ReportFolder) -> int:
+    """Score, write the report into ``folder``'s staging path, tune thresholds, put the report in place.
+    Raises ModelLoadError, ReportWriteError."""
+    stage = folder.path
     sweep = (np.unique(np.round(args.thresholds_sweep, 6)) if args.thresholds_sweep
              else metrics.default_thresholds())
     other_prompts = evaluation.other_task_prompts(task_prompts)
-    thresholds_written = None
-
+    compare = None
+    if args.compare and not args.pred_dir:
+        # the model to compare with first, one model in memory at a time: a --compare that cannot be
+        # loaded fails before the long part
+        compare = run_model(args.compare, args, rows, sweep, other_prompts, None)[0]
     try:
         if args.pred_dir:
             if args.tta or args.ensemble or args.threshold is not None:
                 log.warning("--tta, --ensemble and --threshold do nothing with --pred-dir")
             section, scores = run_pred_dir(args.pred_dir, args, rows)
-            loader = partial(evaluation.pred_dir_example, args.pred_dir)
+            loader = partial(evaluation.pred_dir_example, args.pred_dir, pred_threshold=args.pred_threshold)
+            if args.compare:
+                compare = run_pred_dir(args.compare, args, rows)[0]
         else:
-            mask_dir = out / "masks" if args.save_masks else None
+            mask_dir = stage / report.MASKS_DIR if args.save_masks else None
             section, scores, segmenter = run_model(model_arg, args, rows, sweep, other_prompts, mask_dir)
             loader = partial(evaluation.model_example, segmenter)
         if not scores:
             return fail(f"no image of {args.data}/{args.split} could be read; nothing scored")
-        examples = report.write_examples(out, scores, loader, args.examples) if args.examples else []
-        if args.write_thresholds:
-            best = evaluation.best_thresholds(section, segmenter)
-            folder = evaluation.thresholds_target(model_arg)
-            provenance = {"data": str(args.data), "split": args.split, "tta": args.tta, "ensemble": args.ensemble,
-                          "created": report.now_iso()}
-            path = evaluation.write_thresholds(folder, best, provenance)
-            thresholds_written = {"file": str(path), "thresholds": best}
-            log.info("wrote best thresholds %s to %s", best, path)
-        del loader
-        segmenter = None  # free the first model before loading the one to compare with
-        compare = None
-        if args.compare:
-            if args.pred_dir:
-                compare = run_pred_dir(args.compare, args, rows)[0]
-            else:
-                compare = run_model(args.compare, args, rows, sweep, other_prompts, None)[0]
-    except ModelLoadError as err:
+        examples = report.write_examples(stage, scores, loader, args.examples) if args.examples else []
+    except ImageReadError as err:  # a ground truth that went away after scoring, for the examples
         return fail(str(err))
+    except OSError as err:
+        raise report.ReportWriteError(f"cannot write the report to {out}: {report.os_reason(err)}") from None
+    del loader
+    thresholds_written = None
+    if args.write_thresholds:
+        best = evaluation.best_thresholds(section, segmenter)
+        target = evaluation.thresholds_target(model_arg)
+        thresholds_written = {"file": str(target / METADATA_FILE), "thresholds": best}
+    segmenter = None
 
     metrics_ = {
         "command": command_line(args, out=str(out), **(MODEL_ONLY if args.pred_dir else {"model": model_arg})),
@@ -228,16 +310,38 @@ def main(args: argparse.Namespace) -> int:
             "headline": "mean over images of per-image IoU and Dice",
             "resolution": "original size of each ground-truth mask",
             "empty_gt_and_empty_prediction_score": evaluation.EMPTY_SCORE,
-            "threshold_rule": "foreground iff probability >= threshold",
+            "threshold_rule": ("foreground iff probability >= threshold" if not args.pred_dir else
+                               "foreground iff pixel value > 0" if args.pred_threshold is None else
+                               f"foreground iff pixel value >= {args.pred_threshold:g}"),
             "overall": "mean over tasks",
         },
         **section,
+        "pred_threshold": args.pred_threshold,
         "examples": examples,
         "leakage": report.read_leakage(args.data, args.split),
         "thresholds_written": thresholds_written,
         "compare": compare,
     }
-    report.write_outputs(out, metrics_, scores)
+    try:
+        report.write_outputs(stage, metrics_, scores)
+    except OSError as err:
+        raise report.ReportWriteError(f"cannot write the report to {out}: {report.os_reason(err)}") from None
+    if thresholds_written:  # the checkpoint changes only once the report is complete
+        provenance = {"data": str(args.data), "split": args.split, "tta": args.tta, "ensemble": args.ensemble,
+                      "created": metrics_["created"]}
+        try:
+            path = evaluation.write_thresholds(target, thresholds_written["thresholds"], provenance)
+        except OSError as err:
+            return fail(f"cannot write the thresholds to {target / METADATA_FILE}: {report.os_reason(err)} "
+                        f"(nothing changed in {out})")
+        log.info("wrote best thresholds %s to %s", thresholds_written["thresholds"], path)
+    try:
+        folder.commit()
+    except report.ReportWriteError as err:
+        if thresholds_written:
+            raise report.ReportWriteError(f"{err} (the thresholds were written to {thresholds_written['file']})"
+                                          ) from None
+        raise
     log_summary(section)
     if section["n_skipped"]:
         log.warning("%d image(s) could not be read and were skipped (listed in %s)", section["n_skipped"],

@@ -17,7 +17,9 @@ exactly one of them empty scores 0.0; see ``defectseg.metrics``.
 
 ``evaluate_model`` and ``evaluate_pred_dir`` run a whole manifest split through a model or through a
 folder of masks made elsewhere (``<image_stem>__<prompt_slug>.png``, predict.py's format). An image or
-ground-truth mask that cannot be read is skipped, logged and listed in ``RunResult.skipped``.
+ground-truth mask that cannot be read is skipped, logged and listed in ``RunResult.skipped``; a ground
+truth of another size than its image is scored at its own size (like every ground truth), logged and
+listed in ``RunResult.gt_resized``.
 """
 
 from __future__ import annotations
@@ -278,12 +280,32 @@ def aggregate(scores: Sequence[ImageScore], thresholds: Sequence[float] | np.nda
 @dataclass
 class Batch:
     """Rows that loaded, with their images ((H, W, 3) uint8 RGB, or None when not loaded) and (H, W)
-    bool ground truths; ``skipped`` lists the rows that could not be read as {image, task, reason}."""
+    bool ground truths; ``skipped`` lists the rows that could not be read as {image, task, reason};
+    ``gt_resized`` the loaded rows whose ground truth is not the image's size (``ground_truth_size_problem``)."""
 
     rows: list[dict]
     images: list[np.ndarray] | None
     targets: list[np.ndarray]
     skipped: list[dict]
+    gt_resized: list[str] = field(default_factory=list)
+
+
+def _manifest_size(row: dict) -> tuple[int, int] | None:
+    """(height, width) the manifest records for the row's image, or None when it records none."""
+    try:
+        return int(row["height"]), int(row["width"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def ground_truth_size_problem(row: dict, target: np.ndarray, image: np.ndarray | None) -> str | None:
+    """"<mask file>: ground truth WxH, image WxH" when the ground truth is not the size of its image (the
+    loaded image, else the size the manifest records for it), else None."""
+    size = image.shape[:2] if image is not None else _manifest_size(row)
+    if size is None or tuple(size) == target.shape[:2]:
+        return None
+    return (f"{Path(row['mask']).name}: ground truth {target.shape[1]}x{target.shape[0]}, "
+            f"image {size[1]}x{size[0]}")
 
 
 def _load_row(row: dict, load_images: bool) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
@@ -318,6 +340,8 @@ def iter_rows(
             batch.targets.append(target)
             if batch.images is not None:
                 batch.images.append(image)
+            if problem := ground_truth_size_problem(row, target, image):
+                batch.gt_resized.append(problem)
         yield batch
 
 
@@ -330,18 +354,32 @@ class RunResult:
     """Scores of one evaluated source (a model or a folder of masks) over a manifest split.
 
     skipped: rows whose image or ground truth could not be read ({image, task, reason}).
+    gt_resized: ground truths of another size than their image ("<mask>: ground truth WxH, image WxH"),
+        scored at the ground truth's size all the same.
     missing / unreadable / resized: (masks made elsewhere) prediction files not found, not readable
         (both scored as empty predictions) or of another size than the ground truth (resized nearest).
+    graded: (masks made elsewhere) prediction files holding more than one non-zero value (probability
+        maps, anti-aliased edges), binarized by ``pred_threshold`` (default: any non-zero pixel).
     runtime: timing numbers (``evaluate_model``) or {} .
     """
 
     scores: list[ImageScore]
     skipped: list[dict] = field(default_factory=list)
+    gt_resized: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
+    graded: list[str] = field(default_factory=list)
     missing_by_task: dict[str, int] = field(default_factory=dict)
     runtime: dict = field(default_factory=dict)
+
+
+def warn_gt_resized(result: RunResult) -> None:
+    """One warning for every ground truth of another size than its image (the first few named)."""
+    if result.gt_resized:
+        log.warning("%d ground-truth mask(s) are not the size of their image and are scored at the mask's own "
+                    "size (the prediction is fitted to it); re-run preprocess_masks.py? e.g. %s",
+                    len(result.gt_resized), "; ".join(result.gt_resized[:3]))
 
 
 def _sync(device: torch.device) -> None:
@@ -409,6 +447,7 @@ def evaluate_model(
     for batch in tqdm(batches, total=-(-len(rows) // batch_size), desc="evaluate", unit="batch",
                       disable=not progress):
         result.skipped += batch.skipped
+        result.gt_resized += batch.gt_resized
         if not batch.rows:
             continue
         sizes = [t.shape[:2] for t in batch.targets]
@@ -429,6 +468,7 @@ def evaluate_model(
         if warm_start is None:
             warm_start, warm_from = time.perf_counter(), len(result.scores)
     end = time.perf_counter()
+    warn_gt_resized(result)
     warm_wall = end - warm_start if warm_start is not None and len(timings) > 1 else None
     result.runtime = _runtime(segmenter, timings, warm_wall, len(result.scores) - warm_from, end - start)
     return result
@@ -439,46 +479,75 @@ def prediction_path(pred_dir: str | Path, row: dict) -> Path:
     return Path(pred_dir) / mask_name(row["image"], prompt_slug(row["prompt"]))
 
 
-def read_prediction(pred_dir: str | Path, row: dict, shape: tuple[int, int]) -> tuple[np.ndarray, str]:
-    """The (H, W) = ``shape`` bool mask predicted for ``row`` in ``pred_dir``, and how it was found:
-    "ok", "resized" (another size: resized nearest), "missing" or "unreadable" (both: an empty mask)."""
+def read_prediction_values(path: str | Path) -> np.ndarray | None:
+    """The (H, W) pixel values of a mask file as stored (a colour file: the largest channel, as
+    ``read_mask_png`` reads it), or None when it cannot be read."""
+    values = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if values is None:
+        return None
+    return values.max(axis=2) if values.ndim == 3 else values
+
+
+def is_graded(values: np.ndarray) -> bool:
+    """True when a mask holds more than one non-zero value ({0, 255}, {0, 1} or all-zero are binary):
+    a probability map or anti-aliased edges, which binarizing at > 0 would score as foreground."""
+    nonzero = values[values != 0]
+    return nonzero.size > 0 and bool((nonzero != nonzero.flat[0]).any())
+
+
+def read_prediction(pred_dir: str | Path, row: dict, shape: tuple[int, int],
+                    pred_threshold: float | None = None) -> tuple[np.ndarray, str, bool]:
+    """The (H, W) = ``shape`` bool mask predicted for ``row`` in ``pred_dir``, how it was found ("ok",
+    "resized" (another size: resized nearest), "missing" or "unreadable" (both: an empty mask)), and
+    whether the file holds graded values (``is_graded``). Foreground: pixel value >= ``pred_threshold``
+    (values as stored), or any non-zero pixel when None."""
     path = prediction_path(pred_dir, row)
     if not path.is_file():
-        return np.zeros(shape, dtype=bool), "missing"
-    try:
-        pred = read_mask_png(path)
-    except ImageReadError:
-        return np.zeros(shape, dtype=bool), "unreadable"
+        return np.zeros(shape, dtype=bool), "missing", False
+    values = read_prediction_values(path)
+    if values is None:
+        return np.zeros(shape, dtype=bool), "unreadable", False
+    pred = values > 0 if pred_threshold is None else values >= pred_threshold
     if pred.shape != tuple(shape):
         resized = cv2.resize(pred.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-        return resized > 0, "resized"
-    return pred, "ok"
+        return resized > 0, "resized", is_graded(values)
+    return pred, "ok", is_graded(values)
 
 
 def evaluate_pred_dir(pred_dir: str | Path, rows: Sequence[dict], *, workers: int = 2,
-                      progress: bool = True) -> RunResult:
+                      progress: bool = True, pred_threshold: float | None = None) -> RunResult:
     """Score a folder of masks made elsewhere (no model): for each row, ``prediction_path(pred_dir, row)``.
     A missing or unreadable file scores as an empty prediction and is listed; another size is resized
-    nearest to the ground truth's size and listed. No sweep, no text sensitivity."""
+    nearest to the ground truth's size and listed; a file holding graded values (not just 0 and one
+    other value) is listed, and warned about when no ``pred_threshold`` was given (foreground: value >=
+    ``pred_threshold``, default any non-zero value). No sweep, no text sensitivity."""
     result = RunResult(scores=[])
     start = time.perf_counter()
     lists = {"missing": result.missing, "unreadable": result.unreadable, "resized": result.resized}
     for batch in tqdm(iter_rows(rows, 64, load_images=False, workers=workers), desc="score", unit="batch",
                       total=-(-len(rows) // 64), disable=not progress):
         result.skipped += batch.skipped
+        result.gt_resized += batch.gt_resized
         for row, target in zip(batch.rows, batch.targets):
-            pred, status = read_prediction(pred_dir, row, target.shape)
+            pred, status, graded = read_prediction(pred_dir, row, target.shape, pred_threshold)
             if status in lists:
                 lists[status].append(prediction_path(pred_dir, row).name)
+            if graded:
+                result.graded.append(prediction_path(pred_dir, row).name)
             if status == "missing":
                 result.missing_by_task[row["task"]] = result.missing_by_task.get(row["task"], 0) + 1
             result.scores.append(ImageScore(image=row["image"], mask=row["mask"], task=row["task"],
                                             prompt=row["prompt"], counts=metrics.confusion(pred, target)))
+    warn_gt_resized(result)
     for status, names in lists.items():
         if names:
             log.warning("%d prediction(s) %s in %s (%s), e.g. %s", len(names), status, pred_dir,
                         "resized nearest to the ground truth" if status == "resized" else "scored as empty",
                         ", ".join(names[:3]))
+    if result.graded and pred_threshold is None:
+        log.warning("%d prediction(s) in %s hold values other than 0 and 255 (probability maps?), e.g. %s; "
+                    "they are binarized at > 0, so every non-zero pixel counts as foreground: threshold them "
+                    "first, or pass --pred-threshold (e.g. 128)", len(result.graded), pred_dir, result.graded[0])
     for task, n in sorted(result.missing_by_task.items()):
         if n == sum(s.task == task for s in result.scores):
             log.warning("%s has no mask at all for task %s (all %d scored as empty); if it does not cover that "
@@ -511,11 +580,12 @@ def model_example(segmenter: Segmenter, score: ImageScore) -> tuple[np.ndarray |
     return image, target, metrics.binarize(prob, segmenter.threshold(score.prompt))
 
 
-def pred_dir_example(pred_dir: str | Path, score: ImageScore) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+def pred_dir_example(pred_dir: str | Path, score: ImageScore, pred_threshold: float | None = None,
+                     ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """(image, ground truth, predicted mask) of an image scored from a folder of masks."""
     image, target = _example_inputs(score)
     row = {"image": score.image, "prompt": score.prompt}
-    return image, target, read_prediction(pred_dir, row, target.shape)[0]
+    return image, target, read_prediction(pred_dir, row, target.shape, pred_threshold)[0]
 
 
 # --------------------------------------------------------------------------------------------------

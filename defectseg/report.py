@@ -1,7 +1,10 @@
 """What ``evaluate.py`` writes: metrics.json, per_image.csv, report.md, threshold_curves.png, example grids.
 
 ``report.md`` is rendered from the metrics dict alone (the same content as metrics.json), so a report
-can be re-rendered from a saved metrics.json. Every file is written atomically (``defectseg.io``).
+can be re-rendered from a saved metrics.json. Every file is written atomically (``defectseg.io``), and a
+whole report goes through ``ReportFolder``: written into a hidden staging folder, then moved into place
+by renames only, replacing every file of an earlier report there, so a folder never mixes two reports
+and a run that fails (bad input, a full disk) leaves the earlier report as it was.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ import csv
 import io
 import json
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +34,8 @@ METRICS_FILE = "metrics.json"
 PER_IMAGE_FILE = "per_image.csv"
 REPORT_FILE = "report.md"
 CURVES_FILE = "threshold_curves.png"
+MASKS_DIR = "masks"  # --save-masks
+STAGING_PREFIX = ".evaluate-staging-"
 PER_IMAGE_COLUMNS = ["image", "task", "prompt", "iou", "dice", "tp", "fp", "fn", "fg_fraction",
                      "other_prompt_iou"]
 FIRST_NAMES = 5  # how many names of missing/skipped files are listed
@@ -54,12 +62,14 @@ def source_metrics(label: str, kind: str, result: RunResult, summary: dict,
     """The metrics of one evaluated source: ``kind`` is "model" or "pred_dir"; ``summary`` is
     ``evaluation.aggregate`` output; lists of files are cut to their first few names."""
     out: dict[str, Any] = {"model": label, "kind": kind, **summary, "runtime": result.runtime,
-                           "footprint": footprint, "n_skipped": len(result.skipped), "skipped": result.skipped}
+                           "footprint": footprint, "n_skipped": len(result.skipped), "skipped": result.skipped,
+                           "gt_resized": {"count": len(result.gt_resized),
+                                          "first": result.gt_resized[:FIRST_NAMES]}}
     if kind == "pred_dir":
         out["predictions"] = {
             name: {"count": len(files), "first": files[:FIRST_NAMES]}
             for name, files in (("missing", result.missing), ("unreadable", result.unreadable),
-                                ("resized", result.resized))
+                                ("resized", result.resized), ("graded", result.graded))
         }
         out["predictions"]["missing"]["by_task"] = dict(result.missing_by_task)
     return out
@@ -376,19 +386,36 @@ def _leakage_section(m: dict, split: str) -> str:
     ])
 
 
+def _binarized(m: dict) -> str:
+    """How masks made elsewhere were turned into foreground/background."""
+    t = m.get("pred_threshold")
+    return "every non-zero pixel is foreground" if t is None else f"a pixel is foreground iff its value >= {t:g}"
+
+
 def _problems_section(m: dict) -> str:
     lines = []
+
+    def more(info: dict) -> str:
+        return " ..." if info["count"] > len(info["first"]) else ""
+
     if m["n_skipped"]:
         names = ", ".join(f"`{Path(s['image']).name}`" for s in m["skipped"][:FIRST_NAMES])
         lines.append(f"- {m['n_skipped']} image(s) skipped because a file could not be read (not scored): {names}")
+    gt = m.get("gt_resized") or {"count": 0}
+    if gt["count"]:
+        lines.append(f"- {gt['count']} ground-truth mask(s) not the size of their image, scored at the mask's "
+                     "own size (the prediction fitted to it; re-run preprocess_masks.py?): "
+                     + ", ".join(f"`{n}`" for n in gt["first"]) + more(gt))
     for name, info in (m.get("predictions") or {}).items():
         if info["count"]:
-            how = "resized nearest to the ground truth's size" if name == "resized" else "scored as empty masks"
+            how = {"resized": "resized nearest to the ground truth's size",
+                   "graded": f"(probability maps?) binarized: {_binarized(m)}"}
+            label = "holding values other than 0 and one foreground value" if name == "graded" else name
             first = ", ".join(f"`{n}`" for n in info["first"])
             by_task = info.get("by_task")
             per_task = f" ({', '.join(f'{t}: {n}' for t, n in by_task.items())})" if by_task else ""
-            lines.append(f"- {info['count']} prediction file(s) {name}{per_task}, {how}: {first}"
-                         + (" ..." if info["count"] > len(info["first"]) else ""))
+            lines.append(f"- {info['count']} prediction file(s) {label}{per_task}, "
+                         f"{how.get(name, 'scored as empty masks')}: {first}{more(info)}")
     return "\n".join(lines)
 
 
@@ -398,7 +425,8 @@ def _definitions(m: dict) -> str:
     fitted = ("predicted probabilities are upsampled (bilinear, on the logits) to it" if model else
               "a predicted mask of another size is resized to it, nearest neighbour")
     threshold = ("- **threshold**: a pixel is foreground iff its probability >= the threshold (per prompt, from "
-                 "the checkpoint unless overridden; 0.5 by default).")
+                 "the checkpoint unless overridden; 0.5 by default)." if model else
+                 f"- **predicted masks**: {_binarized(m)} (`--pred-threshold`).")
     return "\n".join([
         "- **mean IoU / mean Dice** (the headline numbers): IoU = TP / (TP + FP + FN) and Dice = 2 TP / "
         "(2 TP + FP + FN) per image, computed on the ground-truth mask at the image's **original resolution** "
@@ -409,7 +437,7 @@ def _definitions(m: dict) -> str:
         "- **micro IoU / micro Dice**: from TP, FP, FN summed over every pixel of the split (large defects "
         "weigh more).",
         "- **precision / recall**: TP / (TP + FP) and TP / (TP + FN) from the summed counts.",
-        *([threshold] if model else []),
+        threshold,
         "- **overall**: the mean over tasks of each per-task number (each task weighs the same); image "
         "counts are summed.",
         "- Ground truth: exact COCO rasterization of the annotations (pycocotools), from preprocess_masks.py.",
@@ -462,6 +490,103 @@ def render_report(m: dict) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # Writing
+
+
+class ReportWriteError(Exception):
+    """The report could not be written or put in place; the message names the folder and the problem."""
+
+
+def check_out_folder(out: Path) -> str | None:
+    """A message when no report can be written to ``out`` (a file; inside a file; no write permission),
+    else None. Checked before any scoring."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder"
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"--out {out}: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--out {out}: {existing} is not writable (no permission, or a read-only file system)"
+    return None
+
+
+def report_entry(name: str, earlier_report: bool) -> bool:
+    """True for the names a report writes (``masks/`` only beside an earlier report's metrics.json)."""
+    if name in (METRICS_FILE, PER_IMAGE_FILE, REPORT_FILE, CURVES_FILE):
+        return True
+    if name.startswith("examples_") and name.endswith(".png"):
+        return True
+    return name == MASKS_DIR and earlier_report
+
+
+class ReportFolder:
+    """Write a report into a hidden staging folder inside ``out`` (``path``), then ``commit``.
+
+    ``commit`` moves every staged entry into ``out`` by renames (a file replaces its namesake atomically;
+    a staged ``masks/`` replaces the old folder) and removes the files of an earlier report that this one
+    did not write (``report_entry``), so the folder holds exactly one report; other files are left alone.
+    Leaving the ``with`` block without ``commit`` (an error, Ctrl-C) deletes the staging folder (and the
+    folders this run created for ``out``, when empty): the earlier report stays as it was.
+    ``OSError`` while creating or committing becomes ``ReportWriteError`` naming ``out``.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self.path: Path | None = None
+        self._created: list[Path] = []  # folders made for ``out``, deepest first
+
+    def __enter__(self) -> ReportFolder:
+        try:
+            missing = self.out.absolute()
+            while not missing.exists():
+                self._created.append(missing)
+                missing = missing.parent
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out))
+        except OSError as err:
+            self._cleanup()
+            raise ReportWriteError(f"cannot write the report to {self.out}: {os_reason(err)}") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+        for made in self._created:
+            try:
+                made.rmdir()  # only when empty: nothing was committed
+            except OSError:
+                break
+        self._created = []
+
+    def commit(self) -> None:
+        assert self.path is not None, "commit() outside the with block"
+        staged = sorted(p.name for p in self.path.iterdir())
+        earlier = (self.out / METRICS_FILE).is_file()
+        trash = self.path / ".replaced"
+        try:
+            trash.mkdir()
+            for name in staged:
+                target = self.out / name
+                if (self.path / name).is_dir() and target.exists():
+                    os.replace(target, trash / name)  # a folder cannot replace a folder in one rename
+                os.replace(self.path / name, target)
+            for entry in self.out.iterdir():
+                if entry.name not in staged and report_entry(entry.name, earlier):
+                    os.replace(entry, trash / entry.name)
+        except OSError as err:
+            raise ReportWriteError(f"cannot put the report in place in {self.out}: {os_reason(err)}") from None
+        self._created = []  # the folder holds a report now; keep it
+
+
+def os_reason(err: OSError) -> str:
+    """An OSError in a few words, with the file it names."""
+    reason = err.strerror or str(err)
+    return f"{reason} ({err.filename})" if err.filename else reason
 
 
 def write_outputs(out: Path, metrics_: dict, scores: Sequence[ImageScore]) -> None:

@@ -4,7 +4,9 @@ tuned thresholds written back, bad input, and (when present) real peer masks aga
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -396,6 +398,235 @@ def test_unreadable_image_is_skipped_and_reported(tiny_dir, valid_rows, tmp_path
     assert "1 image(s) skipped" in (out / "report.md").read_text()
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative name -> bytes), hidden ones included."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def error_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if " ERROR " in line]
+
+
+def test_default_out_is_per_split(processed, tmp_path, monkeypatch):
+    """Without --out, valid and test reports land in different folders; neither replaces the other."""
+    shutil.copytree(processed / "valid", processed / "test", dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    masks = tmp_path / "gt"
+    shutil.copytree(processed / "valid" / "masks", masks)
+    for split in ("valid", "test"):
+        assert run("--pred-dir", str(masks), "--data", str(processed), "--split", split, "--examples", "0",
+                   "-q") == 0
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["gt-test", "gt-valid"]
+    for split in ("valid", "test"):
+        m = load_metrics(tmp_path / "reports" / f"gt-{split}")
+        assert m["split"] == split and f"--out reports/gt-{split}" in m["command"]
+
+
+def test_rerun_replaces_the_whole_report(processed, tiny_dir, tmp_path):
+    """A second report in the same folder leaves none of the first one's files (examples of a task it does not
+    score, masks it does not save) and no staging folder; files that are not a report's are kept."""
+    out = tmp_path / "report"
+    assert run("--model", str(tiny_dir), "--data", str(processed), "--out", str(out), "--save-masks", "-q") == 0
+    assert {"examples_cracks.png", "examples_drywall.png", "masks"} <= {p.name for p in out.iterdir()}
+    assert len(list((out / "masks").iterdir())) == 8
+    (out / "notes.txt").write_text("mine")
+    assert run("--model", str(tiny_dir), "--data", str(processed), "--out", str(out), "--tasks", "cracks",
+               "--save-masks", "-q") == 0
+    assert len(list((out / "masks").iterdir())) == 4  # the old folder replaced, not merged into
+    assert run("--pred-dir", str(processed / "valid" / "masks"), "--data", str(processed), "--out", str(out),
+               "--tasks", "cracks", "-q") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["examples_cracks.png", "metrics.json", "notes.txt",
+                                                      "per_image.csv", "report.md"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert {r["task"] for r in per_image(out)} == {"cracks"} and load_metrics(out)["kind"] == "pred_dir"
+
+
+def test_bad_compare_changes_neither_checkpoint_nor_report(processed, tiny_dir, tmp_path, capsys):
+    """--write-thresholds with a --compare that cannot be loaded: exit 1 before anything is written."""
+    model = tmp_path / "run" / "best"
+    shutil.copytree(tiny_dir, model)
+    (model / METADATA_FILE).write_text(json.dumps({"thresholds": {"segment crack": 0.9}}))
+    out = tmp_path / "report"
+    assert run("--model", str(model), "--data", str(processed), "--out", str(out), "-q") == 0
+    report_before, model_before = snapshot(out), snapshot(model)
+    code, log = run_logged(capsys, "--model", str(model), "--data", str(processed), "--out", str(out),
+                           "--write-thresholds", "--compare", str(tmp_path / "nope"))
+    assert code == 1 and "does not exist" in log and "Traceback" not in log and len(error_lines(log)) == 1
+    assert f"scoring {model}" not in log  # the model to compare with is loaded first
+    assert snapshot(out) == report_before and snapshot(model) == model_before
+
+
+def test_full_disk_leaves_report_and_checkpoint_as_they_were(processed, tiny_dir, tmp_path, capsys, monkeypatch):
+    """Writing fails half-way (metrics.json written, per_image.csv not): one line naming the folder, the earlier
+    report untouched, no staging folder left, and --write-thresholds did not touch the checkpoint."""
+    model = tmp_path / "best"
+    shutil.copytree(tiny_dir, model)
+    out = tmp_path / "report"
+    assert run("--model", str(model), "--data", str(processed), "--out", str(out), "--examples", "0", "-q") == 0
+    report_before, model_before = snapshot(out), snapshot(model)
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "write_text_atomic", full)
+    code, log = run_logged(capsys, "--model", str(model), "--data", str(processed), "--out", str(out),
+                           "--write-thresholds", "--tasks", "cracks", "-q")
+    assert code == 1 and "Traceback" not in log
+    assert error_lines(log) and f"cannot write the report to {out}: No space left on device" in error_lines(log)[0]
+    assert snapshot(out) == report_before and snapshot(model) == model_before
+    new = tmp_path / "new" / "report"  # a folder made for this run is removed again
+    code, _ = run_logged(capsys, "--model", str(model), "--data", str(processed), "--out", str(new), "-q")
+    assert code == 1 and not (tmp_path / "new").exists()
+
+
+def test_out_that_cannot_be_written_is_refused_before_scoring(processed, tmp_path, capsys, monkeypatch):
+    masks = str(processed / "valid" / "masks")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, message in ((a_file, f"--out {a_file} is a file, not a folder"),
+                         (a_file / "sub", f"--out {a_file / 'sub'}: {a_file} is a file, not a folder")):
+        code, log = run_logged(capsys, "--pred-dir", masks, "--data", str(processed), "--out", str(out))
+        assert code == 1 and error_lines(log)[0].endswith(message) and "scoring" not in log
+    assert a_file.read_text() == "x"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    code, log = run_logged(capsys, "--pred-dir", masks, "--data", str(processed), "--out", str(locked / "r"))
+    assert code == 1 and f"{locked} is not writable" in log and "scoring" not in log
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize("meta, problem", [
+    ({"tasks": {"x": {"prompt": 3}}}, "task 'x' needs a non-empty string 'prompt'"),
+    ({"tasks": ["cracks"]}, "'tasks' must be an object"),
+    ({"tasks": {"x": {"prompt": "segment x", "synonyms": "segment y"}}}, "'synonyms' must be a list of strings"),
+    ({"thresholds": {"segment crack": "high"}}, "the threshold of 'segment crack' is \"high\", not a number"),
+    ({"thresholds": {"segment crack": 1.5}}, "is 1.5, not a number in [0, 1]"),
+    ({"thresholds": {"segment crack": None}}, "is null, not a number"),
+    ({"thresholds": [0.5]}, "'thresholds' must be an object"),
+])
+@pytest.mark.parametrize("as_compare", [False, True])
+def test_bad_checkpoint_metadata_is_one_line(processed, tiny_dir, tmp_path, capsys, meta, problem, as_compare):
+    model = tmp_path / "best"
+    shutil.copytree(tiny_dir, model)
+    (model / METADATA_FILE).write_text(json.dumps(meta))
+    models = ["--model", str(tiny_dir), "--compare", str(model)] if as_compare else ["--model", str(model)]
+    code, log = run_logged(capsys, *models, "--data", str(processed), "--out", str(tmp_path / "r"))
+    assert code == 1 and "Traceback" not in log and "scoring" not in log
+    assert error_lines(log) == [line for line in log.splitlines() if problem in line]
+    assert f"{model / METADATA_FILE}: " in error_lines(log)[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_checkpoint_threshold_written_as_a_string_number_is_used(processed, tiny_dir, tmp_path):
+    """What the loader accepts (float("0.25")) evaluate accepts too."""
+    model = tmp_path / "best"
+    shutil.copytree(tiny_dir, model)
+    (model / METADATA_FILE).write_text(json.dumps({"thresholds": {"segment crack": "0.25"}}))
+    out = tmp_path / "r"
+    assert run("--model", str(model), "--data", str(processed), "--out", str(out), "--tasks", "cracks",
+               "--examples", "0", "-q") == 0
+    assert load_metrics(out)["tasks"]["cracks"]["threshold"] == 0.25
+
+
+def test_is_graded():
+    assert not evaluation.is_graded(np.array([[0, 255], [255, 0]], np.uint8))
+    assert not evaluation.is_graded(np.array([[0, 1], [1, 0]], np.uint8))
+    assert not evaluation.is_graded(np.zeros((2, 2), np.uint8))
+    assert not evaluation.is_graded(np.full((2, 2), 255, np.uint8))
+    assert not evaluation.is_graded(np.array([[0, 65535]], np.uint16))
+    assert evaluation.is_graded(np.array([[0, 1, 255]], np.uint8))
+    assert evaluation.is_graded(np.array([[3, 200]], np.uint8))
+
+
+def test_probability_maps_are_warned_about_and_can_be_thresholded(processed, valid_rows, tmp_path, capsys):
+    """Masks saved as probabilities (foreground 200, background 40): binarized at > 0 every pixel is foreground,
+    so an image's IoU is its ground truth's foreground fraction (one warning names a file); --pred-threshold
+    128 recovers the ground truth exactly (IoU 1.0)."""
+    preds = tmp_path / "probs"
+    preds.mkdir()
+    fg = {}
+    for row in valid_rows:
+        gt = read_mask_png(row["mask"])
+        cv2.imwrite(str(pred_file(preds, row)), np.where(gt, 200, 40).astype(np.uint8))
+        fg.setdefault(row["task"], []).append(gt.mean())
+    out = tmp_path / "r"
+    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out", str(out),
+                           "--examples", "0")
+    assert code == 0
+    warnings = [line for line in log.splitlines() if "hold values other than 0 and 255" in line]
+    assert len(warnings) == 1 and "8 prediction(s)" in warnings[0] and "--pred-threshold" in warnings[0]
+    assert pred_file(preds, valid_rows[0]).name in warnings[0]
+    m = load_metrics(out)
+    for task, fractions in fg.items():
+        assert m["tasks"][task]["iou"] == pytest.approx(np.mean(fractions), abs=1e-12)
+        assert m["tasks"][task]["recall"] == 1.0
+    assert m["predictions"]["graded"]["count"] == 8 and m["pred_threshold"] is None
+    assert "8 prediction file(s) holding values other than 0" in (out / "report.md").read_text()
+
+    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out", str(out),
+                           "--pred-threshold", "128")
+    assert code == 0 and "hold values" not in log
+    m = load_metrics(out)
+    assert m["overall"]["iou"] == 1.0 and m["pred_threshold"] == 128
+    assert m["conventions"]["threshold_rule"] == "foreground iff pixel value >= 128"
+    assert "--pred-threshold 128" in m["command"]
+    assert "a pixel is foreground iff its value >= 128" in (out / "report.md").read_text()
+
+
+def test_zero_one_masks_are_not_warned_about(processed, valid_rows, tmp_path, capsys):
+    preds = tmp_path / "binary"
+    preds.mkdir()
+    for row in valid_rows:
+        cv2.imwrite(str(pred_file(preds, row)), read_mask_png(row["mask"]).astype(np.uint8))  # {0, 1}
+    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out",
+                           str(tmp_path / "r"), "--examples", "0")
+    assert code == 0 and "hold values" not in log
+    m = load_metrics(tmp_path / "r")
+    assert m["overall"]["iou"] == 1.0 and m["predictions"]["graded"]["count"] == 0
+
+
+def test_pred_threshold_is_checked(processed, tmp_path, capsys):
+    code, log = run_logged(capsys, "--data", str(processed), "--pred-threshold", "128", "--out", str(tmp_path / "r"))
+    assert code == 1 and "needs --pred-dir" in log
+    for bad in ("0", "256", "half"):
+        with pytest.raises(SystemExit) as exc:
+            evaluate.build_parser().parse_args(["--pred-dir", str(tmp_path), "--pred-threshold", bad])
+        assert exc.value.code == 2
+
+
+def test_ground_truth_of_another_size_is_warned_about(processed, tiny_dir, valid_rows, tmp_path, capsys):
+    """Row 0's ground truth shrunk to half its image's size (640x640 -> 320x320). The full-size predictions
+    (the ground truths themselves) are resized nearest to it exactly as the ground truth was, so every image
+    still scores 1.0; the mismatch is warned about naming the file, and listed."""
+    data = tmp_path / "data"
+    rows = [dict(r) for r in valid_rows]
+    gt = read_mask_png(rows[0]["mask"])
+    assert gt.shape == (640, 640) and (rows[0]["width"], rows[0]["height"]) == ("640", "640")
+    small = tmp_path / "small" / Path(rows[0]["mask"]).name
+    small.parent.mkdir()
+    cv2.imwrite(str(small), cv2.resize(gt.astype(np.uint8) * 255, (320, 320), interpolation=cv2.INTER_NEAREST))
+    rows[0]["mask"] = str(small)
+    write_manifest(data / "valid" / "manifest.csv", rows)
+    expected = f"{small.name}: ground truth 320x320, image 640x640"
+    for source in (["--pred-dir", str(processed / "valid" / "masks")], ["--model", str(tiny_dir)]):
+        out = tmp_path / source[0].strip("-")
+        code, log = run_logged(capsys, *source, "--data", str(data), "--out", str(out), "--examples", "0")
+        assert code == 0
+        warnings = [line for line in log.splitlines() if "not the size of their image" in line]
+        assert len(warnings) == 1 and "1 ground-truth mask(s)" in warnings[0] and expected in warnings[0]
+        m = load_metrics(out)
+        assert m["gt_resized"] == {"count": 1, "first": [expected]}
+        assert "1 ground-truth mask(s) not the size of their image" in (out / "report.md").read_text()
+        if source[0] == "--pred-dir":
+            assert m["overall"]["iou"] == 1.0 and m["predictions"]["resized"]["count"] == 1
+        else:
+            row = next(r for r in per_image(out) if r["image"] == rows[0]["image"])
+            assert int(row["tp"]) + int(row["fn"]) == int(read_mask_png(small).sum())  # scored at 320x320
+
+
+
 def test_help(capsys):
     with pytest.raises(SystemExit) as exc:
         evaluate.build_parser().parse_args(["--help"])
@@ -406,10 +637,13 @@ def test_help(capsys):
 
 
 def test_default_out():
-    assert evaluate.default_out("runs/exp1/best") == Path("reports/exp1")
-    assert evaluate.default_out("runs/exp1/last") == Path("reports/exp1-last")
-    assert evaluate.default_out("CIDAS/clipseg-rd64-refined") == Path("reports/clipseg-rd64-refined")
-    assert evaluate.default_out("runs/exp1/decoder.safetensors") == Path("reports/decoder")
+    """Each split gets its own default folder: --split test never lands on the valid report."""
+    assert evaluate.default_out("runs/exp1/best", "valid") == Path("reports/exp1-valid")
+    assert evaluate.default_out("runs/exp1/best", "test") == Path("reports/exp1-test")
+    assert evaluate.default_out("runs/exp1/last", "valid") == Path("reports/exp1-last-valid")
+    assert evaluate.default_out("CIDAS/clipseg-rd64-refined", "valid") == Path("reports/clipseg-rd64-refined-valid")
+    assert evaluate.default_out("runs/exp1/decoder.safetensors", "test") == Path("reports/decoder-test")
+    assert evaluate.default_out("their_masks/", "valid") == Path("reports/their_masks-valid")
 
 
 # --------------------------------------------------------------------------------------------------
