@@ -22,25 +22,21 @@ readable at all.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import shlex
-import sys
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from defectseg import evaluation, metrics, report
-from defectseg.cli import fail, setup_logging
+from defectseg.cli import fail, run, setup_logging
 from defectseg.data import DataError, select_tasks
 from defectseg.data import load_rows as data_rows
-from defectseg.inference import Segmenter, check_device
+from defectseg.inference import Segmenter, check_device, checkpoint_metadata
 from defectseg.io import ImageReadError
 from defectseg.manifest import MANIFEST_FILE
-from defectseg.model import METADATA_FILE, ModelLoadError, read_metadata, resolve_model_arg
-from defectseg.tasks import TaskTableError, load_tasks_from_metadata
+from defectseg.model import METADATA_FILE, ModelLoadError, resolve_model_arg
 
 log = logging.getLogger("evaluate")
 # options that mean nothing for masks made elsewhere (left out of the recorded command)
@@ -159,34 +155,11 @@ def check_args(args: argparse.Namespace, model_arg: str) -> str | None:
 
 
 def check_metadata(model_arg: str) -> str | None:
-    """A message naming the file when the defectseg metadata of a local model (a checkpoint folder's
-    defectseg.json, a decoder file's header) cannot be used: invalid JSON, a bad ``tasks`` entry, a
-    threshold that is not a number in [0, 1]. None when it is fine or there is none (a Hub id)."""
-    path = Path(model_arg).expanduser()
-    where = path / METADATA_FILE if path.is_dir() else path
+    """Why the defectseg metadata of ``model_arg`` cannot be used (naming the file), else None."""
     try:
-        meta = read_metadata(model_arg)
+        checkpoint_metadata(model_arg)
     except ModelLoadError as err:
         return str(err)
-    except OSError as err:
-        return f"{where}: cannot read the metadata ({report.os_reason(err)})"
-    tasks, thresholds = meta.get("tasks"), meta.get("thresholds")
-    if tasks is not None and not isinstance(tasks, dict):
-        return f"{where}: 'tasks' must be an object mapping task names to specs, got {type(tasks).__name__}"
-    try:
-        load_tasks_from_metadata(meta)
-    except TaskTableError as err:
-        return f"{where}: {str(err).removeprefix('checkpoint metadata: ')}"
-    if thresholds is not None and not isinstance(thresholds, dict):
-        return f"{where}: 'thresholds' must be an object mapping prompts to numbers, got {type(thresholds).__name__}"
-    for prompt, value in (thresholds or {}).items():
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if isinstance(value, bool) or not 0.0 <= number <= 1.0:
-            return (f"{where}: the threshold of {prompt!r} is {json.dumps(value)}, not a number in [0, 1]; fix it "
-                    "or remove it (evaluate.py --write-thresholds rewrites it)")
     return None
 
 
@@ -204,10 +177,7 @@ def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep:
               other_prompts: dict[str, str] | None,
               mask_dir: Path | None) -> tuple[dict, list[evaluation.ImageScore], Segmenter]:
     """Load and score one model. Raises ModelLoadError."""
-    try:
-        segmenter = Segmenter.load(model_arg, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
-    except (TaskTableError, TypeError, ValueError) as err:  # its metadata, should check_metadata miss a case
-        raise ModelLoadError(f"{model_arg}: cannot use its {METADATA_FILE} ({err})") from None
+    segmenter = Segmenter.load(model_arg, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
     source = "from the checkpoint" if segmenter.thresholds else "default"
     if args.threshold is not None:
         segmenter.thresholds, segmenter.default_threshold, source = {}, args.threshold, "--threshold"
@@ -351,4 +321,4 @@ def evaluate(args: argparse.Namespace, model_arg: str, rows: list[dict], task_pr
 
 
 if __name__ == "__main__":
-    sys.exit(main(build_parser().parse_args()))
+    run(main, build_parser())

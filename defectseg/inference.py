@@ -13,7 +13,9 @@ images. Prompt conditioning vectors are computed once per run and kept.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +27,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from .io import ImageReadError, load_image
 from .metrics import binarize
-from .model import decode, encode_images, encode_prompts, load_model, read_metadata
-from .tasks import Task, load_tasks_from_metadata, normalize_prompt, task_for_prompt
+from .model import (
+    METADATA_FILE,
+    ModelLoadError,
+    decode,
+    encode_images,
+    encode_prompts,
+    load_model,
+    read_metadata,
+)
+from .tasks import Task, TaskTableError, load_tasks_from_metadata, normalize_prompt, task_for_prompt
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +69,42 @@ def check_device(name: str) -> str | None:
     if device.type == "mps" and not torch.backends.mps.is_available():
         return f"--device {name}: MPS is not available"
     return None
+
+
+def checkpoint_metadata(model_arg: str) -> tuple[dict[str, Task], dict[str, float]]:
+    """The task table and per-prompt thresholds a model carries in its defectseg metadata (a checkpoint
+    folder's defectseg.json, a decoder file's header); the built-in tasks and no thresholds for a Hub id.
+
+    Raises ModelLoadError naming the file when the metadata cannot be used: invalid JSON, a bad ``tasks``
+    entry, a threshold that is not a number in [0, 1].
+    """
+    path = Path(model_arg).expanduser()
+    where = path / METADATA_FILE if path.is_dir() else path
+    try:
+        meta = read_metadata(model_arg)
+    except OSError as err:
+        raise ModelLoadError(f"{where}: cannot read the metadata ({err.strerror or err})") from None
+    tasks, thresholds = meta.get("tasks"), meta.get("thresholds")
+    if tasks is not None and not isinstance(tasks, dict):
+        raise ModelLoadError(f"{where}: 'tasks' must be an object mapping task names to specs, got {type(tasks).__name__}")
+    try:
+        table = load_tasks_from_metadata(meta)
+    except TaskTableError as err:
+        raise ModelLoadError(f"{where}: {str(err).removeprefix('checkpoint metadata: ')}") from None
+    if thresholds is not None and not isinstance(thresholds, dict):
+        raise ModelLoadError(f"{where}: 'thresholds' must be an object mapping prompts to numbers, "
+                             f"got {type(thresholds).__name__}")
+    checked: dict[str, float] = {}
+    for prompt, value in (thresholds or {}).items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or not 0.0 <= number <= 1.0:
+            raise ModelLoadError(f"{where}: the threshold of {prompt!r} is {json.dumps(value)}, not a number in "
+                                 "[0, 1]; fix it or remove it (evaluate.py --write-thresholds rewrites it)")
+        checked[prompt] = number
+    return table, checked
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -109,15 +155,15 @@ class Segmenter:
         """Load ``model_arg`` (hub id, folder, ``runs/<name>/best`` or decoder file) with its metadata:
         task table and tuned thresholds. Raises ``ModelLoadError`` with a user-facing message."""
         dev = resolve_device(device)
+        tasks, thresholds = checkpoint_metadata(model_arg)  # before the weights: it fails fast
         model, processor = load_model(model_arg, dev)
-        meta = read_metadata(model_arg)
         return cls(
             model=model,
             processor=processor,
             device=dev,
             amp_dtype=resolve_precision(precision, dev),
-            tasks=load_tasks_from_metadata(meta),
-            thresholds={normalize_prompt(k): float(v) for k, v in meta.get("thresholds", {}).items()},
+            tasks=tasks,
+            thresholds={normalize_prompt(k): v for k, v in thresholds.items()},
             **options,
         )
 

@@ -8,6 +8,7 @@ form; clean errors.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -282,3 +283,19 @@ def test_huge_image_is_reported_not_a_traceback(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses images over twice this
     with pytest.raises(ImageReadError, match="big.png: image too large to read safely"):
         load_image(path)
+
+
+@pytest.mark.parametrize("meta,message", [
+    ({"thresholds": {"segment crack": "high"}}, "not a number in [0, 1]"),
+    ({"thresholds": {"segment crack": 1.5}}, "not a number in [0, 1]"),
+    ({"tasks": ["cracks"]}, "'tasks' must be an object"),
+])
+def test_broken_checkpoint_metadata_is_one_clear_line(tiny_dir: Path, tmp_path: Path, capsys, meta, message) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    (model / "defectseg.json").write_text(json.dumps(meta))
+    image = write_image(tmp_path / "in" / "a.png", 20, 20)
+    assert run(model, tmp_path / "out", "--image", str(image)) == 1
+    err = capsys.readouterr().err
+    assert "defectseg.json" in err and message in err and "Traceback" not in err
+    assert not list((tmp_path / "out").iterdir())  # checked (created) before the model loads; nothing written
