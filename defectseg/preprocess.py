@@ -17,7 +17,10 @@ import logging
 import os
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -54,6 +57,9 @@ RASTER_VERSION = "1"  # bump when the rasterization rules change: every mask bec
 # images to count as near-duplicates. Checked by eye on the real sets: at <= 3 the pairs are the same
 # photo (re-encoded, flipped or rotated); from about 4 on, plain walls that merely look alike creep in.
 NEAR_DUPLICATE_BITS = 3
+# A JSON size over this many times the real picture's width or height (EXIF aside) is taken as a broken
+# record, not a resize: the image is skipped rather than a gigantic mask rasterized and shrunk.
+MAX_SIZE_RATIO = 8
 
 
 @dataclass(frozen=True)
@@ -101,11 +107,15 @@ def process_job(job: Job) -> tuple[dict | None, list[Problem]]:
         return None, [Problem(job.image, "image_unreadable", str(err).split(": ", 1)[-1])]
     height, width = rgb.shape[:2]
     where = job.image
+    declared = (entry.width, entry.height)
+    exif_turned = orientation != 1 and raw_size == declared
+    if not exif_turned and (entry.width > MAX_SIZE_RATIO * width or entry.height > MAX_SIZE_RATIO * height):
+        return None, [Problem(where, "implausible_size", f"JSON says {entry.width}x{entry.height}, the file is "
+                              f"{width}x{height}: over {MAX_SIZE_RATIO} times wider or taller, not a resize")]
     mask, sources, raster_problems = rasterize(entry.annotations, entry.height, entry.width, where)
     problems += raster_problems
-    declared = (entry.width, entry.height)
     if (width, height) != declared:
-        if orientation != 1 and raw_size == declared:
+        if exif_turned:
             # Annotations were drawn on the stored pixels; turn the mask the way the image turns.
             mask = apply_orientation(mask.astype(np.uint8), orientation) > 0
             problems.append(Problem(where, "exif_rotated", f"EXIF orientation {orientation}: mask rotated with the image", True))
@@ -265,28 +275,54 @@ def plan_jobs(
     return Plan(jobs, reused, kept, problems, missing)
 
 
+def _pool_results(jobs: list[Job], workers: int) -> Iterator[tuple[Job, tuple[dict | None, list[Problem]]]]:
+    """(job, process_job(job)) in job order, from ``workers`` processes, a few jobs ahead of the reader.
+
+    A worker that dies (killed, out of memory, a crash in native code) breaks the pool: this raises
+    CocoError naming the images that were in flight, instead of waiting forever for their results.
+    """
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn" if os.name == "nt" else None))
+    window: deque[tuple[Job, Future]] = deque()
+    queue = iter(jobs)
+    try:
+        while True:
+            while len(window) < 4 * workers and (job := next(queue, None)) is not None:
+                window.append((job, pool.submit(process_job, job)))
+            if not window:
+                return
+            job, future = window[0]
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                lost = [Path(j.image).name for j, f in window if not (f.done() and f.exception() is None)]
+                shown = ", ".join(lost[:8]) + (f" and {len(lost) - 8} more" if len(lost) > 8 else "")
+                raise CocoError(f"a worker process died (killed, out of memory, or crashed in native code) while "
+                                f"making the masks of one of: {shown}; no manifest was changed") from None
+            window.popleft()
+            yield job, result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def run_jobs(jobs: list[Job], workers: int) -> tuple[list[dict], list[Problem]]:
     rows: list[dict] = []
     problems: list[Problem] = []
     progress = tqdm(total=len(jobs), desc="masks", unit="img", disable=not jobs, dynamic_ncols=True,
                     mininterval=0.1 if sys.stderr.isatty() else 5.0)
     if workers <= 1 or len(jobs) < 2 * workers:
-        results = map(process_job, jobs)
-        pool = None
+        results = ((job, process_job(job)) for job in jobs)
     else:
-        pool = get_context("spawn" if os.name == "nt" else None).Pool(workers)
-        results = pool.imap(process_job, jobs, chunksize=8)
+        results = _pool_results(jobs, workers)
     try:
-        for job, (row, job_problems) in zip(jobs, results):
+        for job, (row, job_problems) in results:
             if row is not None:
                 row["_split"] = job.split
                 rows.append(row)
             problems += job_problems
             progress.update()
     finally:
+        results.close()  # stops the pool now, also when the loop above is interrupted
         progress.close()
-        if pool is not None:
-            pool.terminate()
     return rows, problems
 
 

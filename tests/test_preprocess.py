@@ -316,3 +316,75 @@ def test_ambiguous_exif_orientation_is_flagged(tmp_path):
     np.testing.assert_array_equal(read_png(row["mask"]) > 0, expected)
     assert run("--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "strict"), "--tasks", "cracks",
                "--strict") == 1
+
+
+def run_script(*argv: str, code: str = "") -> subprocess.CompletedProcess:
+    """preprocess_masks.py in a fresh process (a segfault or a hang there cannot take pytest down);
+    ``code`` runs first, in the script's process."""
+    program = f"import sys; sys.argv[0] = 'preprocess_masks.py'\n{code}\nimport runpy\nrunpy.run_path(" \
+              f"{str(REPO / 'preprocess_masks.py')!r}, run_name='__main__')"
+    return subprocess.run([sys.executable, "-c", program, *argv], capture_output=True, text=True,
+                          cwd=REPO, timeout=180)
+
+
+@pytest.fixture()
+def absurd_export(tmp_path) -> Path:
+    """An export holding each input that used to crash pycocotools (rc 139), hang the pool or raise."""
+    split = tmp_path / "data" / "cracks" / "train"
+    images = [{"id": i, "file_name": f"ok{i}.jpg", "width": 16, "height": 12} for i in range(1, 5)]
+    images += [{"id": 5, "file_name": "wide.jpg", "width": 200_000, "height": 12},
+               {"id": 6, "file_name": "huge.jpg", "width": 200_000, "height": 200_000}]
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[0, 0, 1e9, 0, 1e9, 1e9, 0, 1e9]], "bbox": [0, 0, 1, 1]},
+        {"id": 2, "image_id": 2, "category_id": 1, "segmentation": {"size": [12, 16], "counts": "\x00\xff junk"},
+         "bbox": [0, 0, 1, 1], "iscrowd": 1},
+        {"id": 3, "image_id": 3, "category_id": 1, "segmentation": {"size": 5, "counts": [1, 2]}, "bbox": [0, 0, 1, 1]},
+        {"id": 4, "image_id": 4, "category_id": 1, "segmentation": {"size": [12, 16], "counts": [5, 3]}, "bbox": [0, 0, 1, 1]},
+        {"id": 5, "image_id": [4], "category_id": 1, "segmentation": [], "bbox": [0, 0, 2, 2]},
+        {"id": 6, "image_id": 5, "category_id": 1, "segmentation": [], "bbox": [0, 0, 2, 2]},
+    ]
+    write_export(split, images, annotations, make_images=False)
+    for im in images:
+        write_image(split / im["file_name"], 16, 12)
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_absurd_input_is_reported_not_crashed_on(absurd_export, tmp_path, workers):
+    out = tmp_path / "out"
+    proc = run_script("--data-root", str(absurd_export), "--out", str(out), "--tasks", "cracks", "--workers", workers)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problem_counts"] == {"bad_image_record": 1, "bad_annotation": 1, "bad_rle": 3, "implausible_size": 1}
+    named = {(Path(p["file"].split(" (")[0].split(":")[-1]).name, p["kind"]) for p in summary["problems"]}
+    assert named == {("huge.jpg", "bad_image_record"), ("_annotations.coco.json", "bad_annotation"),
+                     ("ok2.jpg", "bad_rle"), ("ok3.jpg", "bad_rle"), ("ok4.jpg", "bad_rle"),
+                     ("wide.jpg", "implausible_size")}
+    rows = {Path(r["image"]).name: r for r in read_manifest(out / "train" / "manifest.csv")}
+    assert sorted(rows) == ["ok1.jpg", "ok2.jpg", "ok3.jpg", "ok4.jpg"]
+    assert (read_png(rows["ok1.jpg"]["mask"]) == 255).all()  # the 1e9 square covers the whole image
+    assert all(not (read_png(rows[f"ok{i}.jpg"]["mask"]) > 0).any() for i in (2, 3, 4))
+
+    strict = run_script("--data-root", str(absurd_export), "--out", str(tmp_path / "strict"), "--tasks", "cracks",
+                        "--workers", workers, "--strict")
+    assert strict.returncode == 1 and "Traceback" not in strict.stderr and "--strict: 2 problem(s)" in strict.stderr
+    assert not (tmp_path / "strict" / "train" / "manifest.csv").exists()
+
+
+def test_a_dying_worker_fails_cleanly_instead_of_hanging(sample_root, tmp_path):
+    """A worker killed mid-run (here by SIGKILL, as the OOM killer does) used to leave Pool.imap waiting forever."""
+    out = tmp_path / "out"
+    kill = ("import os, signal, defectseg.preprocess as P\n"
+            "real = P.process_job\n"
+            "def process_job(job):\n"
+            "    if 'cracking356' in job.image: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real(job)\n"
+            "process_job.__module__, process_job.__qualname__ = 'defectseg.preprocess', 'process_job'\n"
+            "P.process_job = process_job\n")
+    if os.name == "nt":
+        pytest.skip("the patch above reaches workers only through fork")
+    proc = run_script("--data-root", str(sample_root), "--out", str(out), "--workers", "2", code=kill)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "a worker process died" in proc.stderr
+    assert "cracking356" in proc.stderr.splitlines()[-1]
+    assert not list(out.rglob("manifest.csv")) and not (out / "summary.json").exists()
