@@ -46,6 +46,8 @@ def main(args: argparse.Namespace) -> int:
         summary = preprocess(args.data_root, args.out, tasks, args.splits, args.workers, args.overwrite, args.strict)
     except CocoError as err:
         return fail(str(err))
+    except OSError as err:  # e.g. the disk filling up while masks are written (--out itself is checked first)
+        return fail(f"cannot write the output under {args.out}: {err}")
 
     for problem in summary["problems"][:10]:
         log.warning("%s: %s [%s, %s]", problem["file"], problem["message"], problem["kind"],

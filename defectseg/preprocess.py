@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
@@ -363,6 +364,37 @@ def _group(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return groups
 
 
+def _writable_folder(folder: Path) -> str | None:
+    """Why files cannot be created in ``folder`` (an existing folder), or None when they can."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            return None
+    except OSError as err:
+        return err.strerror or str(err)
+
+
+def check_out(out: Path, splits: list[str]) -> None:
+    """Raise CocoError (naming the path) unless every folder and file the run writes under ``out`` can be
+    written: run before any work, so a bad ``--out`` costs nothing and changes nothing."""
+    existing = out
+    while not existing.exists() and not existing.is_symlink() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == out else f": {existing}"
+        raise CocoError(f"output folder {out}{where} is {'a file' if existing.exists() else 'a broken link'}, "
+                        "not a folder")
+    folders = [existing] + [d for split in splits for d in (out / split, out / split / "masks") if d.exists()]
+    for folder in folders:
+        if not folder.is_dir():
+            raise CocoError(f"output folder {out}: {folder} is a file, not a folder")
+        reason = _writable_folder(folder)
+        if reason:
+            raise CocoError(f"output folder {out}: cannot write in {folder} ({reason})")
+    for target in [out / SUMMARY_FILE] + [out / split / MANIFEST_FILE for split in splits]:
+        if target.is_dir():
+            raise CocoError(f"output folder {out}: {target} is a folder, not a file")
+
+
 def preprocess(
     data_root: str | Path,
     out: str | Path,
@@ -380,6 +412,7 @@ def preprocess(
     data_root, out = Path(data_root), Path(out)
     if not data_root.is_dir():
         raise CocoError(f"data root {data_root} does not exist or is not a folder")
+    check_out(out, splits)
     start = time.perf_counter()
     plan = plan_jobs(data_root, out, tasks, splits, overwrite)
     if strict and plan.problems:

@@ -388,3 +388,44 @@ def test_a_dying_worker_fails_cleanly_instead_of_hanging(sample_root, tmp_path):
     assert "Traceback" not in proc.stderr and "a worker process died" in proc.stderr
     assert "cracking356" in proc.stderr.splitlines()[-1]
     assert not list(out.rglob("manifest.csv")) and not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "make, out_name, message",
+    [
+        pytest.param(lambda t: (t / "out").write_text("x"), "out", "out is a file, not a folder", id="out-is-a-file"),
+        pytest.param(lambda t: (t / "f").write_text("x"), "f/out", "f is a file, not a folder", id="out-under-a-file"),
+        pytest.param(lambda t: (t / "out" / "valid" / "masks").mkdir(parents=True) or (
+            t / "out" / "valid" / "manifest.csv").mkdir(), "out", "manifest.csv is a folder", id="manifest-is-a-folder"),
+        pytest.param(lambda t: (t / "out" / "train").mkdir(parents=True) or (t / "out" / "train" / "masks").write_text(""),
+                     "out", "masks is a file", id="masks-is-a-file"),
+    ],
+)
+def test_bad_out_is_one_line_error_before_any_work(sample_root, tmp_path, capsys, make, out_name, message):
+    make(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert run("--data-root", str(sample_root), "--out", str(tmp_path / out_name)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ERROR output folder" in err[0] and message in err[0], err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing made, nothing written
+
+
+def test_unwritable_out_is_one_line_error(sample_root, tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):  # root writes anywhere: let the write probe see what a user would
+
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", denied)
+    try:
+        assert run("--data-root", str(sample_root), "--out", str(locked / "out")) == 1
+    finally:
+        locked.chmod(0o755)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot write in {locked} (Permission denied)" in err[0], err
+    assert list(locked.iterdir()) == []
