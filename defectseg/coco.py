@@ -168,9 +168,11 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
             problems.append(Problem(name, "bad_annotation", f"annotation is not an object: {ann!r:.80}"))
             continue
         image_id, category_id = ann.get("image_id"), ann.get("category_id")
-        if not _is_id(image_id) or not (category_id is None or _is_id(category_id)):
+        bad = [f"{key} {value!r:.40}" for key, value in (("image_id", image_id), ("category_id", category_id))
+               if not _is_id(value) and not (key == "category_id" and value is None)]
+        if bad:
             problems.append(Problem(f"{name} (annotation {ann.get('id')!r:.40})", "bad_annotation",
-                                    f"image_id {image_id!r:.40} / category_id {category_id!r:.40} is not a number"))
+                                    f"{' and '.join(bad)}: an id must be a number or a string"))
             continue
         if image_id not in images:
             unknown += 1

@@ -276,7 +276,7 @@ def test_rerun_with_fewer_tasks_or_splits_keeps_the_rest(sample_root, tmp_path, 
     assert summary["counts"] == full["counts"] and summary["leakage"] == full["leakage"]
     capsys.readouterr()
     assert run("--data-root", str(sample_root), "--out", str(out), "--splits", "trian") == 1
-    assert "none of the splits trian exists" in capsys.readouterr().err
+    assert "split trian exists for none of the tasks cracks, drywall" in capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["counts"] == full["counts"]
 
 
@@ -429,3 +429,85 @@ def test_unwritable_out_is_one_line_error(sample_root, tmp_path, capsys, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"cannot write in {locked} (Permission denied)" in err[0], err
     assert list(locked.iterdir()) == []
+
+
+def one_box_export(split: Path, names: list[str]) -> None:
+    """Images 16x12 named ``names``; image i has one box 2 px wide at x = 2*i, rows 3..7."""
+    images = [{"id": i, "file_name": name, "width": 16, "height": 12} for i, name in enumerate(names)]
+    write_export(split, images, [{"id": 100 + i, "image_id": i, "category_id": 1, "segmentation": [],
+                                  "bbox": [2 * i, 3, 2, 5]} for i in range(len(names))], make_images=False)
+    for i, name in enumerate(names):
+        write_image(split / name, 16, 12, seed=i)
+
+
+def test_mask_name_clash_skips_every_image_of_it(tmp_path, capsys):
+    """x.jpg and x.png would both write x__segment_crack.png: neither may get the other's ground truth."""
+    split = tmp_path / "data" / "cracks" / "train"
+    out = tmp_path / "out"
+    one_box_export(split, ["x.jpg", "y.jpg"])
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(out), "--tasks", "cracks") == 0
+    assert sorted(Path(r["image"]).name for r in read_manifest(out / "train" / "manifest.csv")) == ["x.jpg", "y.jpg"]
+
+    one_box_export(split, ["x.jpg", "y.jpg", "x.png", "Y.PNG"])
+    capsys.readouterr()
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(out), "--tasks", "cracks") == 0
+    assert "x.png" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problem_counts"] == {"mask_name_clash": 4}
+    assert sorted(Path(p["file"]).name for p in summary["problems"]) == ["Y.PNG", "x.jpg", "x.png", "y.jpg"]
+    assert summary["counts"] == {}
+    assert read_manifest(out / "train" / "manifest.csv") == []  # the old rows of x.jpg and y.jpg are gone
+
+    one_box_export(split, ["x.jpg", "y.jpg", "x.png", "z.jpg"])  # Y.PNG gone: only x clashes
+    (split / "Y.PNG").unlink()
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(out), "--tasks", "cracks") == 0
+    rows = {Path(r["image"]).name: r for r in read_manifest(out / "train" / "manifest.csv")}
+    assert sorted(rows) == ["y.jpg", "z.jpg"]
+    expected = np.zeros((12, 16), dtype=bool)
+    expected[3:8, 6:8] = True  # z.jpg is image 3: box x 6..7, rows 3..7
+    np.testing.assert_array_equal(read_png(rows["z.jpg"]["mask"]) > 0, expected)
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "strict"), "--tasks", "cracks",
+               "--strict") == 1
+
+
+def test_export_without_images_is_warned_and_empties_the_manifest(tmp_path, capsys):
+    split = tmp_path / "data" / "cracks" / "valid"
+    out = tmp_path / "out"
+    one_box_export(split, ["a.jpg"])
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(out), "--tasks", "cracks") == 0
+    assert len(read_manifest(out / "valid" / "manifest.csv")) == 1
+    write_export(split, [], [])
+    capsys.readouterr()
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(out), "--tasks", "cracks") == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "_annotations.coco.json: an empty 'images' list" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problem_counts"] == {"no_images": 1} and summary["counts"] == {}
+    assert read_manifest(out / "valid" / "manifest.csv") == []  # not the stale row of a.jpg
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "strict"), "--tasks", "cracks",
+               "--strict") == 1
+
+
+def test_a_named_split_that_no_task_has_is_an_error(sample_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    for splits in (["train", "vaild"], ["test"]):
+        assert run("--data-root", str(sample_root), "--out", str(out), "--splits", *splits) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"split {splits[-1]} exists for none of the tasks" in err[0]
+        assert not out.exists()
+    assert run("--data-root", str(sample_root), "--out", str(out), "--splits", "valid", "vaild", "tset") == 1
+    assert "splits vaild, tset exist for none" in capsys.readouterr().err
+    # By default, test is simply absent from the sample (as before): noted, not an error.
+    assert run("--data-root", str(sample_root), "--out", str(out), "--tasks", "cracks") == 0
+    assert json.loads((out / "summary.json").read_text())["missing_splits"] == ["cracks/test"]
+
+
+def test_repeated_tasks_and_splits_count_once(sample_root, tmp_path):
+    out = tmp_path / "out"
+    assert run("--data-root", str(sample_root), "--out", str(out), "--tasks", "cracks", "drywall", "cracks",
+               "--splits", "valid", "valid") == 0
+    rows = read_manifest(out / "valid" / "manifest.csv")
+    assert len(rows) == 8 and len({r["mask"] for r in rows}) == 8
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["masks_written"] == 8 and summary["splits"] == ["valid"]
+    assert {t: c["valid"]["images"] for t, c in summary["counts"].items()} == {"cracks": 4, "drywall": 4}
