@@ -140,6 +140,7 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
 
     images: dict[int, ImageEntry] = {}
     seen_names: set[str] = set()
+    skipped_ids: set = set()  # records with an id but a bad size: their annotations go with them, unreported
     for rec in data["images"]:
         if not isinstance(rec, dict):
             problems.append(Problem(name, "bad_image_record", f"image record is not an object: {rec!r:.80}"))
@@ -150,9 +151,11 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
             problems.append(Problem(name, "bad_image_record", f"image record without id/file_name: {rec!r:.80}"))
             continue
         if not width or not height or width <= 0 or height <= 0:
+            skipped_ids.add(image_id)
             problems.append(Problem(f"{name}:{file_name}", "bad_image_record", "image record has no valid width/height"))
             continue
         if width * height > MAX_IMAGE_PIXELS:
+            skipped_ids.add(image_id)
             problems.append(Problem(f"{name}:{file_name}", "bad_image_record", f"image record says {width}x{height}, "
                                     f"over the limit of {MAX_IMAGE_PIXELS:,} pixels"))
             continue
@@ -175,7 +178,7 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
                                     f"{' and '.join(bad)}: an id must be a number or a string"))
             continue
         if image_id not in images:
-            unknown += 1
+            unknown += image_id not in skipped_ids
             continue
         if categories and category_id not in keep:
             continue

@@ -291,6 +291,7 @@ def test_load_coco_bad_ids_and_sizes(tmp_path):
             {"id": 10, "image_id": [1], "category_id": 1, "segmentation": [], "bbox": [0, 0, 2, 2]},
             {"id": 11, "image_id": 1, "category_id": {"x": 1}, "segmentation": [], "bbox": [0, 0, 2, 2]},
             {"id": 12, "image_id": 1, "category_id": 1, "segmentation": [], "bbox": [0, 0, 2, 2]},
+            {"id": 13, "image_id": 3, "category_id": 1, "segmentation": [], "bbox": [0, 0, 2, 2]},  # goes with c.jpg
         ],
         "categories": [{"id": [1], "name": "list id"}, {"id": 1, "name": "crack"}],
     }
