@@ -18,7 +18,7 @@ import sys
 from defectseg.cli import add_tasks_argument, fail, pick_tasks, setup_logging
 from defectseg.coco import CocoError
 from defectseg.manifest import SUMMARY_FILE
-from defectseg.preprocess import preprocess
+from defectseg.preprocess import DEFAULT_SPLITS, preprocess
 
 log = logging.getLogger("preprocess_masks")
 
@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", default="dataset_root", help="folder holding <task>/<split>/ exports (default: %(default)s)")
     parser.add_argument("--out", default="processed_dataset", help="output folder (default: %(default)s)")
     add_tasks_argument(parser)
-    parser.add_argument("--splits", nargs="+", default=["train", "valid", "test"],
-                        help="splits to process; a split a task lacks is skipped (default: %(default)s)")
+    parser.add_argument("--splits", nargs="+", default=None,
+                        help="splits to process; each must exist for at least one task, a split some tasks lack "
+                        f"is skipped for them (default: {' '.join(DEFAULT_SPLITS)}, those that exist)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="parallel processes (default: %(default)s, the number of cores up to 8)")
     parser.add_argument("--overwrite", action="store_true", help="redo every mask, even up-to-date ones")
@@ -46,6 +47,8 @@ def main(args: argparse.Namespace) -> int:
         summary = preprocess(args.data_root, args.out, tasks, args.splits, args.workers, args.overwrite, args.strict)
     except CocoError as err:
         return fail(str(err))
+    except OSError as err:  # e.g. the disk filling up while masks are written (--out itself is checked first)
+        return fail(f"cannot write the output under {args.out}: {err}")
 
     for problem in summary["problems"][:10]:
         log.warning("%s: %s [%s, %s]", problem["file"], problem["message"], problem["kind"],

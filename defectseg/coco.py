@@ -7,7 +7,9 @@ A mask is the union of all of an image's annotations, rasterized the way the COC
 - RLE, compressed (``counts`` a string) or uncompressed (``counts`` a list, ``iscrowd: 1``);
 - an annotation whose ``segmentation`` is empty (or has no usable ring) falls back to its ``bbox``,
   rasterized as the box polygon, as pycocotools does for boxes;
-- coordinates outside the image are clipped by the rasterizer (the part inside is kept exactly).
+- coordinates outside the image are clipped by the rasterizer (the part inside is kept exactly). A ring
+  or box reaching further than one image size (its larger side) past the image is first clipped to that
+  frame: pycocotools crashes on coordinates of 1e9 or more, and walks every 1/5 pixel of every edge.
 
 Real exports are messy, so every annotation is checked first. What can be repaired is repaired and
 reported (odd-length rings lose their last number, non-finite points are dropped, degenerate rings
@@ -26,6 +28,9 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 ANNOTATIONS_FILE = "_annotations.coco.json"
+# Largest image (width * height) whose mask is made: the most pixels the image reader (PIL) accepts
+# before calling a file a decompression bomb. pycocotools overflows (segfaults) from 2**32 pixels on.
+MAX_IMAGE_PIXELS = 178_956_970
 
 
 class CocoError(ValueError):
@@ -75,10 +80,25 @@ def source_stem(file_name: str) -> str:
     return stem.split(".rf.")[0] if ".rf." in stem else Path(stem).stem
 
 
-def _as_int(value) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def _number(value) -> float | None:
+    """A JSON number as a finite float; None for non-numbers, booleans, NaN/inf and ints too big for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return int(value) if float(value).is_integer() else None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _as_int(value) -> int | None:
+    number = _number(value)
+    return int(number) if number is not None and number.is_integer() else None
+
+
+def _is_id(value) -> bool:
+    """Whether a JSON value can be an image or category id (a number or a string, not a list/object)."""
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
 
 
 def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoExport:
@@ -86,8 +106,8 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
 
     categories: category names to keep (empty: keep all). Categories are matched by name, so exports
     whose ids differ (cracks use id 1 under an unused super-category id 0) need no per-id table.
-    Raises CocoError for unreadable/invalid JSON or a missing ``images`` list; smaller faults
-    (bad image records, annotations pointing at unknown images) become Problems.
+    Raises CocoError for an unreadable file, invalid JSON or a missing ``images`` list; smaller faults
+    (bad image records, annotations pointing at unknown images, no images at all) become Problems.
     """
     path = Path(json_path)
     name = str(path)
@@ -95,7 +115,13 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CocoError(f"{name}: annotations file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except IsADirectoryError:
+        raise CocoError(f"{name}: is a folder, not an annotations file") from None
+    except OSError as err:
+        raise CocoError(f"{name}: cannot read annotations file ({err.strerror or err})") from None
+    except RecursionError:
+        raise CocoError(f"{name}: invalid JSON (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, and ints over Python's digit limit
         raise CocoError(f"{name}: invalid JSON ({err})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise CocoError(f"{name}: not a COCO file (no 'images' list)")
@@ -104,26 +130,34 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
         raise CocoError(f"{name}: 'annotations' must be a list")
 
     problems: list[Problem] = []
+    raw_categories = data.get("categories", [])
     category_names = {
         c["id"]: str(c.get("name", c["id"]))
-        for c in data.get("categories", [])
-        if isinstance(c, dict) and "id" in c
+        for c in (raw_categories if isinstance(raw_categories, list) else [])
+        if isinstance(c, dict) and _is_id(c.get("id"))
     }
     keep = {cid for cid, cname in category_names.items() if not categories or cname in categories}
 
     images: dict[int, ImageEntry] = {}
     seen_names: set[str] = set()
+    skipped_ids: set = set()  # records with an id but a bad size: their annotations go with them, unreported
     for rec in data["images"]:
         if not isinstance(rec, dict):
             problems.append(Problem(name, "bad_image_record", f"image record is not an object: {rec!r:.80}"))
             continue
         image_id, file_name = rec.get("id"), rec.get("file_name")
         width, height = _as_int(rec.get("width")), _as_int(rec.get("height"))
-        if image_id is None or not isinstance(file_name, str) or not file_name:
+        if not _is_id(image_id) or not isinstance(file_name, str) or not file_name:
             problems.append(Problem(name, "bad_image_record", f"image record without id/file_name: {rec!r:.80}"))
             continue
         if not width or not height or width <= 0 or height <= 0:
+            skipped_ids.add(image_id)
             problems.append(Problem(f"{name}:{file_name}", "bad_image_record", "image record has no valid width/height"))
+            continue
+        if width * height > MAX_IMAGE_PIXELS:
+            skipped_ids.add(image_id)
+            problems.append(Problem(f"{name}:{file_name}", "bad_image_record", f"image record says {width}x{height}, "
+                                    f"over the limit of {MAX_IMAGE_PIXELS:,} pixels"))
             continue
         if image_id in images or file_name in seen_names:
             problems.append(Problem(f"{name}:{file_name}", "duplicate_image", f"duplicate image id {image_id} or file name"))
@@ -136,17 +170,35 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
         if not isinstance(ann, dict):
             problems.append(Problem(name, "bad_annotation", f"annotation is not an object: {ann!r:.80}"))
             continue
-        if ann.get("image_id") not in images:
-            unknown += 1
+        image_id, category_id = ann.get("image_id"), ann.get("category_id")
+        bad = [f"{key} {value!r:.40}" for key, value in (("image_id", image_id), ("category_id", category_id))
+               if not _is_id(value) and not (key == "category_id" and value is None)]
+        if bad:
+            problems.append(Problem(f"{name} (annotation {ann.get('id')!r:.40})", "bad_annotation",
+                                    f"{' and '.join(bad)}: an id must be a number or a string"))
             continue
-        if categories and ann.get("category_id") not in keep:
+        if image_id not in images:
+            unknown += image_id not in skipped_ids
             continue
-        images[ann["image_id"]].annotations.append(ann)
+        if categories and category_id not in keep:
+            continue
+        images[image_id].annotations.append(ann)
     if unknown:
         problems.append(
             Problem(name, "unknown_image", f"{unknown} annotation(s) point at image ids not in 'images'")
         )
+    if not images:
+        what = "no usable image record" if data["images"] else "an empty 'images' list"
+        problems.append(Problem(name, "no_images", f"{what}: this split gives no masks"))
     return CocoExport(path, list(images.values()), problems, category_names)
+
+
+def _float_or_inf(value: int | float) -> float:
+    """float(value), with ints too big for a float as infinity (then dropped as a non-finite point)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _clean_ring(ring, where: str, problems: list[Problem]) -> list[float] | None:
@@ -156,7 +208,7 @@ def _clean_ring(ring, where: str, problems: list[Problem]) -> list[float] | None
     ):
         problems.append(Problem(where, "bad_polygon", "polygon ring holds non-numbers; dropped"))
         return None
-    coords = [float(v) for v in ring]
+    coords = [_float_or_inf(v) for v in ring]
     if len(coords) % 2:
         problems.append(Problem(where, "odd_polygon", f"odd-length polygon ({len(coords)} numbers); last dropped", True))
         coords = coords[:-1]
@@ -172,33 +224,139 @@ def _clean_ring(ring, where: str, problems: list[Problem]) -> list[float] | None
     return [v for point in finite for v in point]
 
 
+# Points are first clamped to +-this, so that the clipping arithmetic itself stays finite.
+_FAR = 1e15
+
+
+def _frame(height: int, width: int) -> tuple[float, float, float, float]:
+    """(x0, x1, y0, y1): the image grown by its larger side on every side. Rings and boxes reaching
+    past it are clipped to it before pycocotools sees them; inside it they are left exactly as they are."""
+    margin = float(max(height, width))
+    return -margin, width + margin, -margin, height + margin
+
+
+def _outside_frame(xs: list[float], ys: list[float], height: int, width: int) -> bool:
+    x0, x1, y0, y1 = _frame(height, width)
+    return min(xs) < x0 or max(xs) > x1 or min(ys) < y0 or max(ys) > y1
+
+
+def _clip_ring(coords: list[float], height: int, width: int) -> list[float]:
+    """The ring clipped to ``_frame`` (Sutherland-Hodgman, one frame edge at a time); [] when nothing is left.
+
+    A detour outside the frame becomes a path along it, which winds around no point inside, so the
+    image's pixels are covered as before, except that the new corner points are rounded to pycocotools'
+    1/5-pixel grid: an edge cut here can move a pixel along it. Rings inside the frame (all real data)
+    are returned unchanged and rasterize bit for bit as pycocotools does.
+    """
+    xs, ys = coords[0::2], coords[1::2]
+    if not _outside_frame(xs, ys, height, width):
+        return coords
+    points = [(min(max(x, -_FAR), _FAR), min(max(y, -_FAR), _FAR)) for x, y in zip(xs, ys)]
+    x0, x1, y0, y1 = _frame(height, width)
+    edges = ((0, x0, 1.0), (0, x1, -1.0), (1, y0, 1.0), (1, y1, -1.0))
+    for axis, bound, side in edges:
+        clipped: list[tuple[float, float]] = []
+        for i, cur in enumerate(points):
+            prev = points[i - 1]
+            cur_in, prev_in = (cur[axis] - bound) * side >= 0, (prev[axis] - bound) * side >= 0
+            if cur_in != prev_in:
+                t = (bound - prev[axis]) / (cur[axis] - prev[axis])
+                other = prev[1 - axis] + t * (cur[1 - axis] - prev[1 - axis])
+                clipped.append((bound, other) if axis == 0 else (other, bound))
+            if cur_in:
+                clipped.append(cur)
+        points = clipped
+        if len(points) < 3:
+            return []
+    return [v for point in points for v in point]
+
+
+def _empty_rle(height: int, width: int) -> dict:
+    return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
+
+
 def _bbox_rle(bbox, height: int, width: int, where: str, problems: list[Problem]):
-    if (
-        not isinstance(bbox, (list, tuple))
-        or len(bbox) != 4
-        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
-        or bbox[2] <= 0
-        or bbox[3] <= 0
-    ):
-        problems.append(Problem(where, "bad_bbox", f"no usable segmentation and invalid bbox {bbox!r}; skipped"))
+    values = [_number(v) for v in bbox] if isinstance(bbox, (list, tuple)) and len(bbox) == 4 else [None]
+    if None in values or values[2] <= 0 or values[3] <= 0:
+        problems.append(Problem(where, "bad_bbox", f"no usable segmentation and invalid bbox {bbox!r:.80}; skipped"))
         return None
-    return mask_utils.frPyObjects(np.array([bbox], dtype=np.float64), height, width)[0]
+    x, y, w, h = values
+    if _outside_frame([x, x + w], [y, y + h], height, width):
+        # Clamping a box to the frame keeps the part inside exactly (its edges are axis-aligned).
+        fx0, fx1, fy0, fy1 = _frame(height, width)
+        left, right = (min(max(v, fx0), fx1) for v in (x, x + w))
+        top, bottom = (min(max(v, fy0), fy1) for v in (y, y + h))
+        if right <= left or bottom <= top:
+            return _empty_rle(height, width)
+        x, y, w, h = left, top, right - left, bottom - top
+    return mask_utils.frPyObjects(np.array([[x, y, w, h]], dtype=np.float64), height, width)[0]
+
+
+def _rle_string_counts(text: str) -> list[int] | None:
+    """Run lengths of a compressed COCO RLE string, decoded as pycocotools' ``rleFrString`` does, or
+    None when the string is not one it could have written (pycocotools would read past its end or
+    overflow, and then fail or return garbage)."""
+    counts: list[int] = []
+    pos = 0
+    while pos < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if pos >= len(text) or shift > 25:  # cut off mid-number, or more bits than any count needs
+                return None
+            code = ord(text[pos]) - 48
+            if not 0 <= code < 64:
+                return None
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            pos, shift = pos + 1, shift + 5
+            if not more and code & 0x10:
+                value |= -1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        if value < 0:
+            return None
+        counts.append(value)
+    return counts
+
+
+def _checked_rle(seg: dict, height: int, width: int, where: str, problems: list[Problem]):
+    """A pycocotools RLE for a COCO RLE segmentation, or None (with a Problem) when it is malformed."""
+    size, counts = seg.get("size"), seg.get("counts")
+    dims = [_as_int(v) for v in size] if isinstance(size, (list, tuple)) and len(size) == 2 else None
+    if dims is None or None in dims:
+        problems.append(Problem(where, "bad_rle", f"RLE size {size!r:.40} is not [height, width]"))
+        return None
+    if dims != [height, width]:
+        problems.append(Problem(where, "rle_size", f"RLE size {size} differs from image {height}x{width}"))
+        return None
+    if isinstance(counts, list):
+        runs = [_as_int(v) for v in counts]
+        if any(v is None or v < 0 for v in runs):
+            problems.append(Problem(where, "bad_rle", "RLE counts hold something other than non-negative integers"))
+            return None
+    elif isinstance(counts, str):
+        runs = _rle_string_counts(counts)
+        if runs is None:
+            problems.append(Problem(where, "bad_rle", f"RLE counts string {counts!r:.40} is not valid COCO RLE"))
+            return None
+    else:
+        problems.append(Problem(where, "bad_rle", "RLE without usable counts"))
+        return None
+    if sum(runs) != height * width:
+        problems.append(Problem(where, "bad_rle", f"RLE counts cover {sum(runs)} pixels, the image has "
+                                f"{height}x{width} = {height * width}"))
+        return None
+    if isinstance(counts, str):
+        return {"size": [height, width], "counts": counts.encode("ascii")}
+    return mask_utils.frPyObjects({"size": [height, width], "counts": runs}, height, width)
 
 
 def annotation_rle(ann: dict, height: int, width: int, where: str, problems: list[Problem]):
     """One annotation -> (pycocotools RLE or None, source) where source is polygon|rle|bbox|none."""
     seg = ann.get("segmentation")
     if isinstance(seg, dict):
-        size, counts = seg.get("size"), seg.get("counts")
-        if list(size or []) != [height, width]:
-            problems.append(Problem(where, "rle_size", f"RLE size {size} differs from image {height}x{width}"))
-            return None, "none"
-        if isinstance(counts, list):
-            return mask_utils.frPyObjects(seg, height, width), "rle"
-        if isinstance(counts, (str, bytes)):
-            return {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}, "rle"
-        problems.append(Problem(where, "bad_rle", "RLE without usable counts"))
-        return None, "none"
+        rle = _checked_rle(seg, height, width, where, problems)
+        return rle, ("rle" if rle is not None else "none")
     rings = []
     if isinstance(seg, list) and seg:
         # A flat list of numbers is one ring written without the outer list.
@@ -208,7 +366,9 @@ def annotation_rle(ann: dict, height: int, width: int, where: str, problems: lis
         problems.append(Problem(where, "bad_segmentation", f"unsupported segmentation {type(seg).__name__}"))
     if rings:
         # pycocotools reads a 4-number first ring as a box, so rings are encoded one by one.
-        rles = [mask_utils.frPyObjects([ring], height, width)[0] for ring in rings]
+        clipped = [_clip_ring(ring, height, width) for ring in rings]
+        rles = [mask_utils.frPyObjects([ring], height, width)[0] if ring else _empty_rle(height, width)
+                for ring in clipped]
         return mask_utils.merge(rles) if len(rles) > 1 else rles[0], "polygon"
     if isinstance(seg, list) and seg:
         problems.append(Problem(where, "bbox_fallback", "no usable polygon ring; using the bbox", True))
@@ -222,8 +382,11 @@ def rasterize(
     """Union of the annotations as a (height, width) bool mask.
 
     Returns (mask, sources, problems): sources counts the annotations used per kind
-    (polygon | rle | bbox); skipped annotations are not counted and have a Problem.
+    (polygon | rle | bbox); skipped annotations are not counted and have a Problem. Raises CocoError
+    for a size over MAX_IMAGE_PIXELS (``load_coco`` already skips such image records).
     """
+    if height * width > MAX_IMAGE_PIXELS or height <= 0 or width <= 0:
+        raise CocoError(f"{where}: cannot make a {width}x{height} mask (limit {MAX_IMAGE_PIXELS:,} pixels)")
     problems: list[Problem] = []
     rles, sources = [], Counter()
     for ann in annotations:

@@ -16,8 +16,12 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -54,6 +58,10 @@ RASTER_VERSION = "1"  # bump when the rasterization rules change: every mask bec
 # images to count as near-duplicates. Checked by eye on the real sets: at <= 3 the pairs are the same
 # photo (re-encoded, flipped or rotated); from about 4 on, plain walls that merely look alike creep in.
 NEAR_DUPLICATE_BITS = 3
+DEFAULT_SPLITS = ("train", "valid", "test")
+# A JSON size over this many times the real picture's width or height (EXIF aside) is taken as a broken
+# record, not a resize: the image is skipped rather than a gigantic mask rasterized and shrunk.
+MAX_SIZE_RATIO = 8
 
 
 @dataclass(frozen=True)
@@ -101,11 +109,15 @@ def process_job(job: Job) -> tuple[dict | None, list[Problem]]:
         return None, [Problem(job.image, "image_unreadable", str(err).split(": ", 1)[-1])]
     height, width = rgb.shape[:2]
     where = job.image
+    declared = (entry.width, entry.height)
+    exif_turned = orientation != 1 and raw_size == declared
+    if not exif_turned and (entry.width > MAX_SIZE_RATIO * width or entry.height > MAX_SIZE_RATIO * height):
+        return None, [Problem(where, "implausible_size", f"JSON says {entry.width}x{entry.height}, the file is "
+                              f"{width}x{height}: over {MAX_SIZE_RATIO} times wider or taller, not a resize")]
     mask, sources, raster_problems = rasterize(entry.annotations, entry.height, entry.width, where)
     problems += raster_problems
-    declared = (entry.width, entry.height)
     if (width, height) != declared:
-        if orientation != 1 and raw_size == declared:
+        if exif_turned:
             # Annotations were drawn on the stored pixels; turn the mask the way the image turns.
             mask = apply_orientation(mask.astype(np.uint8), orientation) > 0
             problems.append(Problem(where, "exif_rotated", f"EXIF orientation {orientation}: mask rotated with the image", True))
@@ -217,15 +229,67 @@ def _as_written(row: dict, split: str, out: Path) -> dict:
                 mask=os.path.relpath(row["mask"], out / split))
 
 
+def _task_dirs(data_root: Path, tasks: list[Task]) -> dict[str, Path]:
+    """Each task's export folder. Raises CocoError for a task without one."""
+    found: dict[str, Path] = {}
+    for task in tasks:
+        task_dir = find_task_dir(data_root, task)
+        if task_dir is None:
+            tried = ", ".join(str(data_root / d) for d in task.dirs)
+            raise CocoError(f"task {task.name!r}: no folder for it under {data_root} (looked for {tried}); "
+                            "pick tasks with --tasks or add the folder name to the task table")
+        found[task.name] = task_dir
+    return found
+
+
+def _check_splits(data_root: Path, task_dirs: dict[str, Path], splits: list[str], splits_given: bool) -> list[str]:
+    """The ``task/split`` pairs without a folder. Raises CocoError when a split named by the caller
+    (``splits_given``) exists for no task, or when none of the default splits exists for any."""
+    missing = [f"{name}/{split}" for name, task_dir in task_dirs.items() for split in splits
+               if not (task_dir / split).is_dir()]
+    nowhere = [split for split in splits if all(f"{name}/{split}" in missing for name in task_dirs)]
+    tasks = ", ".join(sorted(task_dirs))
+    expected = f"under {data_root} (expected <task folder>/<split>/{ANNOTATIONS_FILE})"
+    if splits_given and nowhere:
+        which = f"split {nowhere[0]} exists" if len(nowhere) == 1 else f"splits {', '.join(nowhere)} exist"
+        raise CocoError(f"{which} for none of the tasks {tasks} {expected}; check --splits")
+    if len(nowhere) == len(splits):
+        raise CocoError(f"none of the splits {', '.join(splits)} exists for tasks {tasks} {expected}")
+    return missing
+
+
+def _without_mask_name_clashes(entries: list[ImageEntry], split_dir: Path, slug: str,
+                               problems: list[Problem]) -> list[ImageEntry]:
+    """The entries whose mask gets a file of its own. Mask files are named after the image's stem, so
+    ``x.jpg`` and ``x.png`` (or ``X.jpg``, for case-insensitive disks) would share one and an image would
+    get another's ground truth: every image of such a group is skipped, each with a Problem."""
+    groups: dict[str, list[ImageEntry]] = defaultdict(list)
+    for entry in entries:
+        groups[mask_name(entry.file_name, slug).casefold()].append(entry)
+    kept = []
+    for entry in entries:
+        group = groups[mask_name(entry.file_name, slug).casefold()]
+        if len(group) == 1:
+            kept.append(entry)
+            continue
+        others = ", ".join(other.file_name for other in group if other is not entry)
+        problems.append(Problem(str(split_dir / entry.file_name), "mask_name_clash",
+                                f"same mask file {mask_name(entry.file_name, slug)} as {others} (file names "
+                                "differ only in extension, folder or case); none of them made, rename one"))
+    return kept
+
+
 def plan_jobs(
-    data_root: Path, out: Path, tasks: list[Task], splits: list[str], overwrite: bool
+    data_root: Path, out: Path, tasks: list[Task], splits: list[str], overwrite: bool, splits_given: bool = True
 ) -> Plan:
     """Read every annotations file and decide which masks to (re)make. Raises CocoError when a task
-    folder is missing, no requested split exists, or an annotations file cannot be used at all."""
+    folder is missing, a split named by the caller (or, for the default splits, every split) exists for
+    no task, or an annotations file cannot be used at all."""
+    task_dirs = _task_dirs(data_root, tasks)
+    missing = _check_splits(data_root, task_dirs, splits, splits_given)
     jobs: list[Job] = []
     reused: list[dict] = []
     problems: list[Problem] = []
-    missing: list[str] = []
     previous: dict[str, list[dict]] = {}
     for manifest in sorted(out.glob(f"*/{MANIFEST_FILE}")):
         try:
@@ -238,20 +302,14 @@ def plan_jobs(
     up_to_date = {} if overwrite else {
         row["mask"]: row for split in splits for row in previous.get(split, []) if row["task"] in names}
     for task in tasks:
-        task_dir = find_task_dir(data_root, task)
-        if task_dir is None:
-            tried = ", ".join(str(data_root / d) for d in task.dirs)
-            raise CocoError(f"task {task.name!r}: no folder for it under {data_root} (looked for {tried}); "
-                            "pick tasks with --tasks or add the folder name to the task table")
         for split in splits:
-            json_path = task_dir / split / ANNOTATIONS_FILE
-            if not (task_dir / split).is_dir():
-                missing.append(f"{task.name}/{split}")
+            split_dir = task_dirs[task.name] / split
+            if f"{task.name}/{split}" in missing:
                 continue
-            export = load_coco(json_path, task.categories)
+            export = load_coco(split_dir / ANNOTATIONS_FILE, task.categories)
             problems += export.problems
-            for entry in export.images:
-                image = (task_dir / split / entry.file_name).resolve()
+            for entry in _without_mask_name_clashes(export.images, split_dir, task.slug, problems):
+                image = (split_dir / entry.file_name).resolve()
                 mask = (out / split / "masks" / mask_name(entry.file_name, task.slug)).resolve()
                 key = job_key(entry, image, task.prompt)
                 old = up_to_date.get(str(mask))
@@ -259,10 +317,36 @@ def plan_jobs(
                     reused.append(_as_written(old, split, out))
                 else:
                     jobs.append(Job(task.name, task.prompt, split, str(image), str(mask), entry, key))
-    if len(missing) == len(tasks) * len(splits):
-        raise CocoError(f"none of the splits {', '.join(splits)} exists for tasks {', '.join(sorted(names))} "
-                        f"under {data_root} (expected <task folder>/<split>/{ANNOTATIONS_FILE})")
     return Plan(jobs, reused, kept, problems, missing)
+
+
+def _pool_results(jobs: list[Job], workers: int) -> Iterator[tuple[Job, tuple[dict | None, list[Problem]]]]:
+    """(job, process_job(job)) in job order, from ``workers`` processes, a few jobs ahead of the reader.
+
+    A worker that dies (killed, out of memory, a crash in native code) breaks the pool: this raises
+    CocoError naming the images that were in flight, instead of waiting forever for their results.
+    """
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn" if os.name == "nt" else None))
+    window: deque[tuple[Job, Future]] = deque()
+    queue = iter(jobs)
+    try:
+        while True:
+            while len(window) < 4 * workers and (job := next(queue, None)) is not None:
+                window.append((job, pool.submit(process_job, job)))
+            if not window:
+                return
+            job, future = window[0]
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                lost = [Path(j.image).name for j, f in window if not (f.done() and f.exception() is None)]
+                shown = ", ".join(lost[:8]) + (f" and {len(lost) - 8} more" if len(lost) > 8 else "")
+                raise CocoError(f"a worker process died (killed, out of memory, or crashed in native code) while "
+                                f"making the masks of one of: {shown}; no manifest was changed") from None
+            window.popleft()
+            yield job, result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_jobs(jobs: list[Job], workers: int) -> tuple[list[dict], list[Problem]]:
@@ -271,22 +355,19 @@ def run_jobs(jobs: list[Job], workers: int) -> tuple[list[dict], list[Problem]]:
     progress = tqdm(total=len(jobs), desc="masks", unit="img", disable=not jobs, dynamic_ncols=True,
                     mininterval=0.1 if sys.stderr.isatty() else 5.0)
     if workers <= 1 or len(jobs) < 2 * workers:
-        results = map(process_job, jobs)
-        pool = None
+        results = ((job, process_job(job)) for job in jobs)
     else:
-        pool = get_context("spawn" if os.name == "nt" else None).Pool(workers)
-        results = pool.imap(process_job, jobs, chunksize=8)
+        results = _pool_results(jobs, workers)
     try:
-        for job, (row, job_problems) in zip(jobs, results):
+        for job, (row, job_problems) in results:
             if row is not None:
                 row["_split"] = job.split
                 rows.append(row)
             problems += job_problems
             progress.update()
     finally:
+        results.close()  # stops the pool now, also when the loop above is interrupted
         progress.close()
-        if pool is not None:
-            pool.terminate()
     return rows, problems
 
 
@@ -327,25 +408,62 @@ def _group(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return groups
 
 
+def _writable_folder(folder: Path) -> str | None:
+    """Why files cannot be created in ``folder`` (an existing folder), or None when they can."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            return None
+    except OSError as err:
+        return err.strerror or str(err)
+
+
+def check_out(out: Path, splits: list[str]) -> None:
+    """Raise CocoError (naming the path) unless every folder and file the run writes under ``out`` can be
+    written: run before any work, so a bad ``--out`` costs nothing and changes nothing."""
+    existing = out
+    while not existing.exists() and not existing.is_symlink() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == out else f": {existing}"
+        raise CocoError(f"output folder {out}{where} is {'a file' if existing.exists() else 'a broken link'}, "
+                        "not a folder")
+    folders = [existing] + [d for split in splits for d in (out / split, out / split / "masks") if d.exists()]
+    for folder in folders:
+        if not folder.is_dir():
+            raise CocoError(f"output folder {out}: {folder} is a file, not a folder")
+        reason = _writable_folder(folder)
+        if reason:
+            raise CocoError(f"output folder {out}: cannot write in {folder} ({reason})")
+    for target in [out / SUMMARY_FILE] + [out / split / MANIFEST_FILE for split in splits]:
+        if target.is_dir():
+            raise CocoError(f"output folder {out}: {target} is a folder, not a file")
+
+
 def preprocess(
     data_root: str | Path,
     out: str | Path,
     tasks: list[Task],
-    splits: list[str],
+    splits: list[str] | None = None,
     workers: int = 1,
     overwrite: bool = False,
     strict: bool = False,
 ) -> dict:
     """Run the whole preprocessing; returns the summary (also written to ``out/summary.json``).
 
+    splits: None for DEFAULT_SPLITS, of which those that no task has are skipped; a split named here
+    must exist for at least one task. Repeated tasks or splits count once.
     Raises CocoError for unrecoverable input, and under ``strict`` for any problem at all (masks,
     manifests and summary are then left as they were). Rows of tasks or splits not in this run are kept.
     """
     data_root, out = Path(data_root), Path(out)
+    tasks = list({task.name: task for task in tasks}.values())
+    splits_given = splits is not None
+    splits = list(dict.fromkeys(splits if splits_given else DEFAULT_SPLITS))
     if not data_root.is_dir():
         raise CocoError(f"data root {data_root} does not exist or is not a folder")
+    check_out(out, splits)
     start = time.perf_counter()
-    plan = plan_jobs(data_root, out, tasks, splits, overwrite)
+    plan = plan_jobs(data_root, out, tasks, splits, overwrite, splits_given)
     if strict and plan.problems:
         raise CocoError(_strict_message(plan.problems))
     if strict:
@@ -361,7 +479,9 @@ def preprocess(
     seconds = time.perf_counter() - start
     for split in splits:
         split_rows = [r for r in rows + plan.kept if r["_split"] == split]
-        if split_rows:
+        exists = any(f"{task.name}/{split}" not in plan.missing_splits for task in tasks)
+        if split_rows or exists or (out / split / MANIFEST_FILE).exists():
+            # Also with no rows (an export without images): a manifest must not keep rows of a past run.
             write_manifest(out / split / MANIFEST_FILE, split_rows)
     rows += plan.kept  # the summary covers every manifest under ``out``
     summary = {

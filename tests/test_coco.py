@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -163,3 +164,151 @@ def test_load_coco_bad_image_records(tmp_path):
 def test_source_stem():
     assert source_stem("00002_jpg.rf.8e62.jpg") == "00002_jpg"
     assert source_stem("plain.png") == "plain"
+
+
+# --- Absurd coordinates: clipped to a frame one image size around the picture, never handed to pycocotools
+
+
+@pytest.mark.parametrize(
+    "segmentation, bbox, expected, source, kinds",
+    [
+        pytest.param([[0, 0, 1e9, 0, 1e9, 1e9, 0, 1e9]], (0, 0, 1, 1), square(0, 8, 0, 8), "polygon", set(),
+                     id="polygon-to-1e9"),  # segfaulted pycocotools
+        pytest.param([[2, 2, 6, 2, 6, 1e300, 2, 1e300]], (0, 0, 1, 1), square(2, 8, 2, 6), "polygon", set(),
+                     id="rectangle-down-to-1e300"),
+        pytest.param([[-1e12, -1e12, 3, -1e12, 3, 3, -1e12, 3]], (0, 0, 1, 1), square(0, 3, 0, 3), "polygon", set(),
+                     id="far-negative"),
+        pytest.param([[0, 0, 8, 0, 0, 1e9]], (0, 0, 1, 1), square(0, 8, 0, 8), "polygon", set(),
+                     id="sliver-triangle"),  # its slanted edge leaves x=8 by 1e-7 px inside the image
+        pytest.param([[1e9, 1e9, 2e9, 1e9, 2e9, 2e9]], (0, 0, 1, 1), np.zeros((H, W), bool), "polygon", set(),
+                     id="ring-wholly-outside-stays-empty-not-bbox"),
+        pytest.param([[1, 1, 5, 1, 5, 5, 1, 5, 10**400, 3]], (0, 0, 1, 1), square(1, 5, 1, 5), "polygon",
+                     {"nonfinite_polygon"}, id="int-too-big-for-a-float-dropped"),
+        pytest.param([], (-1e300, 2, 1e308, 3), square(2, 5, 0, 8), "bbox", set(), id="bbox-1e300"),
+        pytest.param([], (5e9, 5e9, 1e9, 1e9), np.zeros((H, W), bool), "bbox", set(), id="bbox-wholly-outside"),
+        pytest.param([], (1, 1, 10**400, 2), np.zeros((H, W), bool), "none", {"bad_bbox"}, id="bbox-int-overflow"),
+    ],
+)
+def test_absurd_coordinates_are_clipped(segmentation, bbox, expected, source, kinds):
+    mask, sources, problems = rasterize([ann(segmentation, bbox=bbox)], H, W, where="far.jpg")
+    np.testing.assert_array_equal(mask, expected)
+    assert mask_source(sources) == source
+    assert {p.kind for p in problems} == kinds
+
+
+def test_coordinates_within_one_image_size_are_rasterized_by_pycocotools_unchanged():
+    """Clipping only starts one image size (the larger side) past the picture, so anything nearer gives
+    pycocotools' own mask bit for bit, slanted edges included."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(3, 40, 2))
+        m = max(h, w)
+        k = int(rng.integers(3, 9))
+        ring = np.stack([rng.uniform(-m, w + m, k), rng.uniform(-m, h + m, k)], 1).round(2).ravel().tolist()
+        reference = mask_utils.decode(mask_utils.frPyObjects([ring], h, w)[0]).astype(bool)
+        mask, _, problems = rasterize([ann([ring])], h, w)
+        np.testing.assert_array_equal(mask, reference)
+        assert problems == []
+
+
+def test_rasterize_refuses_a_gigantic_mask():
+    with pytest.raises(CocoError, match="200000x200000"):
+        rasterize([], 200_000, 200_000, where="huge.jpg")
+
+
+# --- Malformed RLE: a Problem for that annotation, never a traceback or garbage pixels
+
+
+@pytest.mark.parametrize(
+    "segmentation, message",
+    [
+        pytest.param({"size": [H, W], "counts": "\x00\xff garbage!!"}, "not valid COCO RLE", id="garbage-string"),
+        pytest.param({"size": [H, W], "counts": "zzzz"}, "not valid COCO RLE", id="out-of-range-characters"),
+        pytest.param({"size": [H, W], "counts": "0P"}, "not valid COCO RLE", id="cut-off-mid-number"),
+        pytest.param({"size": [H, W], "counts": "0PPPPPP1"}, "not valid COCO RLE", id="number-too-long"),
+        pytest.param({"size": [H, W], "counts": "0@"}, "not valid COCO RLE", id="negative-run"),
+        pytest.param({"size": [H, W], "counts": "00"}, "cover 0 pixels", id="string-too-short"),
+        pytest.param({"size": 5, "counts": "abc"}, "is not [height, width]", id="size-is-a-number"),
+        pytest.param({"size": ["8", 8], "counts": [64]}, "is not [height, width]", id="size-of-strings"),
+        pytest.param({"size": [H, W], "counts": [5, 3]}, "cover 8 pixels", id="list-sums-short"),
+        pytest.param({"size": [H, W], "counts": [60, 10]}, "cover 70 pixels", id="list-sums-long"),
+        pytest.param({"size": [H, W], "counts": [-5, 69]}, "non-negative integers", id="negative-count"),
+        pytest.param({"size": [H, W], "counts": [1.5, 62.5]}, "non-negative integers", id="fractional-count"),
+        pytest.param({"size": [H, W], "counts": ["a"]}, "non-negative integers", id="string-in-list"),
+        pytest.param({"size": [H, W]}, "without usable counts", id="no-counts"),
+    ],
+)
+def test_malformed_rle_is_a_problem(segmentation, message):
+    good = ann([[1, 1, 5, 1, 5, 5, 1, 5]])
+    bad = dict(ann(segmentation, iscrowd=1), id=7)
+    mask, sources, problems = rasterize([good, bad], H, W, where="rle.jpg")
+    np.testing.assert_array_equal(mask, square(1, 5, 1, 5))  # the good annotation still counts
+    assert sources == {"polygon": 1}
+    (problem,) = problems
+    assert problem.kind == "bad_rle" and not problem.repaired and message in problem.message
+    assert problem.file == "rle.jpg (annotation 7)"
+
+
+def test_compressed_rle_strings_decode_like_pycocotools():
+    rng = np.random.default_rng(1)
+    for h, w, p in [(H, W, 0.5), (37, 53, 0.1), (37, 53, 0.97), (300, 200, 0.5), (5, 5, 0.0), (5, 5, 1.0)]:
+        truth = rng.random((h, w)) < p
+        counts = mask_utils.encode(np.asfortranarray(truth.astype(np.uint8)))["counts"].decode()
+        mask, _, problems = rasterize([ann({"size": [h, w], "counts": counts}, iscrowd=1)], h, w)
+        np.testing.assert_array_equal(mask, truth)
+        assert problems == []
+
+
+# --- load_coco on malformed files and records
+
+
+def test_load_coco_annotations_file_is_a_folder(tmp_path):
+    path = tmp_path / "_annotations.coco.json"
+    path.mkdir()
+    with pytest.raises(CocoError, match="is a folder") as err:
+        load_coco(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("text", ['{"images": [' + "1" * 5000 + "]}", "[" * 100_000 + "]" * 100_000])
+def test_load_coco_json_python_cannot_parse(tmp_path, text):
+    """A 5000-digit number (over Python's int digit limit, 3.11+) or nesting deeper than the parser's stack."""
+    if text.startswith('{"images"') and not hasattr(sys, "get_int_max_str_digits"):
+        pytest.skip("this Python has no int digit limit")
+    path = tmp_path / "_annotations.coco.json"
+    path.write_text(text)
+    with pytest.raises(CocoError, match="invalid JSON"):
+        load_coco(path)
+
+
+def test_load_coco_bad_ids_and_sizes(tmp_path):
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8},
+                   {"id": [2], "file_name": "b.jpg", "width": 8, "height": 8},
+                   {"id": 3, "file_name": "c.jpg", "width": 200_000, "height": 200_000},
+                   {"id": 4, "file_name": "d.jpg", "width": 10**400, "height": 8}],
+        "annotations": [
+            {"id": 10, "image_id": [1], "category_id": 1, "segmentation": [], "bbox": [0, 0, 2, 2]},
+            {"id": 11, "image_id": 1, "category_id": {"x": 1}, "segmentation": [], "bbox": [0, 0, 2, 2]},
+            {"id": 12, "image_id": 1, "category_id": 1, "segmentation": [], "bbox": [0, 0, 2, 2]},
+            {"id": 13, "image_id": 3, "category_id": 1, "segmentation": [], "bbox": [0, 0, 2, 2]},  # goes with c.jpg
+        ],
+        "categories": [{"id": [1], "name": "list id"}, {"id": 1, "name": "crack"}],
+    }
+    path = tmp_path / "_annotations.coco.json"
+    path.write_text(json.dumps(coco))
+    export = load_coco(path, categories=("crack",))
+    assert [(e.file_name, [a["id"] for a in e.annotations]) for e in export.images] == [("a.jpg", [12])]
+    assert export.categories == {1: "crack"}
+    problems = {(p.kind, p.file.replace(str(path), "J")) for p in export.problems}
+    assert problems == {("bad_image_record", "J"), ("bad_image_record", "J:c.jpg"), ("bad_image_record", "J:d.jpg"),
+                        ("bad_annotation", "J (annotation 10)"), ("bad_annotation", "J (annotation 11)")}
+    assert any("over the limit" in p.message for p in export.problems)
+
+
+@pytest.mark.parametrize("images", [[], [{"id": 1, "file_name": "a.jpg"}]])
+def test_load_coco_without_images_is_a_problem(tmp_path, images):
+    path = tmp_path / "_annotations.coco.json"
+    path.write_text(json.dumps({"images": images, "annotations": []}))
+    export = load_coco(path)
+    assert export.images == [] and "no_images" in [p.kind for p in export.problems]

@@ -276,7 +276,7 @@ def test_rerun_with_fewer_tasks_or_splits_keeps_the_rest(sample_root, tmp_path, 
     assert summary["counts"] == full["counts"] and summary["leakage"] == full["leakage"]
     capsys.readouterr()
     assert run("--data-root", str(sample_root), "--out", str(out), "--splits", "trian") == 1
-    assert "none of the splits trian exists" in capsys.readouterr().err
+    assert "split trian exists for none of the tasks cracks, drywall" in capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["counts"] == full["counts"]
 
 
@@ -316,3 +316,198 @@ def test_ambiguous_exif_orientation_is_flagged(tmp_path):
     np.testing.assert_array_equal(read_png(row["mask"]) > 0, expected)
     assert run("--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "strict"), "--tasks", "cracks",
                "--strict") == 1
+
+
+def run_script(*argv: str, code: str = "") -> subprocess.CompletedProcess:
+    """preprocess_masks.py in a fresh process (a segfault or a hang there cannot take pytest down);
+    ``code`` runs first, in the script's process."""
+    program = f"import sys; sys.argv[0] = 'preprocess_masks.py'\n{code}\nimport runpy\nrunpy.run_path(" \
+              f"{str(REPO / 'preprocess_masks.py')!r}, run_name='__main__')"
+    return subprocess.run([sys.executable, "-c", program, *argv], capture_output=True, text=True,
+                          cwd=REPO, timeout=180)
+
+
+@pytest.fixture()
+def absurd_export(tmp_path) -> Path:
+    """An export holding each input that used to crash pycocotools (rc 139), hang the pool or raise."""
+    split = tmp_path / "data" / "cracks" / "train"
+    images = [{"id": i, "file_name": f"ok{i}.jpg", "width": 16, "height": 12} for i in range(1, 5)]
+    images += [{"id": 5, "file_name": "wide.jpg", "width": 200_000, "height": 12},
+               {"id": 6, "file_name": "huge.jpg", "width": 200_000, "height": 200_000}]
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[0, 0, 1e9, 0, 1e9, 1e9, 0, 1e9]], "bbox": [0, 0, 1, 1]},
+        {"id": 2, "image_id": 2, "category_id": 1, "segmentation": {"size": [12, 16], "counts": "\x00\xff junk"},
+         "bbox": [0, 0, 1, 1], "iscrowd": 1},
+        {"id": 3, "image_id": 3, "category_id": 1, "segmentation": {"size": 5, "counts": [1, 2]}, "bbox": [0, 0, 1, 1]},
+        {"id": 4, "image_id": 4, "category_id": 1, "segmentation": {"size": [12, 16], "counts": [5, 3]}, "bbox": [0, 0, 1, 1]},
+        {"id": 5, "image_id": [4], "category_id": 1, "segmentation": [], "bbox": [0, 0, 2, 2]},
+        {"id": 6, "image_id": 5, "category_id": 1, "segmentation": [], "bbox": [0, 0, 2, 2]},
+    ]
+    write_export(split, images, annotations, make_images=False)
+    for im in images:
+        write_image(split / im["file_name"], 16, 12)
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_absurd_input_is_reported_not_crashed_on(absurd_export, tmp_path, workers):
+    out = tmp_path / "out"
+    proc = run_script("--data-root", str(absurd_export), "--out", str(out), "--tasks", "cracks", "--workers", workers)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problem_counts"] == {"bad_image_record": 1, "bad_annotation": 1, "bad_rle": 3, "implausible_size": 1}
+    named = {(Path(p["file"].split(" (")[0].split(":")[-1]).name, p["kind"]) for p in summary["problems"]}
+    assert named == {("huge.jpg", "bad_image_record"), ("_annotations.coco.json", "bad_annotation"),
+                     ("ok2.jpg", "bad_rle"), ("ok3.jpg", "bad_rle"), ("ok4.jpg", "bad_rle"),
+                     ("wide.jpg", "implausible_size")}
+    rows = {Path(r["image"]).name: r for r in read_manifest(out / "train" / "manifest.csv")}
+    assert sorted(rows) == ["ok1.jpg", "ok2.jpg", "ok3.jpg", "ok4.jpg"]
+    assert (read_png(rows["ok1.jpg"]["mask"]) == 255).all()  # the 1e9 square covers the whole image
+    assert all(not (read_png(rows[f"ok{i}.jpg"]["mask"]) > 0).any() for i in (2, 3, 4))
+
+    strict = run_script("--data-root", str(absurd_export), "--out", str(tmp_path / "strict"), "--tasks", "cracks",
+                        "--workers", workers, "--strict")
+    assert strict.returncode == 1 and "Traceback" not in strict.stderr and "--strict: 2 problem(s)" in strict.stderr
+    assert not (tmp_path / "strict" / "train" / "manifest.csv").exists()
+
+
+def test_a_dying_worker_fails_cleanly_instead_of_hanging(sample_root, tmp_path):
+    """A worker killed mid-run (here by SIGKILL, as the OOM killer does) used to leave Pool.imap waiting forever."""
+    out = tmp_path / "out"
+    kill = ("import os, signal, defectseg.preprocess as P\n"
+            "real = P.process_job\n"
+            "def process_job(job):\n"
+            "    if 'cracking356' in job.image: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real(job)\n"
+            "process_job.__module__, process_job.__qualname__ = 'defectseg.preprocess', 'process_job'\n"
+            "P.process_job = process_job\n")
+    if os.name == "nt":
+        pytest.skip("the patch above reaches workers only through fork")
+    proc = run_script("--data-root", str(sample_root), "--out", str(out), "--workers", "2", code=kill)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "a worker process died" in proc.stderr
+    assert "cracking356" in proc.stderr.splitlines()[-1]
+    assert not list(out.rglob("manifest.csv")) and not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "make, out_name, message",
+    [
+        pytest.param(lambda t: (t / "out").write_text("x"), "out", "out is a file, not a folder", id="out-is-a-file"),
+        pytest.param(lambda t: (t / "f").write_text("x"), "f/out", "f is a file, not a folder", id="out-under-a-file"),
+        pytest.param(lambda t: (t / "out" / "valid" / "masks").mkdir(parents=True) or (
+            t / "out" / "valid" / "manifest.csv").mkdir(), "out", "manifest.csv is a folder", id="manifest-is-a-folder"),
+        pytest.param(lambda t: (t / "out" / "train").mkdir(parents=True) or (t / "out" / "train" / "masks").write_text(""),
+                     "out", "masks is a file", id="masks-is-a-file"),
+    ],
+)
+def test_bad_out_is_one_line_error_before_any_work(sample_root, tmp_path, capsys, make, out_name, message):
+    make(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert run("--data-root", str(sample_root), "--out", str(tmp_path / out_name)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ERROR output folder" in err[0] and message in err[0], err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing made, nothing written
+
+
+def test_unwritable_out_is_one_line_error(sample_root, tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):  # root writes anywhere: let the write probe see what a user would
+
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", denied)
+    try:
+        assert run("--data-root", str(sample_root), "--out", str(locked / "out")) == 1
+    finally:
+        locked.chmod(0o755)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot write in {locked} (Permission denied)" in err[0], err
+    assert list(locked.iterdir()) == []
+
+
+def one_box_export(split: Path, names: list[str]) -> None:
+    """Images 16x12 named ``names``; image i has one box 2 px wide at x = 2*i, rows 3..7."""
+    images = [{"id": i, "file_name": name, "width": 16, "height": 12} for i, name in enumerate(names)]
+    write_export(split, images, [{"id": 100 + i, "image_id": i, "category_id": 1, "segmentation": [],
+                                  "bbox": [2 * i, 3, 2, 5]} for i in range(len(names))], make_images=False)
+    for i, name in enumerate(names):
+        write_image(split / name, 16, 12, seed=i)
+
+
+def test_mask_name_clash_skips_every_image_of_it(tmp_path, capsys):
+    """x.jpg and x.png would both write x__segment_crack.png: neither may get the other's ground truth."""
+    split = tmp_path / "data" / "cracks" / "train"
+    out = tmp_path / "out"
+    one_box_export(split, ["x.jpg", "y.jpg"])
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(out), "--tasks", "cracks") == 0
+    assert sorted(Path(r["image"]).name for r in read_manifest(out / "train" / "manifest.csv")) == ["x.jpg", "y.jpg"]
+
+    one_box_export(split, ["x.jpg", "y.jpg", "x.png", "Y.PNG"])
+    capsys.readouterr()
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(out), "--tasks", "cracks") == 0
+    assert "x.png" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problem_counts"] == {"mask_name_clash": 4}
+    assert sorted(Path(p["file"]).name for p in summary["problems"]) == ["Y.PNG", "x.jpg", "x.png", "y.jpg"]
+    assert summary["counts"] == {}
+    assert read_manifest(out / "train" / "manifest.csv") == []  # the old rows of x.jpg and y.jpg are gone
+
+    one_box_export(split, ["x.jpg", "y.jpg", "x.png", "z.jpg"])  # Y.PNG gone: only x clashes
+    (split / "Y.PNG").unlink()
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(out), "--tasks", "cracks") == 0
+    rows = {Path(r["image"]).name: r for r in read_manifest(out / "train" / "manifest.csv")}
+    assert sorted(rows) == ["y.jpg", "z.jpg"]
+    expected = np.zeros((12, 16), dtype=bool)
+    expected[3:8, 6:8] = True  # z.jpg is image 3: box x 6..7, rows 3..7
+    np.testing.assert_array_equal(read_png(rows["z.jpg"]["mask"]) > 0, expected)
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "strict"), "--tasks", "cracks",
+               "--strict") == 1
+
+
+def test_export_without_images_is_warned_and_empties_the_manifest(tmp_path, capsys):
+    split = tmp_path / "data" / "cracks" / "valid"
+    out = tmp_path / "out"
+    one_box_export(split, ["a.jpg"])
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(out), "--tasks", "cracks") == 0
+    assert len(read_manifest(out / "valid" / "manifest.csv")) == 1
+    write_export(split, [], [])
+    capsys.readouterr()
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(out), "--tasks", "cracks") == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "_annotations.coco.json: an empty 'images' list" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problem_counts"] == {"no_images": 1} and summary["counts"] == {}
+    assert read_manifest(out / "valid" / "manifest.csv") == []  # not the stale row of a.jpg
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "strict"), "--tasks", "cracks",
+               "--strict") == 1
+
+
+def test_a_named_split_that_no_task_has_is_an_error(sample_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    for splits in (["train", "vaild"], ["test"]):
+        assert run("--data-root", str(sample_root), "--out", str(out), "--splits", *splits) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"split {splits[-1]} exists for none of the tasks" in err[0]
+        assert not out.exists()
+    assert run("--data-root", str(sample_root), "--out", str(out), "--splits", "valid", "vaild", "tset") == 1
+    assert "splits vaild, tset exist for none" in capsys.readouterr().err
+    # By default, test is simply absent from the sample (as before): noted, not an error.
+    assert run("--data-root", str(sample_root), "--out", str(out), "--tasks", "cracks") == 0
+    assert json.loads((out / "summary.json").read_text())["missing_splits"] == ["cracks/test"]
+
+
+def test_repeated_tasks_and_splits_count_once(sample_root, tmp_path):
+    out = tmp_path / "out"
+    assert run("--data-root", str(sample_root), "--out", str(out), "--tasks", "cracks", "drywall", "cracks",
+               "--splits", "valid", "valid") == 0
+    rows = read_manifest(out / "valid" / "manifest.csv")
+    assert len(rows) == 8 and len({r["mask"] for r in rows}) == 8
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["masks_written"] == 8 and summary["splits"] == ["valid"]
+    assert {t: c["valid"]["images"] for t, c in summary["counts"].items()} == {"cracks": 4, "drywall": 4}
