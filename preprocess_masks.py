@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
-from defectseg.cli import add_tasks_argument, fail, pick_tasks, setup_logging
+from defectseg.cli import add_tasks_argument, fail, pick_tasks, run, setup_logging
 from defectseg.coco import CocoError
 from defectseg.manifest import SUMMARY_FILE
 from defectseg.preprocess import DEFAULT_SPLITS, preprocess
@@ -74,4 +73,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(build_parser().parse_args()))
+    run(main, build_parser())

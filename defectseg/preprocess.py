@@ -10,7 +10,6 @@ are missing or stale.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -294,7 +293,7 @@ def plan_jobs(
     for manifest in sorted(out.glob(f"*/{MANIFEST_FILE}")):
         try:
             previous[manifest.parent.name] = read_manifest(manifest)
-        except (OSError, csv.Error, KeyError, UnicodeDecodeError) as err:
+        except (OSError, ValueError) as err:  # incl. a manifest missing columns, short rows, not UTF-8
             log.warning("%s: unreadable manifest (%s); every mask of this split is redone", manifest, err)
     names = {t.name for t in tasks}
     kept = [_as_written(row, split, out) for split, rows in previous.items() for row in rows
@@ -352,7 +351,7 @@ def _pool_results(jobs: list[Job], workers: int) -> Iterator[tuple[Job, tuple[di
 def run_jobs(jobs: list[Job], workers: int) -> tuple[list[dict], list[Problem]]:
     rows: list[dict] = []
     problems: list[Problem] = []
-    progress = tqdm(total=len(jobs), desc="masks", unit="img", disable=not jobs, dynamic_ncols=True,
+    progress = tqdm(total=len(jobs), desc="masks", unit="img", disable=not jobs or not log.isEnabledFor(logging.INFO), dynamic_ncols=True,
                     mininterval=0.1 if sys.stderr.isatty() else 5.0)
     if workers <= 1 or len(jobs) < 2 * workers:
         results = ((job, process_job(job)) for job in jobs)
