@@ -660,13 +660,16 @@ def write_thresholds(model_dir: str | Path, thresholds: dict[str, float], source
     (other metadata and other prompts' thresholds kept; ``source`` recorded under ``thresholds_source``)
     and in its decoder file's header, atomically. Returns the metadata file's path."""
     folder = Path(model_dir)
-    meta = read_metadata(folder)
+    old = read_metadata(folder)
     new = {normalize_prompt(k) for k in thresholds}
-    kept = {k: v for k, v in meta.get("thresholds", {}).items() if normalize_prompt(k) not in new}
-    meta["thresholds"] = {**kept, **{k: float(v) for k, v in thresholds.items()}}
-    meta["thresholds_source"] = source
+    kept = {k: v for k, v in old.get("thresholds", {}).items() if normalize_prompt(k) not in new}
+    meta = {**old, "thresholds": {**kept, **{k: float(v) for k, v in thresholds.items()}}, "thresholds_source": source}
     target = folder / METADATA_FILE
     write_json_atomic(target, meta)
     if (folder / DECODER_FILE).is_file():  # the decoder file carries the same metadata
-        update_decoder_metadata(folder / DECODER_FILE, meta)
+        try:
+            update_decoder_metadata(folder / DECODER_FILE, meta)
+        except BaseException:  # the two files must agree: put defectseg.json back
+            write_json_atomic(target, old)
+            raise
     return target

@@ -676,3 +676,21 @@ def test_peer_predictions(shared_valid, tmp_path, folder, tasks, missing):
         assert m["tasks"][t]["iou"] < m["tasks"][t]["dice"]
     assert m["predictions"]["missing"]["count"] == missing
     assert m["predictions"]["resized"]["count"] == 0
+
+
+def test_write_thresholds_keeps_both_files_in_agreement(tiny_dir, tmp_path, monkeypatch):
+    """If the decoder file cannot be updated, defectseg.json is put back: the two never disagree."""
+    model = tmp_path / "best"
+    shutil.copytree(tiny_dir, model)
+    before = {"thresholds": {"segment crack": 0.9}}
+    (model / METADATA_FILE).write_text(json.dumps(before))
+    base, _ = load_model(tiny_dir)
+    save_decoder(base, model / DECODER_FILE, before, base_model=str(tiny_dir))
+
+    def disk_full(path, metadata):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluation, "update_decoder_metadata", disk_full)
+    with pytest.raises(OSError):
+        evaluation.write_thresholds(model, {"segment crack": 0.3}, {"split": "valid"})
+    assert read_metadata(model) == before == read_metadata(model / DECODER_FILE)
