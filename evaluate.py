@@ -288,6 +288,7 @@ def evaluate(args: argparse.Namespace, model_arg: str, rows: list[dict], task_pr
         **section,
         "pred_threshold": args.pred_threshold,
         "examples": examples,
+        "saved_masks": report.MASKS_DIR if args.save_masks else None,
         "leakage": report.read_leakage(args.data, args.split),
         "thresholds_written": thresholds_written,
         "compare": compare,

@@ -511,13 +511,21 @@ def check_out_folder(out: Path) -> str | None:
     return None
 
 
-def report_entry(name: str, earlier_report: bool) -> bool:
-    """True for the names a report writes (``masks/`` only beside an earlier report's metrics.json)."""
+def report_entry(name: str, earlier_masks: bool) -> bool:
+    """True for the names a report writes (``masks/`` only when the earlier report's metrics.json says it
+    wrote them: a ``masks/`` folder of any other origin, e.g. the --pred-dir being scored, is never touched)."""
     if name in (METRICS_FILE, PER_IMAGE_FILE, REPORT_FILE, CURVES_FILE):
         return True
     if name.startswith("examples_") and name.endswith(".png"):
         return True
-    return name == MASKS_DIR and earlier_report
+    return name == MASKS_DIR and earlier_masks
+
+
+def _earlier_report_saved_masks(out: Path) -> bool:
+    try:
+        return json.loads((out / METRICS_FILE).read_text(encoding="utf-8")).get("saved_masks") == MASKS_DIR
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class ReportFolder:
@@ -566,7 +574,7 @@ class ReportFolder:
     def commit(self) -> None:
         assert self.path is not None, "commit() outside the with block"
         staged = sorted(p.name for p in self.path.iterdir())
-        earlier = (self.out / METRICS_FILE).is_file()
+        earlier = _earlier_report_saved_masks(self.out)
         trash = self.path / ".replaced"
         try:
             trash.mkdir()

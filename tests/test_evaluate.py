@@ -694,3 +694,15 @@ def test_write_thresholds_keeps_both_files_in_agreement(tiny_dir, tmp_path, monk
     with pytest.raises(OSError):
         evaluation.write_thresholds(model, {"segment crack": 0.3}, {"split": "valid"})
     assert read_metadata(model) == before == read_metadata(model / DECODER_FILE)
+
+
+def test_rescoring_masks_inside_the_report_folder_keeps_them(processed, tmp_path):
+    """--pred-dir reports/A/masks --out reports/A: the masks being scored are not an earlier report's
+    --save-masks output, so replacing the report never removes them."""
+    out = tmp_path / "A"
+    shutil.copytree(processed / "valid" / "masks", out / "masks")
+    for _ in range(2):  # the second run replaces the first report
+        assert run("--pred-dir", str(out / "masks"), "--data", str(processed), "--out", str(out),
+                   "--examples", "0", "-q") == 0
+    assert sorted(p.name for p in (out / "masks").iterdir()) == sorted(
+        p.name for p in (processed / "valid" / "masks").iterdir())
