@@ -25,6 +25,7 @@ from pathlib import Path
 from defectseg.cli import fail, run, setup_logging
 from defectseg.data import DataError
 from defectseg.inference import check_device
+from defectseg.io import ImageReadError
 from defectseg.model import ModelLoadError, resolve_model_arg
 from defectseg.tasks import TaskTableError, load_tasks
 from defectseg.training import TRAINER_STATE, ConfigError, TrainConfig, load_run_config, train
@@ -91,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
 FIXED_ON_RESUME = ("data", "model", "tasks", "tasks_file", "train_vision_layers", "batch_size")
 
 
+def _same(given: object, stored: object) -> bool:
+    """A resume-time setting equals the stored one: equal values, or paths to the same place."""
+    if given == stored:
+        return True
+    if isinstance(given, str) and isinstance(stored, str) and Path(given).exists():
+        return Path(given).resolve() == Path(stored).resolve()
+    return False
+
+
 def make_config(args: argparse.Namespace) -> TrainConfig:
     """The run's config: flags over defaults, or over the run's own config with --resume. Raises
     ConfigError (or FileNotFoundError) with a user-facing message."""
@@ -100,7 +110,7 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
         if not (Path(args.resume) / "last" / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"{args.resume}: no last/{TRAINER_STATE} to resume from (the run ended before "
                                     "its first epoch did); start it again without --resume")
-        if changed := [k for k in FIXED_ON_RESUME if k in given and given[k] != getattr(cfg, k)]:
+        if changed := [k for k in FIXED_ON_RESUME if k in given and not _same(given[k], getattr(cfg, k))]:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ConfigError(f"{args.resume}: {flags} cannot change when resuming (the run has "
                               f"{', '.join(f'{k}={getattr(cfg, k)}' for k in changed)}); start a new run instead")
@@ -163,7 +173,7 @@ def main(args: argparse.Namespace) -> int:
         train(cfg, resume=bool(getattr(args, "resume", None)), stop_after=getattr(args, "stop_after", None))
     except (ModelLoadError, DataError, TaskTableError, FloatingPointError, ConfigError) as err:
         return fail(str(err))
-    except FileNotFoundError as err:  # a file named in a manifest
+    except (FileNotFoundError, ImageReadError) as err:  # a file named in a manifest
         return fail(f"{err}; re-run preprocess_masks.py if the data moved")
     except OSError as err:  # disk full, no permission, ...
         return fail(f"{err.filename or cfg.out}: {err.strerror or err}")

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -165,9 +166,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     if world > 1:
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, trainable, cfg))
+    settings = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]  # this invocation's, for resume
     steps_per_epoch = math.ceil(math.ceil(len(train_rows) / world) / cfg.batch_size)
-    schedule = {"epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch}
+    schedule = {"epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch, "lr": cfg.lr, "warmup": cfg.warmup,
+                "vision_lr_scale": cfg.vision_lr_scale, "weight_decay": cfg.weight_decay}
     lr_factor = _warmup_cosine(cfg.warmup, steps_per_epoch * cfg.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -183,8 +186,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             raise ConfigError(f"{out}: its optimizer state does not fit this run's settings ({err}); "
                               "resume with the settings it was started with, or start a new run") from err
         scheduler.load_state_dict(state["scheduler"])
-        for group in optimizer.param_groups:  # the restored step's lr under this run's schedule
-            group["lr"] = group["initial_lr"] * lr_factor(scheduler.last_epoch)
+        # Moments and step count come from the state; lr, weight decay and schedule from this invocation
+        # (identical when nothing changed, so a resumed run still equals a straight one).
+        scheduler.base_lrs = [lr for lr, _ in settings]
+        for group, (lr, decay) in zip(optimizer.param_groups, settings):
+            group.update(initial_lr=lr, weight_decay=decay, lr=lr * lr_factor(scheduler.last_epoch))
         if main_process and state.get("schedule", schedule) != schedule:
             log.warning("resuming with another schedule (%s, was %s): the learning rate continues from "
                         "step %d of the new one", schedule, state["schedule"], scheduler.last_epoch)
@@ -208,6 +214,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                  f" x{world} processes" if world > 1 else "", len(train_rows), len(valid_rows), steps_per_epoch)
 
     if main_process:  # only now that data, model and any resumed state fit together
+        if not resume:  # train.py --overwrite: nothing of the run this one replaces may be mistaken for it
+            for name in ("best", "last", "metrics.csv", "curves.png", "summary.json"):
+                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
         write_json_atomic(out / "config.json", asdict(cfg))
     stop = False
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
@@ -339,14 +348,13 @@ def _shard(plan: list, rank: int, world: int) -> list:
     return padded[rank::world]
 
 
-def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+def _param_groups(model: nn.Module, trainable: list[nn.Parameter], cfg: TrainConfig) -> list[dict]:
     """AdamW groups of the trainable parameters: no weight decay on biases and norm weights (1-d), and
     the unfrozen vision layers at ``vision_lr_scale`` times the decoder's learning rate."""
     vision = {id(p) for layer in used_vision_layers(model) for p in layer.parameters()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for p in model.parameters():
-        if p.requires_grad:
-            groups.setdefault((id(p) in vision, p.ndim <= 1), []).append(p)
+    for p in trainable:
+        groups.setdefault((id(p) in vision, p.ndim <= 1), []).append(p)
     return [{"params": params, "lr": cfg.lr * (cfg.vision_lr_scale if is_vision else 1.0),
              "weight_decay": 0.0 if no_decay else cfg.weight_decay}
             for (is_vision, no_decay), params in sorted(groups.items())]

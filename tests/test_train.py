@@ -411,7 +411,7 @@ def test_param_groups_decay_and_vision_lr(tiny):
     model, _ = load_model(tiny)
     trainable = _set_trainable(model, 1)
     cfg = TrainConfig(lr=1e-3, weight_decay=0.01, vision_lr_scale=0.1)
-    groups = _param_groups(model, cfg)
+    groups = _param_groups(model, trainable, cfg)
     assert sorted(id(p) for g in groups for p in g["params"]) == sorted(map(id, trainable))
     vision = {id(p) for p in used_vision_layers(model)[-1].parameters()}
     for g in groups:
@@ -444,10 +444,13 @@ def test_resume_errors_and_schedule_change(processed, tiny, tmp_path, capsys):
     assert run_train("--resume", str(run), "-q") == 1
     assert "optimizer state does not fit" in capsys.readouterr().err
     (run / "config.json").write_text(json.dumps(config))
-    # More epochs than planned: the schedule is recomputed, and the user is told.
-    assert run_train("--resume", str(run), "--epochs", "3") == 0
+    # More epochs and another lr than planned (the data given as another path to the same folder): the
+    # schedule is recomputed with the new lr, and the user is told.
+    assert run_train("--resume", str(run), "--epochs", "3", "--lr", "0.01", "--data", f"{processed}/") == 0
     assert "resuming with another schedule" in capsys.readouterr().err
     assert len(history(run)) == 3
+    state = torch.load(run / "last" / "trainer_state.pt", weights_only=False)
+    assert {g["initial_lr"] for g in state["optimizer"]["param_groups"]} == {0.01}
     # A truncated trainer state: one clear line.
     state = run / "last" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:100])
@@ -477,6 +480,19 @@ def test_an_existing_run_is_never_replaced_silently(processed, tiny, tmp_path, c
     assert "already holds a run" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert run_train(*base_args(processed, tiny, run, "--epochs", "1", "--overwrite")) == 0
+    # An overwriting run that fails in its first epoch leaves no checkpoint of the run it replaced
+    # (--resume would otherwise go on from the old state under the new config).
+    import defectseg.training
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(defectseg.training, "epoch_plan", broken)
+        with pytest.raises(RuntimeError, match="boom"):
+            run_train(*base_args(processed, tiny, run, "--epochs", "1", "--overwrite", "--lr", "0.02"))
+    assert not (run / "best").exists() and not (run / "last").exists()
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.02
     # A start that fails (here: the model) writes nothing, not even config.json.
     fresh = tmp_path / "fresh"
     assert run_train(*base_args(processed, tmp_path / "no-model", fresh, "--epochs", "1")) == 1
@@ -520,3 +536,16 @@ def test_quiet_run_prints_no_progress_bars(processed, tiny, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == "" and proc.stderr == "", proc.stderr[-2000:]
+
+
+def test_missing_image_file_says_the_data_moved(processed, tiny, tmp_path, capsys):
+    data = copy_manifests(processed, tmp_path / "data", lambda split, r: True)
+    rows = read_manifest(data / "train" / "manifest.csv")
+    rows[0]["image"] = str(tmp_path / "moved.jpg")
+    with open(data / "train" / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert run_train(*base_args(data, tiny, tmp_path / "run", "--epochs", "1")) == 1
+    err = capsys.readouterr().err
+    assert "moved.jpg: image file not found" in err and "re-run preprocess_masks.py" in err
