@@ -330,12 +330,12 @@ def _pool_results(jobs: list[Job], workers: int) -> Iterator[tuple[Job, tuple[di
     queue = iter(jobs)
     try:
         while True:
-            while len(window) < 4 * workers and (job := next(queue, None)) is not None:
-                window.append((job, pool.submit(process_job, job)))
-            if not window:
-                return
-            job, future = window[0]
-            try:
+            try:  # submit() raises too once the pool is broken
+                while len(window) < 4 * workers and (job := next(queue, None)) is not None:
+                    window.append((job, pool.submit(process_job, job)))
+                if not window:
+                    return
+                job, future = window[0]
                 result = future.result()
             except BrokenProcessPool:
                 lost = [Path(j.image).name for j, f in window if not (f.done() and f.exception() is None)]
@@ -351,8 +351,8 @@ def _pool_results(jobs: list[Job], workers: int) -> Iterator[tuple[Job, tuple[di
 def run_jobs(jobs: list[Job], workers: int) -> tuple[list[dict], list[Problem]]:
     rows: list[dict] = []
     problems: list[Problem] = []
-    progress = tqdm(total=len(jobs), desc="masks", unit="img", disable=not jobs or not log.isEnabledFor(logging.INFO), dynamic_ncols=True,
-                    mininterval=0.1 if sys.stderr.isatty() else 5.0)
+    progress = tqdm(total=len(jobs), desc="masks", unit="img", disable=not jobs or not log.isEnabledFor(logging.INFO),
+                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 5.0)
     if workers <= 1 or len(jobs) < 2 * workers:
         results = ((job, process_job(job)) for job in jobs)
     else:
