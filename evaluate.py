@@ -34,7 +34,7 @@ from defectseg.cli import fail, run, setup_logging
 from defectseg.data import DataError, select_tasks
 from defectseg.data import load_rows as data_rows
 from defectseg.inference import Segmenter, check_device, checkpoint_metadata
-from defectseg.io import ImageReadError
+from defectseg.io import ImageReadError, os_reason
 from defectseg.manifest import MANIFEST_FILE
 from defectseg.model import METADATA_FILE, ModelLoadError, resolve_model_arg
 
@@ -262,7 +262,7 @@ def evaluate(args: argparse.Namespace, model_arg: str, rows: list[dict], task_pr
     except ImageReadError as err:  # a ground truth that went away after scoring, for the examples
         return fail(str(err))
     except OSError as err:
-        raise report.ReportWriteError(f"cannot write the report to {out}: {report.os_reason(err)}") from None
+        raise report.ReportWriteError(f"cannot write the report to {out}: {os_reason(err)}") from None
     del loader
     thresholds_written = None
     if args.write_thresholds:
@@ -296,14 +296,14 @@ def evaluate(args: argparse.Namespace, model_arg: str, rows: list[dict], task_pr
     try:
         report.write_outputs(stage, metrics_, scores)
     except OSError as err:
-        raise report.ReportWriteError(f"cannot write the report to {out}: {report.os_reason(err)}") from None
+        raise report.ReportWriteError(f"cannot write the report to {out}: {os_reason(err)}") from None
     if thresholds_written:  # the checkpoint changes only once the report is complete
         provenance = {"data": str(args.data), "split": args.split, "tta": args.tta, "ensemble": args.ensemble,
                       "created": metrics_["created"]}
         try:
             path = evaluation.write_thresholds(target, thresholds_written["thresholds"], provenance)
         except OSError as err:
-            return fail(f"cannot write the thresholds to {target / METADATA_FILE}: {report.os_reason(err)} "
+            return fail(f"cannot write the thresholds to {target / METADATA_FILE}: {os_reason(err)} "
                         f"(nothing changed in {out})")
         log.info("wrote best thresholds %s to %s", thresholds_written["thresholds"], path)
     try:

@@ -16,6 +16,7 @@ import os
 
 from defectseg.cli import add_tasks_argument, fail, pick_tasks, run, setup_logging
 from defectseg.coco import CocoError
+from defectseg.io import os_reason
 from defectseg.manifest import SUMMARY_FILE
 from defectseg.preprocess import DEFAULT_SPLITS, preprocess
 
@@ -47,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     except CocoError as err:
         return fail(str(err))
     except OSError as err:  # e.g. the disk filling up while masks are written (--out itself is checked first)
-        return fail(f"cannot write the output under {args.out}: {err}")
+        return fail(f"cannot write the output under {args.out}: {os_reason(err)}")
 
     for problem in summary["problems"][:10]:
         log.warning("%s: %s [%s, %s]", problem["file"], problem["message"], problem["kind"],

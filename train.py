@@ -25,7 +25,7 @@ from pathlib import Path
 from defectseg.cli import fail, run, setup_logging
 from defectseg.data import DataError
 from defectseg.inference import check_device
-from defectseg.io import ImageReadError
+from defectseg.io import ImageReadError, os_reason
 from defectseg.model import ModelLoadError, resolve_model_arg
 from defectseg.tasks import TaskTableError, load_tasks
 from defectseg.training import TRAINER_STATE, ConfigError, TrainConfig, load_run_config, train
@@ -176,7 +176,7 @@ def main(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ImageReadError) as err:  # a file named in a manifest
         return fail(f"{err}; re-run preprocess_masks.py if the data moved")
     except OSError as err:  # disk full, no permission, ...
-        return fail(f"{err.filename or cfg.out}: {err.strerror or err}")
+        return fail(f"cannot write the run {cfg.out}: {os_reason(err)}")
     return 0
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from .io import os_reason
+
 ANNOTATIONS_FILE = "_annotations.coco.json"
 # Largest image (width * height) whose mask is made: the most pixels the image reader (PIL) accepts
 # before calling a file a decompression bomb. pycocotools overflows (segfaults) from 2**32 pixels on.
@@ -118,7 +120,7 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
     except IsADirectoryError:
         raise CocoError(f"{name}: is a folder, not an annotations file") from None
     except OSError as err:
-        raise CocoError(f"{name}: cannot read annotations file ({err.strerror or err})") from None
+        raise CocoError(f"{name}: cannot read annotations file ({os_reason(err)})") from None
     except RecursionError:
         raise CocoError(f"{name}: invalid JSON (nested too deeply)") from None
     except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, and ints over Python's digit limit

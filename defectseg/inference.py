@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .io import ImageReadError, load_image
+from .io import ImageReadError, load_image, os_reason
 from .metrics import binarize
 from .model import (
     METADATA_FILE,
@@ -83,7 +83,7 @@ def checkpoint_metadata(model_arg: str) -> tuple[dict[str, Task], dict[str, floa
     try:
         meta = read_metadata(model_arg)
     except OSError as err:
-        raise ModelLoadError(f"{where}: cannot read the metadata ({err.strerror or err})") from None
+        raise ModelLoadError(f"{where}: cannot read the metadata ({os_reason(err)})") from None
     tasks, thresholds = meta.get("tasks"), meta.get("thresholds")
     if tasks is not None and not isinstance(tasks, dict):
         raise ModelLoadError(f"{where}: 'tasks' must be an object mapping task names to specs, got {type(tasks).__name__}")

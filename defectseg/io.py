@@ -167,3 +167,9 @@ def prefetched(fn: Callable, items: Sequence, depth: int = 2) -> Iterator[tuple]
             if i + depth < len(items):
                 pending.append(pool.submit(fn, items[i + depth]))
             yield item, result
+
+
+def os_reason(err: OSError) -> str:
+    """An OSError in a few words, with the file it names: "No space left on device (/data/x.png)"."""
+    reason = err.strerror or str(err)
+    return f"{reason} ({err.filename})" if err.filename else reason

@@ -44,6 +44,7 @@ from .io import (
     apply_orientation,
     encode_png,
     open_image,
+    os_reason,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -413,7 +414,7 @@ def _writable_folder(folder: Path) -> str | None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             return None
     except OSError as err:
-        return err.strerror or str(err)
+        return os_reason(err)
 
 
 def check_out(out: Path, splits: list[str]) -> None:

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from .evaluation import EMPTY_SCORE, ImageScore, RunResult
-from .io import encode_png, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .io import encode_png, os_reason, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .manifest import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
@@ -589,12 +589,6 @@ class ReportFolder:
         except OSError as err:
             raise ReportWriteError(f"cannot put the report in place in {self.out}: {os_reason(err)}") from None
         self._created = []  # the folder holds a report now; keep it
-
-
-def os_reason(err: OSError) -> str:
-    """An OSError in a few words, with the file it names."""
-    reason = err.strerror or str(err)
-    return f"{reason} ({err.filename})" if err.filename else reason
 
 
 def write_outputs(out: Path, metrics_: dict, scores: Sequence[ImageScore]) -> None:
