@@ -40,7 +40,15 @@ from tqdm import tqdm
 
 from . import metrics
 from .inference import Segmenter
-from .io import ImageReadError, load_image, prefetched, read_mask_png, write_json_atomic, write_mask_png
+from .io import (
+    ImageReadError,
+    load_image,
+    prefetched,
+    read_mask_png,
+    read_mask_values,
+    write_json_atomic,
+    write_mask_png,
+)
 from .manifest import mask_name
 from .model import DECODER_FILE, METADATA_FILE, count_parameters, read_metadata, update_decoder_metadata
 from .tasks import normalize_prompt, prompt_slug, task_for_prompt
@@ -480,12 +488,12 @@ def prediction_path(pred_dir: str | Path, row: dict) -> Path:
 
 
 def read_prediction_values(path: str | Path) -> np.ndarray | None:
-    """The (H, W) pixel values of a mask file as stored (a colour file: the largest channel, as
-    ``read_mask_png`` reads it), or None when it cannot be read."""
-    values = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if values is None:
+    """The (H, W) pixel values of a mask file as stored (``io.read_mask_values``), or None when it
+    cannot be read."""
+    try:
+        return read_mask_values(path)
+    except ImageReadError:
         return None
-    return values.max(axis=2) if values.ndim == 3 else values
 
 
 def is_graded(values: np.ndarray) -> bool:

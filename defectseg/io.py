@@ -128,14 +128,18 @@ def write_mask_png(target: str | Path, mask: np.ndarray) -> None:
     write_bytes_atomic(target, encode_png(np.where(mask > 0, 255, 0).astype(np.uint8)))
 
 
-def read_mask_png(path: str | Path) -> np.ndarray:
-    """(H, W) bool mask from a PNG (any non-zero pixel is foreground). Raises ImageReadError."""
+def read_mask_values(path: str | Path) -> np.ndarray:
+    """(H, W) pixel values of a mask image as stored (a colour file: its largest channel). Raises
+    ImageReadError."""
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise ImageReadError(f"{path}: cannot read mask")
-    if arr.ndim == 3:
-        arr = arr.max(axis=2)
-    return arr > 0
+    return arr.max(axis=2) if arr.ndim == 3 else arr
+
+
+def read_mask_png(path: str | Path) -> np.ndarray:
+    """(H, W) bool mask from a PNG (any non-zero pixel is foreground). Raises ImageReadError."""
+    return read_mask_values(path) > 0
 
 
 _ORIENTATION_TRANSPOSE = {
