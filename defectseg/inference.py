@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .io import ImageReadError, load_image, os_reason
+from .io import ImageReadError, load_image
 from .metrics import binarize
 from .model import (
     METADATA_FILE,
@@ -80,17 +80,12 @@ def checkpoint_metadata(model_arg: str) -> tuple[dict[str, Task], dict[str, floa
     """
     path = Path(model_arg).expanduser()
     where = path / METADATA_FILE if path.is_dir() else path
+    meta = read_metadata(model_arg)
     try:
-        meta = read_metadata(model_arg)
-    except OSError as err:
-        raise ModelLoadError(f"{where}: cannot read the metadata ({os_reason(err)})") from None
-    tasks, thresholds = meta.get("tasks"), meta.get("thresholds")
-    if tasks is not None and not isinstance(tasks, dict):
-        raise ModelLoadError(f"{where}: 'tasks' must be an object mapping task names to specs, got {type(tasks).__name__}")
-    try:
-        table = load_tasks_from_metadata(meta)
+        table = load_tasks_from_metadata(meta, str(where))
     except TaskTableError as err:
-        raise ModelLoadError(f"{where}: {str(err).removeprefix('checkpoint metadata: ')}") from None
+        raise ModelLoadError(str(err)) from None
+    thresholds = meta.get("thresholds")
     if thresholds is not None and not isinstance(thresholds, dict):
         raise ModelLoadError(f"{where}: 'thresholds' must be an object mapping prompts to numbers, "
                              f"got {type(thresholds).__name__}")

@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-from .io import atomic_path
+from .io import atomic_path, os_reason
 
 logger = logging.getLogger(__name__)
 
@@ -289,13 +289,16 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     Returns {} when there is none (including Hub ids and paths that do not exist).
     """
     path = Path(path).expanduser()
-    if path.is_dir():
-        meta_file = path / METADATA_FILE
-        raw, where = (meta_file.read_text(encoding="utf-8") if meta_file.is_file() else None), meta_file
-    elif path.is_file() and path.suffix == ".safetensors":
-        raw, where = _safetensors_header(path).get(_METADATA_KEY), path
-    else:
-        return {}
+    try:
+        if path.is_dir():
+            meta_file = path / METADATA_FILE
+            raw, where = (meta_file.read_text(encoding="utf-8") if meta_file.is_file() else None), meta_file
+        elif path.is_file() and path.suffix == ".safetensors":
+            raw, where = _safetensors_header(path).get(_METADATA_KEY), path
+        else:
+            return {}
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read the metadata ({os_reason(exc)})") from None
     try:
         meta = json.loads(raw) if raw else {}
     except ValueError as exc:
@@ -336,14 +339,10 @@ def save_checkpoint(
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
         if extra is not None:
             extra(tmp)
-    except OSError:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except Exception as exc:  # e.g. safetensors' own error on a full disk: an OSError all the same to callers
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"could not write the checkpoint {out}: {_first_line(exc)}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, SafetensorError):  # its own error type on a full disk: an OSError to callers
+            raise OSError(f"could not write the checkpoint {out}: {_first_line(exc)}") from exc
         raise
     _usual_permissions(tmp)
     _swap_in(tmp, out)

@@ -10,6 +10,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from safetensors import SafetensorError
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
 from defectseg import tiny
@@ -350,7 +351,7 @@ def test_interrupted_save_keeps_previous_checkpoint(
         save_checkpoint(model, processor, out, {"epoch": 2})
 
     def library_error(save_directory, *args, **kwargs):  # safetensors raises its own error type
-        raise RuntimeError("Error while serializing: IoError(No space left on device)")
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
 
     monkeypatch.setattr(model, "save_pretrained", library_error)
     with pytest.raises(OSError, match=r"could not write the checkpoint .*best: Error while serializing"):
