@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from defectseg import evaluation, metrics, report
-from defectseg.cli import fail, run, setup_logging
+from defectseg.cli import fail, int_at_least, number_in, run, setup_logging
 from defectseg.data import DataError, select_tasks
 from defectseg.data import load_rows as data_rows
 from defectseg.inference import Segmenter, check_device, checkpoint_metadata
@@ -41,17 +41,6 @@ from defectseg.model import METADATA_FILE, ModelLoadError, resolve_model_arg
 log = logging.getLogger("evaluate")
 # options that mean nothing for masks made elsewhere (left out of the recorded command)
 MODEL_ONLY = {"model": None, "batch_size": None, "device": None, "precision": None}
-
-
-def pred_threshold_value(text: str) -> float:
-    """argparse type of --pred-threshold: a pixel value in (0, 255]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 255:
-        raise argparse.ArgumentTypeError(f"must be in (0, 255], got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,15 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="report folder (default: reports/<model or folder name>-<split>); an earlier "
                              "report there is replaced as a whole")
     parser.add_argument("--tasks", nargs="+", default=None, help="tasks to score (default: all in the manifest)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=16, help="images per batch (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="autocast precision; auto = bf16/fp16 on CUDA, fp32 elsewhere (default: %(default)s)")
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--threshold", type=number_in(0, 1), default=None,
                         help="use this threshold for every prompt instead of the checkpoint's")
     parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     parser.add_argument("--ensemble", action="store_true", help="average the logits over each task's synonyms")
-    parser.add_argument("--thresholds-sweep", nargs="+", type=float, default=None, metavar="T",
+    parser.add_argument("--thresholds-sweep", nargs="+", type=number_in(0, 1), default=None, metavar="T",
                         help="thresholds of the sweep (default: 0.05 0.10 ... 0.95)")
     parser.add_argument("--write-thresholds", action="store_true",
                         help="store each task's best sweep threshold in the checkpoint folder's defectseg.json "
@@ -86,13 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the predicted masks to <out>/masks/<image_stem>__<prompt_slug>.png")
     parser.add_argument("--pred-dir", default=None,
                         help="score masks made elsewhere (<image_stem>__<prompt_slug>.png) instead of a model")
-    parser.add_argument("--pred-threshold", type=pred_threshold_value, default=None, metavar="V",
+    parser.add_argument("--pred-threshold", type=number_in(0, 255, low_open=True), default=None, metavar="V",
                         help="with --pred-dir: a pixel is foreground iff its value >= V (masks saved as "
                              "probabilities 0..255: e.g. 128); default: any non-zero pixel")
-    parser.add_argument("--examples", type=int, default=1, metavar="N",
+    parser.add_argument("--examples", type=int_at_least(0), default=1, metavar="N",
                         help="per task, N best, N median and N worst images in examples_<task>.png "
                              "(0: none; default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=2, help="threads reading files (default: %(default)s)")
+    parser.add_argument("--workers", type=int_at_least(1), default=2, help="threads reading files (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
 
@@ -124,13 +113,8 @@ def command_line(args: argparse.Namespace, **resolved: object) -> str:
 
 
 def check_args(args: argparse.Namespace, model_arg: str) -> str | None:
-    """A message for arguments that cannot work together, else None."""
-    if args.batch_size < 1 or args.workers < 1 or args.examples < 0:
-        return "--batch-size and --workers must be >= 1 and --examples >= 0"
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        return f"--threshold must be in [0, 1], got {args.threshold}"
-    if args.thresholds_sweep and not all(0.0 <= t <= 1.0 for t in args.thresholds_sweep):
-        return "--thresholds-sweep values must be in [0, 1]"
+    """A message for arguments that cannot work together, else None (each value's range is its
+    argparse type's business)."""
     if args.pred_threshold is not None and args.pred_dir is None:
         return "--pred-threshold is for masks made elsewhere; it needs --pred-dir"
     if args.pred_dir is not None:

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from defectseg.cli import fail, run, setup_logging
+from defectseg.cli import fail, int_at_least, number_in, run, setup_logging
 from defectseg.inference import LoadedImage, Segmenter, check_device, image_batches
 from defectseg.io import (
     IMAGE_EXTENSIONS,
@@ -64,23 +64,6 @@ class InputError(ValueError):
     """Command-line input that cannot be used (message for the user)."""
 
 
-def int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def threshold_value(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH",
@@ -91,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Hub id, save_pretrained folder, runs/<name>/best or decoder .safetensors file "
                              f"(default: ${MODEL_ENV_VAR}, else {DEFAULT_MODEL})")
     parser.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
-    parser.add_argument("--threshold", type=threshold_value, default=None,
+    parser.add_argument("--threshold", type=number_in(0, 1), default=None,
                         help="probability threshold for every prompt (default: the checkpoint's tuned "
                              "per-prompt thresholds, else 0.5)")
     parser.add_argument("--tta", action="store_true",

@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 import predict  # noqa: E402
 from defectseg import tiny  # noqa: E402
+from defectseg.cli import int_at_least  # noqa: E402
 from defectseg.inference import Segmenter, autocast  # noqa: E402
 from defectseg.io import list_images, load_image  # noqa: E402
 from defectseg.metrics import binarize  # noqa: E402
@@ -54,11 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="as predict.py (default: %(default)s)")
-    parser.add_argument("--iters", type=predict.int_at_least(1), default=3,
+    parser.add_argument("--iters", type=int_at_least(1), default=3,
                         help="timed runs per measurement, after one warm-up (default: %(default)s)")
-    parser.add_argument("--images", type=predict.int_at_least(1), default=32,
+    parser.add_argument("--images", type=int_at_least(1), default=32,
                         help="JPEGs for the end-to-end run (default: %(default)s)")
-    parser.add_argument("--workers", type=predict.int_at_least(0), default=predict.build_parser().get_default("workers"),
+    parser.add_argument("--workers", type=int_at_least(0), default=predict.build_parser().get_default("workers"),
                         help="predict.py --workers for the end-to-end run (default: %(default)s, as predict.py)")
     return parser
 

@@ -36,3 +36,16 @@ def test_ctrl_c_is_one_line_and_exit_130(caplog, monkeypatch):
         run(main, argparse.ArgumentParser())
     assert info.value.code == 130
     assert [r.getMessage() for r in caplog.records] == ["interrupted"]
+
+
+@pytest.mark.parametrize("script,flag,value", [
+    ("evaluate", "--threshold", "1.5"), ("evaluate", "--thresholds-sweep", "nan"), ("evaluate", "--batch-size", "0"),
+    ("evaluate", "--examples", "-1"), ("evaluate", "--pred-threshold", "0"), ("predict", "--threshold", "-0.1"),
+    ("predict", "--workers", "x"),
+])
+def test_out_of_range_values_are_refused_by_the_parser(script, flag, value, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as info:
+        module.build_parser().parse_args(["--image", "x.jpg", "--prompt", "p", flag, value] if script == "predict"
+                                         else [flag, value])
+    assert info.value.code == 2 and flag in capsys.readouterr().err

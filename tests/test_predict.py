@@ -128,7 +128,7 @@ def test_threshold_is_applied(tiny_dir: Path, tmp_path: Path, odd_images) -> Non
 def test_threshold_outside_0_1_is_refused(tiny_dir: Path, tmp_path: Path, odd_images, threshold: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         run(tiny_dir, tmp_path, "--image", str(odd_images["wide"]), "--threshold", threshold)
-    assert exit_info.value.code == 2 and "must be a probability in [0, 1]" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "must be in [0, 1]" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))
 
 
