@@ -14,7 +14,7 @@ import argparse
 import logging
 import os
 
-from defectseg.cli import add_tasks_argument, fail, pick_tasks, run, setup_logging
+from defectseg.cli import add_tasks_argument, fail, int_at_least, pick_tasks, run, setup_logging
 from defectseg.coco import CocoError
 from defectseg.io import os_reason
 from defectseg.manifest import SUMMARY_FILE
@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--splits", nargs="+", default=None,
                         help="splits to process; each must exist for at least one task, a split some tasks lack "
                         f"is skipped for them (default: {' '.join(DEFAULT_SPLITS)}, those that exist)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="parallel processes (default: %(default)s, the number of cores up to 8)")
+    parser.add_argument("--workers", type=int_at_least(1), default=min(8, os.cpu_count() or 1),
+                        help="parallel processes (default: %(default)s, the number of cores up to 8; 1: none)")
     parser.add_argument("--overwrite", action="store_true", help="redo every mask, even up-to-date ones")
     parser.add_argument("--strict", action="store_true",
                         help="treat every input problem (even repaired ones) as an error: exit 1, manifests untouched")

@@ -41,7 +41,7 @@ def test_ctrl_c_is_one_line_and_exit_130(caplog, monkeypatch):
 @pytest.mark.parametrize("script,flag,value", [
     ("evaluate", "--threshold", "1.5"), ("evaluate", "--thresholds-sweep", "nan"), ("evaluate", "--batch-size", "0"),
     ("evaluate", "--examples", "-1"), ("evaluate", "--pred-threshold", "0"), ("predict", "--threshold", "-0.1"),
-    ("predict", "--workers", "x"),
+    ("predict", "--workers", "x"), ("preprocess_masks", "--workers", "0"),
 ])
 def test_out_of_range_values_are_refused_by_the_parser(script, flag, value, capsys):
     module = __import__(script)
