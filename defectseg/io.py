@@ -177,3 +177,15 @@ def os_reason(err: OSError) -> str:
     """An OSError in a few words, with the file it names: "No space left on device (/data/x.png)"."""
     reason = err.strerror or str(err)
     return f"{reason} ({err.filename})" if err.filename else reason
+
+
+def pid_alive(pid: str) -> bool:
+    """Whether the process ``pid`` (text, as found in a temp folder's name) still runs. This process
+    counts as gone: its own leftovers from an earlier attempt are stale too."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return int(pid) != os.getpid()

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-from .io import atomic_path, os_reason
+from .io import atomic_path, os_reason, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ def save_checkpoint(
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     recover_checkpoint(out)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):  # never another live writer's folder
+        if not pid_alive(stale.name.rsplit("-", 1)[-1]):  # never another live writer's folder
             logger.info("removing stale temp folder %s", stale)
             shutil.rmtree(stale, ignore_errors=True)
     try:
@@ -359,16 +359,6 @@ def recover_checkpoint(out: Path) -> None:
     if aside:
         logger.warning("restoring %s from %s (a save was interrupted)", out, aside[-1])
         aside[-1].rename(out)
-
-
-def _pid_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return int(pid) != os.getpid()  # this process's own leftovers are stale too
 
 
 def _usual_permissions(path: Path) -> None:

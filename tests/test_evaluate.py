@@ -706,3 +706,13 @@ def test_rescoring_masks_inside_the_report_folder_keeps_them(processed, tmp_path
                    "--examples", "0", "-q") == 0
     assert sorted(p.name for p in (out / "masks").iterdir()) == sorted(
         p.name for p in (processed / "valid" / "masks").iterdir())
+
+
+def test_staging_left_by_a_killed_run_is_cleaned_up(processed, tmp_path):
+    out = tmp_path / "r"
+    dead = out / f"{report.STAGING_PREFIX}999999999-abc"  # no such process
+    dead.mkdir(parents=True)
+    (dead / "metrics.json").write_text("{}")
+    assert run("--pred-dir", str(processed / "valid" / "masks"), "--data", str(processed), "--out", str(out),
+               "--examples", "0", "-q") == 0
+    assert not dead.exists() and not list(out.glob(report.STAGING_PREFIX + "*"))
