@@ -110,6 +110,8 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
         if not (Path(args.resume) / "last" / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"{args.resume}: no last/{TRAINER_STATE} to resume from (the run ended before "
                                     "its first epoch did); start it again without --resume")
+        if "out" in given and not _same(given["out"], args.resume):
+            raise ConfigError(f"--resume {args.resume} continues that run in its own folder; leave out --out {given['out']}")
         if changed := [k for k in FIXED_ON_RESUME if k in given and not _same(given[k], getattr(cfg, k))]:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ConfigError(f"{args.resume}: {flags} cannot change when resuming (the run has "
@@ -119,12 +121,22 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig(**given)
     cfg.model = resolve_model_arg(given.get("model"))
     cfg.out = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    # Local paths absolute, so --resume works from any working directory.
+    cfg.data = str(Path(cfg.data).resolve())
+    if Path(cfg.model).exists():
+        cfg.model = str(Path(cfg.model).resolve())
+    cfg.tasks_file = str(Path(cfg.tasks_file).resolve()) if cfg.tasks_file else cfg.tasks_file
+    cfg.cache_dir = str(Path(cfg.cache_dir).resolve()) if cfg.cache_dir else cfg.cache_dir
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
-    if any((out / name).exists() for name in ("config.json", "best", "last")) and not getattr(args, "overwrite", False):
-        raise ConfigError(f"--out {out} already holds a run; continue it with --resume {out}, pick another --out, "
-                          "or pass --overwrite to replace it")
+    if any((out / name).exists() for name in ("config.json", "best", "last")):
+        if not getattr(args, "overwrite", False):
+            raise ConfigError(f"--out {out} already holds a run; continue it with --resume {out}, pick another "
+                              "--out, or pass --overwrite to replace it")
+    elif out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is a folder that holds other files, not a training run; pick a new or "
+                          "empty folder")
     return cfg
 
 
@@ -157,14 +169,15 @@ def check_config(cfg: TrainConfig) -> str | None:
 def main(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(getattr(args, "quiet", False) or rank != 0)
+    complain = fail if rank == 0 else lambda message: 1  # under torchrun, settings errors are said once
     try:
         cfg = make_config(args)
     except (FileNotFoundError, ConfigError) as err:
-        return fail(str(err))
+        return complain(str(err))
     if message := check_config(cfg):
-        return fail(message)
+        return complain(message)
     if getattr(args, "stop_after", 1) < 1:
-        return fail(f"--stop-after must be >= 1, got {args.stop_after}")
+        return complain(f"--stop-after must be >= 1, got {args.stop_after}")
     if rank == 0:
         log.info("run %s", cfg.out)
         for key, value in dataclasses.asdict(cfg).items():
@@ -177,6 +190,11 @@ def main(args: argparse.Namespace) -> int:
         return fail(f"{err}; re-run preprocess_masks.py if the data moved")
     except OSError as err:  # disk full, no permission, ...
         return fail(f"cannot write the run {cfg.out}: {os_reason(err)}")
+    except RuntimeError as err:
+        if rank == 0:
+            raise
+        # Under torchrun: the process group broke because another process failed (and said why).
+        return fail(f"process {rank}: stopped, another process of the run failed ({str(err).splitlines()[0][:200]})")
     return 0
 
 

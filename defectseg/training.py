@@ -220,6 +220,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         write_json_atomic(out / "config.json", asdict(cfg))
     stop = False
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+    if cfg.patience > 0 and best["bad_epochs"] >= cfg.patience:  # a resumed run that had stopped early
+        if main_process:
+            log.info("the run stopped early after epoch %d; nothing to do (a larger --patience continues it)",
+                     start_epoch)
+        end_epoch = start_epoch
     for epoch in range(start_epoch, end_epoch):
         t0 = time.perf_counter()
         plan = epoch_plan(train_rows, tasks, cfg.seed, epoch, cfg.negative_prob, cfg.flip, cfg.synonyms)

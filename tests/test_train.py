@@ -549,3 +549,44 @@ def test_missing_image_file_says_the_data_moved(processed, tiny, tmp_path, capsy
     assert run_train(*base_args(data, tiny, tmp_path / "run", "--epochs", "1")) == 1
     err = capsys.readouterr().err
     assert "moved.jpg" in err and "re-run preprocess_masks.py" in err and "Traceback" not in err
+
+
+def test_resuming_an_early_stopped_run_trains_nothing(processed, tiny, tmp_path):
+    run = tmp_path / "es"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "6", "--patience", "1", "--lr", "1e-9")) == 0
+    stopped = history(run)
+    assert len(stopped) < 6  # no better score with a negligible lr: stopped after epoch 2
+    assert run_train("--resume", str(run), "-q") == 0
+    assert history(run) == stopped
+    assert run_train("--resume", str(run), "--patience", "0", "-q") == 0  # a larger patience continues it
+    assert len(history(run)) == 6
+
+
+def test_resume_from_another_working_directory_and_out_rules(processed, tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    rel = os.path.relpath(processed, tmp_path / "a")
+    monkeypatch.chdir(tmp_path / "a")
+    assert run_train("--data", rel, "--model", str(tiny), "--out", "run", "--epochs", "2", "--stop-after", "1",
+                     "--batch-size", "4", "--cache-dir", str(tmp_path / "features"), "-q") == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert run_train("--resume", "a/run", "--out", "elsewhere", "-q") == 1
+    assert "leave out --out" in capsys.readouterr().err
+    assert run_train("--resume", "a/run", "-q") == 0
+    assert len(history(tmp_path / "a" / "run")) == 2
+    # A folder that holds other things is not a run to replace.
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "summary.json").write_text("{}")
+    assert run_train(*base_args(processed, tiny, tmp_path / "stuff", "--epochs", "1", "--overwrite")) == 1
+    assert "holds other files" in capsys.readouterr().err
+    assert (tmp_path / "stuff" / "summary.json").read_text() == "{}"
+
+
+def test_ddp_settings_error_is_said_once(processed, tiny, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(REPO / "train.py"),
+           *base_args(processed, tiny, tmp_path / "ddp", "--epochs", "0", "--device", "cpu")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert (proc.stdout + proc.stderr).count("--epochs must be > 0") == 1
