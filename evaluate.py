@@ -90,6 +90,8 @@ def default_out(source: str, split: str) -> Path:
     """reports/<name>-<split>: <name> is the model folder's name (its run's name for runs/<name>/best), a
     decoder file's stem, a Hub id's last part, or the mask folder's name; each split gets its own folder."""
     path = Path(source.rstrip("/\\"))
+    if path.suffix == ".safetensors" and path.parent.name in ("best", "last"):
+        path = path.parent  # runs/<name>/best/decoder.safetensors: the run's name, as for its folder
     name = path.stem if path.suffix == ".safetensors" else path.name
     if name in ("best", "last") and path.parent.name:
         name = path.parent.name if name == "best" else f"{path.parent.name}-last"
@@ -206,8 +208,12 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(source, args.split)
     if problem := report.check_out_folder(out):
         return fail(problem)
+    if args.save_masks and (out / report.MASKS_DIR).exists() and not report.earlier_report_saved_masks(out):
+        return fail(f"--save-masks: {out / report.MASKS_DIR} exists and was not written by an earlier report; "
+                    "pick another --out (it is never replaced)")
+    keep = [Path(p) for p in (args.pred_dir, args.compare) if p]  # what is being scored is never removed
     try:
-        with report.ReportFolder(out) as folder:
+        with report.ReportFolder(out, keep=keep) as folder:
             return evaluate(args, model_arg, rows, task_prompts, out, folder)
     except report.ReportWriteError as err:
         return fail(str(err))

@@ -521,7 +521,7 @@ def report_entry(name: str, earlier_masks: bool) -> bool:
     return name == MASKS_DIR and earlier_masks
 
 
-def _earlier_report_saved_masks(out: Path) -> bool:
+def earlier_report_saved_masks(out: Path) -> bool:
     try:
         return json.loads((out / METRICS_FILE).read_text(encoding="utf-8")).get("saved_masks") == MASKS_DIR
     except (OSError, ValueError, AttributeError):
@@ -539,8 +539,9 @@ class ReportFolder:
     ``OSError`` while creating or committing becomes ``ReportWriteError`` naming ``out``.
     """
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, keep: Sequence[Path] = ()) -> None:
         self.out = Path(out)
+        self.keep = {Path(p).resolve() for p in keep}  # never moved away (e.g. the --pred-dir being scored)
         self.path: Path | None = None
         self._created: list[Path] = []  # folders made for ``out``, deepest first
 
@@ -577,7 +578,7 @@ class ReportFolder:
     def commit(self) -> None:
         assert self.path is not None, "commit() outside the with block"
         staged = sorted(p.name for p in self.path.iterdir())
-        earlier = _earlier_report_saved_masks(self.out)
+        earlier = earlier_report_saved_masks(self.out)
         trash = self.path / ".replaced"
         try:
             trash.mkdir()
@@ -587,7 +588,7 @@ class ReportFolder:
                     os.replace(target, trash / name)  # a folder cannot replace a folder in one rename
                 os.replace(self.path / name, target)
             for entry in self.out.iterdir():
-                if entry.name not in staged and report_entry(entry.name, earlier):
+                if entry.name not in staged and report_entry(entry.name, earlier) and entry.resolve() not in self.keep:
                     os.replace(entry, trash / entry.name)
         except OSError as err:
             raise ReportWriteError(f"cannot put the report in place in {self.out}: {os_reason(err)}") from None

@@ -643,6 +643,7 @@ def test_default_out():
     assert evaluate.default_out("runs/exp1/last", "valid") == Path("reports/exp1-last-valid")
     assert evaluate.default_out("CIDAS/clipseg-rd64-refined", "valid") == Path("reports/clipseg-rd64-refined-valid")
     assert evaluate.default_out("runs/exp1/decoder.safetensors", "test") == Path("reports/decoder-test")
+    assert evaluate.default_out("runs/exp1/best/decoder.safetensors", "valid") == Path("reports/exp1-valid")
     assert evaluate.default_out("their_masks/", "valid") == Path("reports/their_masks-valid")
 
 
@@ -716,3 +717,23 @@ def test_staging_left_by_a_killed_run_is_cleaned_up(processed, tmp_path):
     assert run("--pred-dir", str(processed / "valid" / "masks"), "--data", str(processed), "--out", str(out),
                "--examples", "0", "-q") == 0
     assert not dead.exists() and not list(out.glob(report.STAGING_PREFIX + "*"))
+
+
+def test_saved_masks_rescored_in_place_survive_and_foreign_masks_are_never_replaced(processed, tiny_dir, tmp_path,
+                                                                                     capsys):
+    out = tmp_path / "y"
+    assert run("--model", str(tiny_dir), "--data", str(processed), "--out", str(out), "--save-masks",
+               "--examples", "0", "-q") == 0
+    saved = sorted(p.name for p in (out / "masks").iterdir())
+    assert saved
+    assert run("--pred-dir", str(out / "masks"), "--data", str(processed), "--out", str(out), "--examples", "0",
+               "-q") == 0
+    assert sorted(p.name for p in (out / "masks").iterdir()) == saved
+    # A masks/ folder no report wrote (someone's predictions) is refused by --save-masks, untouched.
+    other = tmp_path / "z"
+    shutil.copytree(processed / "valid" / "masks", other / "masks")
+    capsys.readouterr()
+    assert run("--model", str(tiny_dir), "--data", str(processed), "--out", str(other), "--save-masks", "-q") == 1
+    assert "was not written by an earlier report" in capsys.readouterr().err
+    assert sorted(p.name for p in (other / "masks").iterdir()) == sorted(
+        p.name for p in (processed / "valid" / "masks").iterdir())
