@@ -66,8 +66,8 @@ def main(args: argparse.Namespace) -> int:
                      "%d near-duplicates (any flip/rotation)", task, split, c["same_source_as_train"], c["images"],
                      c["identical_pixels_in_train"], c["near_duplicate_of_train"])
     rate = summary["images_per_second"]
-    log.info("%d masks written, %d up to date, %d problems (%s) in %.1f s%s -> %s",
-             summary["masks_written"], summary["masks_reused"], len(summary["problems"]),
+    log.info("%d masks written, %d up to date, %d kept from other tasks/splits, %d problems (%s) in %.1f s%s -> %s",
+             summary["masks_written"], summary["masks_reused"], summary["masks_kept"], len(summary["problems"]),
              ", ".join(f"{k} {v}" for k, v in summary["problem_counts"].items()) or "none",
              summary["seconds"], f" ({rate} images/s)" if rate else "", os.path.join(args.out, SUMMARY_FILE))
     return 0

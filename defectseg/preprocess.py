@@ -371,7 +371,10 @@ def run_jobs(jobs: list[Job], workers: int) -> tuple[list[dict], list[Problem]]:
     return rows, problems
 
 
-def summarize(rows: list[dict], problems: list[Problem], reused: int, missing: list[str], seconds: float) -> dict:
+def summarize(rows: list[dict], problems: list[Problem], made: int, reused: int, kept: int, missing: list[str],
+              seconds: float) -> dict:
+    """summary.json's body; ``rows`` are every manifest row under the output folder (made by this run,
+    reused as up to date, or kept from tasks and splits not in this run)."""
     counts: dict = defaultdict(dict)
     for (task, split), group in sorted(_group(rows).items()):
         n_sources = Counter()
@@ -387,11 +390,11 @@ def summarize(rows: list[dict], problems: list[Problem], reused: int, missing: l
             "mask_source": dict(Counter(r["source"] for r in group)),
             "mean_fg_fraction": round(float(np.mean([float(r["fg_fraction"]) for r in group])), 6),
         }
-    made = len(rows) - reused
     return {
         "counts": counts,
         "masks_written": made,
         "masks_reused": reused,
+        "masks_kept": kept,
         "missing_splits": missing,
         "problem_counts": dict(Counter(p.kind for p in problems)),
         "problems": [asdict(p) for p in problems],
@@ -469,6 +472,7 @@ def preprocess(
     if strict:
         plan.jobs = [replace(job, defer=True) for job in plan.jobs]
     rows, problems = run_jobs(plan.jobs, workers)
+    made = len(rows)
     problems = plan.problems + problems
     if strict and problems:
         raise CocoError(_strict_message(problems))
@@ -488,7 +492,7 @@ def preprocess(
         "data_root": str(data_root.resolve()),
         "tasks": {t.name: {"prompt": t.prompt, "synonyms": list(t.synonyms)} for t in tasks},
         "splits": splits,
-        **summarize(rows, problems, len(plan.reused), plan.missing_splits, seconds),
+        **summarize(rows, problems, made, len(plan.reused), len(plan.kept), plan.missing_splits, seconds),
     }
     write_json_atomic(out / SUMMARY_FILE, summary)
     return summary

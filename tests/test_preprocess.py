@@ -127,6 +127,10 @@ def test_rerun_redoes_only_stale_masks(sample_root, tmp_path):
     assert run("--data-root", str(data), "--out", str(out), "--overwrite") == 0
     assert summary()["masks_written"] == 24
 
+    # A re-run with one task: the other task's rows are kept, not counted as written.
+    assert run("--data-root", str(data), "--out", str(out), "--tasks", "cracks") == 0
+    assert (summary()["masks_written"], summary()["masks_reused"], summary()["masks_kept"]) == (0, 12, 12)
+
 
 @pytest.fixture()
 def messy_export(tmp_path) -> Path:
