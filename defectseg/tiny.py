@@ -7,7 +7,7 @@ It loads back through the ordinary ``from_pretrained`` calls, so everything down
 inference, checkpointing) can be exercised without the Hugging Face Hub::
 
     python -m defectseg.tiny models/tiny --seed 0 --image-size 64
-    python scripts/train.py --model models/tiny ...
+    python train.py --model models/tiny ...
 
 Its predictions are meaningless; it exists to test plumbing, not quality.
 """
