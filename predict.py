@@ -174,6 +174,17 @@ def output_suffixes(overlay: bool, probs: bool) -> list[str]:
     return [""] + [OVERLAY_SUFFIX] * overlay + [PROB_SUFFIX] * probs
 
 
+def without_own_outputs(paths: list[Path], out: Path, prompts: list[str]) -> list[Path]:
+    """``paths`` less the masks, overlays and probability maps this run would write in ``out`` (a re-run
+    whose --out is one of its input folders must not segment its own masks)."""
+    endings = tuple(f"__{prompt_slug(p)}{s}.png" for p in prompts for s in (*output_suffixes(True, True),))
+    out = out.resolve()
+    kept = [p for p in paths if not (p.parent.resolve() == out and p.name.endswith(endings))]
+    if len(kept) < len(paths):
+        log.info("skipping %d earlier outputs of predict.py in %s", len(paths) - len(kept), out)
+    return kept
+
+
 def tint(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8: ``image`` with the mask's pixels blended towards OVERLAY_COLOR."""
     out = image.copy()
@@ -253,7 +264,9 @@ def main(args: argparse.Namespace) -> int:
     suffixes = output_suffixes(args.overlay, args.probs)
     try:
         prompts = check_prompts(args.prompt, suffixes)
-        paths = collect_images(args.image)
+        paths = without_own_outputs(collect_images(args.image), Path(args.out), prompts)
+        if not paths:
+            raise InputError("no images to predict (only earlier outputs of predict.py in --out)")
         check_unique_stems(paths)
     except InputError as err:
         return fail(str(err))

@@ -299,3 +299,12 @@ def test_broken_checkpoint_metadata_is_one_clear_line(tiny_dir: Path, tmp_path: 
     err = capsys.readouterr().err
     assert "defectseg.json" in err and message in err and "Traceback" not in err
     assert not list((tmp_path / "out").iterdir())  # checked (created) before the model loads; nothing written
+
+
+def test_rerun_into_its_input_folder_skips_its_own_masks(tiny_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "shots"
+    write_image(folder / "a.png", 20, 20)
+    for _ in range(2):
+        assert run(tiny_dir, folder, "--image", str(folder), "--overlay") == 0
+    assert sorted(p.name for p in folder.iterdir() if p.suffix == ".png") == sorted(
+        ["a.png"] + [f"a__{slug}{s}.png" for slug in SLUGS for s in ("", "_overlay")])
