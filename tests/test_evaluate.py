@@ -21,7 +21,7 @@ from defectseg import evaluation, report
 from defectseg.evaluation import ImageScore, aggregate, prompt_probabilities, score_batch
 from defectseg.inference import Segmenter
 from defectseg.io import load_image, read_mask_png, write_mask_png
-from defectseg.manifest import mask_name, read_manifest
+from defectseg.manifest import mask_name, read_manifest, write_manifest
 from defectseg.model import DECODER_FILE, METADATA_FILE, load_model, read_metadata, save_decoder
 from defectseg.tasks import prompt_slug
 from defectseg.tiny import build_tiny_model
@@ -86,16 +86,6 @@ def by_task(rows: list[dict]) -> dict[str, list[dict]]:
 
 def pred_file(folder: Path, row: dict) -> Path:
     return folder / mask_name(row["image"], prompt_slug(row["prompt"]))
-
-
-def write_manifest(path: Path, rows: list[dict]) -> Path:
-    """A manifest with absolute paths (read_manifest keeps them as they are)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 # --------------------------------------------------------------------------------------------------

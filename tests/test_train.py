@@ -25,7 +25,7 @@ from defectseg.features import FeatureCache, view_of
 from defectseg.inference import Segmenter
 from defectseg.io import read_mask_png
 from defectseg.losses import bce_dice_loss
-from defectseg.manifest import read_manifest
+from defectseg.manifest import read_manifest, write_manifest
 from defectseg.model import load_model, read_metadata, used_vision_layers
 from defectseg.tasks import DEFAULT_TASKS
 from defectseg.tiny import build_tiny_model
@@ -239,12 +239,7 @@ def test_ddp_two_cpu_processes(processed, tiny, tmp_path):
     the plan is evened out (a process with one more step would wait forever)."""
     data = tmp_path / "data15"
     for split, keep in (("train", 15), ("valid", None)):
-        rows = read_manifest(processed / split / "manifest.csv")[:keep]
-        (data / split).mkdir(parents=True)
-        with open(data / split / "manifest.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_manifest(data / split / "manifest.csv", read_manifest(processed / split / "manifest.csv")[:keep])
     run = tmp_path / "ddp"
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(REPO / "train.py"),
@@ -330,12 +325,8 @@ def test_non_finite_loss_is_reported_and_skipped(processed, tiny, tmp_path, caps
 def copy_manifests(processed: Path, out: Path, keep) -> Path:
     """Manifests of ``processed`` (absolute paths) filtered by ``keep(split, row)``, in ``out``."""
     for split in ("train", "valid"):
-        rows = [r for r in read_manifest(processed / split / "manifest.csv") if keep(split, r)]
-        (out / split).mkdir(parents=True)
-        with open(out / split / "manifest.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_manifest(out / split / "manifest.csv",
+                   [r for r in read_manifest(processed / split / "manifest.csv") if keep(split, r)])
     return out
 
 
@@ -346,16 +337,15 @@ def test_task_without_valid_images_still_trains(processed, tiny, tmp_path):
     assert set(read_metadata(run / "best")["thresholds"]) == {"segment crack"}
 
 
-def test_missing_mask_file_is_one_clear_line(processed, tiny, tmp_path, capsys):
+@pytest.mark.parametrize("column,name", [("mask", "gone.png"), ("image", "moved.jpg")])
+def test_missing_file_says_the_data_moved(processed, tiny, tmp_path, capsys, column, name):
     data = copy_manifests(processed, tmp_path / "data", lambda split, r: True)
     rows = read_manifest(data / "train" / "manifest.csv")
-    rows[0]["mask"] = str(tmp_path / "gone.png")
-    with open(data / "train" / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rows[0][column] = str(tmp_path / name)
+    write_manifest(data / "train" / "manifest.csv", rows)
     assert run_train(*base_args(data, tiny, tmp_path / "run", "--epochs", "1")) == 1
-    assert "gone.png" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert name in err and "re-run preprocess_masks.py" in err and "Traceback" not in err
 
 
 def test_ema_checkpoints_hold_the_weights_their_metadata_describes(processed, tiny, tmp_path):
@@ -536,19 +526,6 @@ def test_quiet_run_prints_no_progress_bars(processed, tiny, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == "" and proc.stderr == "", proc.stderr[-2000:]
-
-
-def test_missing_image_file_says_the_data_moved(processed, tiny, tmp_path, capsys):
-    data = copy_manifests(processed, tmp_path / "data", lambda split, r: True)
-    rows = read_manifest(data / "train" / "manifest.csv")
-    rows[0]["image"] = str(tmp_path / "moved.jpg")
-    with open(data / "train" / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    assert run_train(*base_args(data, tiny, tmp_path / "run", "--epochs", "1")) == 1
-    err = capsys.readouterr().err
-    assert "moved.jpg" in err and "re-run preprocess_masks.py" in err and "Traceback" not in err
 
 
 def test_resuming_an_early_stopped_run_trains_nothing(processed, tiny, tmp_path):
