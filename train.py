@@ -169,15 +169,14 @@ def check_config(cfg: TrainConfig) -> str | None:
 def main(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(getattr(args, "quiet", False) or rank != 0)
-    complain = fail if rank == 0 else lambda message: 1  # under torchrun, settings errors are said once
     try:
         cfg = make_config(args)
     except (FileNotFoundError, ConfigError) as err:
-        return complain(str(err))
+        return fail(str(err))
     if message := check_config(cfg):
-        return complain(message)
+        return fail(message)
     if getattr(args, "stop_after", 1) < 1:
-        return complain(f"--stop-after must be >= 1, got {args.stop_after}")
+        return fail(f"--stop-after must be >= 1, got {args.stop_after}")
     if rank == 0:
         log.info("run %s", cfg.out)
         for key, value in dataclasses.asdict(cfg).items():

@@ -560,10 +560,12 @@ def test_resume_from_another_working_directory_and_out_rules(processed, tiny, tm
     assert (tmp_path / "stuff" / "summary.json").read_text() == "{}"
 
 
-def test_ddp_settings_error_is_said_once(processed, tiny, tmp_path):
+def test_ddp_settings_error_is_reported(processed, tiny, tmp_path):
+    """Each process checks the settings and reports (torchrun stops the others as soon as one exits, so a
+    message left to rank 0 alone could be cut off)."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(REPO / "train.py"),
            *base_args(processed, tiny, tmp_path / "ddp", "--epochs", "0", "--device", "cpu")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode != 0
-    assert (proc.stdout + proc.stderr).count("--epochs must be > 0") == 1
+    assert (proc.stdout + proc.stderr).count("--epochs must be > 0") >= 1
