@@ -215,9 +215,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         with report.ReportFolder(out, keep=keep) as folder:
             return evaluate(args, model_arg, rows, task_prompts, out, folder)
-    except report.ReportWriteError as err:
-        return fail(str(err))
-    except ModelLoadError as err:
+    except (report.ReportWriteError, ModelLoadError) as err:
         return fail(str(err))
 
 

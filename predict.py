@@ -177,7 +177,7 @@ def output_suffixes(overlay: bool, probs: bool) -> list[str]:
 def without_own_outputs(paths: list[Path], out: Path, prompts: list[str]) -> list[Path]:
     """``paths`` less the masks, overlays and probability maps this run would write in ``out`` (a re-run
     whose --out is one of its input folders must not segment its own masks)."""
-    endings = tuple(f"__{prompt_slug(p)}{s}.png" for p in prompts for s in (*output_suffixes(True, True),))
+    endings = tuple(f"__{prompt_slug(p)}{s}.png" for p in prompts for s in output_suffixes(True, True))
     out = out.resolve()
     kept = [p for p in paths if not (p.parent.resolve() == out and p.name.endswith(endings))]
     if len(kept) < len(paths):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -189,3 +190,12 @@ def pid_alive(pid: str) -> bool:
     except PermissionError:
         return True
     return int(pid) != os.getpid()
+
+
+def remove_stale(parent: Path, prefix: str) -> list[Path]:
+    """Remove the temp folders ``<parent>/<prefix><pid>...`` left by processes that no longer run (never
+    a live writer's); returns what was removed."""
+    stale = [p for p in parent.glob(prefix + "*") if not pid_alive(p.name[len(prefix):].split("-")[0])]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-from .io import atomic_path, os_reason, pid_alive
+from .io import atomic_path, os_reason, remove_stale
 
 logger = logging.getLogger(__name__)
 
@@ -329,10 +329,8 @@ def save_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     recover_checkpoint(out)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        if not pid_alive(stale.name.rsplit("-", 1)[-1]):  # never another live writer's folder
-            logger.info("removing stale temp folder %s", stale)
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in remove_stale(out.parent, f".{out.name}.tmp-"):
+        logger.info("removed stale temp folder %s", stale)
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -263,19 +263,20 @@ def _without_mask_name_clashes(entries: list[ImageEntry], split_dir: Path, slug:
     """The entries whose mask gets a file of its own. Mask files are named after the image's stem, so
     ``x.jpg`` and ``x.png`` (or ``X.jpg``, for case-insensitive disks) would share one and an image would
     get another's ground truth: every image of such a group is skipped, each with a Problem."""
+    names = [mask_name(entry.file_name, slug) for entry in entries]
     groups: dict[str, list[ImageEntry]] = defaultdict(list)
-    for entry in entries:
-        groups[mask_name(entry.file_name, slug).casefold()].append(entry)
+    for entry, name in zip(entries, names):
+        groups[name.casefold()].append(entry)
     kept = []
-    for entry in entries:
-        group = groups[mask_name(entry.file_name, slug).casefold()]
+    for entry, name in zip(entries, names):
+        group = groups[name.casefold()]
         if len(group) == 1:
             kept.append(entry)
             continue
         others = ", ".join(other.file_name for other in group if other is not entry)
         problems.append(Problem(str(split_dir / entry.file_name), "mask_name_clash",
-                                f"same mask file {mask_name(entry.file_name, slug)} as {others} (file names "
-                                "differ only in extension, folder or case); none of them made, rename one"))
+                                f"same mask file {name} as {others} (file names differ only in extension, "
+                                "folder or case); none of them made, rename one"))
     return kept
 
 

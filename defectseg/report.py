@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from .evaluation import EMPTY_SCORE, ImageScore, RunResult
-from .io import encode_png, os_reason, pid_alive, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .io import encode_png, os_reason, remove_stale, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .manifest import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
@@ -552,9 +552,7 @@ class ReportFolder:
                 self._created.append(missing)
                 missing = missing.parent
             self.out.mkdir(parents=True, exist_ok=True)
-            for stale in self.out.glob(STAGING_PREFIX + "*"):  # left by a run that was killed
-                if not pid_alive(stale.name[len(STAGING_PREFIX):].split("-")[0]):
-                    shutil.rmtree(stale, ignore_errors=True)
+            remove_stale(self.out, STAGING_PREFIX)  # left by a run that was killed
             self.path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=self.out))
         except OSError as err:
             self._cleanup()
