@@ -198,10 +198,11 @@ def write_outputs(out: Path, item: LoadedImage, slug: str, prob: np.ndarray, thr
     mask = binarize(prob, threshold)
     write_mask_png(out / mask_name(item.path.name, slug), mask)
     if OVERLAY_SUFFIX in suffixes:
-        write_bytes_atomic(out / mask_name(item.path.name, slug + OVERLAY_SUFFIX), encode_png(tint(item.image, mask)))
+        write_bytes_atomic(out / mask_name(item.path.name, slug + OVERLAY_SUFFIX), encode_png(tint(item.image, mask)),
+                           sync=False)
     if PROB_SUFFIX in suffixes:
         prob8 = np.clip(prob * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        write_bytes_atomic(out / mask_name(item.path.name, slug + PROB_SUFFIX), encode_png(prob8))
+        write_bytes_atomic(out / mask_name(item.path.name, slug + PROB_SUFFIX), encode_png(prob8), sync=False)
 
 
 def predict_images(

@@ -10,8 +10,10 @@ vision tower truncated after the deepest extract layer) are computed once and st
 
 The key covers everything the activations depend on: the image's bytes, the view (original or
 horizontally flipped), the vision weights, config and image preprocessing (fingerprint), the input
-resolution, the precision they were computed in and the storage dtype. A changed image, model or resolution never reuses a stale entry. Files are written
-atomically and read back as memory maps, so the cache can exceed RAM.
+resolution, the precision they were computed in and the storage dtype. A changed image, model or
+resolution never reuses a stale entry. Files are written atomically (without fsync: a file cut short by
+a power cut is found by ``complete_npy`` and computed again) and read back as memory maps, so the cache
+can exceed RAM.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,6 +61,22 @@ def model_fingerprint(model: torch.nn.Module, preprocessing: dict | None = None)
             h.update(name.encode())
             h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def complete_npy(path: Path) -> bool:
+    """Whether ``path`` is a whole ``.npy`` file: a readable header and as many bytes as it announces (a
+    file cut short by a crash or power cut is not)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                return False
+            shape, _, dtype = read_header(f)
+            return os.fstat(f.fileno()).st_size == f.tell() + int(np.prod(shape)) * dtype.itemsize
+    except (OSError, ValueError):
+        return False
 
 
 class FeatureCache:
@@ -103,9 +122,12 @@ class FeatureCache:
         # Shard before checking what exists: every process must split the same list, whatever the
         # others have already written.
         mine = [(im, v) for im in images for v in views][shard[0]::shard[1]]
-        todo = [(im, v) for im, v in mine if not self.path(im, v).exists()]
+        todo = [(im, v) for im, v in mine if not complete_npy(self.path(im, v))]
         if not todo:
             return 0
+        if broken := sum(self.path(im, v).exists() for im, v in todo):
+            log.warning("%s: recomputing %d incomplete cache files (a crash or power cut while writing?)",
+                        self.dir, broken)
         self.dir.mkdir(parents=True, exist_ok=True)
         np_dtype = CACHE_DTYPES[self.dtype]
         for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", dynamic_ncols=True,
@@ -117,7 +139,7 @@ class FeatureCache:
             for (im, v), arr in zip(chunk, stacked):
                 buf = io.BytesIO()
                 np.save(buf, arr)
-                write_bytes_atomic(self.path(im, v), buf.getvalue())
+                write_bytes_atomic(self.path(im, v), buf.getvalue(), sync=False)
         return len(todo)
 
     def load(self, items: Sequence[tuple[str, int]]) -> list[torch.Tensor]:

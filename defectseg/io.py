@@ -3,7 +3,10 @@
 ``load_image`` is the one way the project reads a photo: EXIF orientation applied, any mode
 (grayscale, palette, RGBA, 16-bit) turned into 8-bit RGB. Every writer here is atomic: it writes a
 temporary file beside the target and renames it into place, so an interrupted run never leaves a
-truncated PNG, CSV or JSON where a good one was.
+truncated PNG, CSV or JSON where a good one was. By default the data also reaches the disk (fsync)
+before the rename, so a power cut cannot leave an empty file either; bulk writers of files that can be
+made again (masks, cached activations) pass ``sync=False``, which keeps the rename but skips the
+fsync, the slow part on some disks.
 """
 
 from __future__ import annotations
@@ -80,9 +83,25 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file, or a folder's entries (a rename inside it), to the disk. Folders are skipped where
+    the system cannot open them (Windows, which also needs a writable handle to flush a file)."""
+    if os.name != "posix" and Path(path).is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY if os.name == "posix" else os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success rename it onto ``target``, else delete it."""
+def atomic_path(target: str | Path, sync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success rename it onto ``target``, else delete it.
+
+    sync: flush the file before the rename and the folder after it, so the new content survives a
+    power cut (see the module's docstring).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -91,13 +110,17 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+        if sync:
+            fsync_path(tmp_path)
         os.replace(tmp_path, target)
+        if sync:
+            fsync_path(target.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-def write_bytes_atomic(target: str | Path, data: bytes) -> None:
-    with atomic_path(target) as tmp:
+def write_bytes_atomic(target: str | Path, data: bytes, sync: bool = True) -> None:
+    with atomic_path(target, sync) as tmp:
         tmp.write_bytes(data)
 
 
@@ -120,13 +143,14 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def write_mask_png(target: str | Path, mask: np.ndarray) -> None:
-    """Write a binary mask as a single-channel 8-bit PNG with values {0, 255}, atomically.
+    """Write a binary mask as a single-channel 8-bit PNG with values {0, 255}, atomically (no fsync:
+    masks are written by the thousand and can be made again).
 
     mask: (H, W) bool or integer array; any non-zero value is foreground.
     """
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
-    write_bytes_atomic(target, encode_png(np.where(mask > 0, 255, 0).astype(np.uint8)))
+    write_bytes_atomic(target, encode_png(np.where(mask > 0, 255, 0).astype(np.uint8)), sync=False)
 
 
 def read_mask_values(path: str | Path) -> np.ndarray:

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-from .io import atomic_path, os_reason, remove_stale
+from .io import atomic_path, fsync_path, os_reason, remove_stale
 
 logger = logging.getLogger(__name__)
 
@@ -320,9 +320,9 @@ def save_checkpoint(
     ``extra(folder)``, when given, writes more files (decoder file, trainer state) into the folder
     before it is swapped in, so they are part of the same atomic update.
 
-    Everything is written into a sibling temp folder ``.<name>.tmp-<pid>`` first, then swapped in
-    (old folder renamed aside, new one renamed into place, old one deleted). A crash while writing
-    leaves the previous ``out_dir`` untouched. The folder loads with ``load_model`` or plain
+    Everything is written into a sibling temp folder ``.<name>.tmp-<pid>`` first, flushed to the disk,
+    then swapped in (old folder renamed aside, new one renamed into place, old one deleted). A crash or
+    power cut while writing leaves the previous ``out_dir`` untouched. The folder loads with ``load_model`` or plain
     ``CLIPSegForImageSegmentation.from_pretrained``.
     """
     out = Path(out_dir)
@@ -343,7 +343,10 @@ def save_checkpoint(
             raise OSError(f"could not write the checkpoint {out}: {_first_line(exc)}") from exc
         raise
     _usual_permissions(tmp)
+    for file in [*tmp.rglob("*"), tmp]:  # on the disk before the swap: a power cut loses the new or the old
+        fsync_path(file)
     _swap_in(tmp, out)
+    fsync_path(out.parent)
     logger.info("saved checkpoint to %s", out)
 
 

@@ -133,7 +133,7 @@ def process_job(job: Job) -> tuple[dict | None, list[Problem]]:
                                 "either way; annotations taken as drawn on the displayed (turned) picture", True))
     png = encode_png(np.where(mask, 255, 0).astype(np.uint8))
     if not job.defer:
-        write_bytes_atomic(job.mask, png)
+        write_bytes_atomic(job.mask, png, sync=False)
     mask_dir = Path(job.mask).parent.parent
     row = {
         "image": os.path.relpath(job.image, mask_dir),
@@ -479,7 +479,7 @@ def preprocess(
         raise CocoError(_strict_message(problems))
     for row in rows:
         if "_png" in row:
-            write_bytes_atomic(out / row["_split"] / row["mask"], row.pop("_png"))
+            write_bytes_atomic(out / row["_split"] / row["mask"], row.pop("_png"), sync=False)
     rows += plan.reused
     seconds = time.perf_counter() - start
     for split in splits:

@@ -25,7 +25,15 @@ import cv2
 import numpy as np
 
 from .evaluation import EMPTY_SCORE, ImageScore, RunResult
-from .io import encode_png, os_reason, remove_stale, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .io import (
+    encode_png,
+    fsync_path,
+    os_reason,
+    remove_stale,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .manifest import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
@@ -588,6 +596,7 @@ class ReportFolder:
             for entry in self.out.iterdir():
                 if entry.name not in staged and report_entry(entry.name, earlier) and entry.resolve() not in self.keep:
                     os.replace(entry, trash / entry.name)
+            fsync_path(self.out)
         except OSError as err:
             raise ReportWriteError(f"cannot put the report in place in {self.out}: {os_reason(err)}") from None
         self._created = []  # the folder holds a report now; keep it

@@ -291,6 +291,22 @@ def test_feature_cache_keys_never_reuse_stale_entries(tmp_path, sample_root, tin
             torch.testing.assert_close(got, want)
 
 
+def test_cache_files_cut_short_are_computed_again(tmp_path, sample_root, tiny, caplog):
+    """A power cut can leave an empty or truncated .npy (cache files are not fsynced): the next build
+    recomputes exactly those, and the rebuilt file holds the same activations."""
+    model, processor = load_model(tiny)
+    segmenter = Segmenter(model, processor, torch.device("cpu"))
+    images = [str(p) for p in sorted((sample_root / "cracks" / "valid").glob("*.jpg"))[:3]]
+    cache = FeatureCache(tmp_path / "f", model, 64, "fp16")
+    assert cache.build(images, (0,), segmenter.encode, segmenter.pixel_values, 4) == 3
+    good = cache.path(images[1], 0).read_bytes()
+    cache.path(images[0], 0).write_bytes(b"")
+    cache.path(images[1], 0).write_bytes(good[:-10])
+    assert cache.build(images, (0,), segmenter.encode, segmenter.pixel_values, 4) == 2
+    assert "recomputing 2 incomplete cache files" in caplog.text
+    assert cache.path(images[1], 0).read_bytes() == good
+
+
 def test_warm_cache_runs_no_vision_encoder(processed, tiny, tmp_path, monkeypatch):
     """Once the cache is built, training and validation epochs never run the vision tower."""
     assert run_train(*base_args(processed, tiny, tmp_path / "cold", "--epochs", "1")) == 0
