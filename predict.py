@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import logging
 import os
 import signal
@@ -45,14 +46,13 @@ from defectseg.io import (
     write_json_atomic,
     write_mask_png,
 )
-from defectseg.manifest import mask_name
+from defectseg.manifest import PREDICT_CONFIG_FILE, mask_name
 from defectseg.metrics import binarize
 from defectseg.model import DEFAULT_MODEL, MODEL_ENV_VAR, ModelLoadError, resolve_model_arg
 from defectseg.tasks import TaskTableError, prompt_slug
 
 log = logging.getLogger("predict")
 
-CONFIG_FILE = "predict_config.json"
 OVERLAY_SUFFIX = "_overlay"
 PROB_SUFFIX = "_prob"
 OVERLAY_COLOR = np.array([255, 0, 0], dtype=np.float32)  # red
@@ -256,6 +256,44 @@ def wait_for(writes: list[Future[None]]) -> int:
     return len(writes)
 
 
+def model_record(model: str) -> str:
+    """How ``predict_config.json`` names the model: a local path absolute (comparable from any folder),
+    a Hub id as is."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def same_settings(a: dict, b: dict) -> bool:
+    """Whether two ``predict_config.json`` records make the same masks: same model, TTA and ensemble, and
+    the same threshold for every prompt both ran."""
+    if any(a.get(key) != b.get(key) for key in ("model", "tta", "ensemble")):
+        return False
+    ta, tb = a.get("thresholds"), b.get("thresholds")
+    return isinstance(ta, dict) and isinstance(tb, dict) and all(ta[p] == tb[p] for p in ta.keys() & tb.keys())
+
+
+def earlier_runs(out: Path, settings: dict) -> list[dict]:
+    """The records of earlier runs into ``out`` whose settings differ from ``settings`` (their outputs that
+    this run does not rewrite stay beside this run's), read from its ``predict_config.json``; warns when
+    there are any. An unreadable record is warned about and dropped."""
+    path = out / PREDICT_CONFIG_FILE
+    if not path.exists():
+        return []
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        runs = [*record.pop("earlier_runs", []), record]
+        runs = [r for r in runs if isinstance(r, dict) and not same_settings(r, settings)]
+    except (OSError, ValueError, AttributeError, TypeError) as err:
+        log.warning("%s: unreadable (%s); it is replaced by this run's record", path, err)
+        return []
+    if runs:
+        log.warning("%s holds outputs of %d earlier run(s) with other settings (model %s): the files this run "
+                    "does not rewrite stay from them (listed under earlier_runs in %s). Use another --out to "
+                    "keep runs apart", out, len(runs), ", ".join(sorted({str(r.get("model")) for r in runs})),
+                    PREDICT_CONFIG_FILE)
+    return runs
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
@@ -291,17 +329,20 @@ def main(args: argparse.Namespace) -> int:
              ", ".join(f"{p!r} {t:g}" for p, t in thresholds.items()),
              " (--threshold)" if args.threshold is not None else "")
 
+    settings = {"model": model_record(model), "thresholds": thresholds, "tta": args.tta, "ensemble": args.ensemble}
+    earlier = earlier_runs(out, settings)
+
     try:
         stats = predict_images(segmenter, paths, thresholds, out, suffixes=suffixes, batch_size=args.batch_size,
                                workers=args.workers, progress=not args.quiet and len(paths) > args.batch_size)
     except OSError as err:  # e.g. the disk is full or --out is read-only
         return fail(f"cannot write predictions into {out}: {err}")
     rate = stats.images / stats.seconds if stats.seconds > 0 else 0.0
-    write_json_atomic(out / CONFIG_FILE, {
-        "model": model, "prompts": prompts, "thresholds": thresholds, "tta": args.tta, "ensemble": args.ensemble,
-        "device": str(segmenter.device), "precision": precision, "batch_size": args.batch_size,
-        "images": stats.images, "failed": [str(p) for p in stats.failed], "masks_written": stats.masks,
-        "seconds": round(stats.seconds, 3), "images_per_second": round(rate, 3),
+    write_json_atomic(out / PREDICT_CONFIG_FILE, {
+        **settings, "prompts": prompts, "device": str(segmenter.device), "precision": precision,
+        "batch_size": args.batch_size, "images": stats.images, "failed": [str(p) for p in stats.failed],
+        "masks_written": stats.masks, "seconds": round(stats.seconds, 3), "images_per_second": round(rate, 3),
+        "earlier_runs": earlier,
     })
     log.info("%d images, %d prompts: %d masks written in %.1f s (%.2f images/s on %s, %s) -> %s",
              stats.images, len(prompts), stats.masks, stats.seconds, rate, segmenter.device, precision, out)

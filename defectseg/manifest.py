@@ -4,7 +4,8 @@
     <split>/manifest.csv                           one row per (image, task); paths relative to <split>/
     summary.json                                   counts, problems, leakage
 
-Kept apart from ``preprocess`` so that reading a processed dataset (training, evaluation,
+``mask_name`` is also how ``predict.py`` names its masks, beside a ``predict_config.json`` saying which
+run(s) made them. Kept apart from ``preprocess`` so that reading a processed dataset (training, evaluation,
 prediction) needs no COCO tooling.
 """
 
@@ -18,6 +19,7 @@ from .io import write_text_atomic
 
 MANIFEST_FILE = "manifest.csv"
 SUMMARY_FILE = "summary.json"
+PREDICT_CONFIG_FILE = "predict_config.json"  # predict.py's record of the runs that wrote a folder
 MANIFEST_COLUMNS = [
     "image", "mask", "task", "prompt", "width", "height", "annotations", "source",
     "fg_fraction", "annotation_sources", "source_stem", "pixel_hash", "ahash", "key",

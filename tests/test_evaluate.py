@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO, SHARED_DATA
 
 import evaluate
+import predict
 import preprocess_masks
 from defectseg import evaluation, report
 from defectseg.evaluation import ImageScore, aggregate, prompt_probabilities, score_batch
@@ -124,6 +125,22 @@ def test_pred_dir_empty_folder_scores_zero_and_reports_missing(processed, tmp_pa
     assert m["predictions"]["missing"]["by_task"] == {"cracks": 4, "drywall": 4}
     assert "8 prediction file(s) missing" in (out / "report.md").read_text()
     assert "8 prediction(s) missing" in log and "--tasks" in log
+
+
+def test_pred_dir_written_by_runs_with_other_settings_says_so(processed, valid_rows, tiny_dir, tmp_path, capsys):
+    """predict.py records earlier runs with other settings in its folder; scoring that folder warns and
+    the report says the scores may mix runs."""
+    preds = tmp_path / "preds"
+    images = sorted({row["image"] for row in valid_rows})
+    for threshold in ("0.5", "0.4"):
+        argv = ["--model", str(tiny_dir), "--image", *images, "--out", str(preds), "--workers", "0", "-q",
+                "--prompt", "segment crack", "--prompt", "segment taping area", "--threshold", threshold]
+        assert predict.main(predict.build_parser().parse_args(argv)) == 0
+    out = tmp_path / "report"
+    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out", str(out))
+    assert code == 0 and "may mix runs" in log
+    assert load_metrics(out)["predictions"]["earlier_runs"] == {"count": 1, "first": [str(tiny_dir.resolve())]}
+    assert "1 earlier predict.py run(s) with other settings" in (out / "report.md").read_text()
 
 
 def test_pred_dir_hand_made_predictions(processed, valid_rows, tmp_path):

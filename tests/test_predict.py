@@ -97,7 +97,7 @@ def test_sample_images_two_prompts_match_segmenter(tiny_dir: Path, tmp_path: Pat
             np.testing.assert_array_equal(mask == 255, binarize(prob, 0.5))
     written = sorted(p.name for p in out.glob("*.png"))
     assert len(written) == 16 and not list(out.glob(".*"))  # no temp files left
-    config = json.loads((out / predict.CONFIG_FILE).read_text())
+    config = json.loads((out / predict.PREDICT_CONFIG_FILE).read_text())
     assert config["masks_written"] == 16 and config["thresholds"] == dict.fromkeys(PROMPTS, 0.5)
 
 
@@ -113,7 +113,7 @@ def test_any_image_form_gets_a_mask_of_its_own_size(tiny_dir: Path, tmp_path: Pa
     assert Image.open(odd_images["exif"]).size == (40, 30)
     assert Image.open(tmp_path / "exif__segment_taping_area.png").size == (30, 40)
     assert Image.open(tmp_path / "gray__segment_crack.png").size == (97, 211)
-    assert json.loads((tmp_path / predict.CONFIG_FILE).read_text())["masks_written"] == 2 * len(odd_images)
+    assert json.loads((tmp_path / predict.PREDICT_CONFIG_FILE).read_text())["masks_written"] == 2 * len(odd_images)
 
 
 def test_threshold_is_applied(tiny_dir: Path, tmp_path: Path, odd_images) -> None:
@@ -308,3 +308,35 @@ def test_rerun_into_its_input_folder_skips_its_own_masks(tiny_dir: Path, tmp_pat
         assert run(tiny_dir, folder, "--image", str(folder), "--overlay") == 0
     assert sorted(p.name for p in folder.iterdir() if p.suffix == ".png") == sorted(
         ["a.png"] + [f"a__{slug}{s}.png" for slug in SLUGS for s in ("", "_overlay")])
+
+
+def test_runs_with_other_settings_into_one_folder_are_recorded(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    """Masks of runs with another model or threshold can share a folder (the default --out is one for
+    all); the later run warns and predict_config.json lists the earlier settings, so the folder says
+    what made its files. Other prompts or images with the same settings are no mixing."""
+    folder = tmp_path / "shots"
+    for name in "ab":
+        write_image(folder / f"{name}.png", 20, 20)
+    out = tmp_path / "pred"
+
+    def config() -> dict:
+        return json.loads((out / predict.PREDICT_CONFIG_FILE).read_text())
+
+    assert run(tiny_dir, out, "--image", str(folder / "a.png"), prompts=PROMPTS[:1]) == 0
+    assert run(tiny_dir, out, "--image", str(folder / "b.png"), prompts=PROMPTS[1:]) == 0
+    assert config()["earlier_runs"] == [] and "earlier run" not in capsys.readouterr().err
+    assert config()["model"] == str(tiny_dir.resolve())
+
+    assert run(tiny_dir, out, "--image", str(folder / "b.png"), "--threshold", "0.3") == 0
+    assert "holds outputs of 1 earlier run(s) with other settings" in capsys.readouterr().err
+    earlier = config()["earlier_runs"]
+    assert len(earlier) == 1 and earlier[0]["thresholds"] == {PROMPTS[1]: 0.5} and "earlier_runs" not in earlier[0]
+
+    assert run(tiny_dir, out, "--image", str(folder / "b.png"), "--threshold", "0.3") == 0  # still there
+    assert "holds outputs of 1 earlier run(s)" in capsys.readouterr().err and len(config()["earlier_runs"]) == 1
+    assert run(tiny_dir, out, "--image", str(folder / "a.png"), prompts=PROMPTS[:1]) == 0
+    assert [r["thresholds"] for r in config()["earlier_runs"]] == [dict.fromkeys(PROMPTS, 0.3)]
+
+    (out / predict.PREDICT_CONFIG_FILE).write_text("{not json")
+    assert run(tiny_dir, out, "--image", str(folder / "a.png"), prompts=PROMPTS[:1]) == 0
+    assert "unreadable" in capsys.readouterr().err and config()["earlier_runs"] == []
