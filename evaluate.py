@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 from functools import partial
 from pathlib import Path
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from defectseg import evaluation, metrics, report
-from defectseg.cli import fail, int_at_least, number_in, run, setup_logging
+from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_logging, split_name
 from defectseg.data import DataError, select_tasks
 from defectseg.data import load_rows as data_rows
 from defectseg.inference import Segmenter, check_device, checkpoint_metadata
@@ -45,13 +46,13 @@ MODEL_ONLY = {"model": None, "batch_size": None, "device": None, "precision": No
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", type=nonempty, default=None,
                         help="checkpoint folder (runs/<name>/best), decoder .safetensors file or Hub id "
                              "(default: $DEFECTSEG_MODEL, else CIDAS/clipseg-rd64-refined)")
-    parser.add_argument("--data", default="processed_dataset",
+    parser.add_argument("--data", type=nonempty, default="processed_dataset",
                         help="preprocess_masks.py output folder (default: %(default)s)")
-    parser.add_argument("--split", default="valid", help="split to score (default: %(default)s)")
-    parser.add_argument("--out", default=None,
+    parser.add_argument("--split", type=split_name, default="valid", help="split to score (default: %(default)s)")
+    parser.add_argument("--out", type=nonempty, default=None,
                         help="report folder (default: reports/<model or folder name>-<split>); an earlier "
                              "report there is replaced as a whole")
     parser.add_argument("--tasks", nargs="+", default=None, help="tasks to score (default: all in the manifest)")
@@ -68,16 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--write-thresholds", action="store_true",
                         help="store each task's best sweep threshold in the checkpoint folder's defectseg.json "
                              "(refused on the test split)")
-    parser.add_argument("--compare", default=None, metavar="OTHER",
+    parser.add_argument("--compare", type=nonempty, default=None, metavar="OTHER",
                         help="also score OTHER the same way (a model; with --pred-dir, another mask folder) and "
                              "add side-by-side columns")
     parser.add_argument("--save-masks", action="store_true",
                         help="write the predicted masks to <out>/masks/<image_stem>__<prompt_slug>.png")
-    parser.add_argument("--pred-dir", default=None,
+    parser.add_argument("--pred-dir", type=nonempty, default=None,
                         help="score masks made elsewhere (<image_stem>__<prompt_slug>.png) instead of a model")
-    parser.add_argument("--pred-threshold", type=number_in(0, 255, low_open=True), default=None, metavar="V",
+    parser.add_argument("--pred-threshold", type=number_in(0, 65535, low_open=True), default=None, metavar="V",
                         help="with --pred-dir: a pixel is foreground iff its value >= V (masks saved as "
-                             "probabilities 0..255: e.g. 128); default: any non-zero pixel")
+                             "probabilities 0..255: e.g. 128; 16-bit 0..65535: e.g. 32768); default: any "
+                             "non-zero pixel")
     parser.add_argument("--examples", type=int_at_least(0), default=1, metavar="N",
                         help="per task, N best, N median and N worst images in examples_<task>.png "
                              "(0: none; default: %(default)s)")
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def default_out(source: str, split: str) -> Path:
     """reports/<name>-<split>: <name> is the model folder's name (its run's name for runs/<name>/best), a
     decoder file's stem, a Hub id's last part, or the mask folder's name; each split gets its own folder."""
-    path = Path(source.rstrip("/\\"))
+    path = Path(os.path.abspath(source)) if Path(source).exists() else Path(source.rstrip("/\\"))  # ".", "../x"
     if path.suffix == ".safetensors" and path.parent.name in ("best", "last"):
         path = path.parent  # runs/<name>/best/decoder.safetensors: the run's name, as for its folder
     name = path.stem if path.suffix == ".safetensors" else path.name
@@ -126,7 +128,7 @@ def check_args(args: argparse.Namespace, model_arg: str) -> str | None:
             if folder is not None and not Path(folder).is_dir():
                 return f"prediction folder {folder} does not exist or is not a folder"
     if args.write_thresholds:
-        if args.split == "test":
+        if args.split.lower() == "test":  # .lower(): the same folder on case-insensitive file systems
             return ("refusing --write-thresholds on the test split: a threshold tuned on test makes the test "
                     "score meaningless; tune on valid (--split valid)")
         try:
@@ -164,7 +166,10 @@ def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep:
               mask_dir: Path | None) -> tuple[dict, list[evaluation.ImageScore], Segmenter]:
     """Load and score one model. Raises ModelLoadError."""
     segmenter = Segmenter.load(model_arg, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
-    source = "from the checkpoint" if segmenter.thresholds else "default"
+    untuned = sorted({row["prompt"] for row in rows if segmenter.tuned_threshold(row["prompt"]) is None})
+    source = ("default" if len(untuned) == len({row["prompt"] for row in rows}) else
+              f"from the checkpoint; default {segmenter.default_threshold:g} for {', '.join(untuned)}" if untuned
+              else "from the checkpoint")
     if args.threshold is not None:
         segmenter.thresholds, segmenter.default_threshold, source = {}, args.threshold, "--threshold"
     log.info("scoring %s on %d images (%s)", model_arg, len(rows), evaluation.device_name(segmenter.device))

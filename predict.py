@@ -8,9 +8,9 @@
 For every image and prompt it writes <out>/<image_stem>__<prompt_slug>.png: single channel, 8-bit,
 values {0, 255}, the size of the image as viewers show it (EXIF rotation applied). --overlay adds
 <stem>__<slug>_overlay.png (the mask tinted over the image), --probs <stem>__<slug>_prob.png (the
-probability map, 0-255). Files are named by the image's stem alone, so two inputs with the same stem
-(a/x.jpg and b/x.jpg, or x.jpg and x.png) are refused before anything is written: predict them into
-different --out folders.
+probability map, 0-255). Files are named by the image's stem alone, so two inputs whose files would
+share a name (a/x.jpg and b/x.jpg, x.jpg and x.png, or X.jpg and x.jpg) are refused before anything
+is written: predict them into different --out folders.
 
 The vision encoder runs once per batch of images for all prompts; images are decoded and resized in
 --workers processes while the model runs. An unreadable image is reported and skipped; the exit code is
@@ -24,8 +24,6 @@ import glob
 import json
 import logging
 import os
-import signal
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,12 +34,13 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from defectseg.cli import fail, int_at_least, number_in, run, setup_logging
+from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_logging
 from defectseg.inference import LoadedImage, Segmenter, check_device, image_batches
 from defectseg.io import (
     IMAGE_EXTENSIONS,
     encode_png,
     list_images,
+    os_reason,
     write_bytes_atomic,
     write_json_atomic,
     write_mask_png,
@@ -66,14 +65,14 @@ class InputError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH",
+    parser.add_argument("--image", type=nonempty, nargs="+", action="extend", required=True, metavar="PATH",
                         help="image files, folders (the images directly inside) or quoted glob patterns; repeatable")
     parser.add_argument("--prompt", nargs="+", action="extend", required=True,
                         help='what to segment, e.g. "segment crack"; repeatable, one mask per image and prompt')
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", type=nonempty, default=None,
                         help="Hub id, save_pretrained folder, runs/<name>/best or decoder .safetensors file "
                              f"(default: ${MODEL_ENV_VAR}, else {DEFAULT_MODEL})")
-    parser.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
+    parser.add_argument("--out", type=nonempty, default="predictions", help="output folder (default: %(default)s)")
     parser.add_argument("--threshold", type=number_in(0, 1), default=None,
                         help="probability threshold for every prompt (default: the checkpoint's tuned "
                              "per-prompt thresholds, else 0.5)")
@@ -129,8 +128,10 @@ def collect_images(specs: list[str]) -> list[Path]:
             matches = list_images(path)
             if not matches:
                 log.warning("%s: no images (%s) in this folder", spec, " ".join(IMAGE_EXTENSIONS))
-        elif path.exists():
+        elif path.is_file():
             matches = [path]
+        elif path.exists():  # a FIFO or device would block the decoder
+            raise InputError(f"--image {spec}: not a regular file or a folder")
         else:
             matches = sorted(
                 Path(p) for p in glob.glob(str(path), recursive=True)
@@ -145,16 +146,26 @@ def collect_images(specs: list[str]) -> list[Path]:
     return list(found.values())
 
 
-def check_unique_stems(paths: list[Path]) -> None:
-    """Refuse inputs whose output files would overwrite each other (same file stem)."""
-    by_stem: dict[str, list[Path]] = {}
+def check_unique_outputs(paths: list[Path], prompts: list[str], suffixes: list[str]) -> None:
+    """Refuse inputs whose output files would overwrite each other: the same file stem (x.jpg, x.png), or
+    stems and prompts that join into one name ("x" + "_a" and "x_" + "a": x___a.png). Names that differ
+    only in case count as the same (one file on macOS and Windows)."""
+    endings = [prompt_slug(prompt) + suffix for prompt in prompts for suffix in suffixes]
+    writer: dict[str, Path] = {}  # case-folded output name -> the image writing it
+    clashes: dict[tuple[Path, Path], str] = {}  # (image, image) -> one file both would write
     for path in paths:
-        by_stem.setdefault(path.stem, []).append(path)
-    clashes = [group for group in by_stem.values() if len(group) > 1]
+        for ending in endings:
+            name = mask_name(path.name, ending)
+            other = writer.setdefault(name.casefold(), path)
+            if other != path:
+                clashes.setdefault((other, path), name)
     if clashes:
-        shown = "; ".join(" and ".join(str(p) for p in group) for group in clashes[:5])
-        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
-        raise InputError(f"images with the same file stem would write the same mask files: {shown}{more}. "
+        pairs = list(clashes.items())
+        shown = "; ".join(f"{a} and {b} ({name})" for (a, b), name in pairs[:5])
+        more = f" (and {len(pairs) - 5} more)" if len(pairs) > 5 else ""
+        same_stem = all(a.stem.casefold() == b.stem.casefold() for a, b in clashes)
+        what = "images with the same file stem" if same_stem else "these images and prompts"
+        raise InputError(f"{what} would write the same output files: {shown}{more}. "
                          "Rename them or predict them into different --out folders")
 
 
@@ -306,7 +317,7 @@ def main(args: argparse.Namespace) -> int:
         paths = without_own_outputs(collect_images(args.image), Path(args.out), prompts)
         if not paths:
             raise InputError("no images to predict (only earlier outputs of predict.py in --out)")
-        check_unique_stems(paths)
+        check_unique_outputs(paths, prompts, suffixes)
     except InputError as err:
         return fail(str(err))
     if problem := check_device(args.device):
@@ -335,15 +346,15 @@ def main(args: argparse.Namespace) -> int:
     try:
         stats = predict_images(segmenter, paths, thresholds, out, suffixes=suffixes, batch_size=args.batch_size,
                                workers=args.workers, progress=not args.quiet and len(paths) > args.batch_size)
+        rate = stats.images / stats.seconds if stats.seconds > 0 else 0.0
+        write_json_atomic(out / PREDICT_CONFIG_FILE, {
+            **settings, "prompts": prompts, "device": str(segmenter.device), "precision": precision,
+            "batch_size": args.batch_size, "images": stats.images, "failed": [str(p) for p in stats.failed],
+            "masks_written": stats.masks, "seconds": round(stats.seconds, 3), "images_per_second": round(rate, 3),
+            "earlier_runs": earlier,
+        })
     except OSError as err:  # e.g. the disk is full or --out is read-only
-        return fail(f"cannot write predictions into {out}: {err}")
-    rate = stats.images / stats.seconds if stats.seconds > 0 else 0.0
-    write_json_atomic(out / PREDICT_CONFIG_FILE, {
-        **settings, "prompts": prompts, "device": str(segmenter.device), "precision": precision,
-        "batch_size": args.batch_size, "images": stats.images, "failed": [str(p) for p in stats.failed],
-        "masks_written": stats.masks, "seconds": round(stats.seconds, 3), "images_per_second": round(rate, 3),
-        "earlier_runs": earlier,
-    })
+        return fail(f"cannot write predictions into {out}: {os_reason(err)}")
     log.info("%d images, %d prompts: %d masks written in %.1f s (%.2f images/s on %s, %s) -> %s",
              stats.images, len(prompts), stats.masks, stats.seconds, rate, segmenter.device, precision, out)
     if stats.failed:
@@ -353,7 +364,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    # SIGTERM (kill, timeout, job schedulers) unwinds like Ctrl-C, so the image loader's worker processes
-    # are shut down instead of outliving this one.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     run(main, build_parser())

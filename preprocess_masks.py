@@ -14,7 +14,7 @@ import argparse
 import logging
 import os
 
-from defectseg.cli import add_tasks_argument, fail, int_at_least, pick_tasks, run, setup_logging
+from defectseg.cli import add_tasks_argument, fail, int_at_least, nonempty, pick_tasks, run, setup_logging
 from defectseg.coco import CocoError
 from defectseg.io import os_reason
 from defectseg.manifest import SUMMARY_FILE
@@ -25,8 +25,8 @@ log = logging.getLogger("preprocess_masks")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default="dataset_root", help="folder holding <task>/<split>/ exports (default: %(default)s)")
-    parser.add_argument("--out", default="processed_dataset", help="output folder (default: %(default)s)")
+    parser.add_argument("--data-root", type=nonempty, default="dataset_root", help="folder holding <task>/<split>/ exports (default: %(default)s)")
+    parser.add_argument("--out", type=nonempty, default="processed_dataset", help="output folder (default: %(default)s)")
     add_tasks_argument(parser)
     parser.add_argument("--splits", nargs="+", default=None,
                         help="splits to process; each must exist for at least one task, a split some tasks lack "

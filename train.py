@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from defectseg.cli import fail, run, setup_logging
+from defectseg.cli import fail, nonempty, run, setup_logging
 from defectseg.data import DataError
 from defectseg.inference import check_device
 from defectseg.io import ImageReadError, os_reason
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Flags mirror TrainConfig; only flags given on the command line end up in the namespace."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS)
-    parser.add_argument("--resume", metavar="RUN", help="continue runs/<name> from its last/ checkpoint")
+    parser.add_argument("--resume", type=nonempty, metavar="RUN", help="continue runs/<name> from its last/ checkpoint")
     parser.add_argument("--stop-after", type=int, metavar="N",
                         help="end this invocation after N epochs; continue later with --resume "
                              "(the LR schedule still spans --epochs)")
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif isinstance(default, list):
             parser.add_argument(flag, nargs="+", help=help_text)
         else:
-            kind = {int: int, float: float}.get(type(default), str)
+            kind = {int: int, float: float}.get(type(default), nonempty)
             parser.add_argument(flag, type=kind, help=help_text)
     return parser
 

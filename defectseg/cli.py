@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from .tasks import DEFAULT_TASKS, Task, TaskTableError, load_tasks
@@ -38,12 +40,29 @@ def setup_logging(quiet: bool = False) -> None:
             hf_logging.enable_progress_bar()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a job scheduler, torchrun stopping its other processes), raised wherever
+    the program is so that it unwinds like Ctrl-C: temp files and staging folders are removed, worker
+    processes are shut down. Forked workers inherit the handler and end quietly too."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
 def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser) -> NoReturn:
-    """A script's entry point: ``main(args)``'s exit code; Ctrl-C ends it with one line (exit 130)."""
+    """A script's entry point: ``main(args)``'s exit code; Ctrl-C ends it with one line (exit 130),
+    SIGTERM likewise (exit 143)."""
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         code = main(parser.parse_args())
+    except Terminated:
+        code = fail("terminated (SIGTERM)", 128 + signal.SIGTERM)
     except KeyboardInterrupt:
         code = fail("interrupted", 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.exit(code)
 
 
@@ -81,6 +100,23 @@ def number_in(low: float, high: float, low_open: bool = False) -> Callable[[str]
         return value
 
     return parse
+
+
+def split_name(text: str) -> str:
+    """argparse type: a split, the name of one folder in the processed dataset ("valid", "test"); a
+    trailing slash or a leading "./" is dropped, so "test/" is the test split too."""
+    parts = Path(text.strip()).parts
+    if len(parts) != 1 or parts[0] in (".", "..", "/"):
+        raise argparse.ArgumentTypeError(f"a split is one folder name such as valid or test, got {text!r}")
+    return parts[0]
+
+
+def nonempty(text: str) -> str:
+    """argparse type for paths: refuses an empty value (an unset shell variable would otherwise mean the
+    current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def add_tasks_argument(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,9 +207,14 @@ class Segmenter:
         return torch.stack([self._cond[p] for p in prompts])
 
     def threshold(self, prompt: str) -> float:
+        """The prompt's threshold: the checkpoint's for its task (``tuned_threshold``), else the default."""
+        tuned = self.tuned_threshold(prompt)
+        return self.default_threshold if tuned is None else tuned
+
+    def tuned_threshold(self, prompt: str) -> float | None:
+        """The threshold the checkpoint stores for the prompt's task (or the prompt itself), or None."""
         task = task_for_prompt(prompt, self.tasks)
-        key = normalize_prompt(task.prompt if task is not None else prompt)
-        return self.thresholds.get(key, self.default_threshold)
+        return self.thresholds.get(normalize_prompt(task.prompt if task is not None else prompt))
 
     # -- activations -> logits -> probabilities -------------------------------------------------
 
@@ -317,4 +324,12 @@ def image_batches(
         batch_size=batch_size,
         num_workers=max(0, min(workers, n_batches - 1)),
         collate_fn=list,
+        worker_init_fn=_quiet_on_sigterm,
     )
+
+
+def _quiet_on_sigterm(worker_id: int) -> None:
+    """A worker ends quietly on SIGTERM from anyone. torch's own handler does so only for SIGTERM from the
+    main process; one sent to the whole process group (timeout, job schedulers) would kill it by the
+    signal, and the main process, itself unwinding from that SIGTERM, would print a traceback for it."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))

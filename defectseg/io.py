@@ -50,6 +50,16 @@ def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
+def exif_orientation(img: Image.Image) -> int:
+    """The image's EXIF orientation, 1 to 8; 1 when absent or not a valid value (as PIL's exif_transpose
+    treats it: a camera's garbage tag does not make the photo unreadable)."""
+    try:
+        value = int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError):
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
 def open_image(path: str | Path) -> tuple[np.ndarray, tuple[int, int], int]:
     """Fully decode an image file.
 
@@ -61,7 +71,7 @@ def open_image(path: str | Path) -> tuple[np.ndarray, tuple[int, int], int]:
     try:
         with Image.open(path) as img:
             raw_size = img.size
-            orientation = int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+            orientation = exif_orientation(img)
             img.load()  # full decode: truncated or corrupt data raises here, not later
             img = ImageOps.exif_transpose(img) if orientation != 1 else img
             return _to_rgb_uint8(img), raw_size, orientation
@@ -154,12 +164,17 @@ def write_mask_png(target: str | Path, mask: np.ndarray) -> None:
 
 
 def read_mask_values(path: str | Path) -> np.ndarray:
-    """(H, W) pixel values of a mask image as stored (a colour file: its largest channel). Raises
-    ImageReadError."""
+    """(H, W) pixel values of a mask image as stored: a colour file gives its largest colour channel, and
+    a file with an alpha channel 0 where it is fully transparent (an opaque black-and-white RGBA mask
+    reads as its colours, a white shape on a transparent background as that shape). Raises ImageReadError."""
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise ImageReadError(f"{path}: cannot read mask")
-    return arr.max(axis=2) if arr.ndim == 3 else arr
+    if arr.ndim == 2:
+        return arr
+    if arr.shape[2] in (2, 4):  # grey + alpha or BGRA
+        return np.where(arr[:, :, -1] > 0, arr[:, :, :-1].max(axis=2), 0).astype(arr.dtype)
+    return arr.max(axis=2)
 
 
 def read_mask_png(path: str | Path) -> np.ndarray:

@@ -51,7 +51,7 @@ def read_manifest(path: str | Path) -> list[dict]:
     if missing := [c for c in REQUIRED_COLUMNS if c not in columns]:
         raise ValueError(f"{path}: not a manifest, no column(s) {', '.join(missing)}; re-run preprocess_masks.py")
     for line, row in enumerate(rows, start=2):
-        if any(row.get(c) in (None, "") for c in REQUIRED_COLUMNS):
+        if any(row.get(c) is None or not row[c].strip() for c in REQUIRED_COLUMNS):
             raise ValueError(f"{path}, line {line}: the row has no {'/'.join(REQUIRED_COLUMNS)} value(s)")
         for col in ("image", "mask"):
             row[col] = str((path.parent / row[col]).resolve())

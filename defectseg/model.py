@@ -109,7 +109,11 @@ def load_model(
     """
     if isinstance(name_or_path, Path) or _looks_like_local_path(name_or_path):
         path = Path(name_or_path).expanduser()
-        recover_checkpoint(path)
+        try:
+            recover_checkpoint(path)
+        except OSError as exc:  # e.g. a read-only copy of the runs folder
+            raise ModelLoadError(f"model path {path} is missing and the copy an interrupted save set aside "
+                                 f"cannot be put back ({os_reason(exc)}); rename it to {path.name}") from None
         if not path.exists():
             raise ModelLoadError(f"model path {path} does not exist")
         if path.is_file():

@@ -92,8 +92,16 @@ def read_leakage(data_dir: str | Path, split: str) -> dict[str, Any] | None:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    tasks = {task: splits[split] for task, splits in summary.get("leakage", {}).items() if split in splits}
-    return {"tasks": tasks, "measured": "train" in summary.get("splits", [])}
+    keys = ("images", *LEAKAGE_COLUMNS)
+    try:
+        tasks = {task: splits[split] for task, splits in summary.get("leakage", {}).items() if split in splits}
+        if not all(isinstance(c.get(k), int) for c in tasks.values() for k in keys):
+            raise ValueError("a count is missing")
+        measured = "train" in summary.get("splits", [])
+    except (AttributeError, TypeError, ValueError) as err:
+        log.warning("%s: leakage numbers not in the expected form (%s); the report leaves them out", path, err)
+        return None
+    return {"tasks": tasks, "measured": measured}
 
 
 def now_iso() -> str:
@@ -223,7 +231,7 @@ def plot_threshold_curves(path: Path, sections: Sequence[dict]) -> bool:
         source = Path(section["model"]).name or section["model"]
         ax.plot(section["thresholds"], task["sweep_iou"], color=color, linestyle="-" if i == 0 else "--",
                 marker="." if i == 0 else None,
-                label=f"{name} ({task['prompt']}), {source}: best {task['best_threshold']:.2f} -> "
+                label=f"{name} ({task['prompt']}), {source}: best {task['best_threshold']:g} -> "
                       f"{task['best_iou']:.3f}")
         ax.plot([task["best_threshold"]], [task["best_iou"]], "o", color=color, markersize=7)
     ax.set_xlabel("threshold (foreground iff probability >= threshold)")
@@ -251,6 +259,11 @@ def _num(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _thr(value: float | None) -> str:
+    """A threshold as used and stored (0.125 stays 0.125; 2 decimals would show 0.12)."""
+    return "n/a" if value is None else f"{value:g}"
+
+
 def _size(n_bytes: int | None) -> str:
     if n_bytes is None:
         return "n/a"
@@ -274,7 +287,7 @@ def _results_section(m: dict) -> str:
     if m["kind"] == "model":
         header.append("threshold")
         for row, name in zip(rows, [*m["tasks"], None]):
-            row.append(_num(m["tasks"][name].get("threshold"), 2) if name else "")
+            row.append(_thr(m["tasks"][name].get("threshold")) if name else "")
     return _table(header, rows)
 
 
@@ -310,7 +323,7 @@ def _sweep_section(m: dict) -> str:
         at_used = None
         if t.get("threshold") in m["thresholds"]:
             at_used = t["sweep_iou"][m["thresholds"].index(t["threshold"])]
-        rows.append([name, t["prompt"], _num(t.get("threshold"), 2), at_used, _num(t["best_threshold"], 2),
+        rows.append([name, t["prompt"], _thr(t.get("threshold")), at_used, _thr(t["best_threshold"]),
                      t["best_iou"]])
     if not rows:
         return ""
@@ -466,7 +479,7 @@ def _setup_section(m: dict) -> str:
         rows += [["device", r["device"]], ["precision", r["precision"]],
                  ["TTA (horizontal flip)", "yes" if r["tta"] else "no"],
                  ["prompt ensemble (synonyms)", "yes" if r["ensemble"] else "no"],
-                 ["thresholds", ", ".join(f"{t['prompt']}: {_num(t.get('threshold'), 2)}"
+                 ["thresholds", ", ".join(f"{t['prompt']}: {_thr(t.get('threshold'))}"
                                           for t in m["tasks"].values()) + f" ({m.get('threshold_source', '')})"]]
     rows.append(["date", m["created"]])
     return "\n".join([_table(["", ""], rows), "", "Command:", "", "```", m["command"], "```"])
@@ -494,7 +507,7 @@ def render_report(m: dict) -> str:
     if m.get("thresholds_written"):
         w = m["thresholds_written"]
         sections += ["Best thresholds written to `" + w["file"] + "`: "
-                     + ", ".join(f"{p}: {v:.2f}" for p, v in w["thresholds"].items()), ""]
+                     + ", ".join(f"{p}: {v:g}" for p, v in w["thresholds"].items()), ""]
     if m.get("examples"):
         sections += ["## Examples", "", "Per task: best, median and worst images by IoU.", ""]
         sections += [f"![{name}]({name})\n" for name in m["examples"]]

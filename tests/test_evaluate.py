@@ -143,6 +143,39 @@ def test_pred_dir_written_by_runs_with_other_settings_says_so(processed, valid_r
     assert "1 earlier predict.py run(s) with other settings" in (out / "report.md").read_text()
 
 
+@pytest.mark.parametrize("summary", [[], {"leakage": {"cracks": {"valid": {"images": 4}}}, "splits": ["train"]},
+                                     {"leakage": {"cracks": {"valid": "x"}}}])
+def test_odd_summary_json_leaves_the_leakage_out(processed, tmp_path, capsys, summary):
+    """A summary.json of another shape (edited, another version) costs the leakage section, not the report."""
+    data = tmp_path / "data"
+    shutil.copytree(processed, data)
+    (data / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "report"
+    code, log = run_logged(capsys, "--pred-dir", str(processed / "valid" / "masks"), "--data", str(data),
+                           "--out", str(out), "--examples", "0")
+    assert code == 0 and "Traceback" not in log and (summary == [] or "leakage numbers not in the expected" in log)
+    assert load_metrics(out)["leakage"] is None and "No leakage numbers" in (out / "report.md").read_text()
+
+
+def test_report_shows_thresholds_as_used(processed, tiny_dir, tmp_path):
+    """0.125 is 0.125 in report.md (two decimals would show 0.12, not what was used)."""
+    out = tmp_path / "report"
+    assert run("--model", str(tiny_dir), "--data", str(processed), "--out", str(out), "--threshold", "0.125",
+               "--thresholds-sweep", "0.125", "0.005", "--examples", "0", "-q") == 0
+    text = (out / "report.md").read_text()
+    assert "0.125" in text and "0.12 " not in text and "0.12," not in text and "| 0.12 |" not in text
+
+
+def test_threshold_source_names_the_tasks_without_a_tuned_threshold(processed, tiny_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    meta = read_metadata(model)
+    (model / METADATA_FILE).write_text(json.dumps({**meta, "thresholds": {"segment crack": 0.3}}))
+    out = tmp_path / "report"
+    assert run("--model", str(model), "--data", str(processed), "--out", str(out), "--examples", "0", "-q") == 0
+    assert load_metrics(out)["threshold_source"] == "from the checkpoint; default 0.5 for segment taping area"
+
+
 def test_pred_dir_hand_made_predictions(processed, valid_rows, tmp_path):
     """cracks: 2 exact copies + 2 missing -> IoU exactly 0.5. drywall: 2 copies, 1 all-foreground mask at
     half size (resized nearest -> IoU = the ground truth's foreground fraction), 1 missing."""
@@ -329,6 +362,10 @@ def test_write_thresholds_refused(processed, tiny_dir, tmp_path, capsys):
                    str(tmp_path / "r"), "--write-thresholds")
     assert code == 1 and "test split" in log
     assert sorted(p.name for p in tiny_dir.iterdir()) == before and not (tmp_path / "r").exists()
+    for spelled in ("test/", "./test", "TEST"):  # the same folder (TEST: on case-insensitive file systems)
+        code, log = run_logged(capsys, "--model", str(tiny_dir), "--data", str(processed), "--split", spelled,
+                               "--out", str(tmp_path / "r"), "--write-thresholds")
+        assert code == 1 and "test split" in log, spelled
     code, log = run_logged(capsys, "--model", "CIDAS/clipseg-rd64-refined", "--data", str(processed),
                            "--write-thresholds")
     assert code == 1 and "Hub id" in log
@@ -652,6 +689,7 @@ def test_default_out():
     assert evaluate.default_out("runs/exp1/decoder.safetensors", "test") == Path("reports/decoder-test")
     assert evaluate.default_out("runs/exp1/best/decoder.safetensors", "valid") == Path("reports/exp1-valid")
     assert evaluate.default_out("their_masks/", "valid") == Path("reports/their_masks-valid")
+    assert evaluate.default_out(".", "valid") == Path(f"reports/{Path.cwd().name}-valid")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ form; clean errors.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -340,3 +341,39 @@ def test_runs_with_other_settings_into_one_folder_are_recorded(tiny_dir: Path, t
     (out / predict.PREDICT_CONFIG_FILE).write_text("{not json")
     assert run(tiny_dir, out, "--image", str(folder / "a.png"), prompts=PROMPTS[:1]) == 0
     assert "unreadable" in capsys.readouterr().err and config()["earlier_runs"] == []
+
+
+@pytest.mark.parametrize("names,prompts", [
+    (["x.png", "x_.png"], ["(a", "a"]),  # x + __ + _a and x_ + __ + a: both x___a.png
+    (["X.png", "x.png"], ["segment crack"]),  # one file on macOS and Windows
+])
+def test_inputs_that_would_write_one_file_are_refused(tiny_dir: Path, tmp_path: Path, capsys, names, prompts):
+    folder = tmp_path / "shots"
+    for name in names:
+        write_image(folder / name, 20, 20)
+    out = tmp_path / "pred"
+    assert run(tiny_dir, out, "--image", *[str(folder / n) for n in names], prompts=prompts) == 1
+    err = capsys.readouterr().err
+    assert "would write the same output files" in err and all(n in err for n in names)
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_a_full_disk_at_the_end_is_one_line(tiny_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import errno
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(predict, "write_json_atomic", full)
+    write_image(tmp_path / "a.png", 20, 20)
+    assert run(tiny_dir, tmp_path / "pred", "--image", str(tmp_path / "a.png")) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "predict_config.json" in err and "Traceback" not in err
+
+
+def test_a_fifo_is_refused_not_read(tmp_path: Path, capsys) -> None:
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(predict.InputError, match="not a regular file"):
+        predict.collect_images([str(fifo)])
+

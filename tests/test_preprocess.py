@@ -513,18 +513,3 @@ def test_repeated_tasks_and_splits_count_once(sample_root, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["masks_written"] == 8 and summary["splits"] == ["valid"]
     assert {t: c["valid"]["images"] for t, c in summary["counts"].items()} == {"cracks": 4, "drywall": 4}
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name flushed files")
-def test_atomic_writes_flush_unless_told_not_to(tmp_path, monkeypatch):
-    """Reports and configs reach the disk before the rename (and the folder after it); masks skip it."""
-    from defectseg.io import write_json_atomic, write_mask_png
-
-    synced = []
-    real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
-    write_json_atomic(tmp_path / "metrics.json", {"iou": 0.5})
-    assert len(synced) == 2 and Path(synced[0]).name.startswith(".metrics.json.") and synced[1] == str(tmp_path)
-    synced.clear()
-    write_mask_png(tmp_path / "m.png", np.ones((2, 2), bool))
-    assert synced == [] and (tmp_path / "m.png").exists()

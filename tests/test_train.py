@@ -526,6 +526,7 @@ def test_decoder_file_loads_from_any_working_directory(processed, tiny, tmp_path
     (lambda text: text.replace("mask,", "maskk,", 1), "no column(s) mask"),
     (lambda text: text + "only,three,values\n", "line"),
     (lambda text: text.encode("utf-16").decode("latin-1"), "not a"),
+    (lambda text: text.replace(",segment crack,", ",  ,", 1), "line"),  # a blank prompt
 ])
 def test_broken_manifest_is_one_clear_line(processed, tiny, tmp_path, capsys, damage, message):
     data = copy_manifests(processed, tmp_path / "data", lambda split, r: True)

@@ -1,0 +1,163 @@
+"""defectseg.io and defectseg.cli helpers: reading odd files, durable writes, SIGTERM, argument types."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import REPO, write_image
+from PIL import Image, TiffImagePlugin
+
+from defectseg.cli import nonempty, split_name
+from defectseg.io import load_image, open_image, read_mask_values, write_json_atomic, write_mask_png
+from defectseg.manifest import mask_name, write_manifest
+from defectseg.tiny import build_tiny_model
+
+SQUARE = np.zeros((4, 4), np.uint8)
+SQUARE[1:3, 1:3] = 255
+
+
+@pytest.mark.parametrize("name,pixels", [
+    ("grey", SQUARE),
+    ("bgr", np.dstack([SQUARE] * 3)),
+    ("opaque_bgra", np.dstack([SQUARE] * 3 + [np.full_like(SQUARE, 255)])),  # alpha 255 everywhere
+    ("white_on_transparent", np.dstack([np.full_like(SQUARE, 255)] * 3 + [SQUARE])),  # the shape is in alpha
+])
+def test_mask_files_read_as_their_shape_whatever_the_channels(tmp_path, name, pixels):
+    path = tmp_path / f"{name}.png"
+    cv2.imwrite(str(path), pixels)
+    np.testing.assert_array_equal(read_mask_values(path), SQUARE)
+
+
+def test_grey_alpha_mask(tmp_path):
+    Image.fromarray(np.dstack([SQUARE, np.full_like(SQUARE, 255)]), "LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(read_mask_values(tmp_path / "la.png"), SQUARE)
+
+
+@pytest.mark.parametrize("tag,tag_type", [("abc", 2), (TiffImagePlugin.IFDRational(6, 0), 5), (9, 3), (0, 3)])
+def test_a_garbage_exif_orientation_is_ignored(tmp_path, tag, tag_type):
+    """Cameras and editors write broken tags (text, 6/0, out of range); PIL's exif_transpose ignores
+    them, so the image is read as stored."""
+    ifd = TiffImagePlugin.ImageFileDirectory_v2(prefix=b"MM")
+    ifd.tagtype[0x0112] = tag_type
+    ifd[0x0112] = tag
+    exif = io.BytesIO()
+    ifd.save(exif)
+    path = write_image(tmp_path / "x.jpg", 16, 12)
+    Image.open(path).save(path, exif=b"Exif\x00\x00" + exif.getvalue())
+    rgb, raw_size, orientation = open_image(path)
+    assert rgb.shape == (12, 16, 3) and raw_size == (16, 12) and orientation == 1
+    assert load_image(path).shape == (12, 16, 3)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name flushed files")
+def test_atomic_writes_flush_unless_told_not_to(tmp_path, monkeypatch):
+    """Reports and configs reach the disk before the rename (and the folder after it); masks skip it."""
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    write_json_atomic(tmp_path / "metrics.json", {"iou": 0.5})
+    assert len(synced) == 2 and Path(synced[0]).name.startswith(".metrics.json.") and synced[1] == str(tmp_path)
+    synced.clear()
+    write_mask_png(tmp_path / "m.png", np.ones((2, 2), bool))
+    assert synced == [] and (tmp_path / "m.png").exists()
+
+
+@pytest.mark.parametrize("text,split", [("valid", "valid"), ("test/", "test"), ("./test", "test"), (" train ", "train")])
+def test_split_names(text, split):
+    assert split_name(text) == split
+
+
+@pytest.mark.parametrize("text", ["", "a/b", "..", "/", "../test"])
+def test_bad_split_names(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        split_name(text)
+
+
+def test_empty_paths_are_refused():
+    """An unset shell variable (--out "$OUT") must not mean the current folder."""
+    with pytest.raises(argparse.ArgumentTypeError):
+        nonempty("  ")
+    assert nonempty("runs/x") == "runs/x"
+
+
+def wait_for_line(proc: subprocess.Popen, marker: str, timeout: float = 120) -> list[str]:
+    """stderr lines of ``proc`` up to the one holding ``marker``."""
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if marker in line:
+            return lines
+    proc.kill()
+    raise AssertionError(f"{marker!r} never came: {''.join(lines)}")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("iotiny") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def many_big_images(tmp_path_factory) -> Path:
+    """300 copies of a 1600x1200 photo: seconds of decoding, so a signal lands mid-run."""
+    folder = tmp_path_factory.mktemp("big")
+    first = write_image(folder / "img000.png", 1600, 1200)
+    for i in range(1, 300):
+        os.link(first, folder / f"img{i:03d}.png")
+    return folder
+
+
+def test_sigterm_to_the_process_group_is_one_line(tiny_model_dir, many_big_images, tmp_path):
+    """kill -TERM -PGID (timeout, job schedulers) reaches predict.py and its image-loading workers: one
+    line, exit 143, no traceback from the workers, no temp files."""
+    out = tmp_path / "pred"
+    proc = subprocess.Popen(
+        [sys.executable, "predict.py", "--model", str(tiny_model_dir), "--image", str(many_big_images),
+         "--prompt", "segment crack", "--out", str(out), "--workers", "2", "--batch-size", "2"],
+        cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    wait_for_line(proc, "images x 1 prompts")
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err and "Error" not in err.replace("ERROR", ""), err
+    assert not list(out.glob(".*"))  # no temp file left
+
+
+def test_sigterm_leaves_no_half_report(many_big_images, tiny_model_dir, tmp_path):
+    """evaluate.py stopped by SIGTERM mid-scoring removes its staging folder and the --out it created."""
+    data = tmp_path / "processed"
+    write_mask_png(data / "valid" / "masks" / "first.png", np.ones((1200, 1600), bool))
+    rows = []
+    for image in sorted(many_big_images.iterdir()):
+        mask = data / "valid" / "masks" / mask_name(image.name, "segment_crack")
+        os.link(data / "valid" / "masks" / "first.png", mask)
+        rows.append({"image": str(image), "mask": str(mask), "task": "cracks", "prompt": "segment crack"})
+    write_manifest(data / "valid" / "manifest.csv", rows)
+    out = tmp_path / "reports" / "new"
+    proc = subprocess.Popen(
+        [sys.executable, "evaluate.py", "--model", str(tiny_model_dir), "--data", str(data),
+         "--out", str(out), "--save-masks", "--batch-size", "2"],
+        cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    wait_for_line(proc, "scoring")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err, err
+    assert not out.exists() and not (tmp_path / "reports").exists()
