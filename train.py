@@ -26,7 +26,7 @@ from defectseg.cli import fail, nonempty, run, setup_logging
 from defectseg.data import DataError
 from defectseg.inference import check_device
 from defectseg.io import ImageReadError, os_reason
-from defectseg.model import ModelLoadError, resolve_model_arg
+from defectseg.model import ModelLoadError, recover_checkpoint, resolve_model_arg
 from defectseg.tasks import TaskTableError, load_tasks
 from defectseg.training import TRAINER_STATE, ConfigError, TrainConfig, load_run_config, train
 
@@ -101,32 +101,42 @@ def _same(given: object, stored: object) -> bool:
     return False
 
 
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths absolute, so config.json works for --resume from any working directory."""
+    cfg.data = str(Path(cfg.data).resolve())
+    if Path(cfg.model).exists():
+        cfg.model = str(Path(cfg.model).resolve())
+    cfg.tasks_file = str(Path(cfg.tasks_file).resolve()) if cfg.tasks_file else cfg.tasks_file
+    cfg.cache_dir = str(Path(cfg.cache_dir).resolve()) if cfg.cache_dir else cfg.cache_dir
+    cfg.tasks = list(dict.fromkeys(cfg.tasks))  # a task named twice counts once
+    return cfg
+
+
 def make_config(args: argparse.Namespace) -> TrainConfig:
     """The run's config: flags over defaults, or over the run's own config with --resume. Raises
     ConfigError (or FileNotFoundError) with a user-facing message."""
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     if getattr(args, "resume", None):
         cfg = load_run_config(args.resume)
+        recover_checkpoint(Path(args.resume) / "last")  # a save interrupted between its two renames
         if not (Path(args.resume) / "last" / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"{args.resume}: no last/{TRAINER_STATE} to resume from (the run ended before "
                                     "its first epoch did); start it again without --resume")
         if "out" in given and not _same(given["out"], args.resume):
             raise ConfigError(f"--resume {args.resume} continues that run in its own folder; leave out --out {given['out']}")
-        if changed := [k for k in FIXED_ON_RESUME if k in given and not _same(given[k], getattr(cfg, k))]:
+        # --data may name a moved copy when the old folder is gone; train() checks that its rows are the same.
+        moved = "data" in given and not Path(cfg.data).exists()
+        fixed = [k for k in FIXED_ON_RESUME if not (k == "data" and moved)]
+        if changed := [k for k in fixed if k in given and not _same(given[k], getattr(cfg, k))]:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ConfigError(f"{args.resume}: {flags} cannot change when resuming (the run has "
                               f"{', '.join(f'{k}={getattr(cfg, k)}' for k in changed)}); start a new run instead")
         cfg.out = args.resume
-        return dataclasses.replace(cfg, **{k: v for k, v in given.items() if k != "out"})
+        return _absolute_paths(dataclasses.replace(cfg, **{k: v for k, v in given.items() if k != "out"}))
     cfg = TrainConfig(**given)
     cfg.model = resolve_model_arg(given.get("model"))
     cfg.out = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    # Local paths absolute, so --resume works from any working directory.
-    cfg.data = str(Path(cfg.data).resolve())
-    if Path(cfg.model).exists():
-        cfg.model = str(Path(cfg.model).resolve())
-    cfg.tasks_file = str(Path(cfg.tasks_file).resolve()) if cfg.tasks_file else cfg.tasks_file
-    cfg.cache_dir = str(Path(cfg.cache_dir).resolve()) if cfg.cache_dir else cfg.cache_dir
+    _absolute_paths(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
@@ -148,6 +158,8 @@ def check_config(cfg: TrainConfig) -> str | None:
     for name in ("weight_decay", "grad_clip", "bce_weight", "dice_weight", "train_vision_layers", "patience", "seed"):
         if not 0 <= getattr(cfg, name) < math.inf:
             return f"--{name.replace('_', '-')} must be >= 0 and finite, got {getattr(cfg, name)}"
+    if cfg.seed >= 2**32:
+        return f"--seed must be below 2**32 (numpy's limit), got {cfg.seed}"
     if cfg.bce_weight + cfg.dice_weight == 0:
         return "--bce-weight and --dice-weight are both 0: nothing to train on"
     for name in ("negative_prob", "ema", "warmup"):
@@ -173,6 +185,8 @@ def main(args: argparse.Namespace) -> int:
         cfg = make_config(args)
     except (FileNotFoundError, ConfigError) as err:
         return fail(str(err))
+    except OSError as err:  # e.g. putting back last/ in a read-only run folder
+        return fail(f"cannot prepare the run: {os_reason(err)}")
     if message := check_config(cfg):
         return fail(message)
     if getattr(args, "stop_after", 1) < 1:

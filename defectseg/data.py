@@ -12,6 +12,8 @@ The plan depends only on (seed, epoch), so a resumed run sees exactly the sample
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +44,30 @@ def load_rows(data_dir: str | Path, split: str, tasks: list[str] | None = None, 
     except (OSError, ValueError) as err:
         raise DataError(str(err)) from None
     return select_tasks(rows, tasks, str(manifest), require_all)
+
+
+def rows_fingerprint(rows: list[dict]) -> str:
+    """16 hex characters that change when the rows do, but not when the data folder moves: each row's
+    task, image and mask file names, image pixel hash and mask foreground fraction (preprocess's columns)."""
+    h = hashlib.blake2b(digest_size=8)
+    for item in sorted((r["task"], Path(r["image"]).name, Path(r["mask"]).name, r.get("pixel_hash", ""),
+                        r.get("fg_fraction", "")) for r in rows):
+        h.update(json.dumps(item).encode())
+    return h.hexdigest()
+
+
+def use_table_prompts(rows: list[dict], tasks: list[Task]) -> list[str]:
+    """Set each row's prompt to its task's prompt in the task table (what training asks with, and what
+    the checkpoint's thresholds are stored under); returns a note per task whose manifest prompt differed
+    (e.g. a --tasks-file changed the prompt after preprocessing)."""
+    prompts = {t.name: t.prompt for t in tasks}
+    changed: dict[str, str] = {}
+    for row in rows:
+        if row["prompt"] != prompts[row["task"]]:
+            changed.setdefault(row["task"], row["prompt"])
+            row["prompt"] = prompts[row["task"]]
+    return [f"task {task}: the manifest says {old!r}, the task table {prompts[task]!r}; using the table's"
+            for task, old in changed.items()]
 
 
 def select_tasks(rows: list[dict], tasks: list[str] | None, source: str, require_all: bool = True) -> list[dict]:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .data import DataError
 from .io import load_image, write_bytes_atomic
 from .model import used_vision_layers
 
@@ -144,6 +145,14 @@ class FeatureCache:
 
     def load(self, items: Sequence[tuple[str, int]]) -> list[torch.Tensor]:
         """Activations of a batch of (image, view) as L float tensors (B, T, D), in the cache dtype."""
-        arrays = np.stack([np.load(self.path(im, v), mmap_mode="r") for im, v in items])  # (B, L, T, D)
+        arrays = np.stack([self._read(self.path(im, v)) for im, v in items])  # (B, L, T, D)
         tensor = torch.from_numpy(arrays)
         return [tensor[:, layer] for layer in range(tensor.shape[1])]
+
+    def _read(self, path: Path) -> np.ndarray:
+        """One entry as a memory map. Raises DataError naming a damaged file (build() recomputes those)."""
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: damaged cache file ({err}); run again to recompute it, or delete "
+                            f"{self.dir}") from None

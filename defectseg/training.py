@@ -29,7 +29,15 @@ from torch import nn
 from tqdm import tqdm
 
 from . import evaluation
-from .data import Sample, batch_targets, epoch_plan, load_rows, load_targets
+from .data import (
+    Sample,
+    batch_targets,
+    epoch_plan,
+    load_rows,
+    load_targets,
+    rows_fingerprint,
+    use_table_prompts,
+)
 from .features import FeatureCache, view_of
 from .inference import Segmenter, autocast, resolve_device, resolve_precision
 from .io import (
@@ -132,12 +140,20 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     tasks = [table[name] for name in cfg.tasks]
     train_rows = load_rows(cfg.data, "train", cfg.tasks)
     valid_rows = load_rows(cfg.data, "valid", cfg.tasks, require_all=False)
+    notes = use_table_prompts(train_rows + valid_rows, tasks)
     if main_process:
+        for note in notes:
+            log.warning("%s", note)
         for task in tasks:
             if not any(r["task"] == task.name for r in valid_rows):
                 log.warning("task %s has no valid images: it trains but is not validated", task.name)
+    # What a resumed run must find unchanged: the rows of both splits and the task table.
+    identity = {"data": {"train": rows_fingerprint(train_rows), "valid": rows_fingerprint(valid_rows)},
+                "tasks": tasks_to_dict({t.name: t for t in tasks})}
 
     state = _load_trainer_state(out / "last" / TRAINER_STATE) if resume else None
+    if state is not None:
+        _check_same_run(state, identity, cfg, out)
     model, processor = load_model(out / "last" if resume else cfg.model, device)
     trainable = _set_trainable(model, cfg.train_vision_layers)
     segmenter = Segmenter(model, processor, device, amp_dtype, tasks=table)
@@ -194,7 +210,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         if main_process and state.get("schedule", schedule) != schedule:
             log.warning("resuming with another schedule (%s, was %s): the learning rate continues from "
                         "step %d of the new one", schedule, state["schedule"], scheduler.last_epoch)
-        scaler.load_state_dict(state["scaler"])
+        if scaler.is_enabled() and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])  # else the run changed precision: fp16 gets a fresh scaler
         if ema is not None and state.get("ema") is not None:
             ema = [t.to(device) for t in state["ema"]]
         if state.get("live") is not None:  # last/ holds the EMA weights; training goes on from the live ones
@@ -202,6 +219,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 for p, live in zip(trainable, state["live"]):
                     p.copy_(live.to(device))
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        if start_epoch > cfg.epochs:
+            raise ConfigError(f"{out}: --epochs {cfg.epochs} is fewer than the {start_epoch} epochs the run has "
+                              f"done; give --epochs {start_epoch} or more")
         _set_rng_state(state["rng"])
         if main_process:
             log.info("resumed %s after epoch %d (best %.4f at epoch %d)", out, start_epoch, best["score"], best["epoch"])
@@ -231,6 +251,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         plan = _shard(plan, rank, world)
         model.train()
         losses, skipped = [], 0
+        lr_used = optimizer.param_groups[0]["lr"]  # the decoder's rate at the epoch's last step, for metrics.csv
         batches = [plan[i:i + cfg.batch_size] for i in range(0, len(plan), cfg.batch_size)]
         load = partial(_load_batch, cfg=cfg, rows=train_rows, targets=targets, cache=cache, segmenter=segmenter)
         for batch, (target, inputs) in tqdm(prefetched(load, batches), total=len(batches), unit="batch",
@@ -258,6 +279,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             scale = scaler.get_scale()
+            lr_used = optimizer.param_groups[0]["lr"]
             scaler.step(optimizer)
             scaler.update()
             if scaler.get_scale() >= scale:  # else fp16's scaler skipped the step (its gradients overflowed)
@@ -269,6 +291,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             losses.append(loss.item())
         train_seconds = time.perf_counter() - t0
         train_loss = _mean_across(losses, world, device)
+        if not all(torch.isfinite(p).all() for p in trainable):  # every process: DDP keeps them identical
+            raise FloatingPointError(f"epoch {epoch + 1}: the weights became non-finite (a step with a finite loss "
+                                     "can still overflow them); lower --lr or use --precision fp32. best/ and "
+                                     "last/ keep the previous epoch's")
 
         if main_process:
             # Validation and both checkpoints see the same weights (the EMA ones when --ema is on), so a
@@ -277,7 +303,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             live = [p.detach().clone() for p in trainable] if ema is not None else None
             with _swapped(trainable, ema):
                 agg = validate(segmenter, valid_rows, valid_masks, cache, other_prompts, cfg.val_batch_size)
-                row = _history_row(epoch + 1, train_loss, agg, scheduler.get_last_lr()[0], train_seconds,
+                row = _history_row(epoch + 1, train_loss, agg, lr_used, train_seconds,
                                    time.perf_counter() - t0, len(plan) * world / train_seconds, skipped)
                 history.append(row)
                 score = agg["overall"]["iou"]
@@ -290,7 +316,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 _save(model, processor, out / "last", cfg, tasks, agg, epoch + 1, state={
                     "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "ema": ema, "live": live, "history": history, "best": best,
-                    "rng": _rng_state(), "schedule": schedule})
+                    "rng": _rng_state(), "schedule": schedule, **identity})
             _write_history(out, history)
             log.info("epoch %d/%d  loss %.4f  val IoU %s  mean %.4f%s  (%.1f s, %.0f samples/s)", epoch + 1,
                      cfg.epochs, train_loss, "  ".join(f"{name} {m['iou']:.4f}" for name, m in agg["tasks"].items()),
@@ -312,6 +338,18 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     if world > 1:
         dist.destroy_process_group()
     return summary
+
+
+def _check_same_run(state: dict, identity: dict, cfg: TrainConfig, out: Path) -> None:
+    """Refuse to resume when the data's rows or the task table differ from the run's (a run's metrics and
+    its best/ are only comparable over the same data; a moved copy of the data is the same data)."""
+    for split, fingerprint in identity["data"].items():
+        if state.get("data", {}).get(split, fingerprint) != fingerprint:
+            raise ConfigError(f"{out}: the {split} split of {cfg.data} is not the data the run was trained on "
+                              "(its manifest's rows changed); resume with that data or start a new run")
+    if state.get("tasks", identity["tasks"]) != identity["tasks"]:
+        raise ConfigError(f"{out}: the task table (prompts, synonyms) differs from the run's; resume with the "
+                          f"tasks file it was started with ({cfg.tasks_file or 'none'}) or start a new run")
 
 
 def validate(segmenter: Segmenter, rows: list[dict], masks: list[np.ndarray], cache: FeatureCache | None,
@@ -562,5 +600,28 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a training run folder?")
-    known = TrainConfig.__dataclass_fields__
-    return TrainConfig(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot be read ({err}); restore it from last/defectseg.json's train_config") from None
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{path}: not a training config (a JSON object of settings)")
+    defaults = TrainConfig()
+    for key, value in stored.items():
+        if key in TrainConfig.__dataclass_fields__ and not _fits(value, getattr(defaults, key), key):
+            raise ConfigError(f"{path}: {key} = {value!r} is not a valid value; restore it from "
+                              "last/defectseg.json's train_config")
+    return TrainConfig(**{k: v for k, v in stored.items() if k in TrainConfig.__dataclass_fields__})
+
+
+def _fits(value: object, default: object, key: str) -> bool:
+    """Whether a stored setting has the type of its default (ints for floats too; None for optional paths)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, int):
+        return isinstance(value, int)
+    if isinstance(default, list):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, str) or (value is None and key == "tasks_file")

@@ -470,6 +470,7 @@ def test_resume_errors_and_schedule_change(processed, tiny, tmp_path, capsys):
     ("--lr", "nan", "--lr must be > 0"),
     ("--cache-dtype", "fp8", "--cache-dtype must be fp16 or fp32"),
     ("--vision-lr-scale", "0", "--vision-lr-scale must be > 0"),
+    ("--seed", "4294967296", "--seed must be below 2**32"),
 ])
 def test_bad_settings_are_one_clear_line(tmp_path, capsys, flag, value, message):
     assert run_train(flag, value, "--out", str(tmp_path / "r")) == 1
@@ -554,6 +555,81 @@ def test_resuming_an_early_stopped_run_trains_nothing(processed, tiny, tmp_path)
     assert history(run) == stopped
     assert run_train("--resume", str(run), "--patience", "0", "-q") == 0  # a larger patience continues it
     assert len(history(run)) == 6
+
+
+def test_resume_keeps_the_run_honest(processed, tiny, tmp_path, monkeypatch, capsys):
+    """Resume refuses what would make the run's numbers incomparable (changed rows, changed task table,
+    fewer epochs than done, a hand-broken config.json) with one line and nothing changed; it accepts a
+    moved copy of the data, another precision, relative paths, and a save cut between its two renames."""
+    data = copy_manifests(processed, tmp_path / "d1", lambda split, r: True)
+    tasks_file = tmp_path / "tasks.json"
+    tasks_file.write_text(json.dumps({"tasks": {"cracks": {"prompt": "segment crack", "synonyms": ["segment cracks"],
+                                                           "dirs": ["cracks"]}}}))
+    run = tmp_path / "run"
+    assert run_train(*base_args(data, tiny, run, "--epochs", "3", "--stop-after", "1",
+                                "--tasks-file", str(tasks_file))) == 0
+    config = (run / "config.json").read_text()
+    capsys.readouterr()
+
+    def refused(*argv: str) -> str:
+        assert run_train("--resume", str(run), "-q", *argv) == 1
+        assert (run / "config.json").read_text() == config and len(history(run)) == 1
+        return capsys.readouterr().err
+
+    manifest = data / "valid" / "manifest.csv"
+    text = manifest.read_text()
+    manifest.write_text("\n".join(line for line in text.splitlines() if ",drywall," not in line) + "\n")
+    assert "valid split" in refused() and "not the data the run was trained on" in refused()
+    manifest.write_text(text)
+    tasks_file.write_text(tasks_file.read_text().replace('"segment cracks"', '"segment fissures"'))
+    assert "task table" in refused()
+    tasks_file.write_text(tasks_file.read_text().replace('"segment fissures"', '"segment cracks"'))
+    for broken in ("{not json", "[]", config.replace('"epochs": 3', '"epochs": "3"')):
+        (run / "config.json").write_text(broken)
+        assert run_train("--resume", str(run), "-q") == 1
+        assert "config.json" in capsys.readouterr().err
+    (run / "config.json").write_text(config)
+
+    # Accepted: the data moved (given by a relative path, from another folder), another precision (a fresh
+    # fp16 scaler), and last/ set aside by a save that was cut short.
+    data.rename(tmp_path / "d2")
+    assert "no manifest" in refused() and "--data" in refused()
+    (run / "last").rename(run / ".last.old-999999")
+    monkeypatch.chdir(tmp_path)
+    assert run_train("--resume", "run", "--data", "d2", "--precision", "fp16", "--stop-after", "1", "-q") == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"] == str(tmp_path / "d2") and config["precision"] == "fp16" and len(history(run)) == 2
+    assert float(history(run)[-1]["lr"]) > 0  # the rate the epoch's last step used, not the one after it
+    assert run_train("--resume", "run", "--epochs", "1", "-q") == 1
+    assert "fewer than the 2 epochs" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+
+
+def test_tasks_named_twice_count_once():
+    cfg = train.make_config(train.build_parser().parse_args(["--tasks", "cracks", "cracks", "drywall"]))
+    assert cfg.tasks == ["cracks", "drywall"]
+
+
+def test_weights_that_overflow_stop_the_run(processed, tiny, tmp_path, capsys):
+    """A first step with a finite loss can still leave non-finite weights (--lr 1e308): the run stops with
+    one line before it saves them as best/."""
+    run = tmp_path / "run"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "2", "--lr", "1e308")) == 1
+    assert "weights became non-finite" in capsys.readouterr().err
+    assert not (run / "best").exists()
+
+
+def test_a_prompt_changed_after_preprocessing_is_the_one_validated(processed, tiny, tmp_path, capsys):
+    """The task table's prompt is what training asks with, so validation and the stored thresholds use it
+    too (not the manifest's older prompt), and the user is told."""
+    tasks_file = tmp_path / "tasks.json"
+    tasks_file.write_text(json.dumps({"tasks": {"cracks": {"prompt": "segment fissure", "dirs": ["cracks"]}}}))
+    run = tmp_path / "run"
+    capsys.readouterr()
+    args = base_args(processed, tiny, run, "--epochs", "1", "--tasks-file", str(tasks_file))
+    assert run_train(*[a for a in args if a != "-q"]) == 0  # the warning is what this test reads
+    assert "the manifest says 'segment crack', the task table 'segment fissure'" in capsys.readouterr().err
+    assert set(read_metadata(run / "best")["thresholds"]) == {"segment fissure", "segment taping area"}
 
 
 def test_resume_from_another_working_directory_and_out_rules(processed, tiny, tmp_path, monkeypatch, capsys):
