@@ -122,6 +122,7 @@ class FeatureCache:
         """
         # Shard before checking what exists: every process must split the same list, whatever the
         # others have already written.
+        images = list(dict.fromkeys(images))  # an image of two tasks is one cache entry
         mine = [(im, v) for im in images for v in views][shard[0]::shard[1]]
         todo = [(im, v) for im, v in mine if not complete_npy(self.path(im, v))]
         if not todo:

@@ -257,7 +257,7 @@ def test_feature_cache_keys_never_reuse_stale_entries(tmp_path, sample_root, tin
     image = tmp_path / "a.jpg"
     shutil.copy(next((sample_root / "cracks" / "valid").glob("*.jpg")), image)
     cache = FeatureCache(tmp_path / "f", model, 64, "fp16")
-    assert cache.build([str(image)], (0, 1), segmenter.encode, segmenter.pixel_values, 4) == 2
+    assert cache.build([str(image)] * 2, (0, 1), segmenter.encode, segmenter.pixel_values, 4) == 2  # one per view
     assert cache.build([str(image)], (0, 1), segmenter.encode, segmenter.pixel_values, 4) == 0  # reused
     first = cache.path(str(image), 0)
     # Another resolution, another dtype or other weights: another folder.
