@@ -14,7 +14,16 @@ import argparse
 import logging
 import os
 
-from defectseg.cli import add_tasks_argument, fail, int_at_least, nonempty, pick_tasks, run, setup_logging
+from defectseg.cli import (
+    add_tasks_argument,
+    fail,
+    int_at_least,
+    nonempty,
+    pick_tasks,
+    run,
+    setup_logging,
+    split_name,
+)
 from defectseg.coco import CocoError
 from defectseg.io import os_reason
 from defectseg.manifest import SUMMARY_FILE
@@ -28,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", type=nonempty, default="dataset_root", help="folder holding <task>/<split>/ exports (default: %(default)s)")
     parser.add_argument("--out", type=nonempty, default="processed_dataset", help="output folder (default: %(default)s)")
     add_tasks_argument(parser)
-    parser.add_argument("--splits", nargs="+", default=None,
+    parser.add_argument("--splits", nargs="+", type=split_name, default=None,
                         help="splits to process; each must exist for at least one task, a split some tasks lack "
                         f"is skipped for them (default: {' '.join(DEFAULT_SPLITS)}, those that exist)")
     parser.add_argument("--workers", type=int_at_least(1), default=min(8, os.cpu_count() or 1),

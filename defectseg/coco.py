@@ -109,7 +109,8 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
     categories: category names to keep (empty: keep all). Categories are matched by name, so exports
     whose ids differ (cracks use id 1 under an unused super-category id 0) need no per-id table.
     Raises CocoError for an unreadable file, invalid JSON or a missing ``images`` list; smaller faults
-    (bad image records, annotations pointing at unknown images, no images at all) become Problems.
+    (bad or duplicate image records, annotations pointing at unknown images, no images at all, ``categories``
+    of which the export has none) become Problems.
     """
     path = Path(json_path)
     name = str(path)
@@ -139,10 +140,14 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
         if isinstance(c, dict) and _is_id(c.get("id"))
     }
     keep = {cid for cid, cname in category_names.items() if not categories or cname in categories}
+    if categories and not keep:
+        present = ", ".join(sorted(set(category_names.values()))[:20]) or "none"
+        problems.append(Problem(name, "unknown_category", f"none of the task's categories "
+                                f"({', '.join(categories)}) is in this export, it has: {present}; every "
+                                "annotation is left out, so every mask of this split is empty"))
 
-    images: dict[int, ImageEntry] = {}
-    seen_names: set[str] = set()
-    skipped_ids: set = set()  # records with an id but a bad size: their annotations go with them, unreported
+    records: list[ImageEntry] = []
+    skipped_ids: set = set()  # records with an id but skipped: their annotations go with them, unreported
     for rec in data["images"]:
         if not isinstance(rec, dict):
             problems.append(Problem(name, "bad_image_record", f"image record is not an object: {rec!r:.80}"))
@@ -161,11 +166,8 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
             problems.append(Problem(f"{name}:{file_name}", "bad_image_record", f"image record says {width}x{height}, "
                                     f"over the limit of {MAX_IMAGE_PIXELS:,} pixels"))
             continue
-        if image_id in images or file_name in seen_names:
-            problems.append(Problem(f"{name}:{file_name}", "duplicate_image", f"duplicate image id {image_id} or file name"))
-            continue
-        seen_names.add(file_name)
-        images[image_id] = ImageEntry(image_id, file_name, width, height)
+        records.append(ImageEntry(image_id, file_name, width, height))
+    images = _unique_images(records, name, problems, skipped_ids)
 
     unknown = 0
     for ann in raw_annotations:
@@ -193,6 +195,31 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
         what = "no usable image record" if data["images"] else "an empty 'images' list"
         problems.append(Problem(name, "no_images", f"{what}: this split gives no masks"))
     return CocoExport(path, list(images.values()), problems, category_names)
+
+
+def _unique_images(records: list[ImageEntry], name: str, problems: list[Problem], skipped_ids: set) -> dict:
+    """The image records by id, each id and file name once. An id shared by records of different files
+    is ambiguous (its annotations could be either's): every record of it is skipped, each with a Problem,
+    and its id added to ``skipped_ids``. A record repeating an earlier one's file is skipped with a Problem
+    (its annotations, under the earlier id or another, are not used twice)."""
+    files_of: dict = {}
+    for rec in records:
+        files_of.setdefault(rec.id, set()).add(rec.file_name)
+    images: dict = {}
+    seen_names: set[str] = set()
+    for rec in records:
+        where = f"{name}:{rec.file_name}"
+        if len(files_of[rec.id]) > 1:
+            skipped_ids.add(rec.id)
+            others = ", ".join(sorted(files_of[rec.id] - {rec.file_name}))
+            problems.append(Problem(where, "duplicate_image", f"image id {rec.id!r} is also that of "
+                                    f"{others}, so its annotations cannot be told apart; none of these made"))
+        elif rec.id in images or rec.file_name in seen_names:
+            problems.append(Problem(where, "duplicate_image", f"duplicate image id {rec.id!r} or file name"))
+        else:
+            seen_names.add(rec.file_name)
+            images[rec.id] = rec
+    return images
 
 
 def _float_or_inf(value: int | float) -> float:

@@ -105,16 +105,32 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def utf8_prefix(text: str, max_bytes: int) -> str:
+    """The longest start of ``text`` that is at most ``max_bytes`` bytes in UTF-8 (never half a character).
+
+    >>> utf8_prefix("größe", 3)
+    'gr'
+    """
+    return text.encode("utf-8", "surrogateescape")[:max_bytes].decode("utf-8", "ignore")
+
+
+# Most of the target's name that a temporary file's name repeats: with mkstemp's dot, 8 random characters
+# and ".tmp" it stays under the 255-byte limit on a file name even for a target close to that limit.
+_TMP_NAME_BYTES = 200
+
+
 @contextmanager
 def atomic_path(target: str | Path, sync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it onto ``target``, else delete it.
 
     sync: flush the file before the rename and the folder after it, so the new content survives a
-    power cut (see the module's docstring).
+    power cut (see the module's docstring). The temporary name is ``.<target name>.<random>.tmp``, the
+    target's name cut to ``_TMP_NAME_BYTES`` bytes, so any target name the disk accepts works.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    prefix = f".{utf8_prefix(target.name, _TMP_NAME_BYTES)}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -12,23 +12,47 @@ prediction) needs no COCO tooling.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from pathlib import Path
 
-from .io import write_text_atomic
+from .io import utf8_prefix, write_text_atomic
 
 MANIFEST_FILE = "manifest.csv"
 SUMMARY_FILE = "summary.json"
 PREDICT_CONFIG_FILE = "predict_config.json"  # predict.py's record of the runs that wrote a folder
 MANIFEST_COLUMNS = [
     "image", "mask", "task", "prompt", "width", "height", "annotations", "source",
-    "fg_fraction", "annotation_sources", "source_stem", "pixel_hash", "ahash", "key",
+    "fg_fraction", "annotation_sources", "source_stem", "pixel_hash", "ahash", "key", "problems",
 ]
 
 
+# Longest image stem (UTF-8 bytes) a mask name repeats whole; the real sets' longest is 103.
+STEM_MAX = 110
+
+
+def name_stem(image_file: str) -> str:
+    """The image's file stem as mask names use it: whole (Roboflow's ``.rf.<hash>`` kept) up to
+    ``STEM_MAX`` UTF-8 bytes; a longer one is cut to ``STEM_MAX`` bytes and gets ``_`` and 8 hex characters
+    of a hash of the whole stem, so that names stay distinct and under the file systems' 255-byte limit.
+
+    >>> name_stem("dir/00002_jpg.rf.8e62.jpg")
+    '00002_jpg.rf.8e62'
+    >>> len(name_stem("x" * 250 + ".jpg").encode()) == STEM_MAX + 9
+    True
+    """
+    stem = Path(image_file).stem
+    raw = stem.encode("utf-8", "surrogateescape")
+    if len(raw) <= STEM_MAX:
+        return stem
+    return f"{utf8_prefix(stem, STEM_MAX)}_{hashlib.sha1(raw).hexdigest()[:8]}"
+
+
 def mask_name(image_file: str, prompt_slug: str) -> str:
-    """``<image_stem>__<prompt_slug>.png`` with the full stem (Roboflow's ``.rf.<hash>`` kept)."""
-    return f"{Path(image_file).stem}__{prompt_slug}.png"
+    """``<image_stem>__<prompt_slug>.png``, the stem as ``name_stem`` gives it (the whole stem for any
+    ordinary name). With the slug's own cap (``tasks.SLUG_MAX``) and predict's longest suffix, a name is
+    at most 242 bytes."""
+    return f"{name_stem(image_file)}__{prompt_slug}.png"
 
 
 REQUIRED_COLUMNS = ("image", "mask", "task", "prompt")

@@ -4,8 +4,9 @@ Writes the layout that ``manifest`` describes: masks, a manifest per split, summ
 
 Each image is decoded once (that catches truncated files and reads the real size and EXIF
 orientation), its annotations rasterized (``coco.rasterize``) and the mask written atomically.
-A manifest row keeps a key of everything the mask depends on, so a re-run only redoes masks that
-are missing or stale.
+A manifest row keeps a key of everything the mask depends on and the problems making it reported, so a
+re-run only redoes masks that are missing or stale and still reports (and, under --strict, fails on)
+the problems of the masks it reuses.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ from .io import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from .manifest import MANIFEST_FILE, SUMMARY_FILE, mask_name, read_manifest, write_manifest
-from .tasks import Task, find_task_dir
+from .manifest import MANIFEST_COLUMNS, MANIFEST_FILE, SUMMARY_FILE, mask_name, read_manifest, write_manifest
+from .tasks import Task, find_task_dir, is_folder_name
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,10 @@ def process_job(job: Job) -> tuple[dict | None, list[Problem]]:
                 Problem(where, "size_mismatch", f"JSON says {entry.width}x{entry.height}, file is {width}x{height}; mask rescaled", True)
             )
             mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
-    elif orientation != 1:
+    elif orientation != 1 and raw_size == declared:
         # Ambiguous: the JSON's size fits both the stored and the displayed picture (a 180-degree turn, a
-        # mirror, or a square image). Taken as drawn on the displayed picture, and flagged for a look.
+        # mirror, or a square image). Taken as drawn on the displayed picture, and flagged for a look. (A
+        # size that fits only the displayed picture is no problem: the annotations were drawn on it.)
         problems.append(Problem(where, "exif_rotated", f"EXIF orientation {orientation}: the JSON size fits the image "
                                 "either way; annotations taken as drawn on the displayed (turned) picture", True))
     png = encode_png(np.where(mask, 255, 0).astype(np.uint8))
@@ -150,6 +152,7 @@ def process_job(job: Job) -> tuple[dict | None, list[Problem]]:
         "pixel_hash": hashlib.md5(rgb.tobytes()).hexdigest()[:16],
         "ahash": average_hash(rgb),
         "key": job.key,
+        "problems": encode_problems(problems, job.image),
     }
     if job.defer:
         row["_png"] = png
@@ -163,6 +166,39 @@ def format_sources(sources: Counter) -> str:
 
 def parse_sources(text: str) -> Counter:
     return Counter({k: int(v) for k, v in (part.split(":") for part in text.split(";") if part)})
+
+
+def encode_problems(problems: list[Problem], image: str) -> str:
+    """The manifest's ``problems`` cell of one mask: "" for none, else JSON ``[[at, kind, message,
+    repaired], ...]`` where ``at`` is the problem's file less the image's path ("" for the image itself,
+    " (annotation 7)" for one of its annotations), so the cell stays right when the data root moves."""
+    if not problems:
+        return ""
+    return json.dumps([[p.file.removeprefix(image), p.kind, p.message, p.repaired] for p in problems])
+
+
+def decode_problems(cell: str | None, image: str) -> list[Problem] | None:
+    """``encode_problems`` undone for the image now at ``image``; None for a cell that is missing (a
+    manifest of an older version) or not one it writes."""
+    if cell is None:
+        return None
+    try:
+        return [Problem(image + at, kind, message, bool(repaired))
+                for at, kind, message, repaired in (json.loads(cell) if cell else [])]
+    except (ValueError, TypeError):
+        return None
+
+
+def has_stats(row: dict) -> bool:
+    """Whether a manifest row holds, in a usable form, the columns summary.json and the leakage report are
+    computed from (a row of a manifest of an older version or of another tool may not)."""
+    try:
+        int(row["annotations"]), float(row["fg_fraction"]), parse_sources(row["annotation_sources"])
+        ahash = bytes.fromhex(row["ahash"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+    texts = (row.get(c) for c in ("source", "source_stem", "pixel_hash"))
+    return len(ahash) == 32 and all(isinstance(text, str) for text in texts)
 
 
 def _hash_bits(hex_hashes: list[str]) -> np.ndarray:
@@ -181,7 +217,8 @@ def _dihedral(grid: np.ndarray) -> np.ndarray:
 
 def leakage_report(rows: list[dict]) -> dict:
     """Per task and non-train split: how many images share a source photo (the name before ``.rf.``),
-    identical pixels, or a near-identical picture under any flip/rotation with a train image."""
+    identical pixels, or a near-identical picture under any flip/rotation with a train image. ``rows``
+    must hold the hashes (``has_stats``)."""
     report: dict = {}
     by_task_split: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in rows:
@@ -229,6 +266,26 @@ def _as_written(row: dict, split: str, out: Path) -> dict:
                 mask=os.path.relpath(row["mask"], out / split))
 
 
+def _reusable(row: dict | None, key: str, image: Path, mask: Path) -> tuple[dict, list[Problem]] | None:
+    """An earlier manifest row whose mask is up to date, pointed at ``image`` (the data root may have moved
+    since), and the problems that making its mask reported; None when the mask must be made: no row,
+    another key, no mask file, or a row lacking a column (a manifest of an older version or another tool)."""
+    if row is None or row.get("key") != key or any(row.get(c) is None for c in MANIFEST_COLUMNS):
+        return None
+    problems = decode_problems(row["problems"], str(image))
+    if problems is None or not mask.exists():
+        return None
+    return dict(row, image=str(image)), problems
+
+
+def _subfolders(folder: Path) -> list[str]:
+    """Names of the folders in ``folder``, sorted; [] when it cannot be listed."""
+    try:
+        return sorted(p.name for p in folder.iterdir() if p.is_dir())
+    except OSError:
+        return []
+
+
 def _task_dirs(data_root: Path, tasks: list[Task]) -> dict[str, Path]:
     """Each task's export folder. Raises CocoError for a task without one."""
     found: dict[str, Path] = {}
@@ -243,8 +300,18 @@ def _task_dirs(data_root: Path, tasks: list[Task]) -> dict[str, Path]:
 
 
 def _check_splits(data_root: Path, task_dirs: dict[str, Path], splits: list[str], splits_given: bool) -> list[str]:
-    """The ``task/split`` pairs without a folder. Raises CocoError when a split named by the caller
-    (``splits_given``) exists for no task, or when none of the default splits exists for any."""
+    """The ``task/split`` pairs without a folder. Raises CocoError when a task folder holds none of the
+    splits asked for nor of the default ones (not an export, or its split folders named otherwise), when a
+    split named by the caller (``splits_given``) exists for no task, or when none of the default splits
+    exists for any."""
+    known = list(dict.fromkeys([*splits, *DEFAULT_SPLITS]))
+    for name, task_dir in task_dirs.items():
+        if not any((task_dir / split).is_dir() for split in known):
+            found = _subfolders(task_dir)
+            shown = ", ".join(found[:10]) + " ..." * (len(found) > 10)
+            holds = f"its folders: {shown}" if found else "no folder"
+            raise CocoError(f"task {name!r}: {task_dir} holds none of the split folders {', '.join(known)} "
+                            f"({holds}); split names are case-sensitive: rename them or pass --splits")
     missing = [f"{name}/{split}" for name, task_dir in task_dirs.items() for split in splits
                if not (task_dir / split).is_dir()]
     nowhere = [split for split in splits if all(f"{name}/{split}" in missing for name in task_dirs)]
@@ -284,8 +351,9 @@ def plan_jobs(
     data_root: Path, out: Path, tasks: list[Task], splits: list[str], overwrite: bool, splits_given: bool = True
 ) -> Plan:
     """Read every annotations file and decide which masks to (re)make. Raises CocoError when a task
-    folder is missing, a split named by the caller (or, for the default splits, every split) exists for
-    no task, or an annotations file cannot be used at all."""
+    folder is missing or holds no split folder, a split named by the caller (or, for the default splits,
+    every split) exists for no task, or an annotations file cannot be used at all. A reused row points at
+    the image where it is now, and its mask's problems are among the plan's."""
     task_dirs = _task_dirs(data_root, tasks)
     missing = _check_splits(data_root, task_dirs, splits, splits_given)
     jobs: list[Job] = []
@@ -300,6 +368,10 @@ def plan_jobs(
     names = {t.name for t in tasks}
     kept = [_as_written(row, split, out) for split, rows in previous.items() for row in rows
             if (split not in splits or row["task"] not in names) and Path(row["mask"]).exists()]
+    if without := sum(not has_stats(row) for row in kept):
+        log.warning("%s: %d kept row(s) of other tasks or splits lack preprocess's statistics (from a "
+                    "manifest of an older version or another tool); summary.json counts them as images only",
+                    out, without)
     up_to_date = {} if overwrite else {
         row["mask"]: row for split in splits for row in previous.get(split, []) if row["task"] in names}
     for task in tasks:
@@ -313,9 +385,10 @@ def plan_jobs(
                 image = (split_dir / entry.file_name).resolve()
                 mask = (out / split / "masks" / mask_name(entry.file_name, task.slug)).resolve()
                 key = job_key(entry, image, task.prompt)
-                old = up_to_date.get(str(mask))
-                if old and old.get("key") == key and mask.exists():
-                    reused.append(_as_written(old, split, out))
+                earlier = _reusable(up_to_date.get(str(mask)), key, image, mask)
+                if earlier:
+                    reused.append(_as_written(earlier[0], split, out))
+                    problems += earlier[1]
                 else:
                     jobs.append(Job(task.name, task.prompt, split, str(image), str(mask), entry, key))
     return Plan(jobs, reused, kept, problems, missing)
@@ -375,22 +448,28 @@ def run_jobs(jobs: list[Job], workers: int) -> tuple[list[dict], list[Problem]]:
 def summarize(rows: list[dict], problems: list[Problem], made: int, reused: int, kept: int, missing: list[str],
               seconds: float) -> dict:
     """summary.json's body; ``rows`` are every manifest row under the output folder (made by this run,
-    reused as up to date, or kept from tasks and splits not in this run)."""
+    reused as up to date, or kept from tasks and splits not in this run). Rows without statistics
+    (``has_stats``: kept from an older or hand-made manifest) count as images only, and as
+    ``images_without_statistics``."""
     counts: dict = defaultdict(dict)
     for (task, split), group in sorted(_group(rows).items()):
+        known = [r for r in group if has_stats(r)]
+        fg = [float(r["fg_fraction"]) for r in known]
         n_sources = Counter()
-        for r in group:
+        for r in known:
             n_sources.update(parse_sources(r["annotation_sources"]))
         counts[task][split] = {
             "images": len(group),
-            "annotations_used": sum(int(r["annotations"]) for r in group),
-            "empty_masks": sum(float(r["fg_fraction"]) == 0 for r in group),
+            "annotations_used": sum(int(r["annotations"]) for r in known),
+            "empty_masks": sum(f == 0 for f in fg),
             "polygon_annotations": n_sources["polygon"],
             "bbox_only_annotations": n_sources["bbox"],
             "rle_annotations": n_sources["rle"],
-            "mask_source": dict(Counter(r["source"] for r in group)),
-            "mean_fg_fraction": round(float(np.mean([float(r["fg_fraction"]) for r in group])), 6),
+            "mask_source": dict(Counter(r["source"] for r in known)),
+            "mean_fg_fraction": round(float(np.mean(fg)), 6) if fg else None,
         }
+        if len(known) < len(group):
+            counts[task][split]["images_without_statistics"] = len(group) - len(known)
     return {
         "counts": counts,
         "masks_written": made,
@@ -399,7 +478,7 @@ def summarize(rows: list[dict], problems: list[Problem], made: int, reused: int,
         "missing_splits": missing,
         "problem_counts": dict(Counter(p.kind for p in problems)),
         "problems": [asdict(p) for p in problems],
-        "leakage": leakage_report(rows),
+        "leakage": leakage_report([r for r in rows if has_stats(r)]),
         "seconds": round(seconds, 2),
         "images_per_second": round(made / seconds, 1) if seconds > 0 and made else None,
     }
@@ -456,13 +535,17 @@ def preprocess(
 
     splits: None for DEFAULT_SPLITS, of which those that no task has are skipped; a split named here
     must exist for at least one task. Repeated tasks or splits count once.
-    Raises CocoError for unrecoverable input, and under ``strict`` for any problem at all (masks,
-    manifests and summary are then left as they were). Rows of tasks or splits not in this run are kept.
+    Raises CocoError for unrecoverable input (a split that is not one folder name included), and under
+    ``strict`` for any problem at all, those of reused masks included (masks, manifests and summary are
+    then left as they were). Rows of tasks or splits not in this run are kept. Manifests and summary are
+    written last, once everything they hold is computed.
     """
     data_root, out = Path(data_root), Path(out)
     tasks = list({task.name: task for task in tasks}.values())
     splits_given = splits is not None
     splits = list(dict.fromkeys(splits if splits_given else DEFAULT_SPLITS))
+    if bad := [split for split in splits if not is_folder_name(split)]:
+        raise CocoError(f"split {bad[0]!r} is not one folder name such as valid or test")
     if not data_root.is_dir():
         raise CocoError(f"data root {data_root} does not exist or is not a folder")
     check_out(out, splits)
@@ -480,21 +563,20 @@ def preprocess(
     for row in rows:
         if "_png" in row:
             write_bytes_atomic(out / row["_split"] / row["mask"], row.pop("_png"), sync=False)
-    rows += plan.reused
+    rows += plan.reused + plan.kept  # the manifests and the summary cover every row under ``out``
     seconds = time.perf_counter() - start
-    for split in splits:
-        split_rows = [r for r in rows + plan.kept if r["_split"] == split]
-        exists = any(f"{task.name}/{split}" not in plan.missing_splits for task in tasks)
-        if split_rows or exists or (out / split / MANIFEST_FILE).exists():
-            # Also with no rows (an export without images): a manifest must not keep rows of a past run.
-            write_manifest(out / split / MANIFEST_FILE, split_rows)
-    rows += plan.kept  # the summary covers every manifest under ``out``
     summary = {
         "data_root": str(data_root.resolve()),
         "tasks": {t.name: {"prompt": t.prompt, "synonyms": list(t.synonyms)} for t in tasks},
         "splits": splits,
         **summarize(rows, problems, made, len(plan.reused), len(plan.kept), plan.missing_splits, seconds),
     }
+    for split in splits:
+        split_rows = [r for r in rows if r["_split"] == split]
+        exists = any(f"{task.name}/{split}" not in plan.missing_splits for task in tasks)
+        if split_rows or exists or (out / split / MANIFEST_FILE).exists():
+            # Also with no rows (an export without images): a manifest must not keep rows of a past run.
+            write_manifest(out / split / MANIFEST_FILE, split_rows)
     write_json_atomic(out / SUMMARY_FILE, summary)
     return summary
 

@@ -11,7 +11,9 @@ Users extend or override the table without code through a JSON file (``--tasks-f
                      "dirs": ["spalling", "spalling-xyz12"]}
     }}
 
-A task given in the file replaces the built-in task of the same name; other built-ins stay.
+A task given in the file replaces the built-in task of the same name; other built-ins stay. Each
+``dirs`` entry (the task's name when there are none) is one folder name under the data root, and a task
+may not be named ``mean`` (training's metrics.csv has ``<task>_iou`` beside ``mean_iou``).
 """
 
 from __future__ import annotations
@@ -101,6 +103,17 @@ class TaskTableError(ValueError):
     """A tasks file that cannot be used."""
 
 
+# Task names that training's metrics.csv could not tell apart from its overall columns (``<task>_iou`` next
+# to ``mean_iou``).
+RESERVED_NAMES = ("mean",)
+
+
+def is_folder_name(text: str) -> bool:
+    """Whether ``text`` names one folder inside another: not empty, ``.``, ``..`` or a path with a slash
+    (a task's folder or a split must not lead out of the data root or the output folder)."""
+    return text not in ("", ".", "..") and not any(sep in text for sep in ("/", "\\"))
+
+
 def _task_from_dict(name: str, spec: dict, source: str) -> Task:
     if not isinstance(spec, dict) or not isinstance(spec.get("prompt"), str) or not spec["prompt"].strip():
         raise TaskTableError(f"{source}: task {name!r} needs a non-empty string 'prompt'")
@@ -108,17 +121,25 @@ def _task_from_dict(name: str, spec: dict, source: str) -> Task:
         value = spec.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise TaskTableError(f"{source}: task {name!r}: '{key}' must be a list of strings")
+    dirs = tuple(spec.get("dirs", [])) or (name,)
+    if bad := [d for d in dirs if not is_folder_name(d)]:
+        raise TaskTableError(f"{source}: task {name!r}: {bad[0]!r} is not one folder name under the data "
+                             "root ('dirs' entries, or the name without them, must not be . or .. or hold /)")
     return Task(
         name=name,
         prompt=spec["prompt"].strip(),
         synonyms=tuple(s.strip() for s in spec.get("synonyms", []) if s.strip()),
-        dirs=tuple(spec.get("dirs", [])) or (name,),
+        dirs=dirs,
         categories=tuple(spec.get("categories", [])),
     )
 
 
 def load_tasks(path: str | Path | None = None) -> dict[str, Task]:
-    """The built-in table, extended or overridden by the JSON file at ``path`` (if given)."""
+    """The built-in table, extended or overridden by the JSON file at ``path`` (if given).
+
+    Raises TaskTableError naming the file when it cannot be read or parsed, a spec is malformed, a task
+    is named like one of ``RESERVED_NAMES``, a folder in ``dirs`` is not one plain folder name, or two
+    tasks share a prompt or slug."""
     tasks = dict(DEFAULT_TASKS)
     if path is None:
         return tasks
@@ -127,12 +148,19 @@ def load_tasks(path: str | Path | None = None) -> dict[str, Task]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TaskTableError(f"{path}: tasks file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except IsADirectoryError:
+        raise TaskTableError(f"{path}: is a folder, not a tasks file") from None
+    except OSError as err:
+        raise TaskTableError(f"{path}: cannot read the tasks file ({err.strerror or err})") from None
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, nested too deep, ints over the limit
         raise TaskTableError(f"{path}: not valid JSON ({err})") from None
     table = raw.get("tasks", raw) if isinstance(raw, dict) else None
     if not isinstance(table, dict):
         raise TaskTableError(f"{path}: expected an object mapping task names to specs")
     for name, spec in table.items():
+        if name in RESERVED_NAMES:
+            raise TaskTableError(f"{path}: task name {name!r} is reserved (training's metrics.csv has "
+                                 f"{name}_iou for the mean over tasks); pick another name")
         tasks[name] = _task_from_dict(name, spec, str(path))
     check_tasks(tasks, str(path))
     return tasks

@@ -153,12 +153,45 @@ def test_load_coco_unrecoverable(tmp_path, text, message):
 def test_load_coco_bad_image_records(tmp_path):
     coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 0, "height": 8},
                        {"id": 2, "file_name": "b.jpg", "width": 8, "height": 8},
-                       {"id": 2, "file_name": "c.jpg", "width": 8, "height": 8}], "annotations": []}
+                       {"id": 3, "file_name": "b.jpg", "width": 8, "height": 8}], "annotations": []}
     path = tmp_path / "_annotations.coco.json"
     path.write_text(json.dumps(coco))
     export = load_coco(path)
     assert [e.file_name for e in export.images] == ["b.jpg"]
     assert sorted(p.kind for p in export.problems) == ["bad_image_record", "duplicate_image"]
+
+
+def test_duplicate_image_id_skips_every_record_of_it(tmp_path):
+    """Two files under one id: which annotation is whose cannot be known, so neither image is made (the
+    first used to get the second's annotations too). A record repeated whole is skipped once."""
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8},
+                       {"id": 2, "file_name": "b.jpg", "width": 8, "height": 8},
+                       {"id": 2, "file_name": "c.jpg", "width": 8, "height": 8},
+                       {"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
+            "annotations": [{"id": i, "image_id": image_id, "category_id": 1, "segmentation": [],
+                             "bbox": [0, 0, 2, 2]} for i, image_id in ((10, 1), (11, 2), (12, 2))]}
+    path = tmp_path / "_annotations.coco.json"
+    path.write_text(json.dumps(coco))
+    export = load_coco(path)
+    assert [(e.file_name, [a["id"] for a in e.annotations]) for e in export.images] == [("a.jpg", [10])]
+    problems = sorted((p.file.replace(str(path), "J"), p.kind, p.repaired) for p in export.problems)
+    assert problems == [("J:a.jpg", "duplicate_image", False), ("J:b.jpg", "duplicate_image", False),
+                        ("J:c.jpg", "duplicate_image", False)]  # id 2's annotations are not "unknown"
+    assert "also that of c.jpg" in next(p.message for p in export.problems if p.file.endswith("b.jpg"))
+
+
+def test_task_categories_missing_from_the_export_are_a_problem(tmp_path):
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [], "bbox": [0, 0, 2, 2]}],
+            "categories": [{"id": 0, "name": "crack"}, {"id": 1, "name": "NewCracks"}]}
+    path = tmp_path / "_annotations.coco.json"
+    path.write_text(json.dumps(coco))
+    export = load_coco(path, categories=("cracks", "fissure"))
+    assert export.images[0].annotations == []
+    (problem,) = export.problems
+    assert (problem.file, problem.kind, problem.repaired) == (str(path), "unknown_category", False)
+    assert "(cracks, fissure)" in problem.message and "it has: NewCracks, crack" in problem.message
+    assert load_coco(path, categories=("fissure", "crack")).problems == []  # one name found is enough
 
 
 def test_source_stem():

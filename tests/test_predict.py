@@ -271,6 +271,20 @@ def test_unusual_prompts_get_distinct_short_file_names(tiny_dir: Path, tmp_path:
     assert len(list((tmp_path / "out").glob("a__*.png"))) == 3
 
 
+def test_very_long_image_name_gets_short_output_names(tiny_dir: Path, tmp_path: Path) -> None:
+    """A 250-character stem with the longest prompt slug and every output: names stay under 255 bytes, the
+    same rule (``mask_name``) as preprocess's masks and evaluate's --pred-dir lookup."""
+    from defectseg.manifest import mask_name
+    from defectseg.tasks import prompt_slug
+
+    image = write_image(tmp_path / "in" / ("x" * 250 + ".png"), 20, 20)
+    prompt = "crack " * 60
+    assert run(tiny_dir, tmp_path / "out", "--image", str(image), "--overlay", "--probs", prompts=[prompt]) == 0
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert len(names) == 3 and max(len(n.encode()) for n in names) <= 242
+    assert mask_name(image.name, prompt_slug(prompt)) in names
+
+
 def test_unsupported_device_is_one_clear_line(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     image = write_image(tmp_path / "in" / "a.png", 20, 20)
     assert run(tiny_dir, tmp_path / "out", "--image", str(image), "--device", "meta") == 1

@@ -300,24 +300,29 @@ def test_strict_failure_leaves_masks_untouched(sample_root, tmp_path):
     assert {p: p.read_bytes() for p in (out / "valid" / "masks").iterdir()} != before
 
 
-def test_ambiguous_exif_orientation_is_flagged(tmp_path):
-    """A square image turned 180 degrees by EXIF: the JSON size fits either way, so the annotations are
-    taken as drawn on the displayed picture (the mask is not turned) and the warning says so."""
+@pytest.mark.parametrize("stored,orientation,declared,ambiguous", [
+    ((12, 12), 3, (12, 12), True),  # square, turned 180 degrees: the JSON size fits either way
+    ((48, 32), 6, (32, 48), False),  # shown 32x48 and the JSON says so: drawn on the shown picture
+])
+def test_exif_orientation_is_flagged_only_when_ambiguous(tmp_path, stored, orientation, declared, ambiguous):
+    """The annotations are taken as drawn on the displayed picture (the mask is not turned back); only
+    when the JSON's size fits the stored picture too does a warning (and --strict) say so."""
     split = tmp_path / "data" / "cracks" / "train"
-    write_export(split, [{"id": 1, "file_name": "square.jpg", "width": 12, "height": 12}],
+    width, height = declared
+    write_export(split, [{"id": 1, "file_name": "x.jpg", "width": width, "height": height}],
                  [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [], "bbox": [1, 2, 3, 4]}],
                  make_images=False)
-    write_image(split / "square.jpg", 12, 12, exif_orientation=3)
+    write_image(split / "x.jpg", *stored, exif_orientation=orientation)
     out = tmp_path / "out"
     assert run("--data-root", str(tmp_path / "data"), "--out", str(out), "--tasks", "cracks") == 0
-    (problem,) = json.loads((out / "summary.json").read_text())["problems"]
-    assert problem["kind"] == "exif_rotated" and "either way" in problem["message"]
-    expected = np.zeros((12, 12), dtype=bool)
+    problems = json.loads((out / "summary.json").read_text())["problems"]
+    assert [(p["kind"], "either way" in p["message"]) for p in problems] == [("exif_rotated", True)] * ambiguous
+    expected = np.zeros((height, width), dtype=bool)
     expected[2:6, 1:4] = True
     (row,) = read_manifest(out / "train" / "manifest.csv")
     np.testing.assert_array_equal(read_png(row["mask"]) > 0, expected)
     assert run("--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "strict"), "--tasks", "cracks",
-               "--strict") == 1
+               "--strict") == int(ambiguous)
 
 
 def run_script(*argv: str, code: str = "") -> subprocess.CompletedProcess:
@@ -513,3 +518,183 @@ def test_repeated_tasks_and_splits_count_once(sample_root, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["masks_written"] == 8 and summary["splits"] == ["valid"]
     assert {t: c["valid"]["images"] for t, c in summary["counts"].items()} == {"cracks": 4, "drywall": 4}
+
+
+# --- Re-runs: reused masks keep their problems and follow a moved data root; old manifests are redone
+
+
+def resized_export(root: Path) -> Path:
+    """cracks/train: ``small.png`` declared 3x3 but stored 32x32 (a size_mismatch), and a clean ``good.jpg``."""
+    split = root / "cracks" / "train"
+    write_export(split, [{"id": 1, "file_name": "small.png", "width": 3, "height": 3},
+                         {"id": 2, "file_name": "good.jpg", "width": 16, "height": 12}],
+                 [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [], "bbox": [0, 0, 1, 1]}],
+                 make_images=False)
+    write_image(split / "small.png", 32, 32)
+    write_image(split / "good.jpg", 16, 12)
+    return root
+
+
+def test_rerun_keeps_the_problems_of_reused_masks(tmp_path):
+    """A mask reused as up to date used to drop its problems: the re-run said none, and --strict passed."""
+    data, out = resized_export(tmp_path / "dA"), tmp_path / "out"
+    summary = lambda: json.loads((out / "summary.json").read_text())  # noqa: E731
+    assert run("--data-root", str(data), "--out", str(out), "--tasks", "cracks") == 0
+    first = summary()
+    assert first["problem_counts"] == {"size_mismatch": 1} and first["masks_written"] == 2
+    assert run("--data-root", str(data), "--out", str(out), "--tasks", "cracks") == 0
+    assert (summary()["masks_reused"], summary()["problems"]) == (2, first["problems"])
+    assert run("--data-root", str(data), "--out", str(out), "--tasks", "cracks", "--strict") == 1
+    assert summary()["masks_reused"] == 2  # the failed strict run changed nothing
+
+    data.rename(tmp_path / "dB")  # reused after a move: the problem names the image where it is now
+    assert run("--data-root", str(tmp_path / "dB"), "--out", str(out), "--tasks", "cracks") == 0
+    (problem,) = summary()["problems"]
+    assert summary()["masks_reused"] == 2 and problem["file"] == str((tmp_path / "dB/cracks/train/small.png").resolve())
+
+
+def test_moved_data_root_points_rows_at_the_new_place(sample_root, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(sample_root, tmp_path / "dA")
+    assert run("--data-root", str(tmp_path / "dA"), "--out", str(out)) == 0
+    (tmp_path / "dA").rename(tmp_path / "dB")
+    assert run("--data-root", str(tmp_path / "dB"), "--out", str(out)) == 0
+    assert json.loads((out / "summary.json").read_text())["masks_reused"] == 24
+    for split in ("train", "valid"):
+        rows = read_manifest(out / split / "manifest.csv")
+        assert all(Path(r["image"]).is_relative_to(tmp_path / "dB") and Path(r["image"]).is_file() for r in rows)
+        assert "../../dB/" in (out / split / "manifest.csv").read_text()
+
+
+def test_rerun_over_a_manifest_with_only_the_basic_columns(sample_root, tmp_path, monkeypatch):
+    """Such a manifest's kept rows used to crash the summary after the manifests were rewritten."""
+    import defectseg.preprocess as P
+
+    out = tmp_path / "out"
+    assert run("--data-root", str(sample_root), "--out", str(out)) == 0
+    manifest = out / "valid" / "manifest.csv"
+    lines = [line.split(",")[:6] for line in manifest.read_text().splitlines()]
+    manifest.write_text("".join(",".join(cells) + "\n" for cells in lines))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    monkeypatch.setattr(P, "summarize", lambda *a, **k: 1 / 0)  # a failure this late writes nothing at all
+    with pytest.raises(ZeroDivisionError):
+        run("--data-root", str(sample_root), "--out", str(out), "--tasks", "cracks")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    monkeypatch.undo()
+
+    assert run("--data-root", str(sample_root), "--out", str(out), "--tasks", "cracks") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["drywall"]["valid"] == {
+        "images": 4, "annotations_used": 0, "empty_masks": 0, "polygon_annotations": 0, "bbox_only_annotations": 0,
+        "rle_annotations": 0, "mask_source": {}, "mean_fg_fraction": None, "images_without_statistics": 4}
+    assert summary["counts"]["cracks"]["valid"]["images"] == 4 and "drywall" not in summary["leakage"]
+    assert summary["masks_written"] == 4  # the basic cracks rows are redone, the drywall ones kept as they are
+    assert run("--data-root", str(sample_root), "--out", str(out)) == 0  # with drywall: its rows are redone
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["masks_written"] == 4 and summary["counts"]["drywall"]["valid"]["bbox_only_annotations"] > 0
+
+
+# --- Input checks: task folders, splits, the tasks file
+
+
+def test_task_folder_without_split_folders_is_an_error(sample_root, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_root, data)
+    for split in ("train", "valid"):
+        (data / "drywall" / split).rename(data / "drywall" / split.title())
+    assert run("--data-root", str(data), "--out", str(tmp_path / "out")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "task 'drywall'" in err[0] and "its folders: Train, Valid" in err[0], err
+    assert not (tmp_path / "out").exists()
+    assert run("--data-root", str(data), "--out", str(tmp_path / "out"), "--tasks", "cracks") == 0
+
+
+def test_task_categories_the_export_lacks_are_warned(sample_root, tmp_path, capsys):
+    tasks_file = tmp_path / "tasks.json"
+    tasks_file.write_text(json.dumps({"cracks": {"prompt": "segment crack", "dirs": ["cracks"], "categories": ["crak"]}}))
+    args = ("--data-root", str(sample_root), "--tasks", "cracks", "--tasks-file", str(tasks_file))
+    assert run(*args, "--out", str(tmp_path / "out")) == 0
+    assert "none of the task's categories (crak)" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["problem_counts"] == {"unknown_category": 2}
+    assert all("it has: NewCracks - v2 2024-05-18 10-54pm, crack;" in p["message"] for p in summary["problems"])
+    assert run(*args, "--out", str(tmp_path / "strict"), "--strict") == 1
+
+
+@pytest.mark.parametrize("spec, message", [
+    pytest.param({"up": {"prompt": "segment up", "dirs": [".."]}}, "task 'up': '..' is not one folder name",
+                 id="dirs-dotdot"),
+    pytest.param({"up": {"prompt": "segment up", "dirs": ["ok", "../x"]}}, "'../x' is not one folder name",
+                 id="dirs-slash"),
+    pytest.param({"..": {"prompt": "segment up"}}, "task '..': '..' is not one folder name", id="name-as-dir"),
+    pytest.param({"mean": {"prompt": "segment mean"}}, "task name 'mean' is reserved", id="reserved-name"),
+])
+def test_tasks_file_refuses_names_that_escape_or_collide(tmp_path, capsys, spec, message):
+    tasks_file = tmp_path / "tasks.json"
+    tasks_file.write_text(json.dumps({"tasks": spec}))
+    with pytest.raises(SystemExit) as exit_info:
+        run("--data-root", str(tmp_path), "--out", str(tmp_path / "out"), "--tasks-file", str(tasks_file))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1 and str(tasks_file) in err[0] and message in err[0], err
+
+
+def test_tasks_file_that_is_a_folder_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run("--data-root", str(tmp_path), "--tasks-file", str(tmp_path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1 and f"{tmp_path}: is a folder, not a tasks file" in err[0]
+
+
+def test_splits_must_be_plain_folder_names(sample_root, tmp_path, capsys):
+    from defectseg.coco import CocoError
+    from defectseg.preprocess import preprocess
+
+    for split in ("../x", "/tmp", "a/b", ".."):
+        with pytest.raises(SystemExit) as exit_info:
+            run("--data-root", str(sample_root), "--out", str(tmp_path / "out"), "--splits", split)
+        assert exit_info.value.code == 2 and "a split is one folder name" in capsys.readouterr().err
+        with pytest.raises(CocoError, match="is not one folder name"):
+            preprocess(sample_root, tmp_path / "out", list(DEFAULT_TASKS.values()), [split])
+    assert not (tmp_path / "out").exists()
+
+
+# --- EXIF and very long file names
+
+
+
+
+def test_mask_names_cap_long_stems_only():
+    from defectseg.manifest import STEM_MAX, mask_name
+
+    real = "14-144132_transparent-wall-cracks-png-wall-cracking-by-hole_png_jpg.rf.0c9eabb87031a143afd6e25d400c9f8e"
+    assert mask_name(f"{real}.jpg", "segment_crack") == f"{real}__segment_crack.png"  # the longest real name
+    assert mask_name("x" * STEM_MAX + ".jpg", "s") == "x" * STEM_MAX + "__s.png"
+    long_a, long_b = mask_name("a" * 250 + "1.jpg", "s"), mask_name("a" * 250 + "2.jpg", "s")
+    assert long_a != long_b and long_a.startswith("a" * STEM_MAX + "_") and len(long_a) == STEM_MAX + 9 + 7
+    wide = mask_name("é" * 200 + ".png", "s")  # cut on a character boundary, under the byte cap
+    assert wide.startswith("é" * (STEM_MAX // 2) + "_") and len(wide.encode()) <= STEM_MAX + 9 + 7
+
+
+def test_very_long_image_name_gets_a_short_mask_name(tmp_path):
+    """A 250-character stem used to abort the run ("File name too long") before any manifest."""
+    split = tmp_path / "data" / "cracks" / "train"
+    long_name = "x" * 250 + ".jpg"
+    one_box_export(split, [long_name, "short.jpg"])
+    out = tmp_path / "out"
+    assert run("--data-root", str(tmp_path / "data"), "--out", str(out), "--tasks", "cracks", "--workers", "1") == 0
+    rows = {Path(r["image"]).name: Path(r["mask"]) for r in read_manifest(out / "train" / "manifest.csv")}
+    assert rows["short.jpg"].name == "short__segment_crack.png" and rows[long_name].is_file()
+    assert len(rows[long_name].name.encode()) < 140 and not list(out.rglob("*.tmp"))
+
+
+def test_atomic_write_of_a_name_near_the_limit(tmp_path):
+    from defectseg.io import write_text_atomic
+
+    target = tmp_path / ("ü" * 125 + ".txt")  # 254 bytes: the temp name must not add to it
+    write_text_atomic(target, "ok")
+    assert target.read_text() == "ok" and [p.name for p in tmp_path.iterdir()] == [target.name]
