@@ -14,6 +14,8 @@ Prints, in one run:
    (build 2 views per image, then train) and warm, estimated from the measured rates, and the cache's
    size on disk;
 5. on CUDA, peak GPU memory of the cached loop;
+6. the time to save one checkpoint as train.py does after every epoch (last/, and best/ when the score
+   improves): the full save_pretrained folder plus the decoder file, flushed to disk, in --save-dir;
 and the parameter counts and the size of the decoder-only file train.py writes.
 Images are the bundled real samples; the model is built by ``defectseg.tiny.build_rd64_random``.
 """
@@ -36,7 +38,7 @@ from defectseg.features import FeatureCache  # noqa: E402
 from defectseg.inference import Segmenter, autocast  # noqa: E402
 from defectseg.io import list_images, load_image  # noqa: E402
 from defectseg.losses import bce_dice_loss  # noqa: E402
-from defectseg.model import count_parameters, save_decoder  # noqa: E402
+from defectseg.model import count_parameters, save_checkpoint, save_decoder  # noqa: E402
 from defectseg.tiny import build_rd64_random  # noqa: E402
 from defectseg.training import TrainForward, _set_trainable  # noqa: E402
 
@@ -131,6 +133,19 @@ def main(args: argparse.Namespace) -> None:
         cached_s = timed_steps(cached_step, args.cached_steps, device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
+        with tempfile.TemporaryDirectory(dir=args.save_dir) as save_dir:
+            def save() -> None:
+                save_checkpoint(model, seg.processor, Path(save_dir) / "last", {}, extra=lambda folder: save_decoder(
+                    model, folder / "decoder.safetensors", {}, base_model="rd64-random"))
+
+            save_times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                save()
+                save_times.append(time.perf_counter() - start)
+            save_s = sorted(save_times)[1]  # the median
+            save_bytes = sum(p.stat().st_size for p in (Path(save_dir) / "last").iterdir())
+
     b, n = args.batch_size, args.dataset_images
     seed_rate, cached_rate = b / seed_s, b / cached_s
     warm_epoch = n / cached_rate
@@ -146,6 +161,9 @@ def main(args: argparse.Namespace) -> None:
           f"{n:,} images x 2 views")
     if peak is not None:
         print(f"peak GPU memory, cached loop: {peak:.2f} GiB")
+    print(f"checkpoint save (full folder {save_bytes / 1e6:,.0f} MB + decoder file, flushed to disk, in "
+          f"{args.save_dir or tempfile.gettempdir()}): {save_s:.2f} s, per epoch for last/ and again for best/ "
+          "when it improves")
 
 
 if __name__ == "__main__":
@@ -157,4 +175,7 @@ if __name__ == "__main__":
     parser.add_argument("--hf-steps", type=int, default=3, help="timed seed-style steps (default: %(default)s)")
     parser.add_argument("--cached-steps", type=int, default=30, help="timed cached steps (default: %(default)s)")
     parser.add_argument("--dataset-images", type=int, default=6000, help="dataset size for the epoch estimate")
+    parser.add_argument("--save-dir", default=None,
+                        help="where to time checkpoint saves (default: the system's temp folder; pick the disk "
+                             "your runs/ are on)")
     main(parser.parse_args())

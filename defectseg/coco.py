@@ -115,7 +115,7 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
     path = Path(json_path)
     name = str(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise CocoError(f"{name}: annotations file not found") from None
     except IsADirectoryError:

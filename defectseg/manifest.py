@@ -66,7 +66,7 @@ def read_manifest(path: str | Path) -> list[dict]:
     """
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             rows = list(reader)
             columns = reader.fieldnames or []

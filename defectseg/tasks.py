@@ -145,7 +145,7 @@ def load_tasks(path: str | Path | None = None) -> dict[str, Task]:
         return tasks
     path = Path(path)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise TaskTableError(f"{path}: tasks file not found") from None
     except IsADirectoryError:

@@ -161,3 +161,22 @@ def test_sigterm_leaves_no_half_report(many_big_images, tiny_model_dir, tmp_path
     assert proc.returncode == 143, err
     assert "terminated (SIGTERM)" in err and "Traceback" not in err, err
     assert not out.exists() and not (tmp_path / "reports").exists()
+
+
+def test_files_saved_with_a_byte_order_mark_are_read(tmp_path):
+    """Windows editors save UTF-8 with a BOM: annotations, manifests and task files still read."""
+    from defectseg.coco import load_coco
+    from defectseg.manifest import read_manifest
+    from defectseg.tasks import load_tasks
+
+    bom = "\ufeff"
+    coco = tmp_path / "_annotations.coco.json"
+    coco.write_text(bom + '{"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4}], '
+                    '"annotations": [], "categories": [{"id": 1, "name": "crack"}]}', encoding="utf-8")
+    assert [e.file_name for e in load_coco(coco).images] == ["a.jpg"]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(bom + "image,mask,task,prompt\na.jpg,m.png,cracks,segment crack\n", encoding="utf-8")
+    assert read_manifest(manifest)[0]["task"] == "cracks"
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(bom + '{"tasks": {"rust": {"prompt": "segment rust"}}}', encoding="utf-8")
+    assert load_tasks(tasks)["rust"].prompt == "segment rust"
