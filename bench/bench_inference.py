@@ -159,7 +159,7 @@ def bench_end_to_end(model_dir: Path, folder: Path, args: argparse.Namespace) ->
     start = time.perf_counter()
     code = predict.main(predict.build_parser().parse_args(argv))
     wall = time.perf_counter() - start
-    report = json.loads((out / predict.CONFIG_FILE).read_text())
+    report = json.loads((out / predict.PREDICT_CONFIG_FILE).read_text())
     print(f"\nend to end: predict.py, {report['images']} JPEGs 640x640 x {len(PROMPTS)} prompts, batch 8, "
           f"--workers {args.workers}: "
           f"{report['images_per_second']:.2f} images/s ({report['seconds']:.1f} s; {wall:.1f} s with model loading), "

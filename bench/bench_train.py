@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> None:
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         images = [load_image(p) for p in list_images(REPO / "sample_data" / "cracks" / "train")]
         images = (images * (args.batch_size // len(images) + 1))[: args.batch_size]
-        target = torch.rand(args.batch_size, 352, 352, device=device).round()
+        target = torch.rand(args.batch_size, seg.input_size, seg.input_size, device=device).round()
         prompts = [PROMPTS[i % 2] for i in range(args.batch_size)]
         forward = TrainForward(model)
         model.train()

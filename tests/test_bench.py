@@ -1,0 +1,49 @@
+"""The benchmark scripts run end to end (on a tiny model here, so CI notices when they break; their
+numbers come from running them as they are, on the real architecture)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from defectseg import tiny
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny_instead_of_rd64(monkeypatch):
+    def build(out_dir, *, seed: int = 0) -> Path:
+        return tiny.build_tiny_model(out_dir, seed=seed)
+
+    monkeypatch.setattr(tiny, "build_rd64_random", build)
+    return build
+
+
+def test_bench_train_prints_every_number(tiny_instead_of_rd64, monkeypatch, tmp_path, capsys):
+    bench = load_script("bench_train")
+    monkeypatch.setattr(bench, "build_rd64_random", tiny_instead_of_rd64)
+    args = argparse.Namespace(device="cpu", precision="fp32", batch_size=4, hf_steps=1, cached_steps=2,
+                              dataset_images=100, save_dir=str(tmp_path))
+    bench.main(args)
+    out = capsys.readouterr().out
+    for line in ("seed-style loop", "cached-feature loop", "speed-up", "cache build", "epoch over 100 images",
+                 "cache on disk", "checkpoint save"):
+        assert line in out, line
+
+
+def test_bench_inference_prints_every_number(tiny_instead_of_rd64, capsys):
+    bench = load_script("bench_inference")
+    assert bench.main(bench.build_parser().parse_args(["--device", "cpu", "--iters", "1", "--images", "3",
+                                                       "--workers", "0"])) == 0
+    out = capsys.readouterr().out
+    assert "2 prompts cost" in out and "end to end: predict.py, 3 JPEGs" in out and "exit code 0" in out
