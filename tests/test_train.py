@@ -630,6 +630,12 @@ def test_a_prompt_changed_after_preprocessing_is_the_one_validated(processed, ti
     assert run_train(*[a for a in args if a != "-q"]) == 0  # the warning is what this test reads
     assert "the manifest says 'segment crack', the task table 'segment fissure'" in capsys.readouterr().err
     assert set(read_metadata(run / "best")["thresholds"]) == {"segment fissure", "segment taping area"}
+    # evaluate.py scores the manifest's prompt, and says the model was trained for another
+    import evaluate
+
+    assert evaluate.main(evaluate.build_parser().parse_args(
+        ["--model", str(run / "best"), "--data", str(processed), "--out", str(tmp_path / "report")])) == 0
+    assert "was trained to answer 'segment fissure' for task cracks" in capsys.readouterr().err
 
 
 def test_resume_from_another_working_directory_and_out_rules(processed, tiny, tmp_path, monkeypatch, capsys):
