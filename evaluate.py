@@ -11,12 +11,13 @@ mask's original resolution (an empty ground truth predicted empty scores 1.0), p
 
 The report is written into a staging folder and moved into --out only when complete; files of an earlier
 report there that this one does not write are removed. --write-thresholds changes the checkpoint only
-after the report is complete. A run that fails leaves both as they were.
+once the report is complete, just before it is moved in. A run that fails before that leaves both as
+they were (if the final move fails, the error says the thresholds were written).
 
 An image or ground-truth mask that cannot be read is skipped with a warning and listed in
-metrics.json and report.md; the run still exits 0. Exit 1: bad arguments, an --out that cannot be
-written, no manifest, a model that cannot be loaded or whose defectseg.json is broken, or nothing
-readable at all.
+metrics.json and report.md; the run still exits 0. Exit 2: bad arguments. Exit 1: arguments that cannot
+work together, an --out that cannot be written, no manifest, a model that cannot be loaded or whose
+defectseg.json is broken, or nothing readable at all.
 """
 
 from __future__ import annotations

@@ -323,8 +323,9 @@ def main(args: argparse.Namespace) -> int:
     if problem := check_device(args.device):
         return fail(problem)
     out = Path(args.out)
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)  # before the model loads: a bad --out fails fast
     except OSError as err:
         return fail(f"cannot create output folder {out}: {err}")
 
@@ -332,6 +333,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         segmenter = Segmenter.load(model, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
     except (ModelLoadError, TaskTableError) as err:
+        for folder in made:  # nothing was written: leave no empty --out behind
+            try:
+                folder.rmdir()
+            except OSError:  # not empty after all
+                break
         return fail(str(err))
     thresholds = {p: segmenter.threshold(p) if args.threshold is None else args.threshold for p in prompts}
     precision = precision_name(segmenter.amp_dtype)
