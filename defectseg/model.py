@@ -22,6 +22,7 @@ letting callers cache ``acts`` (e.g. in fp16) and prompt embeddings, and fine-tu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -38,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+from transformers.utils import logging as hf_logging
 
 from .io import atomic_path, fsync_path, os_reason, remove_stale
 
@@ -336,7 +338,8 @@ def save_checkpoint(
     for stale in remove_stale(out.parent, f".{out.name}.tmp-"):
         logger.info("removed stale temp folder %s", stale)
     try:
-        model.save_pretrained(tmp)
+        with _quiet_hf_progress():  # its "Writing model shards" bar would open every epoch's log
+            model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
         if extra is not None:
@@ -352,6 +355,18 @@ def save_checkpoint(
     _swap_in(tmp, out)
     fsync_path(out.parent)
     logger.info("saved checkpoint to %s", out)
+
+
+@contextlib.contextmanager
+def _quiet_hf_progress():
+    """transformers' progress bars off for the block, then as they were."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def recover_checkpoint(out: Path) -> None:
@@ -428,7 +443,7 @@ def save_decoder(
     }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
-    logger.info("saved decoder (%d tensors) to %s", len(tensors), path)
+    logger.debug("saved decoder (%d tensors) to %s", len(tensors), path)
 
 
 def update_decoder_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
