@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_logging
+from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_logging, stop_if_terminated
 from defectseg.inference import LoadedImage, Segmenter, check_device, image_batches
 from defectseg.io import (
     IMAGE_EXTENSIONS,
@@ -239,6 +239,7 @@ def predict_images(
     bar = tqdm(total=len(paths), unit="image", disable=None if progress else True)  # None: only on a terminal
     with ThreadPoolExecutor(WRITER_THREADS) as writer, logging_redirect_tqdm(), bar:
         for batch in image_batches(segmenter, paths, batch_size, workers):
+            stop_if_terminated()
             for item in batch:
                 if item.error is not None:
                     log.error("%s", item.error)

@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Settings a resumed run must keep: they decide the model, the data or the parameters being trained.
-FIXED_ON_RESUME = ("data", "model", "tasks", "tasks_file", "train_vision_layers", "batch_size")
+# The data and the task table may move (another --data or --tasks-file): train() checks their contents.
+FIXED_ON_RESUME = ("data", "model", "tasks", "train_vision_layers", "batch_size")
 
 
 def _same(given: object, stored: object) -> bool:
@@ -108,7 +109,7 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
         cfg.model = str(Path(cfg.model).resolve())
     cfg.tasks_file = str(Path(cfg.tasks_file).resolve()) if cfg.tasks_file else cfg.tasks_file
     cfg.cache_dir = str(Path(cfg.cache_dir).resolve()) if cfg.cache_dir else cfg.cache_dir
-    cfg.tasks = list(dict.fromkeys(cfg.tasks))  # a task named twice counts once
+    cfg.out = str(Path(cfg.out).absolute())
     return cfg
 
 
@@ -116,12 +117,14 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
     """The run's config: flags over defaults, or over the run's own config with --resume. Raises
     ConfigError (or FileNotFoundError) with a user-facing message."""
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    if "tasks" in given:
+        given["tasks"] = list(dict.fromkeys(given["tasks"]))  # a task named twice counts once
     if getattr(args, "resume", None):
         cfg = load_run_config(args.resume)
         recover_checkpoint(Path(args.resume) / "last")  # a save interrupted between its two renames
         if not (Path(args.resume) / "last" / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"{args.resume}: no last/{TRAINER_STATE} to resume from (the run ended before "
-                                    "its first epoch did); start it again without --resume")
+                                    f"its first epoch did); start it again with --out {args.resume} --overwrite")
         if "out" in given and not _same(given["out"], args.resume):
             raise ConfigError(f"--resume {args.resume} continues that run in its own folder; leave out --out {given['out']}")
         # --data may name a moved copy when the old folder is gone; train() checks that its rows are the same.
@@ -204,8 +207,8 @@ def main(args: argparse.Namespace) -> int:
     except OSError as err:  # disk full, no permission, ...
         return fail(f"cannot write the run {cfg.out}: {os_reason(err)}")
     except RuntimeError as err:
-        if rank == 0:
-            raise
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            raise  # e.g. out of memory: the traceback is the useful report
         # Under torchrun: the process group broke because another process failed (and said why).
         return fail(f"process {rank}: stopped, another process of the run failed ({str(err).splitlines()[0][:200]})")
     return 0

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -46,9 +47,19 @@ class Terminated(KeyboardInterrupt):
     processes are shut down. Forked workers inherit the handler and end quietly too."""
 
 
+_terminated_at: list[float] = []  # when SIGTERM came; empty until it does
+
+
 def _terminated(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    _terminated_at.append(time.time())
     raise Terminated()
+
+
+def stop_if_terminated() -> None:
+    """Raise Terminated again if SIGTERM came: the handler's exception is lost when the signal lands in a
+    garbage-collector or weakref callback, so long loops call this once per step."""
+    if _terminated_at:
+        raise Terminated()
 
 
 def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser) -> NoReturn:

@@ -47,11 +47,12 @@ def load_rows(data_dir: str | Path, split: str, tasks: list[str] | None = None, 
 
 
 def rows_fingerprint(rows: list[dict]) -> str:
-    """16 hex characters that change when the rows do, but not when the data folder moves: each row's
-    task, image and mask file names, image pixel hash and mask foreground fraction (preprocess's columns)."""
+    """16 hex characters that change when the rows do, or their order (the epoch plan picks rows by
+    position), but not when the data folder moves: each row's task, image and mask file names, image pixel
+    hash and mask foreground fraction (preprocess's columns)."""
     h = hashlib.blake2b(digest_size=8)
-    for item in sorted((r["task"], Path(r["image"]).name, Path(r["mask"]).name, r.get("pixel_hash", ""),
-                        r.get("fg_fraction", "")) for r in rows):
+    for r in rows:
+        item = (r["task"], Path(r["image"]).name, Path(r["mask"]).name, r.get("pixel_hash", ""), r.get("fg_fraction", ""))
         h.update(json.dumps(item).encode())
     return h.hexdigest()
 

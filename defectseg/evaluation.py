@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from . import metrics
+from .cli import stop_if_terminated
 from .inference import Segmenter
 from .io import (
     ImageReadError,
@@ -458,6 +459,7 @@ def evaluate_model(
     batches = iter_rows(rows, batch_size, load_images=True, workers=workers)
     for batch in tqdm(batches, total=-(-len(rows) // batch_size), desc="evaluate", unit="batch",
                       disable=not progress):
+        stop_if_terminated()
         result.skipped += batch.skipped
         result.gt_resized += batch.gt_resized
         if not batch.rows:

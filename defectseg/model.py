@@ -335,7 +335,7 @@ def save_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     recover_checkpoint(out)
-    for stale in remove_stale(out.parent, f".{out.name}.tmp-"):
+    for stale in remove_stale_checkpoint_folders(out):
         logger.info("removed stale temp folder %s", stale)
     try:
         with _quiet_hf_progress():  # its "Writing model shards" bar would open every epoch's log
@@ -344,14 +344,14 @@ def save_checkpoint(
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
         if extra is not None:
             extra(tmp)
-    except BaseException as exc:
+        _usual_permissions(tmp)
+        for file in [*tmp.rglob("*"), tmp]:  # on the disk before the swap: a power cut loses the new or the old
+            fsync_path(file)
+    except BaseException as exc:  # an error, Ctrl-C or SIGTERM: no temp folder is left
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, SafetensorError):  # its own error type on a full disk: an OSError to callers
             raise OSError(f"could not write the checkpoint {out}: {_first_line(exc)}") from exc
         raise
-    _usual_permissions(tmp)
-    for file in [*tmp.rglob("*"), tmp]:  # on the disk before the swap: a power cut loses the new or the old
-        fsync_path(file)
     _swap_in(tmp, out)
     fsync_path(out.parent)
     logger.info("saved checkpoint to %s", out)
@@ -367,6 +367,14 @@ def _quiet_hf_progress():
     finally:
         if was_on:
             hf_logging.enable_progress_bar()
+
+
+def remove_stale_checkpoint_folders(out: Path) -> list[Path]:
+    """Remove what killed saves of ``out`` left beside it: temp folders (``.<name>.tmp-<pid>``) and, once
+    ``out`` itself is in place, folders set aside by a swap (``.<name>.old-<pid>``); never a live
+    process's. Returns what was removed."""
+    stale = remove_stale(out.parent, f".{out.name}.tmp-")
+    return stale + (remove_stale(out.parent, f".{out.name}.old-") if out.exists() else [])
 
 
 def recover_checkpoint(out: Path) -> None:

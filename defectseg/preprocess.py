@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from .cli import stop_if_terminated
 from .coco import (
     ANNOTATIONS_FILE,
     CocoError,
@@ -434,6 +435,7 @@ def run_jobs(jobs: list[Job], workers: int) -> tuple[list[dict], list[Problem]]:
         results = _pool_results(jobs, workers)
     try:
         for job, (row, job_problems) in results:
+            stop_if_terminated()
             if row is not None:
                 row["_split"] = job.split
                 rows.append(row)

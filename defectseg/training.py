@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import evaluation
+from .cli import stop_if_terminated
 from .data import (
     Sample,
     batch_targets,
@@ -149,7 +150,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 log.warning("task %s has no valid images: it trains but is not validated", task.name)
     # What a resumed run must find unchanged: the rows of both splits and the task table.
     identity = {"data": {"train": rows_fingerprint(train_rows), "valid": rows_fingerprint(valid_rows)},
-                "tasks": tasks_to_dict({t.name: t for t in tasks})}
+                "tasks": {t.name: [t.prompt, *t.synonyms] for t in tasks},  # what training asks with
+                "config": {k: getattr(cfg, k) for k in ("model", "tasks", "batch_size", "train_vision_layers")}}
 
     state = _load_trainer_state(out / "last" / TRAINER_STATE) if resume else None
     if state is not None:
@@ -237,6 +239,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         if not resume:  # train.py --overwrite: nothing of the run this one replaces may be mistaken for it
             for name in ("best", "last", "metrics.csv", "curves.png", "summary.json"):
                 shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+            for aside in [*out.glob(".best.old-*"), *out.glob(".last.old-*")]:  # else a later load could restore one
+                shutil.rmtree(aside, ignore_errors=True)
         write_json_atomic(out / "config.json", asdict(cfg))
     stop = False
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
@@ -250,13 +254,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         plan = epoch_plan(train_rows, tasks, cfg.seed, epoch, cfg.negative_prob, cfg.flip, cfg.synonyms)
         plan = _shard(plan, rank, world)
         model.train()
-        losses, skipped = [], 0
+        losses, skipped, overflowed = [], 0, 0
         lr_used = optimizer.param_groups[0]["lr"]  # the decoder's rate at the epoch's last step, for metrics.csv
         batches = [plan[i:i + cfg.batch_size] for i in range(0, len(plan), cfg.batch_size)]
         load = partial(_load_batch, cfg=cfg, rows=train_rows, targets=targets, cache=cache, segmenter=segmenter)
         for batch, (target, inputs) in tqdm(prefetched(load, batches), total=len(batches), unit="batch",
                                             desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
                                             disable=not (main_process and log.isEnabledFor(logging.INFO)), leave=False):
+            stop_if_terminated()
             target = target.to(device, non_blocking=True)
             inputs = {k: [t.to(device, non_blocking=True) for t in v] if isinstance(v, list)
                       else v.to(device, non_blocking=True) for k, v in inputs.items()}
@@ -288,9 +293,15 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                     with torch.no_grad():
                         for shadow, p in zip(ema, trainable):
                             shadow.lerp_(p.detach(), 1 - cfg.ema)
+            else:
+                overflowed += 1
             losses.append(loss.item())
         train_seconds = time.perf_counter() - t0
         train_loss = _mean_across(losses, world, device)
+        if skipped > len(batches) // 2:  # every process skipped the same steps
+            raise FloatingPointError(f"epoch {epoch + 1}: {skipped} of {len(batches)} steps had a non-finite loss; "
+                                     "lower --lr or the loss weights, or use --precision fp32. best/ and last/ "
+                                     "keep the previous epoch's")
         if not all(torch.isfinite(p).all() for p in trainable):  # every process: DDP keeps them identical
             raise FloatingPointError(f"epoch {epoch + 1}: the weights became non-finite (a step with a finite loss "
                                      "can still overflow them); lower --lr or use --precision fp32. best/ and "
@@ -304,7 +315,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             with _swapped(trainable, ema):
                 agg = validate(segmenter, valid_rows, valid_masks, cache, other_prompts, cfg.val_batch_size)
                 row = _history_row(epoch + 1, train_loss, agg, lr_used, train_seconds,
-                                   time.perf_counter() - t0, len(plan) * world / train_seconds, skipped)
+                                   time.perf_counter() - t0, len(plan) * world / train_seconds, skipped, overflowed)
                 history.append(row)
                 score = agg["overall"]["iou"]
                 improved = score > best["score"]
@@ -318,6 +329,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                     "scaler": scaler.state_dict(), "ema": ema, "live": live, "history": history, "best": best,
                     "rng": _rng_state(), "schedule": schedule, **identity})
             _write_history(out, history)
+            _write_summary(out, best, history)
             log.info("epoch %d/%d  loss %.4f  val IoU %s  mean %.4f%s  (%.1f s, %.0f samples/s)", epoch + 1,
                      cfg.epochs, train_loss, "  ".join(f"{name} {m['iou']:.4f}" for name, m in agg["tasks"].items()),
                      score, "  *best*" if improved else "", row["seconds"], row["samples_per_s"])
@@ -330,9 +342,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
 
     summary = {}
     if main_process:
-        summary = {"out": str(out), "best_epoch": best["epoch"], "best_mean_iou": best["score"],
-                   "epochs_run": len(history), "last": history[-1] if history else None}
-        write_json_atomic(out / "summary.json", summary)
+        summary = _write_summary(out, best, history)
         log.info("best mean IoU %.4f at epoch %d -> %s", best["score"], best["epoch"], out / "best")
     _barrier(world)
     if world > 1:
@@ -350,6 +360,10 @@ def _check_same_run(state: dict, identity: dict, cfg: TrainConfig, out: Path) ->
     if state.get("tasks", identity["tasks"]) != identity["tasks"]:
         raise ConfigError(f"{out}: the task table (prompts, synonyms) differs from the run's; resume with the "
                           f"tasks file it was started with ({cfg.tasks_file or 'none'}) or start a new run")
+    for key, value in state.get("config", {}).items():
+        if identity["config"].get(key) != value:
+            raise ConfigError(f"{out}: config.json says {key} = {identity['config'].get(key)!r}, but the run was "
+                              f"trained with {value!r}; restore config.json from last/defectseg.json's train_config")
 
 
 def validate(segmenter: Segmenter, rows: list[dict], masks: list[np.ndarray], cache: FeatureCache | None,
@@ -473,8 +487,18 @@ def _save(model, processor, folder: Path, cfg: TrainConfig, tasks: list[Task], a
     save_checkpoint(model, processor, folder, metadata, extra=extra)
 
 
+def _write_summary(out: Path, best: dict, history: list[dict]) -> dict:
+    """summary.json, after every epoch (an interrupted run's summary stays true), and its content."""
+    summary = {"out": str(out), "best_epoch": best["epoch"], "best_mean_iou": best["score"],
+               "epochs_run": len(history), "last": history[-1] if history else None}
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
 def _history_row(epoch: int, loss: float, agg: dict, lr: float, train_s: float, total_s: float,
-                 samples_per_s: float, skipped: int) -> dict:
+                 samples_per_s: float, skipped: int, overflowed: int) -> dict:
+    """A metrics.csv row. skipped: steps whose loss was non-finite; overflowed: steps fp16's loss scaler
+    skipped (gradients overflowed; usual in the first steps, while it finds its scale)."""
     row = {"epoch": epoch, "train_loss": round(loss, 6), "lr": lr}
     for name, m in agg["tasks"].items():
         row[f"{name}_iou"] = round(m["iou"], 6)
@@ -482,7 +506,7 @@ def _history_row(epoch: int, loss: float, agg: dict, lr: float, train_s: float, 
     row["mean_iou"] = round(agg["overall"]["iou"], 6)
     row["mean_dice"] = round(agg["overall"]["dice"], 6)
     row.update({"train_seconds": round(train_s, 2), "seconds": round(total_s, 2),
-                "samples_per_s": round(samples_per_s, 1), "skipped_steps": skipped})
+                "samples_per_s": round(samples_per_s, 1), "skipped_steps": skipped, "overflow_steps": overflowed})
     return row
 
 
@@ -535,15 +559,26 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_STATE_KEYS = {"epoch": int, "optimizer": dict, "scheduler": dict, "scaler": dict, "history": list,
+               "best": dict, "rng": dict}
+
+
 def _load_trainer_state(path: Path) -> dict:
-    """``last/trainer_state.pt`` onto the CPU (a run trained on a GPU resumes anywhere)."""
+    """``last/trainer_state.pt`` onto the CPU (a run trained on a GPU resumes anywhere). Raises ConfigError
+    for a file that cannot be read or does not hold a trainer state."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         raise
     except Exception as err:  # truncated or not a trainer state at all
         raise ConfigError(f"{path} cannot be read ({type(err).__name__}: {err}); resume from a copy or start "
                           "a new run") from err
+    wrong = ([k for k, kind in _STATE_KEYS.items() if not isinstance(state.get(k), kind)]
+             if isinstance(state, dict) else ["everything"])
+    if wrong:
+        raise ConfigError(f"{path} is not a trainer state ({', '.join(wrong)} missing or of the wrong type); "
+                          "resume from a copy or start a new run")
+    return state
 
 
 def _init_distributed(device: str) -> tuple[int, int]:
@@ -606,6 +641,9 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
         raise ConfigError(f"{path}: cannot be read ({err}); restore it from last/defectseg.json's train_config") from None
     if not isinstance(stored, dict):
         raise ConfigError(f"{path}: not a training config (a JSON object of settings)")
+    if "model_type" in stored:  # runs/<name>/last or best: a model folder
+        raise ConfigError(f"{path} is a model's config: --resume takes the run's folder ({Path(run_dir).parent}), "
+                          "not its last/ or best/")
     defaults = TrainConfig()
     for key, value in stored.items():
         if key in TrainConfig.__dataclass_fields__ and not _fits(value, getattr(defaults, key), key):

@@ -471,3 +471,34 @@ def test_checkpoints_reach_the_disk_before_the_swap(tiny_dir, tmp_path, monkeypa
     flushed_files = {Path(p).name for p, kind in synced if kind == "file" and f".{out.name}.tmp-" in p}
     assert flushed_files >= {p.name for p in out.iterdir()} and "decoder.safetensors" in flushed_files
     assert synced[-1] == (str(tmp_path), "dir")  # the swap itself
+
+
+def test_a_save_stopped_while_flushing_leaves_no_temp_folder(tiny_dir, tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM during the flush (most of a real save's time): the temp folder goes, the previous
+    checkpoint stays; folders set aside by an earlier killed swap are removed by the next save."""
+    import defectseg.model as model_module
+
+    model, processor = load_model(tiny_dir)
+    out = tmp_path / "last"
+    save_checkpoint(model, processor, out, {"epoch": 1})
+    (tmp_path / ".last.old-999999").mkdir()  # a swap killed before it deleted the old folder
+    calls = []
+
+    def interrupted(path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_module, "fsync_path", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(model, processor, out, {"epoch": 2})
+    assert read_metadata(out) == {"epoch": 1} and temp_siblings(out) == []
+
+
+def test_stop_if_terminated_raises_after_a_lost_sigterm(monkeypatch):
+    from defectseg import cli
+
+    cli.stop_if_terminated()  # nothing came
+    monkeypatch.setattr(cli, "_terminated_at", [1.0])  # a SIGTERM whose exception a GC callback swallowed
+    with pytest.raises(cli.Terminated):
+        cli.stop_if_terminated()

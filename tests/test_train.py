@@ -444,11 +444,20 @@ def test_resume_errors_and_schedule_change(processed, tiny, tmp_path, capsys):
         assert run_train("--resume", str(run), flag, value, "-q") == 1
         assert f"{flag} cannot change when resuming" in capsys.readouterr().err
     assert json.loads((run / "config.json").read_text())["train_vision_layers"] == 0
-    # A trainer state whose optimizer does not fit (e.g. written by an older version): one clear line.
+    # A config.json edited by hand is checked against the trainer state; a trainer state whose optimizer
+    # does not fit (e.g. written by an older version, without that record): one clear line each.
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps(dict(config, train_vision_layers=1)))
     assert run_train("--resume", str(run), "-q") == 1
+    assert "config.json says train_vision_layers = 1, but the run was trained with 0" in capsys.readouterr().err
+    state_file = run / "last" / "trainer_state.pt"
+    saved = state_file.read_bytes()
+    state = torch.load(state_file, weights_only=False)
+    del state["config"]
+    torch.save(state, state_file)
+    assert run_train("--resume", str(run), "-q") == 1
     assert "optimizer state does not fit" in capsys.readouterr().err
+    state_file.write_bytes(saved)
     (run / "config.json").write_text(json.dumps(config))
     # More epochs and another lr than planned (the data given as another path to the same folder): the
     # schedule is recomputed with the new lr, and the user is told.
@@ -580,7 +589,16 @@ def test_resume_keeps_the_run_honest(processed, tiny, tmp_path, monkeypatch, cap
     text = manifest.read_text()
     manifest.write_text("\n".join(line for line in text.splitlines() if ",drywall," not in line) + "\n")
     assert "valid split" in refused() and "not the data the run was trained on" in refused()
+    header, *lines = text.splitlines()
+    manifest.write_text("\n".join([header, *reversed(lines)]) + "\n")  # the plan picks rows by position
+    assert "not the data the run was trained on" in refused()
     manifest.write_text(text)
+    for state in ({}, None):
+        saved = (run / "last" / "trainer_state.pt").read_bytes()
+        torch.save(state, run / "last" / "trainer_state.pt")
+        assert "is not a trainer state" in refused()
+        (run / "last" / "trainer_state.pt").write_bytes(saved)
+    assert "not its last/ or best/" in run_train_err(capsys, "--resume", str(run / "last"))
     tasks_file.write_text(tasks_file.read_text().replace('"segment cracks"', '"segment fissures"'))
     assert "task table" in refused()
     tasks_file.write_text(tasks_file.read_text().replace('"segment fissures"', '"segment cracks"'))
@@ -594,9 +612,12 @@ def test_resume_keeps_the_run_honest(processed, tiny, tmp_path, monkeypatch, cap
     # fp16 scaler), and last/ set aside by a save that was cut short.
     data.rename(tmp_path / "d2")
     assert "no manifest" in refused() and "--data" in refused()
+    tasks_file.rename(tmp_path / "tasks-moved.json")
     (run / "last").rename(run / ".last.old-999999")
     monkeypatch.chdir(tmp_path)
-    assert run_train("--resume", "run", "--data", "d2", "--precision", "fp16", "--stop-after", "1", "-q") == 0
+    assert run_train("--resume", "run", "--data", "d2", "--precision", "fp16", "--stop-after", "1", "-q",
+                     "--tasks-file", "tasks-moved.json", "--tasks", "cracks", "drywall", "drywall") == 0
+    assert "overflow_steps" in history(run)[0]
     config = json.loads((run / "config.json").read_text())
     assert config["data"] == str(tmp_path / "d2") and config["precision"] == "fp16" and len(history(run)) == 2
     assert float(history(run)[-1]["lr"]) > 0  # the rate the epoch's last step used, not the one after it
@@ -605,18 +626,36 @@ def test_resume_keeps_the_run_honest(processed, tiny, tmp_path, monkeypatch, cap
     assert json.loads((run / "config.json").read_text())["epochs"] == 3
 
 
+def run_train_err(capsys, *argv: str) -> str:
+    """stderr of a train.py run that must fail."""
+    capsys.readouterr()
+    assert run_train(*argv) == 1
+    return capsys.readouterr().err
+
+
+def test_a_run_killed_in_its_first_epoch_is_started_again_with_overwrite(processed, tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": str(processed), "model": str(tiny)}))
+    err = run_train_err(capsys, "--resume", str(run))
+    assert f"--out {run} --overwrite" in err
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "1", "--overwrite")) == 0
+
+
 def test_tasks_named_twice_count_once():
     cfg = train.make_config(train.build_parser().parse_args(["--tasks", "cracks", "cracks", "drywall"]))
     assert cfg.tasks == ["cracks", "drywall"]
 
 
-def test_weights_that_overflow_stop_the_run(processed, tiny, tmp_path, capsys):
-    """A first step with a finite loss can still leave non-finite weights (--lr 1e308): the run stops with
-    one line before it saves them as best/."""
+@pytest.mark.parametrize("flag,value", [("--lr", "1e308"), ("--lr", "1e30"), ("--bce-weight", "1e308")])
+def test_a_run_that_cannot_train_stops_before_saving(processed, tiny, tmp_path, capsys, flag, value):
+    """Overflowing weights or losses (a step with a finite loss can still leave non-finite weights; then
+    most steps are skipped): the run stops with one line before anything is saved as best/ or last/."""
     run = tmp_path / "run"
-    assert run_train(*base_args(processed, tiny, run, "--epochs", "2", "--lr", "1e308")) == 1
-    assert "weights became non-finite" in capsys.readouterr().err
-    assert not (run / "best").exists()
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "2", flag, value)) == 1
+    err = capsys.readouterr().err
+    assert ("steps had a non-finite loss" in err or "weights became non-finite" in err) and "Traceback" not in err
+    assert not (run / "best").exists() and not (run / "last").exists()
 
 
 def test_a_prompt_changed_after_preprocessing_is_the_one_validated(processed, tiny, tmp_path, capsys):
