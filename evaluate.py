@@ -38,7 +38,7 @@ from defectseg.data import load_rows as data_rows
 from defectseg.inference import Segmenter, check_device, checkpoint_metadata
 from defectseg.io import ImageReadError, os_reason
 from defectseg.manifest import MANIFEST_FILE
-from defectseg.model import METADATA_FILE, ModelLoadError, resolve_model_arg
+from defectseg.model import METADATA_FILE, ModelLoadError, read_metadata, resolve_model_arg
 from defectseg.tasks import normalize_prompt
 
 log = logging.getLogger("evaluate")
@@ -168,8 +168,9 @@ def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep:
               mask_dir: Path | None) -> tuple[dict, list[evaluation.ImageScore], Segmenter]:
     """Load and score one model. Raises ModelLoadError."""
     segmenter = Segmenter.load(model_arg, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
+    trained_table = segmenter.tasks if read_metadata(model_arg).get("tasks") else {}  # else the built-in table
     for task, prompt in sorted({(row["task"], row["prompt"]) for row in rows}):
-        trained = segmenter.tasks.get(task)
+        trained = trained_table.get(task)
         if trained is not None and normalize_prompt(prompt) not in map(normalize_prompt, trained.prompts):
             log.warning("%s was trained to answer %r for task %s; the manifest asks %r, which is what is scored",
                         model_arg, trained.prompt, task, prompt)

@@ -277,11 +277,14 @@ def model_record(model: str) -> str:
 
 def same_settings(a: dict, b: dict) -> bool:
     """Whether two ``predict_config.json`` records make the same masks: same model, TTA and ensemble, and
-    the same threshold for every prompt both ran."""
+    the same threshold for every output file both wrote (prompts with one slug write one file)."""
     if any(a.get(key) != b.get(key) for key in ("model", "tta", "ensemble")):
         return False
     ta, tb = a.get("thresholds"), b.get("thresholds")
-    return isinstance(ta, dict) and isinstance(tb, dict) and all(ta[p] == tb[p] for p in ta.keys() & tb.keys())
+    if not (isinstance(ta, dict) and isinstance(tb, dict)):
+        return False
+    ta, tb = ({prompt_slug(p): t for p, t in x.items()} for x in (ta, tb))  # by output file: "Segment Crack"
+    return all(ta[slug] == tb[slug] for slug in ta.keys() & tb.keys())
 
 
 def earlier_runs(out: Path, settings: dict) -> list[dict]:
@@ -351,6 +354,9 @@ def main(args: argparse.Namespace) -> int:
     earlier = earlier_runs(out, settings)
 
     try:
+        # Recorded before the first mask is written, so a run stopped half-way still says what made the files.
+        write_json_atomic(out / PREDICT_CONFIG_FILE, {**settings, "prompts": prompts, "finished": False,
+                                                      "earlier_runs": earlier})
         stats = predict_images(segmenter, paths, thresholds, out, suffixes=suffixes, batch_size=args.batch_size,
                                workers=args.workers, progress=not args.quiet and len(paths) > args.batch_size)
         rate = stats.images / stats.seconds if stats.seconds > 0 else 0.0
@@ -358,7 +364,7 @@ def main(args: argparse.Namespace) -> int:
             **settings, "prompts": prompts, "device": str(segmenter.device), "precision": precision,
             "batch_size": args.batch_size, "images": stats.images, "failed": [str(p) for p in stats.failed],
             "masks_written": stats.masks, "seconds": round(stats.seconds, 3), "images_per_second": round(rate, 3),
-            "earlier_runs": earlier,
+            "finished": True, "earlier_runs": earlier,
         })
     except OSError as err:  # e.g. the disk is full or --out is read-only
         return fail(f"cannot write predictions into {out}: {os_reason(err)}")

@@ -475,7 +475,7 @@ def evaluate_model(
                              keep_masks=mask_dir is not None, own=own)
         if mask_dir is not None:
             for score in scores:
-                write_mask_png(Path(mask_dir) / mask_name(score.image, prompt_slug(score.prompt)), score.pred)
+                write_mask_png(Path(mask_dir) / output_name(score.image, score.mask, score.prompt), score.pred)
                 score.pred = None
         result.scores += scores
         timings.append((len(batch.rows), t1 - t0, t2 - t1))
@@ -488,9 +488,18 @@ def evaluate_model(
     return result
 
 
+def output_name(image: str, mask: str, prompt: str) -> str:
+    """The file name predict.py gives the mask of (image, prompt): ``<image_stem>__<prompt_slug>.png``. For a
+    row of preprocess's manifest that is its ground truth's own name, which is also right when the image is
+    a symlink (git-annex, DVC): the manifest records the link's target, predict.py names by the link."""
+    ending = f"__{prompt_slug(prompt)}.png"
+    own = Path(mask).name
+    return own if own.endswith(ending) else mask_name(image, prompt_slug(prompt))
+
+
 def prediction_path(pred_dir: str | Path, row: dict) -> Path:
-    """Where a folder of masks made elsewhere holds the mask of ``row``: ``<image_stem>__<prompt_slug>.png``."""
-    return Path(pred_dir) / mask_name(row["image"], prompt_slug(row["prompt"]))
+    """Where a folder of masks made elsewhere holds the mask of ``row`` (``output_name``)."""
+    return Path(pred_dir) / output_name(row["image"], row["mask"], row["prompt"])
 
 
 def read_prediction_values(path: str | Path) -> np.ndarray | None:
@@ -611,7 +620,7 @@ def pred_dir_example(pred_dir: str | Path, score: ImageScore, pred_threshold: fl
                      ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """(image, ground truth, predicted mask) of an image scored from a folder of masks."""
     image, target = _example_inputs(score)
-    row = {"image": score.image, "prompt": score.prompt}
+    row = {"image": score.image, "mask": score.mask, "prompt": score.prompt}
     return image, target, read_prediction(pred_dir, row, target.shape, pred_threshold)[0]
 
 

@@ -169,6 +169,9 @@ def parse_sources(text: str) -> Counter:
     return Counter({k: int(v) for k, v in (part.split(":") for part in text.split(";") if part)})
 
 
+UNKNOWN_PROBLEMS = "unknown"  # the problems cell of a row whose problems were never recorded
+
+
 def encode_problems(problems: list[Problem], image: str) -> str:
     """The manifest's ``problems`` cell of one mask: "" for none, else JSON ``[[at, kind, message,
     repaired], ...]`` where ``at`` is the problem's file less the image's path ("" for the image itself,
@@ -369,6 +372,9 @@ def plan_jobs(
     names = {t.name for t in tasks}
     kept = [_as_written(row, split, out) for split, rows in previous.items() for row in rows
             if (split not in splits or row["task"] not in names) and Path(row["mask"]).exists()]
+    for row in kept:  # a row of an older manifest: its problems are not known, so a later run redoes it
+        if row.get("problems") is None:
+            row["problems"] = UNKNOWN_PROBLEMS
     if without := sum(not has_stats(row) for row in kept):
         log.warning("%s: %d kept row(s) of other tasks or splits lack preprocess's statistics (from a "
                     "manifest of an older version or another tool); summary.json counts them as images only",

@@ -782,3 +782,36 @@ def test_saved_masks_rescored_in_place_survive_and_foreign_masks_are_never_repla
     assert "was not written by an earlier report" in capsys.readouterr().err
     assert sorted(p.name for p in (other / "masks").iterdir()) == sorted(
         p.name for p in (processed / "valid" / "masks").iterdir())
+
+
+def test_symlinked_images_are_scored_by_the_names_predict_gives(sample_root, tiny_dir, tmp_path, capsys):
+    """git-annex and DVC keep images as symlinks to content-named blobs: predict.py names masks by the link,
+    the manifest records the target; --pred-dir still finds every mask, and --save-masks names them alike."""
+    data = tmp_path / "data" / "cracks" / "valid"
+    shutil.copytree(sample_root / "cracks" / "valid", data)
+    linked = sorted(data.glob("*.jpg"))[0]
+    (tmp_path / "blobs").mkdir()
+    linked.rename(tmp_path / "blobs" / "SHA256E-abc.jpg")
+    linked.symlink_to(os.path.relpath(tmp_path / "blobs" / "SHA256E-abc.jpg", data))
+    processed = preprocess(tmp_path / "data", tmp_path / "processed", "--tasks", "cracks")
+    preds = tmp_path / "preds"
+    assert predict.main(predict.build_parser().parse_args(
+        ["--model", str(tiny_dir), "--image", str(data), "--prompt", "segment crack", "--out", str(preds),
+         "--workers", "0", "-q"])) == 0
+    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out", str(tmp_path / "r"))
+    assert code == 0 and load_metrics(tmp_path / "r")["predictions"]["missing"]["count"] == 0, log
+    assert run("--model", str(tiny_dir), "--data", str(processed), "--out", str(tmp_path / "r2"), "--save-masks",
+               "-q") == 0
+    assert sorted(p.name for p in (tmp_path / "r2" / "masks").iterdir()) == sorted(
+        p.name for p in preds.iterdir() if p.suffix == ".png")
+
+
+def test_no_prompt_warning_for_a_model_without_a_task_table(sample_root, tiny_dir, tmp_path, capsys):
+    """A model with no defectseg.json (a Hub model, a bare save_pretrained folder) was trained on no task
+    table, so a manifest made with another prompt is no mismatch to warn about."""
+    tasks_file = tmp_path / "tasks.json"
+    tasks_file.write_text(json.dumps({"tasks": {"cracks": {"prompt": "segment fissure", "dirs": ["cracks"]}}}))
+    processed = preprocess(sample_root, tmp_path / "processed", "--tasks", "cracks", "--splits", "valid",
+                           "--tasks-file", str(tasks_file))
+    code, log = run_logged(capsys, "--model", str(tiny_dir), "--data", str(processed), "--out", str(tmp_path / "r"))
+    assert code == 0 and "was trained to answer" not in log

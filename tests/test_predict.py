@@ -352,6 +352,9 @@ def test_runs_with_other_settings_into_one_folder_are_recorded(tiny_dir: Path, t
     assert run(tiny_dir, out, "--image", str(folder / "a.png"), prompts=PROMPTS[:1]) == 0
     assert [r["thresholds"] for r in config()["earlier_runs"]] == [dict.fromkeys(PROMPTS, 0.3)]
 
+    # Another spelling of a prompt writes the same files: compared by file, it is another setting too.
+    assert run(tiny_dir, out, "--image", str(folder / "a.png"), "--threshold", "0.2", prompts=["Segment Crack"]) == 0
+    assert "holds outputs of" in capsys.readouterr().err
     (out / predict.PREDICT_CONFIG_FILE).write_text("{not json")
     assert run(tiny_dir, out, "--image", str(folder / "a.png"), prompts=PROMPTS[:1]) == 0
     assert "unreadable" in capsys.readouterr().err and config()["earlier_runs"] == []
@@ -390,4 +393,20 @@ def test_a_fifo_is_refused_not_read(tmp_path: Path, capsys) -> None:
     os.mkfifo(fifo)
     with pytest.raises(predict.InputError, match="not a regular file"):
         predict.collect_images([str(fifo)])
+
+
+def test_a_run_stopped_half_way_is_recorded(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """The record is written before the first mask, so a folder a stopped run wrote into says so."""
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    write_image(tmp_path / "a.png", 20, 20)
+    out = tmp_path / "pred"
+    assert run(tiny_dir, out, "--image", str(tmp_path / "a.png")) == 0
+    monkeypatch.setattr(predict, "predict_images", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_dir, out, "--image", str(tmp_path / "a.png"), "--threshold", "0.3")
+    record = json.loads((out / predict.PREDICT_CONFIG_FILE).read_text())
+    assert record["finished"] is False and record["thresholds"] == dict.fromkeys(PROMPTS, 0.3)
+    assert [r["thresholds"] for r in record["earlier_runs"]] == [dict.fromkeys(PROMPTS, 0.5)]
 

@@ -592,6 +592,8 @@ def test_rerun_over_a_manifest_with_only_the_basic_columns(sample_root, tmp_path
         "rle_annotations": 0, "mask_source": {}, "mean_fg_fraction": None, "images_without_statistics": 4}
     assert summary["counts"]["cracks"]["valid"]["images"] == 4 and "drywall" not in summary["leakage"]
     assert summary["masks_written"] == 4  # the basic cracks rows are redone, the drywall ones kept as they are
+    kept = [r for r in read_manifest(manifest) if r["task"] == "drywall"]
+    assert {r["problems"] for r in kept} == {"unknown"}  # not "" (no problems): nobody knows them yet
     assert run("--data-root", str(sample_root), "--out", str(out)) == 0  # with drywall: its rows are redone
     summary = json.loads((out / "summary.json").read_text())
     assert summary["masks_written"] == 4 and summary["counts"]["drywall"]["valid"]["bbox_only_annotations"] > 0
