@@ -336,13 +336,15 @@ def main(args: argparse.Namespace) -> int:
     model = resolve_model_arg(args.model)
     try:
         segmenter = Segmenter.load(model, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
-    except (ModelLoadError, TaskTableError) as err:
-        for folder in made:  # nothing was written: leave no empty --out behind
+    except BaseException as err:  # a bad model, Ctrl-C or SIGTERM: nothing was written, leave no empty --out
+        for folder in made:
             try:
                 folder.rmdir()
             except OSError:  # not empty after all
                 break
-        return fail(str(err))
+        if isinstance(err, (ModelLoadError, TaskTableError)):
+            return fail(str(err))
+        raise
     thresholds = {p: segmenter.threshold(p) if args.threshold is None else args.threshold for p in prompts}
     precision = precision_name(segmenter.amp_dtype)
     log.info("%d images x %d prompts with %s on %s (%s)%s%s; thresholds: %s%s", len(paths), len(prompts), model,
