@@ -129,6 +129,12 @@ def check_args(args: argparse.Namespace, model_arg: str) -> str | None:
         for folder in (args.pred_dir, args.compare):
             if folder is not None and not Path(folder).is_dir():
                 return f"prediction folder {folder} does not exist or is not a folder"
+            if folder is not None and args.pred_threshold is not None and args.pred_threshold > 255:
+                sample = next(iter(sorted(Path(folder).glob("*.png"))), None)
+                values = evaluation.read_prediction_values(sample) if sample else None
+                if values is not None and values.dtype == np.uint8:  # every mask would score as empty
+                    return (f"--pred-threshold {args.pred_threshold:g} is above 255, the largest value of the "
+                            f"8-bit masks in {folder} (e.g. {sample.name})")
     if args.write_thresholds:
         if args.split.lower() == "test":  # .lower(): the same folder on case-insensitive file systems
             return ("refusing --write-thresholds on the test split: a threshold tuned on test makes the test "

@@ -48,12 +48,12 @@ HELP = {
     "bce_weight": "weight of the BCE term of the loss",
     "dice_weight": "weight of the soft Dice term of the loss",
     "negative_prob": "probability of pairing an image with another task's prompt and an empty target",
-    "flip": "no horizontal-flip augmentation (by default flips are cached as a second view of each image)",
-    "synonyms": "always the canonical prompt (by default a random synonym of the task prompt per sample)",
+    "flip": "horizontal-flip augmentation, cached as a second view of each image (default: on)",
+    "synonyms": "a random synonym of the task's prompt per sample; off: always the canonical prompt (default: on)",
     "seed": "random seed (same seed, same numbers on CPU)",
     "device": "auto, cpu, cuda, cuda:1, mps",
     "precision": "auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16, fp16",
-    "cache": "no activation cache: HF's plain forward every step (slow; by default activations are cached)",
+    "cache": "train from cached vision activations; off: HF's plain forward every step, slow (default: on)",
     "cache_dir": "feature cache folder (default: <data>/features)",
     "cache_dtype": "fp16 or fp32 storage of cached activations",
     "train_vision_layers": "also fine-tune the last K used vision layers (turns the cache off)",
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = HELP[f.name] if "default" in HELP[f.name] else f"{HELP[f.name]} (default: {default})"
         if isinstance(default, bool):  # on by default; the flag turns it off
-            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=HELP[f.name])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=HELP[f.name])  # and --no-...
         elif isinstance(default, list):
             parser.add_argument(flag, nargs="+", help=help_text)
         else:

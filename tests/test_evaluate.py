@@ -634,6 +634,9 @@ def test_zero_one_masks_are_not_warned_about(processed, valid_rows, tmp_path, ca
 def test_pred_threshold_is_checked(processed, tmp_path, capsys):
     code, log = run_logged(capsys, "--data", str(processed), "--pred-threshold", "128", "--out", str(tmp_path / "r"))
     assert code == 1 and "needs --pred-dir" in log
+    code, log = run_logged(capsys, "--pred-dir", str(processed / "valid" / "masks"), "--data", str(processed),
+                           "--pred-threshold", "300", "--out", str(tmp_path / "r"))
+    assert code == 1 and "above 255, the largest value of the 8-bit masks" in log
     for bad in ("0", "65536", "half"):
         with pytest.raises(SystemExit) as exc:
             evaluate.build_parser().parse_args(["--pred-dir", str(tmp_path), "--pred-threshold", bad])

@@ -707,3 +707,11 @@ def test_ddp_settings_error_is_reported(processed, tiny, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode != 0
     assert (proc.stdout + proc.stderr).count("--epochs must be > 0") >= 1
+
+
+def test_the_cache_can_be_turned_back_on_when_resuming(processed, tiny, tmp_path):
+    run = tmp_path / "run"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "2", "--stop-after", "1", "--no-cache")) == 0
+    assert json.loads((run / "config.json").read_text())["cache"] is False
+    assert run_train("--resume", str(run), "--cache", "-q") == 0
+    assert json.loads((run / "config.json").read_text())["cache"] is True and len(history(run)) == 2
