@@ -28,7 +28,14 @@ from defectseg.inference import check_device
 from defectseg.io import ImageReadError, os_reason
 from defectseg.model import ModelLoadError, recover_checkpoint, resolve_model_arg
 from defectseg.tasks import TaskTableError, load_tasks
-from defectseg.training import TRAINER_STATE, ConfigError, TrainConfig, load_run_config, train
+from defectseg.training import (
+    FIXED_ON_RESUME,
+    TRAINER_STATE,
+    ConfigError,
+    TrainConfig,
+    load_run_config,
+    train,
+)
 
 log = logging.getLogger("train")
 
@@ -78,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = HELP[f.name] if "default" in HELP[f.name] else f"{HELP[f.name]} (default: {default})"
-        if isinstance(default, bool):  # on by default; the flag turns it off
+        if isinstance(default, bool):  # --flag and --no-flag
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=HELP[f.name])  # and --no-...
         elif isinstance(default, list):
             parser.add_argument(flag, nargs="+", help=help_text)
@@ -86,11 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
             kind = {int: int, float: float}.get(type(default), nonempty)
             parser.add_argument(flag, type=kind, help=help_text)
     return parser
-
-
-# Settings a resumed run must keep: they decide the model, the data or the parameters being trained.
-# The data and the task table may move (another --data or --tasks-file): train() checks their contents.
-FIXED_ON_RESUME = ("data", "model", "tasks", "train_vision_layers", "batch_size")
 
 
 def _same(given: object, stored: object) -> bool:

@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -47,18 +46,19 @@ class Terminated(KeyboardInterrupt):
     processes are shut down. Forked workers inherit the handler and end quietly too."""
 
 
-_terminated_at: list[float] = []  # when SIGTERM came; empty until it does
+_sigterm_came = False
 
 
 def _terminated(signum: int, frame: object) -> None:
-    _terminated_at.append(time.time())
+    global _sigterm_came
+    _sigterm_came = True
     raise Terminated()
 
 
 def stop_if_terminated() -> None:
     """Raise Terminated again if SIGTERM came: the handler's exception is lost when the signal lands in a
     garbage-collector or weakref callback, so long loops call this once per step."""
-    if _terminated_at:
+    if _sigterm_came:
         raise Terminated()
 
 

@@ -45,6 +45,7 @@ from .io import (
     load_image,
     prefetched,
     read_mask_png,
+    remove_stale,
     write_bytes_atomic,
     write_json_atomic,
     write_text_atomic,
@@ -67,6 +68,11 @@ from .tasks import Task, load_tasks, tasks_to_dict
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
+
+
+# Settings a resumed run must keep: they decide the model, the data or the parameters being trained. The
+# data and the task table may move (another --data or --tasks-file): train() checks their contents.
+FIXED_ON_RESUME = ("data", "model", "tasks", "train_vision_layers", "batch_size")
 
 
 class ConfigError(ValueError):
@@ -151,7 +157,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     # What a resumed run must find unchanged: the rows of both splits and the task table.
     identity = {"data": {"train": rows_fingerprint(train_rows), "valid": rows_fingerprint(valid_rows)},
                 "tasks": {t.name: [t.prompt, *t.synonyms] for t in tasks},  # what training asks with
-                "config": {k: getattr(cfg, k) for k in ("model", "tasks", "batch_size", "train_vision_layers")}}
+                "config": {k: getattr(cfg, k) for k in FIXED_ON_RESUME if k != "data"}}  # data: its rows, above
 
     state = _load_trainer_state(out / "last" / TRAINER_STATE) if resume else None
     if state is not None:
@@ -239,8 +245,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         if not resume:  # train.py --overwrite: nothing of the run this one replaces may be mistaken for it
             for name in ("best", "last", "metrics.csv", "curves.png", "summary.json"):
                 shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
-            for aside in [*out.glob(".best.old-*"), *out.glob(".last.old-*")]:  # else a later load could restore one
-                shutil.rmtree(aside, ignore_errors=True)
+            for name in ("best", "last"):  # folders set aside by its swaps: a later load could restore one
+                remove_stale(out, f".{name}.old-")
         write_json_atomic(out / "config.json", asdict(cfg))
     stop = False
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)

@@ -499,6 +499,6 @@ def test_stop_if_terminated_raises_after_a_lost_sigterm(monkeypatch):
     from defectseg import cli
 
     cli.stop_if_terminated()  # nothing came
-    monkeypatch.setattr(cli, "_terminated_at", [1.0])  # a SIGTERM whose exception a GC callback swallowed
+    monkeypatch.setattr(cli, "_sigterm_came", True)  # a SIGTERM whose exception a GC callback swallowed
     with pytest.raises(cli.Terminated):
         cli.stop_if_terminated()
