@@ -38,7 +38,7 @@ from defectseg.data import load_rows as data_rows
 from defectseg.inference import Segmenter, check_device, checkpoint_metadata
 from defectseg.io import ImageReadError, os_reason
 from defectseg.manifest import MANIFEST_FILE
-from defectseg.model import METADATA_FILE, ModelLoadError, read_metadata, resolve_model_arg
+from defectseg.model import METADATA_FILE, SHIPPED_MODEL, ModelLoadError, read_metadata, resolve_model_arg
 from defectseg.tasks import normalize_prompt
 
 log = logging.getLogger("evaluate")
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=nonempty, default=None,
                         help="checkpoint folder (runs/<name>/best), decoder .safetensors file or Hub id "
-                             "(default: $DEFECTSEG_MODEL, else CIDAS/clipseg-rd64-refined)")
+                             "(default: $DEFECTSEG_MODEL, else the shipped model models/liteseg)")
     parser.add_argument("--data", type=nonempty, default="processed_dataset",
                         help="preprocess_masks.py output folder (default: %(default)s)")
     parser.add_argument("--split", type=split_name, default="valid", help="split to score (default: %(default)s)")
@@ -215,7 +215,7 @@ def log_summary(section: dict) -> None:
 
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.quiet)
-    model_arg = resolve_model_arg(args.model)
+    model_arg = resolve_model_arg(args.model, SHIPPED_MODEL)
     problem = check_args(args, model_arg) or (None if args.pred_dir else check_device(args.device))
     if problem:
         return fail(problem)

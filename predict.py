@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Binary masks for images and text prompts, with CLIPSeg (fine-tuned or not).
+"""Binary masks for images and text prompts, with the shipped LiteSeg model or any trained checkpoint.
 
     python predict.py --image photo.jpg --prompt "segment crack"
     python predict.py --image shots/ "more/*.png" --prompt "segment crack" --prompt "segment taping area" \\
@@ -47,7 +47,7 @@ from defectseg.io import (
 )
 from defectseg.manifest import PREDICT_CONFIG_FILE, mask_name
 from defectseg.metrics import binarize
-from defectseg.model import DEFAULT_MODEL, MODEL_ENV_VAR, ModelLoadError, resolve_model_arg
+from defectseg.model import MODEL_ENV_VAR, SHIPPED_MODEL, ModelLoadError, resolve_model_arg
 from defectseg.tasks import TaskTableError, prompt_slug
 
 log = logging.getLogger("predict")
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='what to segment, e.g. "segment crack"; repeatable, one mask per image and prompt')
     parser.add_argument("--model", type=nonempty, default=None,
                         help="Hub id, save_pretrained folder, runs/<name>/best or decoder .safetensors file "
-                             f"(default: ${MODEL_ENV_VAR}, else {DEFAULT_MODEL})")
+                             f"(default: ${MODEL_ENV_VAR}, else the shipped model models/{SHIPPED_MODEL.name})")
     parser.add_argument("--out", type=nonempty, default="predictions", help="output folder (default: %(default)s)")
     parser.add_argument("--threshold", type=number_in(0, 1), default=None,
                         help="probability threshold for every prompt (default: the checkpoint's tuned "
@@ -333,7 +333,7 @@ def main(args: argparse.Namespace) -> int:
     except OSError as err:
         return fail(f"cannot create output folder {out}: {err}")
 
-    model = resolve_model_arg(args.model)
+    model = resolve_model_arg(args.model, SHIPPED_MODEL)
     try:
         segmenter = Segmenter.load(model, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
     except BaseException as err:  # a bad model, Ctrl-C or SIGTERM: nothing was written, leave no empty --out

@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""Fine-tune CLIPSeg for text-prompted defect segmentation.
+"""Train a text-prompted segmenter: fine-tune CLIPSeg's decoder, or train LiteSeg from scratch (--model lite).
 
     python train.py                                  # processed_dataset/ -> runs/<timestamp>/
     python train.py --model models/clipseg-rd64-refined --epochs 10 --out runs/first
+    python train.py --model lite --epochs 14 --lr 2e-3 --patience 0 --out runs/lite   # from scratch, offline
     python train.py --resume runs/first --epochs 20  # continue a run (same config, more epochs)
     torchrun --nproc_per_node 2 train.py ...         # data-parallel on 2 GPUs (or CPU processes)
 
-CLIP stays frozen by default: each image's vision activations are computed once and cached
+CLIPSeg: CLIP stays frozen by default: each image's vision activations are computed once and cached
 (<data>/features), and only the decoder trains, so an epoch after the first runs no vision encoder.
-Writes runs/<name>/: config.json, best/ and last/ (save_pretrained folders with decoder.safetensors
-and defectseg.json), metrics.csv, curves.png, summary.json.
+LiteSeg (--model lite, or a LiteSeg folder to fine-tune): every weight trains on images decoded once into
+memory and augmented on the fly (docs/liteseg.md).
+Writes runs/<name>/: config.json, best/ and last/ (save_pretrained folders with defectseg.json, and for
+CLIPSeg decoder.safetensors), metrics.csv, curves.png, summary.json.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ log = logging.getLogger("train")
 HELP = {
     "data": "preprocessed dataset folder (preprocess_masks.py --out)",
     "out": "run folder (default: runs/<timestamp>)",
-    "model": "base model: hub id or local folder (default: $DEFECTSEG_MODEL or CIDAS/clipseg-rd64-refined)",
+    "model": "base model: hub id or local folder, or lite / lite-tiny for a small model trained from scratch "
+             "(default: $DEFECTSEG_MODEL or CIDAS/clipseg-rd64-refined)",
     "tasks": "tasks to train on",
     "tasks_file": "JSON file extending the task table",
     "epochs": "number of epochs",

@@ -16,7 +16,8 @@ Prints, in one run:
 5. on CUDA, peak GPU memory of the cached loop;
 6. the time to save one checkpoint as train.py does after every epoch (last/, and best/ when the score
    improves): the full save_pretrained folder plus the decoder file, flushed to disk, in --save-dir;
-and the parameter counts and the size of the decoder-only file train.py writes.
+and the parameter counts and the size of the decoder-only file train.py writes;
+7. LiteSeg from scratch (``bench_lite``): samples/s of the model step and of the augmentation.
 Images are the bundled real samples; the model is built by ``defectseg.tiny.build_rd64_random``.
 """
 
@@ -29,13 +30,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from defectseg import lite  # noqa: E402
+from defectseg.augment import ImageBank  # noqa: E402
+from defectseg.data import Sample  # noqa: E402
 from defectseg.features import FeatureCache  # noqa: E402
-from defectseg.inference import Segmenter, autocast  # noqa: E402
+from defectseg.inference import Segmenter, autocast, resolve_device, resolve_precision  # noqa: E402
 from defectseg.io import list_images, load_image  # noqa: E402
 from defectseg.losses import bce_dice_loss  # noqa: E402
 from defectseg.model import count_parameters, save_checkpoint, save_decoder  # noqa: E402
@@ -166,6 +171,46 @@ def main(args: argparse.Namespace) -> None:
           "when it improves")
 
 
+def bench_lite(args: argparse.Namespace) -> None:
+    """LiteSeg from scratch as train.py trains it: augmented batches from images in memory, the whole
+    model forward and backward, AdamW step; samples/s with and without the augmentation in the loop."""
+    torch.manual_seed(0)
+    model, processor = lite.build("lite")
+    device = resolve_device(args.device)
+    model.to(device).train()
+    amp = resolve_precision(args.precision, device, model)
+    optimizer = torch.optim.AdamW(_set_trainable(model, 0), lr=1e-3)
+    images = [load_image(p) for p in list_images(REPO / "sample_data" / "cracks" / "train")]
+    masks = [(im.mean(axis=2) < 90).astype(np.uint8) for im in images]  # any mask: speed only
+    bank = ImageBank(images, masks)
+    b, size = args.batch_size, processor.image_processor.size["height"]
+    plan = [Sample(i % len(images), i % 2, PROMPTS[i % 2], i % 5 == 0) for i in range(b)]
+    tokens = {k: v.to(device) for k, v in processor.tokenizer([s.prompt for s in plan]).items()}
+    fixed = [t.to(device) for t in bank.batch(plan, size, seed=0, epoch=0, start=0)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step(pixel_values: torch.Tensor, target: torch.Tensor) -> None:
+        with autocast(device, amp):
+            logits = TrainForward(model)(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                                         pixel_values=pixel_values)
+        loss = bce_dice_loss(logits, target).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model_s = timed_steps(lambda: step(*fixed), args.lite_steps, device)
+    augment_s = timed_steps(lambda: bank.batch(plan, size, seed=0, epoch=1, start=0), args.lite_steps, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    epoch = 2 * 2642  # train.py's epoch on the full exports: every crack image once, drywall oversampled to match
+    print(f"\nLiteSeg from scratch ({count_parameters(model) / 1e6:.2f} M parameters, {size}px, {amp or 'fp32'}, "
+          f"batch {b}):")
+    print(f"  model step (forward, backward, AdamW): {b / model_s:8.1f} samples/s")
+    print(f"  augmentation on one thread:            {b / augment_s:8.1f} samples/s")
+    print(f"  epoch of {epoch:,} samples (full exports) at the slower of the two rates: "
+          f"{epoch * max(model_s, augment_s) / b:,.0f} s" + (f"; peak GPU memory {peak:.2f} GiB" if peak else ""))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
@@ -178,4 +223,9 @@ if __name__ == "__main__":
     parser.add_argument("--save-dir", default=None,
                         help="where to time checkpoint saves (default: the system's temp folder; pick the disk "
                              "your runs/ are on)")
-    main(parser.parse_args())
+    parser.add_argument("--lite-steps", type=int, default=5, help="timed LiteSeg steps (default: %(default)s)")
+    parser.add_argument("--no-clipseg", dest="clipseg", action="store_false", help="only the LiteSeg part")
+    args = parser.parse_args()
+    if args.clipseg:
+        main(args)
+    bench_lite(args)

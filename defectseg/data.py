@@ -1,8 +1,9 @@
 """Training data: manifests, targets at the model's resolution, and the per-epoch sample plan.
 
 An epoch is a list of ``Sample(row, view, prompt, negative)``:
-- task-balanced: each sample first draws a task uniformly, then an image of that task, so the small
-  drywall set (820 images) weighs as much as cracks (5,164);
+- a pass over the data: every image of the largest task once, the smaller tasks' images repeated to as
+  many samples (whole shuffled passes, then part of one more), so every image is seen each epoch and
+  the small drywall set (820 images) weighs as much as cracks (2,642);
 - a random synonym of the task's prompts per sample (the one task table in ``tasks.py``);
 - negative pairs: with probability ``negative_prob`` the image is paired with another task's prompt
   and an empty target, so the model must read the text;
@@ -103,16 +104,29 @@ class Sample:
     negative: bool
 
 
+def epoch_length(rows: list[dict], tasks: list[Task]) -> int:
+    """Samples per epoch (``epoch_plan``'s length): the largest task's row count times the tasks present."""
+    counts = [n for n in (sum(r["task"] == t.name for r in rows) for t in tasks) if n]
+    return max(counts) * len(counts)
+
+
 def epoch_plan(rows: list[dict], tasks: list[Task], seed: int, epoch: int, negative_prob: float,
                flip: bool, synonyms: bool = True) -> list[Sample]:
-    """The samples of one epoch (as many as there are rows), in training order."""
+    """The samples of one epoch, in training order: every row of the largest task once, and each smaller
+    task's rows repeated (whole shuffled passes, then part of one more) to as many samples, so every
+    image is seen each epoch and the tasks weigh the same."""
     rng = np.random.default_rng([seed, epoch])
     by_task = {t.name: [i for i, r in enumerate(rows) if r["task"] == t.name] for t in tasks}
     present = [t for t in tasks if by_task[t.name]]
+    largest = max(len(by_task[t.name]) for t in present)
+    drawn = []
+    for task in present:
+        own = by_task[task.name]
+        passes = np.concatenate([rng.permutation(own) for _ in range(-(-largest // len(own)))])
+        drawn += [(task, int(row)) for row in passes[:largest]]
     plan = []
-    for _ in range(len(rows)):
-        task = present[rng.integers(len(present))]
-        row = by_task[task.name][rng.integers(len(by_task[task.name]))]
+    for index in rng.permutation(len(drawn)):
+        task, row = drawn[index]
         negative = len(present) > 1 and rng.random() < negative_prob
         if negative:
             others = [t for t in present if t.name != task.name]

@@ -74,7 +74,12 @@ def bce_dice_loss(
     dice_weight: float = 1.0,
     eps: float = 1.0,
 ) -> torch.Tensor:
-    """``bce_weight * bce_loss + dice_weight * soft_dice_loss`` per sample.
+    """``bce_weight * bce_loss + dice_weight * soft_dice_loss`` per sample; the Dice term only where the
+    target has foreground.
+
+    On an empty target the smoothed Dice is ``sum(p) / (sum(p) + eps)``: about 1 and flat until fewer
+    than ~10 pixels are predicted, a constant that teaches nothing. So empty targets (negative pairs,
+    photos without the defect) get BCE alone, which does push every pixel's probability down.
 
     Args:
         logits: (B, H, W) raw scores, any float dtype.
@@ -86,4 +91,6 @@ def bce_dice_loss(
     Returns:
         float32 tensor of shape (B,).
     """
-    return bce_weight * bce_loss(logits, target) + dice_weight * soft_dice_loss(logits, target, eps=eps)
+    bce, dice = bce_loss(logits, target), soft_dice_loss(logits, target, eps=eps)  # (B,) each; shapes checked
+    has_fg = (target.flatten(1) > 0).any(dim=1)
+    return bce_weight * bce + dice_weight * torch.where(has_fg, dice, torch.zeros_like(dice))

@@ -41,11 +41,15 @@ from torch import nn
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 from transformers.utils import logging as hf_logging
 
+from . import lite
 from .io import atomic_path, fsync_path, os_reason, remove_stale
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
+# The LiteSeg checkpoint trained from scratch that ships in the repo (models/liteseg/README.md): what
+# predict.py and evaluate.py use when neither --model nor $DEFECTSEG_MODEL is given.
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "liteseg"
 MODEL_ENV_VAR = "DEFECTSEG_MODEL"
 METADATA_FILE = "defectseg.json"
 DECODER_FILE = "decoder.safetensors"  # the decoder alone, inside a training checkpoint folder
@@ -86,11 +90,12 @@ class ModelLoadError(RuntimeError):
 # Loading
 
 
-def resolve_model_arg(arg: str | None) -> str:
-    """The model to load: ``arg`` if given, else ``$DEFECTSEG_MODEL``, else ``DEFAULT_MODEL``."""
+def resolve_model_arg(arg: str | None, fallback: str | Path = DEFAULT_MODEL) -> str:
+    """The model to load: ``arg`` if given, else ``$DEFECTSEG_MODEL``, else ``fallback``: CLIPSeg's Hub id
+    for train.py's base, ``SHIPPED_MODEL`` for predict.py and evaluate.py."""
     if arg:
         return arg
-    return os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL
+    return os.environ.get(MODEL_ENV_VAR) or str(fallback)
 
 
 def load_model(
@@ -156,11 +161,14 @@ def _load_local_dir(path: Path) -> tuple[CLIPSegForImageSegmentation, CLIPSegPro
         raise ModelLoadError(
             f"{path} is not a CLIPSeg checkpoint folder: cannot read config.json ({exc})"
         ) from exc
-    if model_type != "clipseg":
-        raise ModelLoadError(f"{path} holds a {model_type!r} model, not a CLIPSeg checkpoint")
+    if model_type not in ("clipseg", lite.MODEL_TYPE):
+        raise ModelLoadError(f"{path} holds a {model_type!r} model, not a CLIPSeg or LiteSeg checkpoint")
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
         raise ModelLoadError(f"{path} has a config.json but no model weights (model.safetensors)")
     try:
+        if model_type == lite.MODEL_TYPE:
+            model = lite.LiteSeg.from_pretrained(path)
+            return model, lite.LiteProcessor.for_model(model)
         return _from_pretrained(str(path))
     except Exception as exc:
         raise ModelLoadError(f"could not load the CLIPSeg checkpoint in {path}: {_first_line(exc)}") from exc
@@ -414,6 +422,17 @@ def _swap_in(new: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def new_model(name: str, seed: int = 0) -> tuple[lite.LiteSeg, lite.LiteProcessor] | None:
+    """A fresh, randomly initialized model when ``name`` names a from-scratch architecture
+    (``lite.ARCHS``: "lite", "lite-tiny"), else None (``name`` is then a model to load)."""
+    return lite.build(name, seed) if name in lite.ARCHS else None
+
+
+def trains_from_scratch(model: nn.Module) -> bool:
+    """Whether every weight of ``model`` trains (LiteSeg), rather than a decoder on a frozen base (CLIPSeg)."""
+    return isinstance(model, lite.LiteSeg)
+
+
 def base_model_ref(name_or_path: str) -> str:
     """What a decoder file records as its base: a Hub id as is, a local folder as an absolute path (so
     the file loads from any working directory), and for a decoder file the base that file records."""
@@ -516,7 +535,10 @@ def deepest_layer(model: CLIPSegForImageSegmentation) -> int:
 
 
 def used_vision_layers(model: CLIPSegForImageSegmentation) -> list[nn.Module]:
-    """The vision encoder layers that ``encode_images`` runs: layers 0..deepest_layer(model)."""
+    """The vision encoder layers that ``encode_images`` runs: layers 0..deepest_layer(model) (none for
+    LiteSeg, which has no frozen vision tower)."""
+    if trains_from_scratch(model):
+        return []
     return list(model.clip.vision_model.encoder.layers[: deepest_layer(model) + 1])
 
 
@@ -530,7 +552,12 @@ def encode_images(model: CLIPSegForImageSegmentation, pixel_values: torch.Tensor
 
     No ``torch.no_grad`` here: wrap the call in one for a frozen encoder, or leave it out to
     fine-tune the last used vision layers.
+
+    LiteSeg answers with its own encoder's features (strides 2..32, see ``lite.py``); so do
+    ``encode_prompts`` and ``decode``: this is the one place that tells the model families apart.
     """
+    if trains_from_scratch(model):
+        return model.encode_images(pixel_values.to(next(model.parameters()).device))
     vision = model.clip.vision_model
     embeddings = vision.embeddings
     pixel_values = pixel_values.to(dtype=embeddings.patch_embedding.weight.dtype)
@@ -581,6 +608,8 @@ def encode_prompts(
     if device is None:
         device = next(model.parameters()).device
     tokens = processor.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
+    if trains_from_scratch(model):
+        return model.encode_prompts(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
     features = model.clip.get_text_features(
         input_ids=tokens["input_ids"].to(device),
         attention_mask=tokens["attention_mask"].to(device),
@@ -605,6 +634,8 @@ def decode(
     param = next(model.decoder.parameters())
     activations = [a.to(device=param.device, dtype=param.dtype) for a in activations]
     cond = cond.to(device=param.device, dtype=param.dtype)
+    if trains_from_scratch(model):
+        return model.decode(activations, cond)
     out = model.decoder(activations, cond)
     logits = out.logits if hasattr(out, "logits") else out[0]
     if logits.dim() == 2:

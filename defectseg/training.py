@@ -29,10 +29,12 @@ from torch import nn
 from tqdm import tqdm
 
 from . import evaluation
+from .augment import ImageBank
 from .cli import stop_if_terminated
 from .data import (
     Sample,
     batch_targets,
+    epoch_length,
     epoch_plan,
     load_rows,
     load_targets,
@@ -59,8 +61,10 @@ from .model import (
     decode,
     encode_images,
     load_model,
+    new_model,
     save_checkpoint,
     save_decoder,
+    trains_from_scratch,
     used_vision_layers,
 )
 from .tasks import Task, load_tasks, tasks_to_dict
@@ -140,7 +144,6 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     main_process = rank == 0
     out = Path(cfg.out)
     device = _device_for_rank(cfg.device, rank, world)
-    amp_dtype = resolve_precision(cfg.precision, device)
     _seed_everything(cfg.seed)
 
     table = load_tasks(cfg.tasks_file)
@@ -162,7 +165,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     state = _load_trainer_state(out / "last" / TRAINER_STATE) if resume else None
     if state is not None:
         _check_same_run(state, identity, cfg, out)
-    model, processor = load_model(out / "last" if resume else cfg.model, device)
+    fresh = None if resume else new_model(cfg.model, cfg.seed)
+    model, processor = fresh or load_model(out / "last" if resume else cfg.model, device)
+    model.to(device)
+    scratch = trains_from_scratch(model)
+    amp_dtype = resolve_precision(cfg.precision, device, model)
     trainable = _set_trainable(model, cfg.train_vision_layers)
     segmenter = Segmenter(model, processor, device, amp_dtype, tasks=table)
     size = segmenter.input_size
@@ -170,7 +177,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     cond_table = dict(zip(prompts, segmenter.conditioning(prompts)))
     other_prompts = evaluation.other_task_prompts({t.name: t.prompt for t in tasks})
 
-    use_cache = cfg.cache and cfg.train_vision_layers == 0
+    use_cache = cfg.cache and cfg.train_vision_layers == 0 and not scratch
     cache = None
     if use_cache:
         cache = FeatureCache.for_segmenter(cfg.cache_dir or Path(cfg.data) / "features", segmenter, cfg.cache_dtype)
@@ -183,7 +190,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         _barrier(world)
         if main_process:
             log.info("feature cache %s: %d new entries in %.1f s", cache.dir, built, time.perf_counter() - t0)
-    targets = load_targets(train_rows, size)
+    # From scratch: images decoded once into memory and augmented per sample; else fixed targets.
+    bank = ImageBank.from_rows(train_rows, progress=main_process and log.isEnabledFor(logging.INFO)) if scratch else None
+    targets = None if scratch else load_targets(train_rows, size)
     valid_masks = [read_mask_png(r["mask"]) for r in valid_rows]
 
     forward = TrainForward(model)
@@ -192,7 +201,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(_param_groups(model, trainable, cfg))
     settings = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]  # this invocation's, for resume
-    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / world) / cfg.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(epoch_length(train_rows, tasks) / world) / cfg.batch_size)
     schedule = {"epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch, "lr": cfg.lr, "warmup": cfg.warmup,
                 "vision_lr_scale": cfg.vision_lr_scale, "weight_decay": cfg.weight_decay}
     lr_factor = _warmup_cosine(cfg.warmup, steps_per_epoch * cfg.epochs)
@@ -237,7 +246,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     if main_process:
         log.info("training %s parameters of %s (%s) on %s%s, %d train / %d valid images, %d steps per epoch",
                  f"{sum(p.numel() for p in trainable):,}", f"{count_parameters(model):,}",
-                 "cached features" if use_cache else "plain HF forward" if cfg.train_vision_layers == 0
+                 "cached features" if use_cache else "from scratch, augmented in memory" if scratch
+                 else "plain HF forward" if cfg.train_vision_layers == 0
                  else f"last {cfg.train_vision_layers} vision layers unfrozen", device,
                  f" x{world} processes" if world > 1 else "", len(train_rows), len(valid_rows), steps_per_epoch)
 
@@ -262,9 +272,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         model.train()
         losses, skipped, overflowed = [], 0, 0
         lr_used = optimizer.param_groups[0]["lr"]  # the decoder's rate at the epoch's last step, for metrics.csv
-        batches = [plan[i:i + cfg.batch_size] for i in range(0, len(plan), cfg.batch_size)]
-        load = partial(_load_batch, cfg=cfg, rows=train_rows, targets=targets, cache=cache, segmenter=segmenter)
-        for batch, (target, inputs) in tqdm(prefetched(load, batches), total=len(batches), unit="batch",
+        batches = [(i, plan[i:i + cfg.batch_size]) for i in range(0, len(plan), cfg.batch_size)]
+        load = partial(_load_batch, cfg=cfg, rows=train_rows, targets=targets, cache=cache, segmenter=segmenter,
+                       bank=bank, epoch=epoch * world + rank)
+        for (_, batch), (target, inputs) in tqdm(prefetched(load, batches), total=len(batches), unit="batch",
                                             desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
                                             disable=not (main_process and log.isEnabledFor(logging.INFO)), leave=False):
             stop_if_terminated()
@@ -296,9 +307,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             if scaler.get_scale() >= scale:  # else fp16's scaler skipped the step (its gradients overflowed)
                 scheduler.step()
                 if ema is not None:
+                    decay = ema_decay(cfg.ema, scheduler.last_epoch)
                     with torch.no_grad():
                         for shadow, p in zip(ema, trainable):
-                            shadow.lerp_(p.detach(), 1 - cfg.ema)
+                            shadow.lerp_(p.detach(), 1 - decay)
             else:
                 overflowed += 1
             losses.append(loss.item())
@@ -376,6 +388,7 @@ def validate(segmenter: Segmenter, rows: list[dict], masks: list[np.ndarray], ca
              other_prompts: dict[str, str] | None, batch_size: int) -> dict:
     """Scores on the valid split through the inference path; cached activations when available."""
     segmenter.model.eval()
+    segmenter.forget_prompts()  # conditioning from this epoch's weights, not the first epoch's
     thresholds = default_thresholds()
     scores = []
     for start in range(0, len(rows), batch_size):
@@ -389,10 +402,19 @@ def validate(segmenter: Segmenter, rows: list[dict], masks: list[np.ndarray], ca
     return evaluation.aggregate(scores, thresholds)
 
 
-def _load_batch(batch: list[Sample], cfg: TrainConfig, rows: list[dict], targets: np.ndarray,
-                cache: FeatureCache | None, segmenter: Segmenter) -> tuple[torch.Tensor, dict]:
+def _load_batch(item: tuple[int, list[Sample]], cfg: TrainConfig, rows: list[dict], targets: np.ndarray | None,
+                cache: FeatureCache | None, segmenter: Segmenter, bank: ImageBank | None,
+                epoch: int) -> tuple[torch.Tensor, dict]:
     """CPU tensors for one step: the (B, S, S) target and the forward's inputs (cached activations;
-    or pixel values, plus token ids for the plain HF forward). Runs in a prefetch thread."""
+    or pixel values, plus token ids for the plain HF forward and for a model trained from scratch,
+    whose images come augmented from the in-memory bank). ``item`` is (position in the epoch, samples).
+    Runs in a prefetch thread."""
+    start, batch = item
+    if bank is not None:
+        pixel_values, target = bank.batch(batch, segmenter.input_size, cfg.seed, epoch, start)
+        tokens = segmenter.processor.tokenizer([s.prompt for s in batch], padding=True, return_tensors="pt")
+        return target, {"pixel_values": pixel_values, "input_ids": tokens["input_ids"],
+                        "attention_mask": tokens["attention_mask"]}
     target = torch.from_numpy(batch_targets(targets, batch))
     if cache is not None:
         return target, {"activations": cache.load([(rows[s.row]["image"], s.view) for s in batch])}
@@ -424,7 +446,12 @@ def _param_groups(model: nn.Module, trainable: list[nn.Parameter], cfg: TrainCon
 
 
 def _set_trainable(model: nn.Module, vision_layers: int) -> list[nn.Parameter]:
-    """Freeze everything but the decoder (and the last ``vision_layers`` used vision layers)."""
+    """Freeze everything but the decoder (and the last ``vision_layers`` used vision layers); a model
+    trained from scratch trains every weight."""
+    if trains_from_scratch(model):
+        if vision_layers:
+            raise ConfigError(f"--train-vision-layers {vision_layers}: a model trained from scratch trains all its layers")
+        return list(model.requires_grad_(True).parameters())
     model.requires_grad_(False)
     model.decoder.requires_grad_(True)
     layers = used_vision_layers(model)
@@ -433,6 +460,13 @@ def _set_trainable(model: nn.Module, vision_layers: int) -> list[nn.Parameter]:
     for layer in layers[len(layers) - vision_layers:]:
         layer.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def ema_decay(decay: float, step: int) -> float:
+    """The EMA decay after ``step`` optimizer steps, warmed up: ``min(decay, (1 + step) / (10 + step))``,
+    so the average forgets the initial weights within the first hundred steps instead of holding ~80%
+    of them through epoch 1 (0.999 ** 200)."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 def _warmup_cosine(warmup: float, total_steps: int):
@@ -483,7 +517,7 @@ def _save(model, processor, folder: Path, cfg: TrainConfig, tasks: list[Task], a
     }
 
     def extra(tmp: Path) -> None:
-        if cfg.train_vision_layers == 0:  # with tuned vision layers the decoder alone is not the model
+        if cfg.train_vision_layers == 0 and not trains_from_scratch(model):  # else the decoder alone is not the model
             save_decoder(model, tmp / DECODER_FILE, metadata, base_model=base)
         if state is not None:
             buf = io.BytesIO()

@@ -35,9 +35,10 @@ def test_bench_train_prints_every_number(tiny_instead_of_rd64, monkeypatch, tmp_
     args = argparse.Namespace(device="cpu", precision="fp32", batch_size=4, hf_steps=1, cached_steps=2,
                               dataset_images=100, save_dir=str(tmp_path))
     bench.main(args)
+    bench.bench_lite(argparse.Namespace(device="cpu", precision="auto", batch_size=2, lite_steps=1))
     out = capsys.readouterr().out
     for line in ("seed-style loop", "cached-feature loop", "speed-up", "cache build", "epoch over 100 images",
-                 "cache on disk", "checkpoint save"):
+                 "cache on disk", "checkpoint save", "LiteSeg from scratch", "model step", "augmentation"):
         assert line in out, line
 
 
@@ -46,4 +47,5 @@ def test_bench_inference_prints_every_number(tiny_instead_of_rd64, capsys):
     assert bench.main(bench.build_parser().parse_args(["--device", "cpu", "--iters", "1", "--images", "3",
                                                        "--workers", "0"])) == 0
     out = capsys.readouterr().out
-    assert "2 prompts cost" in out and "end to end: predict.py, 3 JPEGs" in out and "exit code 0" in out
+    assert out.count("2 prompts cost") == 4 and out.count("end to end: predict.py, 3 JPEGs") == 2
+    assert "exit code 0" in out and "LiteSeg, batch 1, 1 prompt" in out

@@ -138,3 +138,17 @@ def test_shape_mismatch_raises(loss_fn) -> None:
         loss_fn(torch.zeros(2, 4, 4), torch.zeros(2, 4, 5))
     with pytest.raises(ValueError, match="shape"):
         loss_fn(torch.zeros(4), torch.zeros(4))
+
+
+def test_dice_term_skips_empty_targets_so_they_teach_through_bce() -> None:
+    """On an empty target the smoothed Dice is ~1 and flat (no signal): bce_dice_loss leaves it out there,
+    so an empty-target sample's loss and gradient are BCE's alone; samples with foreground keep both."""
+    logits = torch.randn(2, 8, 8, requires_grad=True)
+    target = torch.zeros(2, 8, 8)
+    target[1, 2:5, 2:5] = 1
+    loss = bce_dice_loss(logits, target)
+    torch.testing.assert_close(loss[0], bce_loss(logits, target)[0])
+    torch.testing.assert_close(loss[1], (bce_loss(logits, target) + soft_dice_loss(logits, target))[1])
+    loss[0].backward()
+    expected = torch.sigmoid(logits[0].detach()) / 64  # d(mean BCE)/dx = (p - t) / N with t = 0
+    torch.testing.assert_close(logits.grad[0], expected)

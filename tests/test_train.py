@@ -29,7 +29,7 @@ from defectseg.manifest import read_manifest, write_manifest
 from defectseg.model import load_model, read_metadata, used_vision_layers
 from defectseg.tasks import DEFAULT_TASKS
 from defectseg.tiny import build_tiny_model
-from defectseg.training import TrainForward
+from defectseg.training import TrainForward, ema_decay
 
 TIMING_COLUMNS = {"train_seconds", "seconds", "samples_per_s"}
 
@@ -715,3 +715,10 @@ def test_the_cache_can_be_turned_back_on_when_resuming(processed, tiny, tmp_path
     assert json.loads((run / "config.json").read_text())["cache"] is False
     assert run_train("--resume", str(run), "--cache", "-q") == 0
     assert json.loads((run / "config.json").read_text())["cache"] is True and len(history(run)) == 2
+
+
+@pytest.mark.parametrize("decay, step, expected", [(0.999, 0, 0.1), (0.999, 10, 11 / 20), (0.999, 990, 0.991),
+                                                    (0.999, 10**6, 0.999), (0.5, 5, 0.4), (0.5, 20, 0.5)])
+def test_ema_decay_warms_up(decay, step, expected):
+    """min(d, (1 + n) / (10 + n)): epoch 1's average no longer holds ~80% of the random initial weights."""
+    assert ema_decay(decay, step) == pytest.approx(expected)
