@@ -48,7 +48,7 @@ from defectseg.io import (
 from defectseg.manifest import PREDICT_CONFIG_FILE, mask_name
 from defectseg.metrics import binarize
 from defectseg.model import MODEL_ENV_VAR, SHIPPED_MODEL, ModelLoadError, resolve_model_arg
-from defectseg.tasks import TaskTableError, prompt_slug
+from defectseg.tasks import TaskTableError, prompt_slug, task_for_prompt
 
 log = logging.getLogger("predict")
 
@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", type=nonempty, nargs="+", action="extend", required=True, metavar="PATH",
                         help="image files, folders (the images directly inside) or quoted glob patterns; repeatable")
-    parser.add_argument("--prompt", nargs="+", action="extend", required=True,
-                        help='what to segment, e.g. "segment crack"; repeatable, one mask per image and prompt')
+    parser.add_argument("--prompt", action="append", required=True,
+                        help='what to segment, one quoted phrase, e.g. "segment crack"; repeat the flag for more '
+                             "prompts (one mask per image and prompt)")
     parser.add_argument("--model", type=nonempty, default=None,
                         help="Hub id, save_pretrained folder, runs/<name>/best or decoder .safetensors file "
                              f"(default: ${MODEL_ENV_VAR}, else the shipped model models/{SHIPPED_MODEL.name})")
@@ -346,6 +347,12 @@ def main(args: argparse.Namespace) -> int:
             return fail(str(err))
         raise
     thresholds = {p: segmenter.threshold(p) if args.threshold is None else args.threshold for p in prompts}
+    if segmenter.thresholds:  # a checkpoint trained here: it knows its task table's prompts and synonyms
+        known = [t.prompt for t in segmenter.tasks.values()]
+        for p in prompts:
+            if task_for_prompt(p, segmenter.tasks) is None:
+                log.warning("prompt %r is not one the model was trained on (%s): its masks may mean little, at "
+                            "threshold %g", p, ", ".join(repr(k) for k in known), thresholds[p])
     precision = precision_name(segmenter.amp_dtype)
     log.info("%d images x %d prompts with %s on %s (%s)%s%s; thresholds: %s%s", len(paths), len(prompts), model,
              segmenter.device, precision, ", TTA" if args.tta else "", ", synonym ensemble" if args.ensemble else "",

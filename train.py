@@ -63,7 +63,8 @@ HELP = {
     "synonyms": "a random synonym of the task's prompt per sample; off: always the canonical prompt (default: on)",
     "seed": "random seed (same seed, same numbers on CPU)",
     "device": "auto, cpu, cuda, cuda:1, mps",
-    "precision": "auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16, fp16",
+    "precision": "auto (bf16/fp16 on CUDA; on CPU fp32, or bf16 for LiteSeg where the CPU has native bf16), "
+                 "fp32, bf16, fp16",
     "cache": "train from cached vision activations; off: HF's plain forward every step, slow (default: on)",
     "cache_dir": "feature cache folder (default: <data>/features)",
     "cache_dtype": "fp16 or fp32 storage of cached activations",

@@ -5,7 +5,7 @@ A from-scratch model sees each photo many times, so it needs variety the frozen-
 - random scale and crop (half the samples): a crop of 55-100% of each side, resized to the input size;
   thin cracks then appear at up to twice their usual width, and the model meets each photo at several scales;
 - horizontal flip (the plan's ``view``), vertical flip and 90-degree rotations: wall photos have no
-  preferred orientation, and cracks run every way;
+  preferred orientation, and cracks run every way (``--no-flip`` turns all three off);
 - photometric jitter (brightness, contrast, per-channel gain): lighting and white balance vary per site.
 
 Every random choice comes from ``np.random.default_rng([seed, epoch, position])``, so a sample's
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -30,22 +31,26 @@ CROP_MIN = 0.55
 class ImageBank:
     """Every training image (H, W, 3) uint8 and its mask (H, W) uint8 {0, 1}, decoded once, in memory."""
 
-    def __init__(self, images: list[np.ndarray], masks: list[np.ndarray]):
-        self.images, self.masks = images, masks
+    def __init__(self, images: list[np.ndarray], masks: list[np.ndarray], flips: bool = True):
+        self.images, self.masks, self.flips = images, masks, flips
 
     @classmethod
-    def from_rows(cls, rows: Sequence[dict], progress: bool = True) -> ImageBank:
-        """The images and masks of manifest rows, decoded once."""
+    def from_rows(cls, rows: Sequence[dict], flips: bool = True, progress: bool = True) -> ImageBank:
+        """The images and masks of manifest rows, decoded once (a mask of another size than its image,
+        which no export here has, is resized to the image's so crops cut both alike)."""
         images, masks = [], []
         for row in tqdm(rows, desc="decoding train images", unit="img", disable=not progress, leave=False):
-            images.append(load_image(row["image"]))
-            masks.append(read_mask_png(row["mask"]).astype(np.uint8))
-        return cls(images, masks)
+            image, mask = load_image(row["image"]), read_mask_png(row["mask"]).astype(np.uint8)
+            if mask.shape != image.shape[:2]:
+                mask = cv2.resize(mask, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+            images.append(image)
+            masks.append(mask)
+        return cls(images, masks, flips)
 
     def sample(self, row: int, negative: bool, view: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One augmented (size, size, 3) uint8 image and its (size, size) float32 soft target (zeros for
         a negative pair)."""
-        image, mask = augment(self.images[row], self.masks[row], view, size, rng)
+        image, mask = augment(self.images[row], self.masks[row], view, size, rng, self.flips)
         return image, np.zeros_like(mask) if negative else mask
 
     def batch(self, samples: Sequence, size: int, seed: int, epoch: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +62,8 @@ class ImageBank:
         return normalize(np.stack(images)), torch.from_numpy(np.stack(targets))
 
 
-def augment(image: np.ndarray, mask: np.ndarray, view: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def augment(image: np.ndarray, mask: np.ndarray, view: int, size: int, rng: np.random.Generator,
+            flips: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Scale-crop, flips, rotation and jitter of one (H, W, 3) uint8 image and its (H, W) {0, 1} mask.
 
     Returns the (size, size, 3) uint8 image and the (size, size) float32 soft target (area-averaged).
@@ -72,10 +78,11 @@ def augment(image: np.ndarray, mask: np.ndarray, view: int, size: int, rng: np.r
     target = resize_square(np.ascontiguousarray(mask, dtype=np.float32), size)
     if view:
         image, target = image[:, ::-1], target[:, ::-1]
-    if rng.random() < 0.5:
-        image, target = image[::-1], target[::-1]
-    k = int(rng.integers(4))
-    image, target = np.rot90(image, k), np.rot90(target, k)
+    if flips:
+        if rng.random() < 0.5:
+            image, target = image[::-1], target[::-1]
+        k = int(rng.integers(4))
+        image, target = np.rot90(image, k), np.rot90(target, k)
     return jitter(np.ascontiguousarray(image), rng), np.ascontiguousarray(target)
 
 

@@ -114,7 +114,8 @@ def resolve_precision(precision: str, device: torch.device, model: torch.nn.Modu
     (``torch.cuda.is_bf16_supported()`` also says yes to the slow emulated bf16 of a T4 or V100.)
     """
     if precision == "auto" and device.type == "cpu" and model is not None and trains_from_scratch(model):
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if native else None
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if precision == "auto":

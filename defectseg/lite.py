@@ -176,7 +176,7 @@ class LiteSeg(nn.Module):
         for block, skip in zip(self.decoder, activations[-2::-1]):
             x = block(x, skip, cond)
         logits = self.head(x)
-        size = activations[0].shape[-1] * 2
+        size = self.config.image_size
         return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):

@@ -171,7 +171,7 @@ def _load_local_dir(path: Path) -> tuple[CLIPSegForImageSegmentation, CLIPSegPro
             return model, lite.LiteProcessor.for_model(model)
         return _from_pretrained(str(path))
     except Exception as exc:
-        raise ModelLoadError(f"could not load the CLIPSeg checkpoint in {path}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"could not load the {model_type} checkpoint in {path}: {_first_line(exc)}") from exc
 
 
 def _load_decoder_file(

@@ -170,7 +170,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     model.to(device)
     scratch = trains_from_scratch(model)
     amp_dtype = resolve_precision(cfg.precision, device, model)
-    trainable = _set_trainable(model, cfg.train_vision_layers)
+    trainable = _set_trainable(model, cfg.train_vision_layers, cfg.ema)
     segmenter = Segmenter(model, processor, device, amp_dtype, tasks=table)
     size = segmenter.input_size
     prompts = sorted({p for t in tasks for p in t.prompts})
@@ -191,7 +191,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         if main_process:
             log.info("feature cache %s: %d new entries in %.1f s", cache.dir, built, time.perf_counter() - t0)
     # From scratch: images decoded once into memory and augmented per sample; else fixed targets.
-    bank = ImageBank.from_rows(train_rows, progress=main_process and log.isEnabledFor(logging.INFO)) if scratch else None
+    bank = (ImageBank.from_rows(train_rows, cfg.flip, progress=main_process and log.isEnabledFor(logging.INFO))
+            if scratch else None)
     targets = None if scratch else load_targets(train_rows, size)
     valid_masks = [read_mask_png(r["mask"]) for r in valid_rows]
 
@@ -445,12 +446,15 @@ def _param_groups(model: nn.Module, trainable: list[nn.Parameter], cfg: TrainCon
             for (is_vision, no_decay), params in sorted(groups.items())]
 
 
-def _set_trainable(model: nn.Module, vision_layers: int) -> list[nn.Parameter]:
+def _set_trainable(model: nn.Module, vision_layers: int, ema: float = 0.0) -> list[nn.Parameter]:
     """Freeze everything but the decoder (and the last ``vision_layers`` used vision layers); a model
     trained from scratch trains every weight."""
     if trains_from_scratch(model):
         if vision_layers:
             raise ConfigError(f"--train-vision-layers {vision_layers}: a model trained from scratch trains all its layers")
+        if ema:
+            raise ConfigError("--ema averages weights but not batch-norm statistics, which a model trained from scratch "
+                              "has: they would not match; leave --ema off (the cosine schedule ends on small steps)")
         return list(model.requires_grad_(True).parameters())
     model.requires_grad_(False)
     model.decoder.requires_grad_(True)

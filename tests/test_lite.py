@@ -110,6 +110,23 @@ def test_augment_keeps_image_and_mask_aligned():
             assert (bright == (target > 0.5)).mean() > 0.97, seed
 
 
+def test_no_flip_keeps_the_orientation():
+    """With flips off (train.py --no-flip), crops and jitter still vary, but what is top-left stays top-left."""
+    image = np.zeros((120, 120, 3), np.uint8)
+    mask = np.zeros((120, 120), np.uint8)
+    image[:30, :30], mask[:30, :30] = 250, 1
+    for seed in range(20):
+        _, target = augment(image, mask, view=0, size=48, rng=np.random.default_rng(seed), flips=False)
+        ys, xs = np.nonzero(target > 0.5)
+        assert len(ys) == 0 or (ys.mean() < 24 and xs.mean() < 24), seed
+
+
+def test_ema_is_refused_for_a_model_with_batch_norm(processed, tmp_path, capsys):
+    assert run_train(*tiny_run(processed, tmp_path / "run", "--epochs", "1", "--ema", "0.9")) == 1
+    assert "batch-norm statistics" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "best").exists()
+
+
 def test_an_epoch_sees_every_image_and_balances_the_tasks():
     rows = [{"task": "cracks"}] * 7 + [{"task": "drywall"}] * 3
     plan = epoch_plan(rows, list(DEFAULT_TASKS.values()), seed=0, epoch=0, negative_prob=0.0, flip=False)
@@ -213,3 +230,20 @@ def test_shipped_model_segments_a_real_photo_by_default(sample_root, tmp_path):
     mask = read_mask_png(next(out.glob("*.png")))
     assert mask.shape == load_image(path).shape[:2]
     assert 0.001 < mask.mean() < 0.6  # a real, partial mask
+
+
+def test_one_prompt_per_flag_and_a_warning_for_untrained_prompts(processed, sample_root, tmp_path, capsys):
+    """`--prompt segment crack` unquoted is an argparse error, not two prompts; a prompt outside the
+    checkpoint's task table gets a warning naming the trained ones."""
+    with pytest.raises(SystemExit) as exit_info:
+        predict.build_parser().parse_args(["--image", "x.jpg", "--prompt", "segment", "crack"])
+    assert exit_info.value.code == 2
+    run = tmp_path / "run"
+    assert run_train(*tiny_run(processed, run, "--epochs", "1")) == 0
+    image = next((sample_root / "cracks" / "valid").glob("*.jpg"))
+    assert predict.main(predict.build_parser().parse_args(
+        ["--model", str(run / "best"), "--image", str(image), "--prompt", "crack", "--prompt", "segment wall crack",
+         "--out", str(tmp_path / "pred")])) == 0
+    err = capsys.readouterr().err
+    assert "'crack' is not one the model was trained on ('segment crack', 'segment taping area')" in err
+    assert "'segment wall crack' is not one" not in err  # a synonym from the task table
