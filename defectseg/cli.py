@@ -52,6 +52,10 @@ _sigterm_came = False
 def _terminated(signum: int, frame: object) -> None:
     global _sigterm_came
     _sigterm_came = True
+    # The whole process group may be going down: a helper thread that loses its peer now (e.g.
+    # multiprocessing's resource sharer, handing a tensor to a DataLoader worker that just ended) would
+    # print a traceback through sys.excepthook; the run's one line says what happened.
+    sys.excepthook = lambda *exc_info: None
     raise Terminated()
 
 
