@@ -96,12 +96,13 @@ def build_tokenizer(vocab: dict[str, int]) -> CLIPTokenizer:
 
 
 def build_config(
-    vocab_size: int, bos_id: int, eos_id: int, image_size: int, patch_size: int
+    vocab_size: int, bos_id: int, eos_id: int, image_size: int, patch_size: int, complex_head: bool | None = None
 ) -> CLIPSegConfig:
     """Tiny ``CLIPSegConfig``: hidden 32, 2 text / 4 vision layers, extract layers [1, 2], reduce_dim 16.
 
     The "complex" transposed-convolution head (as in rd64-refined) upsamples by (patch_size // 4) ** 2,
-    which only restores the input resolution for patch_size 16; other patch sizes use the simple head.
+    which only restores the input resolution for patch_size 16; other patch sizes use the simple head
+    unless ``complex_head`` says otherwise (its logits are then of another size than the input).
     """
     text_config = {
         "vocab_size": vocab_size,
@@ -131,7 +132,7 @@ def build_config(
         decoder_num_attention_heads=2,
         decoder_intermediate_size=2 * HIDDEN,
         conditional_layer=0,
-        use_complex_transposed_convolution=patch_size == 16,
+        use_complex_transposed_convolution=patch_size == 16 if complex_head is None else complex_head,
     )
 
 
@@ -148,7 +149,8 @@ def build_image_processor(image_size: int) -> ViTImageProcessor:
 
 
 def build_tiny_model(
-    out_dir: str | Path, *, seed: int = 0, image_size: int = 64, patch_size: int = 16
+    out_dir: str | Path, *, seed: int = 0, image_size: int = 64, patch_size: int = 16,
+    complex_head: bool | None = None,
 ) -> Path:
     """Write a tiny random CLIPSeg model + processor into ``out_dir``; return ``out_dir`` as a Path.
 
@@ -163,7 +165,7 @@ def build_tiny_model(
 
     vocab = byte_level_vocab()
     tokenizer = build_tokenizer(vocab)
-    config = build_config(len(vocab), vocab[BOS_TOKEN], vocab[EOS_TOKEN], image_size, patch_size)
+    config = build_config(len(vocab), vocab[BOS_TOKEN], vocab[EOS_TOKEN], image_size, patch_size, complex_head)
 
     torch.manual_seed(seed)
     model = CLIPSegForImageSegmentation(config).eval()

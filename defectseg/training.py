@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -287,7 +288,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 inputs["cond"] = torch.stack([cond_table[s.prompt] for s in batch]).to(device)
             with autocast(device, amp_dtype):
                 logits = forward(**inputs)
-            loss = bce_dice_loss(logits, target, cfg.bce_weight, cfg.dice_weight).mean()
+            loss = bce_dice_loss(at_target_size(logits, target), target, cfg.bce_weight, cfg.dice_weight).mean()
             if not _finite_everywhere(loss, world):  # all processes skip together, or none does
                 skipped += 1
                 log.error("epoch %d: non-finite loss (%s) on images %s; step skipped", epoch + 1, loss.item(),
@@ -464,6 +465,15 @@ def _set_trainable(model: nn.Module, vision_layers: int, ema: float = 0.0) -> li
     for layer in layers[len(layers) - vision_layers:]:
         layer.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def at_target_size(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) logits resized bilinearly to the (B, H, W) target's size, as the inference path resizes
+    them to each image's: a head that does not restore the input size (CLIPSeg's "complex" head with
+    patch size 8 gives half) trains too. Logits of the target's size come back as they are."""
+    if logits.shape[-2:] == target.shape[-2:]:
+        return logits
+    return F.interpolate(logits[:, None].float(), size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
 def ema_decay(decay: float, step: int) -> float:

@@ -29,7 +29,7 @@ from defectseg.manifest import read_manifest, write_manifest
 from defectseg.model import load_model, read_metadata, used_vision_layers
 from defectseg.tasks import DEFAULT_TASKS
 from defectseg.tiny import build_tiny_model
-from defectseg.training import TrainForward, ema_decay
+from defectseg.training import TrainForward, at_target_size, ema_decay
 
 TIMING_COLUMNS = {"train_seconds", "seconds", "samples_per_s"}
 
@@ -728,3 +728,18 @@ def test_the_cache_can_be_turned_back_on_when_resuming(processed, tiny, tmp_path
 def test_ema_decay_warms_up(decay, step, expected):
     """min(d, (1 + n) / (10 + n)): epoch 1's average no longer holds ~80% of the random initial weights."""
     assert ema_decay(decay, step) == pytest.approx(expected)
+
+
+def test_a_head_that_does_not_restore_the_input_size_trains(processed, tmp_path):
+    """CLIPSeg's "complex" head with patch size 8 gives logits at half the input size (a valid config): the
+    loss sees them resized to the targets' size instead of crashing on the shape."""
+    model = build_tiny_model(tmp_path / "tiny8", seed=0, image_size=64, patch_size=8, complex_head=True)
+    loaded, _ = load_model(model)
+    with torch.no_grad():
+        logits = TrainForward(loaded)(input_ids=torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 2, dtype=torch.long),
+                                      pixel_values=torch.zeros(1, 3, 64, 64))
+    assert logits.shape[-1] == 32  # half the input size
+    assert at_target_size(logits, torch.zeros(1, 64, 64)).shape == (1, 64, 64)
+    run = tmp_path / "run"
+    assert run_train(*base_args(processed, model, run, "--epochs", "1")) == 0
+    assert (run / "best" / "model.safetensors").is_file()
