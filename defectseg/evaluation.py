@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 EMPTY_SCORE = 1.0  # IoU/Dice of an empty prediction on an empty ground truth
 # aggregate(): per-task numbers that are averaged over tasks for "overall"; counts are summed instead.
 MEAN_KEYS = ("iou", "dice", "micro_iou", "micro_dice", "precision", "recall", "best_iou", "text_iou",
-             "text_dice")
+             "text_dice", "text_area")
 SUM_KEYS = ("n_images", "n_empty_gt", "n_empty_both")
 
 
@@ -244,11 +244,23 @@ def _task_summary(group: list[ImageScore], thresholds: np.ndarray | None) -> dic
         out["sweep_dice"] = [float(v) for v in metrics.dice_from_counts(sweep, EMPTY_SCORE).mean(axis=0)]
     others = [s for s in group if s.other_counts is not None]
     if others:
-        other = np.stack([s.other_counts for s in others])
-        out["text_prompt"] = others[0].other_prompt
-        out["text_iou"] = float(metrics.iou_from_counts(other, EMPTY_SCORE).mean())
-        out["text_dice"] = float(metrics.dice_from_counts(other, EMPTY_SCORE).mean())
+        out.update(text_sensitivity(np.stack([s.other_counts for s in others])), text_prompt=others[0].other_prompt)
     return out
+
+
+def text_sensitivity(other: np.ndarray) -> dict[str, float]:
+    """What the other task's prompt marks on a task's images; low is good. other: (N, 4) int64 confusion
+    counts (tp, fp, fn, tn) of those masks against each image's own ground truth.
+
+    text_iou / text_dice: mean over the images whose own ground truth has foreground (0 when none has); an
+    empty ground truth is left out, because there the right answer (nothing) would score 1.0, the worst
+    value of a low-is-good number. text_area: mean over every image of the fraction of it marked.
+    """
+    with_fg = other[(other[:, 0] + other[:, 2]) > 0]
+    marked = (other[:, 0] + other[:, 1]) / np.maximum(other.sum(axis=1), 1)
+    return {"text_iou": float(metrics.iou_from_counts(with_fg, EMPTY_SCORE).mean()) if len(with_fg) else 0.0,
+            "text_dice": float(metrics.dice_from_counts(with_fg, EMPTY_SCORE).mean()) if len(with_fg) else 0.0,
+            "text_area": float(marked.mean())}
 
 
 def aggregate(scores: Sequence[ImageScore], thresholds: Sequence[float] | np.ndarray | None = None) -> dict:

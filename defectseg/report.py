@@ -344,16 +344,18 @@ def _sweep_section(m: dict) -> str:
 
 
 def _text_section(m: dict) -> str:
-    rows = [[name, t["prompt"], t["iou"], t["text_prompt"], t["text_iou"], t["text_dice"]]
+    rows = [[name, t["prompt"], t["iou"], t["text_prompt"], t["text_iou"], t["text_dice"], t.get("text_area", "n/a")]
             for name, t in m["tasks"].items() if "text_iou" in t]
     if not rows:
         return ""
     return "\n".join([
         "Each image is also segmented with the *other* task's prompt (at that prompt's threshold) and scored "
         "against its own ground truth. Low is good: the model follows the text instead of marking whatever "
-        "defect it sees.", "",
+        "defect it sees. The other prompt's IoU and Dice are averaged over the images whose own ground truth "
+        "has foreground (on an empty one, marking nothing would score 1.0, the worst value); its area is "
+        "the mean fraction of each image it marks, over every image.", "",
         _table(["task", "own prompt", "own-prompt mean IoU", "other prompt", "other-prompt mean IoU",
-                "other-prompt mean Dice"], rows),
+                "other-prompt mean Dice", "other-prompt area"], rows),
     ])
 
 

@@ -19,7 +19,7 @@ import evaluate
 import predict
 import preprocess_masks
 from defectseg import evaluation, report
-from defectseg.evaluation import ImageScore, aggregate, prompt_probabilities, score_batch
+from defectseg.evaluation import ImageScore, aggregate, prompt_probabilities, score_batch, text_sensitivity
 from defectseg.inference import Segmenter
 from defectseg.io import load_image, read_mask_png, write_mask_png
 from defectseg.manifest import mask_name, read_manifest, write_manifest
@@ -279,6 +279,18 @@ def test_aggregate_overall_is_mean_of_tasks():
     assert overall["sweep_iou"] == [0.25, 0.5] and overall["best_iou"] == 0.625
     assert agg["thresholds"] == [0.3, 0.6]
     assert "best_threshold" not in aggregate(scores)["tasks"]["a"]
+
+
+def test_text_sensitivity_scores_the_right_behaviour_best():
+    """The other prompt marking nothing on an image without foreground is right and must not count as
+    IoU 1.0: IoU and Dice over images with foreground only, the marked area over every image."""
+    other = np.array([[2, 2, 2, 10],    # foreground: IoU 2/6, Dice 4/8, marks 4/16 of the image
+                      [0, 0, 0, 16],    # empty ground truth, nothing marked: the right answer
+                      [0, 8, 0, 8]])    # empty ground truth, half the image marked
+    t = text_sensitivity(other)
+    assert t["text_iou"] == pytest.approx(1 / 3) and t["text_dice"] == pytest.approx(0.5)
+    assert t["text_area"] == pytest.approx((4 / 16 + 0 + 8 / 16) / 3)
+    assert text_sensitivity(other[1:2]) == {"text_iou": 0.0, "text_dice": 0.0, "text_area": 0.0}
 
 
 # --------------------------------------------------------------------------------------------------
