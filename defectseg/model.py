@@ -557,7 +557,7 @@ def encode_images(model: CLIPSegForImageSegmentation, pixel_values: torch.Tensor
     ``encode_prompts`` and ``decode``: this is the one place that tells the model families apart.
     """
     if trains_from_scratch(model):
-        return model.encode_images(pixel_values.to(next(model.parameters()).device))
+        return model.encode_images(pixel_values)
     vision = model.clip.vision_model
     embeddings = vision.embeddings
     pixel_values = pixel_values.to(dtype=embeddings.patch_embedding.weight.dtype)

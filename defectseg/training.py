@@ -414,15 +414,13 @@ def _load_batch(item: tuple[int, list[Sample]], cfg: TrainConfig, rows: list[dic
     start, batch = item
     if bank is not None:
         pixel_values, target = bank.batch(batch, segmenter.input_size, cfg.seed, epoch, start)
-        tokens = segmenter.processor.tokenizer([s.prompt for s in batch], padding=True, return_tensors="pt")
-        return target, {"pixel_values": pixel_values, "input_ids": tokens["input_ids"],
-                        "attention_mask": tokens["attention_mask"]}
-    target = torch.from_numpy(batch_targets(targets, batch))
-    if cache is not None:
-        return target, {"activations": cache.load([(rows[s.row]["image"], s.view) for s in batch])}
-    images = [view_of(load_image(rows[s.row]["image"]), s.view) for s in batch]
-    inputs = {"pixel_values": segmenter.pixel_values(images)}
-    if cfg.train_vision_layers == 0:
+    else:
+        target = torch.from_numpy(batch_targets(targets, batch))
+        if cache is not None:
+            return target, {"activations": cache.load([(rows[s.row]["image"], s.view) for s in batch])}
+        pixel_values = segmenter.pixel_values([view_of(load_image(rows[s.row]["image"]), s.view) for s in batch])
+    inputs = {"pixel_values": pixel_values}
+    if bank is not None or cfg.train_vision_layers == 0:  # HF-style forward: it encodes the prompts itself
         tokens = segmenter.processor.tokenizer([s.prompt for s in batch], padding=True, return_tensors="pt")
         inputs.update(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
     return target, inputs

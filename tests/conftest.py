@@ -21,6 +21,17 @@ def sample_root() -> Path:
     return SAMPLE
 
 
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory, sample_root) -> Path:
+    """The bundled sample through preprocess_masks.py, once per test module."""
+    import preprocess_masks
+
+    out = tmp_path_factory.mktemp("processed")
+    args = preprocess_masks.build_parser().parse_args(["--data-root", str(sample_root), "--out", str(out), "-q"])
+    assert preprocess_masks.main(args) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "cracks-3ii36").is_dir():

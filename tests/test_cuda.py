@@ -13,7 +13,6 @@ import torch
 from conftest import SAMPLE
 
 import predict
-import preprocess_masks
 import train
 from defectseg.data import batch_targets, epoch_plan, load_rows, load_targets
 from defectseg.features import FeatureCache, view_of
@@ -32,14 +31,6 @@ PROMPTS = ["segment crack", "segment taping area"]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def processed(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("processed")
-    args = preprocess_masks.build_parser().parse_args(["--data-root", str(SAMPLE), "--out", str(out), "-q"])
-    assert preprocess_masks.main(args) == 0
-    return out
 
 
 def probabilities(model_dir: Path, device: str, precision: str) -> dict[str, list[np.ndarray]]:

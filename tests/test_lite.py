@@ -3,19 +3,16 @@ checkpoint's regression floor."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_train import TIMING_COLUMNS
+from test_train import history, run_train
 
 import evaluate
 import predict
-import preprocess_masks
-import train
 from defectseg import lite
 from defectseg.augment import augment
 from defectseg.data import epoch_length, epoch_plan
@@ -28,23 +25,6 @@ from defectseg.tasks import DEFAULT_TASKS
 # and 0.779 (drywall) there in bf16 on this project's CPU; a retrained or broken checkpoint that falls
 # below fails (the margin covers fp32 on CPUs without bf16).
 SHIPPED_FLOOR = {"cracks": 0.42, "drywall": 0.70}
-
-
-@pytest.fixture(scope="module")
-def processed(tmp_path_factory, sample_root) -> Path:
-    out = tmp_path_factory.mktemp("processed")
-    args = preprocess_masks.build_parser().parse_args(["--data-root", str(sample_root), "--out", str(out), "-q"])
-    assert preprocess_masks.main(args) == 0
-    return out
-
-
-def run_train(*argv: str) -> int:
-    return train.main(train.build_parser().parse_args(list(argv)))
-
-
-def history(run: Path) -> list[dict]:
-    with open(run / "metrics.csv") as f:
-        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(f)]
 
 
 def tiny_run(processed: Path, out: Path, *extra: str) -> list[str]:

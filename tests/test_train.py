@@ -35,14 +35,6 @@ TIMING_COLUMNS = {"train_seconds", "seconds", "samples_per_s"}
 
 
 @pytest.fixture(scope="module")
-def processed(tmp_path_factory, sample_root) -> Path:
-    out = tmp_path_factory.mktemp("processed")
-    args = preprocess_masks.build_parser().parse_args(["--data-root", str(sample_root), "--out", str(out), "-q"])
-    assert preprocess_masks.main(args) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
 
