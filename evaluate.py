@@ -194,6 +194,12 @@ def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep:
     section = report.source_metrics(model_arg, "model", result, summary,
                                     evaluation.model_footprint(model_arg, segmenter.model))
     section["threshold_source"] = source
+    meta = read_metadata(model_arg)
+    section["trained_epochs"] = meta.get("epoch") if meta else None
+    if meta.get("selection"):  # what picked this checkpoint and tuned its thresholds (train.py's metadata)
+        section["selection"] = meta["selection"] + (
+            ": the split scored here, so these numbers are optimistic" if meta.get("selection_split") == args.split
+            else "")
     return section, result.scores, segmenter
 
 

@@ -7,7 +7,7 @@
 
 For every image and prompt it writes <out>/<image_stem>__<prompt_slug>.png: single channel, 8-bit,
 values {0, 255}, the size of the image as viewers show it (EXIF rotation applied). --overlay adds
-<stem>__<slug>_overlay.png (the mask tinted over the image), --probs <stem>__<slug>_prob.png (the
+<stem>__<slug>_overlay.png (the mask tinted green over the image), --probs <stem>__<slug>_prob.png (the
 probability map, 0-255). Files are named by the image's stem alone, so two inputs whose files would
 share a name (a/x.jpg and b/x.jpg, x.jpg and x.png, or X.jpg and x.jpg) are refused before anything
 is written: predict them into different --out folders.
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from defectseg import cli
 from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_logging, stop_if_terminated
 from defectseg.inference import LoadedImage, Segmenter, check_device, image_batches
 from defectseg.io import (
@@ -48,13 +48,14 @@ from defectseg.io import (
 from defectseg.manifest import PREDICT_CONFIG_FILE, mask_name
 from defectseg.metrics import binarize
 from defectseg.model import MODEL_ENV_VAR, SHIPPED_MODEL, ModelLoadError, resolve_model_arg
+from defectseg.report import PREDICTED
 from defectseg.tasks import TaskTableError, prompt_slug, task_for_prompt
 
 log = logging.getLogger("predict")
 
 OVERLAY_SUFFIX = "_overlay"
 PROB_SUFFIX = "_prob"
-OVERLAY_COLOR = np.array([255, 0, 0], dtype=np.float32)  # red
+OVERLAY_COLOR = np.array(PREDICTED, dtype=np.float32)  # green: predicted, in every picture of the project
 OVERLAY_ALPHA = 0.5
 WRITER_THREADS = 2
 
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "without it; `evaluate.py --tta --write-thresholds` retunes them with it)")
     parser.add_argument("--ensemble", action="store_true",
                         help="average over the prompt's synonyms from the task table (thresholds: as --tta)")
-    parser.add_argument("--overlay", action="store_true", help="also write <stem>__<slug>_overlay.png")
+    parser.add_argument("--overlay", action="store_true",
+                        help="also write <stem>__<slug>_overlay.png, the mask tinted green over the image")
     parser.add_argument("--probs", action="store_true", help="also write <stem>__<slug>_prob.png (probability x 255)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="images per batch (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
@@ -237,7 +239,7 @@ def predict_images(
     start = time.perf_counter()
     prompts = list(thresholds)
     pending: list[Future[None]] = []
-    bar = tqdm(total=len(paths), unit="image", disable=None if progress else True)  # None: only on a terminal
+    bar = cli.progress(total=len(paths), desc="predict", unit="image", enabled=progress)
     with ThreadPoolExecutor(WRITER_THREADS) as writer, logging_redirect_tqdm(), bar:
         for batch in image_batches(segmenter, paths, batch_size, workers):
             stop_if_terminated()

@@ -72,6 +72,8 @@ HELP = {
     "vision_lr_scale": "learning-rate multiplier for the vision layers --train-vision-layers unfreezes",
     "patience": "early stop after this many epochs without a better validation score (0: never)",
     "val_batch_size": "batch size for validation and cache building",
+    "holdout": "fraction of the train photos (grouped by source photo) set aside to pick best/ and tune its "
+               "thresholds, so the valid split stays a clean report; 0: the valid split picks and tunes",
 }
 
 
@@ -172,7 +174,7 @@ def check_config(cfg: TrainConfig) -> str | None:
         return f"--seed must be below 2**32 (numpy's limit), got {cfg.seed}"
     if cfg.bce_weight + cfg.dice_weight == 0:
         return "--bce-weight and --dice-weight are both 0: nothing to train on"
-    for name in ("negative_prob", "ema", "warmup"):
+    for name in ("negative_prob", "ema", "warmup", "holdout"):
         if not 0 <= getattr(cfg, name) < 1:
             return f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}"
     if cfg.cache_dtype not in ("fp16", "fp32"):

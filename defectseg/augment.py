@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from . import cli
 from .io import load_image, read_mask_png
 from .lite import normalize, resize_square
 
@@ -39,7 +39,7 @@ class ImageBank:
         """The images and masks of manifest rows, decoded once (a mask of another size than its image,
         which no export here has, is resized to the image's so crops cut both alike)."""
         images, masks = [], []
-        for row in tqdm(rows, desc="decoding train images", unit="img", disable=not progress, leave=False):
+        for row in cli.progress(rows, desc="decoding train images", unit="img", enabled=progress):
             image, mask = load_image(row["image"]), read_mask_png(row["mask"]).astype(np.uint8)
             if mask.shape != image.shape[:2]:
                 mask = cv2.resize(mask, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)

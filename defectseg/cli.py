@@ -7,9 +7,12 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NoReturn
+
+from tqdm import tqdm
 
 from .tasks import DEFAULT_TASKS, Task, TaskTableError, load_tasks
 
@@ -38,6 +41,60 @@ def setup_logging(quiet: bool = False) -> None:
             hf_logging.disable_progress_bar()
         elif not os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
             hf_logging.enable_progress_bar()
+
+
+class LogProgress:
+    """Progress as plain log lines, for output that is not a terminal (CI, ``| tee``, a scheduler's log
+    file), where a bar's carriage returns would glue it onto the log lines: one line per tenth of the
+    work, or per ``interval`` seconds, whichever comes first, and one at the end. tqdm's ``update`` and
+    context-manager interface, and iteration."""
+
+    def __init__(self, iterable: Iterable | None, total: int | None, desc: str, unit: str, interval: float = 60.0):
+        self.iterable, self.desc, self.unit, self.interval = iterable, desc, unit, interval
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n, self.start = 0, time.perf_counter()
+        self.logged_n, self.logged_at = 0, self.start
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        tenth = self.total and self.n * 10 // self.total > self.logged_n * 10 // self.total
+        if (tenth and self.n < self.total) or now - self.logged_at >= self.interval:
+            self._log(now)
+
+    def _log(self, now: float) -> None:
+        done = f"{self.n}/{self.total}" if self.total else str(self.n)
+        rate = self.n / max(now - self.start, 1e-9)
+        log.info("%s: %s %s (%.0f s, %.1f %s/s)", self.desc or "progress", done, self.unit, now - self.start, rate,
+                 self.unit)
+        self.logged_n, self.logged_at = self.n, now
+
+    def close(self) -> None:
+        if self.n != self.logged_n:
+            self._log(time.perf_counter())
+
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
+             enabled: bool = True) -> tqdm | LogProgress:
+    """A progress bar on a terminal, plain periodic log lines elsewhere (``LogProgress``), nothing when not
+    ``enabled``. Use like tqdm: iterate over it, or ``update(n)`` inside ``with``."""
+    if not enabled or not log.isEnabledFor(logging.INFO):
+        return tqdm(iterable, total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+    return LogProgress(iterable, total, desc, unit)
 
 
 class Terminated(KeyboardInterrupt):

@@ -38,6 +38,12 @@ def load_rows(data_dir: str | Path, split: str, tasks: list[str] | None = None, 
     """
     manifest = Path(data_dir) / split / MANIFEST_FILE
     if not manifest.is_file():
+        raw = next(Path(data_dir).glob(f"*{split}/_annotations.coco.json"), None) or next(
+            Path(data_dir).glob(f"*/{split}/_annotations.coco.json"), None)
+        if raw is not None:  # raw Roboflow exports, not preprocess_masks.py's output
+            raise DataError(f"{data_dir} holds raw COCO exports ({raw}), not a processed dataset: run `python "
+                            f"preprocess_masks.py --data-root {data_dir} --out processed_dataset` and pass "
+                            "--data processed_dataset")
         raise DataError(f"no manifest at {manifest}: run `python preprocess_masks.py --data-root <exports> "
                         f"--out {data_dir} --splits {split}` first (or pass --data)")
     try:
@@ -81,6 +87,24 @@ def select_tasks(rows: list[dict], tasks: list[str] | None, source: str, require
     if not selected:
         raise DataError(f"{source} has no rows" + (f" for tasks {', '.join(tasks)}" if tasks else ""))
     return selected
+
+
+def holdout_split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held_out): about ``fraction`` of each task's source photos set aside, with every row of a
+    set-aside photo. Roboflow's augmented copies of one photo share ``source_stem``, so no photo ends up
+    on both sides (rows without the column count as their own photo). Rows keep their order; the same
+    (rows, fraction, seed) always gives the same split."""
+    if not 0 < fraction < 1:
+        raise DataError(f"the hold-out fraction must be between 0 and 1, not {fraction}")
+    stem = [r.get("source_stem") or Path(r["image"]).stem for r in rows]
+    held: set[tuple[str, str]] = set()
+    for task in sorted({r["task"] for r in rows}):
+        stems = sorted({s for s, r in zip(stem, rows) if r["task"] == task})
+        n = max(1, round(fraction * len(stems))) if len(stems) > 1 else 0
+        pick = np.random.default_rng([seed, len(stems)]).permutation(len(stems))[:n]
+        held |= {(task, stems[i]) for i in pick}
+    train = [r for s, r in zip(stem, rows) if (r["task"], s) not in held]
+    return train, [r for s, r in zip(stem, rows) if (r["task"], s) in held]
 
 
 def soft_target(mask: np.ndarray, size: int) -> np.ndarray:

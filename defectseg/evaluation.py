@@ -37,9 +37,8 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from . import metrics
+from . import cli, metrics
 from .cli import stop_if_terminated
 from .inference import Segmenter
 from .io import (
@@ -469,8 +468,8 @@ def evaluate_model(
     start = time.perf_counter()
     warm_start, warm_from = None, 0
     batches = iter_rows(rows, batch_size, load_images=True, workers=workers)
-    for batch in tqdm(batches, total=-(-len(rows) // batch_size), desc="evaluate", unit="batch",
-                      disable=not progress):
+    for batch in cli.progress(batches, total=-(-len(rows) // batch_size), desc="evaluate", unit="batch",
+                              enabled=progress):
         stop_if_terminated()
         result.skipped += batch.skipped
         result.gt_resized += batch.gt_resized
@@ -572,8 +571,8 @@ def evaluate_pred_dir(pred_dir: str | Path, rows: Sequence[dict], *, workers: in
                     "may mix runs", pred_dir, ", ".join(result.earlier_runs), PREDICT_CONFIG_FILE)
     start = time.perf_counter()
     lists = {"missing": result.missing, "unreadable": result.unreadable, "resized": result.resized}
-    for batch in tqdm(iter_rows(rows, 64, load_images=False, workers=workers), desc="score", unit="batch",
-                      total=-(-len(rows) // 64), disable=not progress):
+    for batch in cli.progress(iter_rows(rows, 64, load_images=False, workers=workers), desc="score", unit="batch",
+                              total=-(-len(rows) // 64), enabled=progress):
         result.skipped += batch.skipped
         result.gt_resized += batch.gt_resized
         for row, target in zip(batch.rows, batch.targets):

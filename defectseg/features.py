@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from . import cli
 from .data import DataError
 from .io import load_image, write_bytes_atomic
 from .model import used_vision_layers
@@ -132,8 +132,7 @@ class FeatureCache:
                         self.dir, broken)
         self.dir.mkdir(parents=True, exist_ok=True)
         np_dtype = CACHE_DTYPES[self.dtype]
-        for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", dynamic_ncols=True,
-                          disable=shard[0] != 0 or not log.isEnabledFor(logging.INFO)):
+        for start in cli.progress(range(0, len(todo), batch_size), desc=desc, unit="batch", enabled=shard[0] == 0):
             chunk = todo[start:start + batch_size]
             rgb = [view_of(load_image(im), v) for im, v in chunk]
             acts = encode(pixel_values(rgb))

@@ -150,6 +150,8 @@ def _load_local_dir(path: Path) -> tuple[CLIPSegForImageSegmentation, CLIPSegPro
     config_file = path / "config.json"
     if (path / "best").is_dir() or (path / "last").is_dir():
         raise ModelLoadError(f"{path} is a training run folder; pass its checkpoint: {path / 'best'} (or {path / 'last'})")
+    if not config_file.is_file() and (path / DECODER_FILE).is_file():  # a decoder-only run's last/
+        return _load_decoder_file(path / DECODER_FILE, None)
     if not config_file.is_file():
         raise ModelLoadError(
             f"{path} is not a CLIPSeg checkpoint folder (no config.json); expected a folder written by "
@@ -284,7 +286,9 @@ def _unreachable_message(repo_id: str, reason: str) -> str:
     return (
         f"Could not load {repo_id!r} from the Hugging Face Hub (unreachable, and no cached copy; {reason}). "
         f"On a machine with internet run `hf download {repo_id} --local-dir {local}`, copy that folder here "
-        f"and pass `--model {local}` (or set {MODEL_ENV_VAR}={local})."
+        + (f"and run make again with `MODEL={local}` (train.py's model; `EVAL_MODEL=` sets the one predict.py "
+           "and evaluate.py use)."
+           if os.environ.get("MAKELEVEL") else f"and pass `--model {local}` (or set {MODEL_ENV_VAR}={local}).")
     )
 
 
@@ -328,11 +332,14 @@ def save_checkpoint(
     out_dir: str | Path,
     metadata: dict[str, Any],
     extra: Callable[[Path], None] | None = None,
+    full: bool = True,
 ) -> None:
     """Write a full ``save_pretrained`` folder (weights, config, processor) + ``defectseg.json``, atomically.
 
     ``extra(folder)``, when given, writes more files (decoder file, trainer state) into the folder
-    before it is swapped in, so they are part of the same atomic update.
+    before it is swapped in, so they are part of the same atomic update. ``full=False`` leaves out the
+    model and processor (a decoder-only run's last/: ``extra`` writes the decoder file, which names
+    its base model; ``load_model`` loads such a folder through it).
 
     Everything is written into a sibling temp folder ``.<name>.tmp-<pid>`` first, flushed to the disk,
     then swapped in (old folder renamed aside, new one renamed into place, old one deleted). A crash or
@@ -346,9 +353,11 @@ def save_checkpoint(
     for stale in remove_stale_checkpoint_folders(out):
         logger.info("removed stale temp folder %s", stale)
     try:
-        with _quiet_hf_progress():  # its "Writing model shards" bar would open every epoch's log
-            model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        tmp.mkdir(exist_ok=True)
+        if full:
+            with _quiet_hf_progress():  # its "Writing model shards" bar would open every epoch's log
+                model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
         if extra is not None:
             extra(tmp)

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections import Counter, defaultdict, deque
@@ -28,8 +27,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
+from . import cli
 from .cli import stop_if_terminated
 from .coco import (
     ANNOTATIONS_FILE,
@@ -433,8 +432,7 @@ def _pool_results(jobs: list[Job], workers: int) -> Iterator[tuple[Job, tuple[di
 def run_jobs(jobs: list[Job], workers: int) -> tuple[list[dict], list[Problem]]:
     rows: list[dict] = []
     problems: list[Problem] = []
-    progress = tqdm(total=len(jobs), desc="masks", unit="img", disable=not jobs or not log.isEnabledFor(logging.INFO),
-                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 5.0)
+    progress = cli.progress(total=len(jobs), desc="masks", unit="img", enabled=bool(jobs))
     if workers <= 1 or len(jobs) < 2 * workers:
         results = ((job, process_job(job)) for job in jobs)
     else:

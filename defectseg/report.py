@@ -158,14 +158,22 @@ def _fit(image: np.ndarray, tile: int, interpolation: int) -> np.ndarray:
     return out
 
 
+# One colour language for every picture: what the model marks is green (predict.py's overlays, the web
+# app); scored against a ground truth, the marked pixels that are wrong turn red and the missed ones blue.
+PREDICTED = (0, 255, 0)
+FALSE_POSITIVE = (255, 0, 0)
+MISSED = (0, 90, 255)
+LEGEND = "green: predicted and true, red: predicted but not true, blue: missed"
+
+
 def overlay(image: np.ndarray | None, target: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8: the image dimmed, true positives green, false positives red, misses blue."""
+    """(H, W, 3) uint8: the image dimmed; predicted pixels green where the ground truth agrees, red where
+    it does not; missed pixels blue (``PREDICTED``, ``FALSE_POSITIVE``, ``MISSED``)."""
     base = np.full((*target.shape, 3), 128, np.uint8) if image is None else image
     if base.shape[:2] != target.shape:
         base = cv2.resize(base, (target.shape[1], target.shape[0]), interpolation=cv2.INTER_AREA)
     out = base.astype(np.float32) * 0.55
-    for mask, color in ((pred & target, (0, 255, 0)), (pred & ~target, (255, 0, 0)),
-                        (~pred & target, (0, 90, 255))):
+    for mask, color in ((pred & target, PREDICTED), (pred & ~target, FALSE_POSITIVE), (~pred & target, MISSED)):
         out[mask] = out[mask] * 0.35 + np.array(color, np.float32) * 0.65
     return out.clip(0, 255).astype(np.uint8)
 
@@ -180,7 +188,7 @@ def example_grid(examples: Sequence[tuple[str, ImageScore, np.ndarray | None, np
                  tile: int = 256) -> np.ndarray:
     """(H, W, 3) uint8 RGB grid: one row per (label, score, image, ground truth, prediction), columns
     image | ground truth | prediction | overlay, each row under a line naming the image and its scores."""
-    columns = ["image", "ground truth", "prediction", "overlay: green TP, red FP, blue FN"]
+    columns = ["image", "ground truth", "prediction", "overlay (legend below)"]
     width = 4 * tile
     parts = [np.concatenate([_text_bar(c, tile) for c in columns], axis=1)]
     for label, score, image, target, pred in examples:
@@ -192,6 +200,7 @@ def example_grid(examples: Sequence[tuple[str, ImageScore, np.ndarray | None, np
         tiles += [_fit(m.astype(np.uint8) * 255, tile, cv2.INTER_NEAREST) for m in (target, pred)]
         tiles.append(_fit(overlay(image, target, pred), tile, cv2.INTER_AREA))
         parts.append(np.concatenate(tiles, axis=1))
+    parts.append(_text_bar(f"overlay: {LEGEND}", width))
     return np.concatenate(parts, axis=0)
 
 
@@ -228,7 +237,7 @@ def plot_threshold_curves(path: Path, sections: Sequence[dict]) -> bool:
     task_names = sorted({name for _, _, name, _ in curves})
     for i, section, name, task in curves:
         color = colors[task_names.index(name) % len(colors)]
-        source = Path(section["model"]).name or section["model"]
+        source = model_label(section["model"])
         ax.plot(section["thresholds"], task["sweep_iou"], color=color, linestyle="-" if i == 0 else "--",
                 marker="." if i == 0 else None,
                 label=f"{name} ({task['prompt']}), {source}: best {task['best_threshold']:g} -> "
@@ -251,12 +260,25 @@ def plot_threshold_curves(path: Path, sections: Sequence[dict]) -> bool:
 # report.md
 
 
+def model_label(model: str) -> str:
+    """A short name for a model or mask folder: its folder name, with the run's name for a run's
+    checkpoint (``runs/demo/best`` -> ``demo/best``)."""
+    path = Path(model)
+    if path.name in ("best", "last") and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name or model
+
+
 def _num(value: Any, digits: int = 4) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def _rate(value: float | None) -> str:
+    return "not measured (one batch only: it would time the warm-up)" if value is None else f"{value:.1f} images/s"
 
 
 def _thr(value: float | None) -> str:
@@ -372,8 +394,8 @@ def _runtime_section(m: dict) -> str:
          f"{r['ms_per_image_prompt']:.2f} ms ({warm}; {r['images_timed']} images)"],
         ["of which: processor + vision encoder, per image", f"{r['encode_ms_per_image']:.2f} ms"],
         ["of which: decoder + upsampling, per prompt", f"{r['decode_ms_per_image_prompt']:.2f} ms"],
-        ["model throughput", f"{_num(r['model_images_per_s'], 1)} images/s"],
-        ["end-to-end throughput (loading, model, scoring)", f"{_num(r['end_to_end_images_per_s'], 1)} images/s"],
+        ["model throughput", _rate(r["model_images_per_s"])],
+        ["end-to-end throughput (loading, model, scoring)", _rate(r["end_to_end_images_per_s"])],
     ]
     if f:
         rows += [
@@ -483,8 +505,30 @@ def _setup_section(m: dict) -> str:
                  ["prompt ensemble (synonyms)", "yes" if r["ensemble"] else "no"],
                  ["thresholds", ", ".join(f"{t['prompt']}: {_thr(t.get('threshold'))}"
                                           for t in m["tasks"].values()) + f" ({m.get('threshold_source', '')})"]]
+        if m.get("selection"):
+            rows.append(["checkpoint picked on", m["selection"]])
     rows.append(["date", m["created"]])
     return "\n".join([_table(["", ""], rows), "", "Command:", "", "```", m["command"], "```"])
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _caveat(m: dict) -> list[str]:
+    """A warning line for a model whose numbers say little: not trained here, or for one or two epochs."""
+    if m["kind"] != "model" or "trained_epochs" not in m:
+        return []
+    epochs = m["trained_epochs"]
+    if epochs is None:
+        text = ("this checkpoint was not trained by train.py (no defectseg.json): untrained, random or "
+                "zero-shot weights at the default threshold; its numbers show no trained behaviour")
+    elif epochs <= 2:
+        text = (f"trained for {_count(epochs, 'epoch')} only: these numbers show the pipeline works, not what "
+                "the recipe reaches")
+    else:
+        return []
+    return [f"> **Note:** {text}.", ""]
 
 
 def render_report(m: dict) -> str:
@@ -492,8 +536,9 @@ def render_report(m: dict) -> str:
     o = m["overall"]
     sections = [
         f"# Evaluation of `{Path(m['model']).name or m['model']}` on `{m['split']}`", "",
-        f"Overall (mean of {len(m['tasks'])} task(s)): **mean IoU {_num(o.get('iou'))}**, mean Dice "
+        f"Overall (mean of {_count(len(m['tasks']), 'task')}): **mean IoU {_num(o.get('iou'))}**, mean Dice "
         f"{_num(o.get('dice'))} over {o['n_images']} images, per image at the original resolution.", "",
+        *_caveat(m),
         "## Setup", "", _setup_section(m), "",
         "## Results", "", _results_section(m), "",
     ]

@@ -27,9 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from . import evaluation
+from . import cli, evaluation
 from .augment import ImageBank
 from .cli import stop_if_terminated
 from .data import (
@@ -37,6 +36,7 @@ from .data import (
     batch_targets,
     epoch_length,
     epoch_plan,
+    holdout_split,
     load_rows,
     load_targets,
     rows_fingerprint,
@@ -77,7 +77,7 @@ TRAINER_STATE = "trainer_state.pt"
 
 # Settings a resumed run must keep: they decide the model, the data or the parameters being trained. The
 # data and the task table may move (another --data or --tasks-file): train() checks their contents.
-FIXED_ON_RESUME = ("data", "model", "tasks", "train_vision_layers", "batch_size")
+FIXED_ON_RESUME = ("data", "model", "tasks", "train_vision_layers", "batch_size", "holdout")
 
 
 class ConfigError(ValueError):
@@ -113,6 +113,7 @@ class TrainConfig:
     train_vision_layers: int = 0
     vision_lr_scale: float = 0.1  # learning-rate multiplier for the unfrozen vision layers
     patience: int = 5  # stop after this many epochs without a better validation score (0: never)
+    holdout: float = 0.0  # fraction of train photos set aside to pick best/ and tune thresholds (0: valid does)
     val_batch_size: int = 16
 
 
@@ -152,16 +153,23 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     train_rows = load_rows(cfg.data, "train", cfg.tasks)
     valid_rows = load_rows(cfg.data, "valid", cfg.tasks, require_all=False)
     notes = use_table_prompts(train_rows + valid_rows, tasks)
-    if main_process:
-        for note in notes:
-            log.warning("%s", note)
-        for task in tasks:
-            if not any(r["task"] == task.name for r in valid_rows):
-                log.warning("task %s has no valid images: it trains but is not validated", task.name)
     # What a resumed run must find unchanged: the rows of both splits and the task table.
     identity = {"data": {"train": rows_fingerprint(train_rows), "valid": rows_fingerprint(valid_rows)},
                 "tasks": {t.name: [t.prompt, *t.synonyms] for t in tasks},  # what training asks with
                 "config": {k: getattr(cfg, k) for k in FIXED_ON_RESUME if k != "data"}}  # data: its rows, above
+    # The rows that pick best/ and tune its thresholds: valid, or photos set aside from train (then valid
+    # stays a clean report: nothing was chosen on it).
+    if cfg.holdout > 0:
+        train_rows, select_rows = holdout_split(train_rows, cfg.holdout, cfg.seed)
+    else:
+        select_rows = valid_rows
+    selected_on = selection_split(cfg.holdout, len(select_rows))
+    if main_process:
+        for note in notes:
+            log.warning("%s", note)
+        for task in tasks:
+            if not any(r["task"] == task.name for r in select_rows):
+                log.warning("task %s has no images in %s: it trains but is not validated", task.name, selected_on)
 
     state = _load_trainer_state(out / "last" / TRAINER_STATE) if resume else None
     if state is not None:
@@ -186,8 +194,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         t0 = time.perf_counter()
         built = cache.build([r["image"] for r in train_rows], views, segmenter.encode, segmenter.pixel_values,
                             cfg.val_batch_size, "features train", (rank, world))
-        built += cache.build([r["image"] for r in valid_rows], (0,), segmenter.encode, segmenter.pixel_values,
-                             cfg.val_batch_size, "features valid", (rank, world))
+        built += cache.build([r["image"] for r in select_rows], (0,), segmenter.encode, segmenter.pixel_values,
+                             cfg.val_batch_size, "features selection", (rank, world))
         _barrier(world)
         if main_process:
             log.info("feature cache %s: %d new entries in %.1f s", cache.dir, built, time.perf_counter() - t0)
@@ -195,7 +203,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     bank = (ImageBank.from_rows(train_rows, cfg.flip, progress=main_process and log.isEnabledFor(logging.INFO))
             if scratch else None)
     targets = None if scratch else load_targets(train_rows, size)
-    valid_masks = [read_mask_png(r["mask"]) for r in valid_rows]
+    select_masks = [read_mask_png(r["mask"]) for r in select_rows]
 
     forward = TrainForward(model)
     if world > 1:
@@ -246,12 +254,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             log.info("resumed %s after epoch %d (best %.4f at epoch %d)", out, start_epoch, best["score"], best["epoch"])
 
     if main_process:
-        log.info("training %s parameters of %s (%s) on %s%s, %d train / %d valid images, %d steps per epoch",
+        log.info("training %s parameters of %s (%s) on %s%s, %d train images, %d steps per epoch; best/ "
+                 "picked on %s",
                  f"{sum(p.numel() for p in trainable):,}", f"{count_parameters(model):,}",
                  "cached features" if use_cache else "from scratch, augmented in memory" if scratch
                  else "plain HF forward" if cfg.train_vision_layers == 0
                  else f"last {cfg.train_vision_layers} vision layers unfrozen", device,
-                 f" x{world} processes" if world > 1 else "", len(train_rows), len(valid_rows), steps_per_epoch)
+                 f" x{world} processes" if world > 1 else "", len(train_rows), steps_per_epoch, selected_on)
 
     if main_process:  # only now that data, model and any resumed state fit together
         if not resume:  # train.py --overwrite: nothing of the run this one replaces may be mistaken for it
@@ -272,14 +281,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         plan = epoch_plan(train_rows, tasks, cfg.seed, epoch, cfg.negative_prob, cfg.flip, cfg.synonyms)
         plan = _shard(plan, rank, world)
         model.train()
-        losses, skipped, overflowed = [], 0, 0
+        loss_sum, steps, skipped, overflowed = torch.zeros((), dtype=torch.float64, device=device), 0, 0, 0
         lr_used = optimizer.param_groups[0]["lr"]  # the decoder's rate at the epoch's last step, for metrics.csv
         batches = [(i, plan[i:i + cfg.batch_size]) for i in range(0, len(plan), cfg.batch_size)]
         load = partial(_load_batch, cfg=cfg, rows=train_rows, targets=targets, cache=cache, segmenter=segmenter,
                        bank=bank, epoch=epoch * world + rank)
-        for (_, batch), (target, inputs) in tqdm(prefetched(load, batches), total=len(batches), unit="batch",
-                                            desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
-                                            disable=not (main_process and log.isEnabledFor(logging.INFO)), leave=False):
+        for (_, batch), (target, inputs) in cli.progress(prefetched(load, batches), total=len(batches), unit="batch",
+                                                         desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=main_process):
             stop_if_terminated()
             target = target.to(device, non_blocking=True)
             inputs = {k: [t.to(device, non_blocking=True) for t in v] if isinstance(v, list)
@@ -315,9 +323,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                             shadow.lerp_(p.detach(), 1 - decay)
             else:
                 overflowed += 1
-            losses.append(loss.item())
+            loss_sum += loss.detach()  # on the device: read once per epoch, not once per step
+            steps += 1
         train_seconds = time.perf_counter() - t0
-        train_loss = _mean_across(losses, world, device)
+        train_loss = _mean_across(loss_sum, steps, world)
         if skipped > len(batches) // 2:  # every process skipped the same steps
             raise FloatingPointError(f"epoch {epoch + 1}: {skipped} of {len(batches)} steps had a non-finite loss; "
                                      "lower --lr or the loss weights, or use --precision fp32. best/ and last/ "
@@ -333,11 +342,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             # weights in its trainer state for --resume.
             live = [p.detach().clone() for p in trainable] if ema is not None else None
             with _swapped(trainable, ema):
-                agg = validate(segmenter, valid_rows, valid_masks, cache, other_prompts, cfg.val_batch_size)
+                agg = validate(segmenter, select_rows, select_masks, cache, other_prompts, cfg.val_batch_size)
                 row = _history_row(epoch + 1, train_loss, agg, lr_used, train_seconds,
                                    time.perf_counter() - t0, len(plan) * world / train_seconds, skipped, overflowed)
                 history.append(row)
-                score = agg["overall"]["iou"]
+                score = selection_score(agg)
                 improved = score > best["score"]
                 if improved:
                     best = {"score": score, "epoch": epoch + 1, "bad_epochs": 0}
@@ -350,8 +359,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                     "rng": _rng_state(), "schedule": schedule, **identity})
             _write_history(out, history)
             _write_summary(out, best, history)
-            log.info("epoch %d/%d  loss %.4f  val IoU %s  mean %.4f%s  (%.1f s, %.0f samples/s)", epoch + 1,
-                     cfg.epochs, train_loss, "  ".join(f"{name} {m['iou']:.4f}" for name, m in agg["tasks"].items()),
+            log.info("epoch %d/%d  loss %.4f  tuned IoU %s  mean %.4f%s  (%.1f s, %.0f samples/s)", epoch + 1,
+                     cfg.epochs, train_loss, "  ".join(f"{name} {m.get('best_iou', m['iou']):.4f}"
+                                                       for name, m in agg["tasks"].items()),
                      score, "  *best*" if improved else "", row["seconds"], row["samples_per_s"])
             stop = cfg.patience > 0 and best["bad_epochs"] >= cfg.patience
             if stop:
@@ -388,7 +398,8 @@ def _check_same_run(state: dict, identity: dict, cfg: TrainConfig, out: Path) ->
 
 def validate(segmenter: Segmenter, rows: list[dict], masks: list[np.ndarray], cache: FeatureCache | None,
              other_prompts: dict[str, str] | None, batch_size: int) -> dict:
-    """Scores on the valid split through the inference path; cached activations when available."""
+    """Scores on the selection rows (valid, or a hold-out of train) through the inference path, with the
+    threshold sweep; cached activations when available."""
     segmenter.model.eval()
     segmenter.forget_prompts()  # conditioning from this epoch's weights, not the first epoch's
     thresholds = default_thresholds()
@@ -523,7 +534,9 @@ def _save(model, processor, folder: Path, cfg: TrainConfig, tasks: list[Task], a
         "epoch": epoch,
         "tasks": tasks_to_dict({t.name: t for t in tasks}),
         "thresholds": {t.prompt: agg["tasks"][t.name]["best_threshold"] for t in tasks if t.name in agg["tasks"]},
-        "selection": "mean over tasks of per-image mean IoU at threshold 0.5 on the valid split",
+        "selection": ("mean over tasks of per-image mean IoU at each task's tuned threshold, on "
+                      + selection_split(cfg.holdout)),
+        "selection_split": "train-holdout" if cfg.holdout > 0 else "valid",
         "metrics": agg,
         "train_config": asdict(cfg),
     }
@@ -536,7 +549,25 @@ def _save(model, processor, folder: Path, cfg: TrainConfig, tasks: list[Task], a
             torch.save(state, buf)
             (tmp / TRAINER_STATE).write_bytes(buf.getvalue())
 
-    save_checkpoint(model, processor, folder, metadata, extra=extra)
+    # best/ is what users hand on: a whole save_pretrained folder. last/ only serves --resume: for a
+    # decoder-only run the decoder file (naming its base model) and the trainer state are enough.
+    full = state is None or cfg.train_vision_layers > 0 or trains_from_scratch(model)
+    save_checkpoint(model, processor, folder, metadata, extra=extra, full=full)
+
+
+def selection_split(holdout: float, n_images: int | None = None) -> str:
+    """In words, the rows that pick best/ and tune its thresholds (``TrainConfig.holdout``)."""
+    n = f"{n_images} " if n_images is not None else ""
+    if holdout > 0:
+        return (f"a hold-out of {n}train images ({holdout:g} of each task's source photos, set aside by "
+                "source_stem; the valid split stays unseen)")
+    return f"the {n}images of the valid split"
+
+
+def selection_score(agg: dict) -> float:
+    """What picks best/: the mean over tasks of per-image IoU at each task's tuned threshold (the score users
+    get, since best/ is used with its tuned thresholds); the IoU at 0.5 when there was no sweep."""
+    return agg["overall"].get("best_iou", agg["overall"]["iou"])
 
 
 def _write_summary(out: Path, best: dict, history: list[dict]) -> dict:
@@ -557,6 +588,7 @@ def _history_row(epoch: int, loss: float, agg: dict, lr: float, train_s: float, 
         row[f"{name}_dice"] = round(m["dice"], 6)
     row["mean_iou"] = round(agg["overall"]["iou"], 6)
     row["mean_dice"] = round(agg["overall"]["dice"], 6)
+    row["mean_tuned_iou"] = round(selection_score(agg), 6)
     row.update({"train_seconds": round(train_s, 2), "seconds": round(total_s, 2),
                 "samples_per_s": round(samples_per_s, 1), "skipped_steps": skipped, "overflow_steps": overflowed})
     return row
@@ -580,8 +612,11 @@ def _write_history(out: Path, history: list[dict]) -> None:
     ax_loss.set(xlabel="epoch", ylabel="train loss (BCE + Dice)", title="training loss")
     for key in [k for k in history[0] if k.endswith("_iou")]:
         ax_iou.plot(epochs, [r[key] for r in history], marker="o", label=key.replace("_iou", ""))
-    ax_iou.set(xlabel="epoch", ylabel="valid IoU (mean over images, t=0.5)", title="validation")
+    ax_iou.set(xlabel="epoch", ylabel="IoU (mean over images; t=0.5 unless tuned)", title="validation")
     ax_iou.legend()
+    for ax in (ax_loss, ax_iou):  # whole epochs on the axis, also for a one-epoch run
+        ax.set_xticks(epochs if len(epochs) <= 20 else epochs[::-(-len(epochs) // 20)])
+        ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
@@ -658,12 +693,12 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _mean_across(values: list[float], world: int, device: torch.device) -> float:
-    if world == 1:
-        return sum(values) / len(values) if values else float("nan")
-    total = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return float(total[0] / total[1]) if total[1] else float("nan")
+def _mean_across(total: torch.Tensor, count: int, world: int) -> float:
+    """The mean over every process of values whose sum on this one is ``total`` (a 0-d tensor), of ``count``."""
+    both = torch.stack([total.double(), torch.tensor(count, dtype=torch.float64, device=total.device)])
+    if world > 1:
+        dist.all_reduce(both)
+    return float(both[0] / both[1]) if both[1] else float("nan")
 
 
 def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:

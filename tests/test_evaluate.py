@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SAMPLE, SHARED_DATA
 
 import evaluate
 import predict
@@ -319,6 +319,7 @@ def test_model_end_to_end_writes_every_output(processed, tiny_dir, valid_rows, t
     text = (out / "report.md").read_text()
     assert "averaged over images" in text and "scores 1.0" in text and "original resolution" in text
     assert "python evaluate.py --model" in text and "## Data leakage" in text and "n/a" in text
+    assert "mean of 2 tasks" in text and "not trained by train.py" in text  # a random tiny model says so
     for name in ("threshold_curves.png", "examples_cracks.png", "examples_drywall.png"):
         image = cv2.imread(str(out / name))
         assert image is not None and image.shape[0] > 100, name
@@ -426,6 +427,9 @@ def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
                            "--out", str(tmp_path / "r"))
     assert code == 1 and "no manifest at" in log and "preprocess_masks.py" in log
     assert not (tmp_path / "r").exists()
+    # Raw Roboflow exports given as --data: the hint says to preprocess them into another folder.
+    code, log = run_logged(capsys, "--pred-dir", str(tmp_path), "--data", str(SAMPLE), "--out", str(tmp_path / "r"))
+    assert code == 1 and "raw COCO exports" in log and f"--data-root {SAMPLE} --out processed_dataset" in log
 
 
 def test_model_load_error_is_one_line(processed, tmp_path, capsys):
@@ -684,6 +688,12 @@ def test_ground_truth_of_another_size_is_warned_about(processed, tiny_dir, valid
             row = next(r for r in per_image(out) if r["image"] == rows[0]["image"])
             assert int(row["tp"]) + int(row["fn"]) == int(read_mask_png(small).sum())  # scored at 320x320
 
+
+
+@pytest.mark.parametrize("model,label", [("runs/demo/best", "demo/best"), ("models/liteseg", "liteseg"),
+                                         ("CIDAS/clipseg-rd64-refined", "clipseg-rd64-refined"), ("best", "best")])
+def test_model_label_names_the_run_of_a_checkpoint(model, label):
+    assert report.model_label(model) == label
 
 
 def test_help(capsys):

@@ -183,6 +183,10 @@ def test_load_model_hub_offline(empty_hf_cache: Path, monkeypatch: pytest.Monkey
     with pytest.raises(ModelLoadError) as info:
         load_model(DEFAULT_MODEL)
     assert_unreachable_message(info.value, DEFAULT_MODEL)
+    monkeypatch.setenv("MAKELEVEL", "1")  # run by make: the hint names make's variable, not the flag
+    with pytest.raises(ModelLoadError) as info:
+        load_model(DEFAULT_MODEL)
+    assert "MODEL=models/clipseg-rd64-refined" in str(info.value) and "--model" not in str(info.value)
 
 
 def test_load_model_hub_unreachable_fails_fast(empty_hf_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -145,6 +145,7 @@ def test_overlay_and_probability_maps(tiny_dir: Path, tmp_path: Path, odd_images
         assert prob.dtype == np.uint8
         np.testing.assert_array_equal(overlay[~mask], image[~mask])  # untouched outside the mask
         assert (overlay[mask] != image[mask]).any() or not mask.any()
+        assert (overlay[mask][:, 1] > overlay[mask][:, 0]).all()  # green: the project's colour for predicted
         assert (prob[mask] >= 128).all() and (prob[~mask] <= 127).all()  # rounded prob * 255, threshold 0.5
 
 

@@ -231,6 +231,8 @@ def test_readme_demo_command(sample_root, tmp_path):
                            "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "24 masks written" in proc.stderr
+    # Not a terminal: progress comes as plain log lines, never a bar's carriage returns glued onto them.
+    assert "\r" not in proc.stderr and "INFO masks: 24/24 img" in proc.stderr
     help_proc = subprocess.run([sys.executable, str(REPO / "preprocess_masks.py"), "--help"],
                                capture_output=True, text=True, timeout=60)
     assert help_proc.returncode == 0 and "--strict" in help_proc.stdout

@@ -20,10 +20,10 @@ from transformers import CLIPSegForImageSegmentation
 import predict
 import preprocess_masks
 import train
-from defectseg.data import batch_targets, epoch_plan, load_rows, load_targets
+from defectseg.data import DataError, batch_targets, epoch_plan, holdout_split, load_rows, load_targets
 from defectseg.features import FeatureCache, view_of
 from defectseg.inference import Segmenter
-from defectseg.io import read_mask_png
+from defectseg.io import load_image, read_mask_png
 from defectseg.losses import bce_dice_loss
 from defectseg.manifest import read_manifest, write_manifest
 from defectseg.model import load_model, read_metadata, used_vision_layers
@@ -74,6 +74,13 @@ def test_train_two_epochs_writes_a_usable_run(processed, tiny, tmp_path):
     for name, tensor in plain.decoder.state_dict().items():
         torch.testing.assert_close(from_decoder.decoder.state_dict()[name], tensor)
     assert (run / "best" / "decoder.safetensors").stat().st_size < (run / "best" / "model.safetensors").stat().st_size
+    # last/ only serves --resume: the decoder (naming its base model) and the trainer state, no model copy;
+    # load_model still loads it, as the base model with the last decoder on top.
+    assert sorted(p.name for p in (run / "last").iterdir()) == ["decoder.safetensors", "defectseg.json",
+                                                               "trainer_state.pt"]
+    last, _ = load_model(run / "last")
+    assert all(torch.equal(last.decoder.state_dict()[k], v)
+               for k, v in load_model(run / "last" / "decoder.safetensors")[0].decoder.state_dict().items())
     # The decoder changed from the base model's.
     base, _ = load_model(tiny)
     assert any(not torch.equal(base.decoder.state_dict()[k], v) for k, v in plain.decoder.state_dict().items())
@@ -89,6 +96,49 @@ def test_train_two_epochs_writes_a_usable_run(processed, tiny, tmp_path):
     assert mask.shape == (640, 640)
 
 
+def test_holdout_split_keeps_each_source_photo_on_one_side():
+    rows = [{"task": t, "image": f"/x/{stem}_jpg.rf.{k}.jpg", "source_stem": f"{stem}_jpg"}
+            for t, n in (("cracks", 20), ("drywall", 10)) for stem in (f"{t}{i}" for i in range(n)) for k in "ab"]
+    train, held = holdout_split(rows, 0.2, seed=0)
+    assert len(train) + len(held) == len(rows) and train == [r for r in rows if r not in held]  # order kept
+    stems = {(r["task"], r["source_stem"]) for r in held}
+    assert not stems & {(r["task"], r["source_stem"]) for r in train}
+    assert sorted(t for t, _ in stems) == ["cracks"] * 4 + ["drywall"] * 2  # 20% of each task's photos
+    assert holdout_split(rows, 0.2, seed=0) == (train, held) and holdout_split(rows, 0.2, seed=1) != (train, held)
+    with pytest.raises(DataError, match="between 0 and 1"):
+        holdout_split(rows, 1.0, seed=0)
+
+
+def test_holdout_picks_best_on_train_photos_and_the_report_says_so(processed, tiny, tmp_path):
+    """--holdout: best/ is picked (on the tuned score) and its thresholds tuned on train photos set aside by
+    source photo; evaluate's report on valid names that split, and calls valid-picked numbers optimistic."""
+    run = tmp_path / "run"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "3", "--holdout", "0.3", "--patience", "0")) == 0
+    meta = read_metadata(run / "best")
+    assert meta["selection_split"] == "train-holdout" and "hold-out" in meta["selection"]
+    rows = history(run)
+    scores = [float(r["mean_tuned_iou"]) for r in rows]
+    assert meta["epoch"] == 1 + scores.index(max(scores))
+    assert math.isclose(meta["metrics"]["overall"]["best_iou"], max(scores), abs_tol=1e-6)
+    held = meta["metrics"]["overall"]["n_images"]
+    train_rows = load_rows(processed, "train")
+    assert 0 < held < len(train_rows) and held != len(load_rows(processed, "valid"))
+
+    import evaluate
+
+    for model, says in ((run / "best", "hold-out of train"), (None, None)):
+        if model is None:  # the same recipe picked on valid
+            plain = tmp_path / "plain"
+            assert run_train(*base_args(processed, tiny, plain, "--epochs", "1")) == 0
+            model, says = plain / "best", "the split scored here, so these numbers are optimistic"
+        out = tmp_path / f"report-{model.parent.name}"
+        assert evaluate.main(evaluate.build_parser().parse_args(
+            ["--model", str(model), "--data", str(processed), "--split", "valid", "--out", str(out), "-q"])) == 0
+        text = (out / "report.md").read_text()
+        assert says in text
+        assert ("trained for 1 epoch only" in text) == (model.parent.name == "plain")
+
+
 def test_same_seed_same_numbers_and_resume_equals_straight_run(processed, tiny, tmp_path):
     straight, again, resumed = tmp_path / "straight", tmp_path / "again", tmp_path / "resumed"
     assert run_train(*base_args(processed, tiny, straight, "--epochs", "2", "--ema", "0.9")) == 0
@@ -99,8 +149,8 @@ def test_same_seed_same_numbers_and_resume_equals_straight_run(processed, tiny, 
     assert len(history(resumed)) == 1
     assert run_train("--resume", str(resumed), "-q") == 0
     assert history(resumed) == history(straight)
-    a = CLIPSegForImageSegmentation.from_pretrained(straight / "last").decoder.state_dict()
-    b = CLIPSegForImageSegmentation.from_pretrained(resumed / "last").decoder.state_dict()
+    a = load_model(straight / "last")[0].decoder.state_dict()
+    b = load_model(resumed / "last")[0].decoder.state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
 
@@ -119,8 +169,6 @@ def test_cached_loss_equals_plain_hf_forward(processed, tiny, tmp_path):
 
     cond = segmenter.conditioning([s.prompt for s in batch])
     cached = TrainForward(model)(cond, activations=cache.load([(rows[s.row]["image"], s.view) for s in batch]))
-    from defectseg.io import load_image
-
     images = [view_of(load_image(rows[s.row]["image"]), s.view) for s in batch]
     tokens = processor.tokenizer([s.prompt for s in batch], padding=True, return_tensors="pt")
     plain = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
@@ -735,3 +783,33 @@ def test_a_head_that_does_not_restore_the_input_size_trains(processed, tmp_path)
     run = tmp_path / "run"
     assert run_train(*base_args(processed, model, run, "--epochs", "1")) == 0
     assert (run / "best" / "model.safetensors").is_file()
+
+
+def test_fp16_cache_matches_the_inference_path(processed, tiny, tmp_path):
+    """Training reads fp16-rounded activations, validation and predict.py compute fresh fp32 ones. Stated
+    tolerance (docs/training.md): loss within 0.1% relative, each task's mean IoU within 0.01, for a
+    decoder trained on the cache for 3 epochs."""
+    run = tmp_path / "run"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "3", "--patience", "0")) == 0
+    model, processor = load_model(run / "best")
+    segmenter = Segmenter(model, processor, torch.device("cpu"), tasks=dict(DEFAULT_TASKS))
+    rows = load_rows(processed, "train")
+    cache = FeatureCache(tmp_path / "features", model, segmenter.input_size, "fp16")
+    cache.build([r["image"] for r in rows], (0,), segmenter.encode, segmenter.pixel_values, 8)
+    batch = epoch_plan(rows, list(DEFAULT_TASKS.values()), seed=0, epoch=0, negative_prob=0.2, flip=False)[:8]
+    target = torch.from_numpy(batch_targets(load_targets(rows, segmenter.input_size), batch))
+    cond = segmenter.conditioning([s.prompt for s in batch])
+    cached = cache.load([(rows[s.row]["image"], 0) for s in batch])
+    fresh = segmenter.encode(segmenter.pixel_values([load_image(rows[s.row]["image"]) for s in batch]))
+    losses = [bce_dice_loss(TrainForward(model)(cond, activations=a), target).mean() for a in (cached, fresh)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-3, atol=0)
+
+    masks = [read_mask_png(r["mask"]) for r in rows]
+    from defectseg.training import validate
+
+    with_cache, without = (validate(segmenter, rows, masks, c, None, 8) for c in (cache, None))
+    print("fp16 cache vs fresh: loss", [float(v.detach()) for v in losses],
+          {t: (m["iou"], without["tasks"][t]["iou"]) for t, m in with_cache["tasks"].items()})
+    for task, m in with_cache["tasks"].items():
+        assert abs(m["iou"] - without["tasks"][task]["iou"]) <= 0.01, task
+        assert abs(m["best_iou"] - without["tasks"][task]["best_iou"]) <= 0.01, task
