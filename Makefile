@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   create .venv, install, run the pipeline on the bundled real sample (sample_data/)
-#   make test   create .venv, install, run the test suite
+#   make test   create .venv, install, run the test suite (what CI runs; `make test-fast` skips the slow tests)
 #
 # torch: the venv gets $(TORCH) unless torch is already importable in it. The default is the CPU
 # build this project's dev machines keep on disk; with a GPU use your CUDA build, e.g.
@@ -22,7 +22,7 @@ EVAL_MODEL ?= models/liteseg
 RUN ?= runs/demo
 EPOCHS ?= 3
 
-.PHONY: setup demo demo-tiny train-lite test lint clean
+.PHONY: setup setup-app demo demo-tiny train-lite app test test-fast lint clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,8 +58,23 @@ demo-tiny: setup
 	$(PY) -m defectseg.tiny models/tiny-clipseg
 	$(MAKE) demo MODEL=models/tiny-clipseg RUN=runs/demo-tiny EPOCHS=2 EVAL_MODEL=runs/demo-tiny/best
 
+# The inspectors' web app (app.py, docs/app.md): gradio is an optional extra beside the core install.
+$(VENV)/.app-installed: $(VENV)/.installed requirements-app.txt
+	$(PY) -m pip install -q -r requirements-app.txt
+	touch $@
+
+setup-app: $(VENV)/.app-installed
+
+app: setup-app
+	$(PY) app.py
+
+# Each test's name as it runs (a long one is never mistaken for a hang) and the slowest at the end.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -v --durations=15
+
+# The edit loop: everything but the tests marked slow (end-to-end runs, DDP, overfitting, full data).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(PY) -m ruff check .

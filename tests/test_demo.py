@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 from defectseg.model import SHIPPED_MODEL
@@ -33,6 +34,7 @@ def demo_recipe() -> list[str]:
     return commands
 
 
+@pytest.mark.slow
 def test_demo_recipe_end_to_end(tmp_path):
     shipped = (SHIPPED_MODEL / "model.safetensors").is_file()
     values = {"PY": sys.executable, "DATA": str(REPO / "sample_data"), "OUT": str(tmp_path / "processed"),

@@ -120,6 +120,7 @@ def test_an_epoch_sees_every_image_and_balances_the_tasks():
 # -- the four scripts ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_lite_through_all_four_scripts_and_resume(processed, sample_root, tmp_path):
     run = tmp_path / "run"
     assert run_train(*tiny_run(processed, run, "--epochs", "2")) == 0
@@ -148,6 +149,7 @@ def test_tiny_lite_through_all_four_scripts_and_resume(processed, sample_root, t
     assert [r["epoch"] for r in history(run)] == ["1", "2", "3"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_and_resume_equals_straight_run(processed, tmp_path):
     straight, again, resumed = tmp_path / "straight", tmp_path / "again", tmp_path / "resumed"
     assert run_train(*tiny_run(processed, straight, "--epochs", "2")) == 0

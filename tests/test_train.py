@@ -139,6 +139,7 @@ def test_holdout_picks_best_on_train_photos_and_the_report_says_so(processed, ti
         assert ("trained for 1 epoch only" in text) == (model.parent.name == "plain")
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_and_resume_equals_straight_run(processed, tiny, tmp_path):
     straight, again, resumed = tmp_path / "straight", tmp_path / "again", tmp_path / "resumed"
     assert run_train(*base_args(processed, tiny, straight, "--epochs", "2", "--ema", "0.9")) == 0
@@ -223,6 +224,7 @@ def copies_export(sample_root: Path, root: Path, copies: int) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["clipseg", "lite"])
 def test_overfit_reads_image_mask_and_prompt(sample_root, tmp_path, family):
     """8 real images, both prompts: IoU on them climbs far above the untrained model's, and asking
@@ -280,6 +282,7 @@ def test_unreachable_hub_is_one_clear_line(processed, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(processed, tiny, tmp_path):
     """torchrun with 2 gloo processes; 15 train images at batch 7, so the processes' shares differ unless
     the plan is evened out (a process with one more step would wait forever)."""

@@ -1,0 +1,249 @@
+"""app.py, the inspectors' web page, on the shipped model: its masks are predict.py's, byte for byte.
+
+Three levels: the page's work as plain functions (runs everywhere), the ``/segment`` API through
+gradio_client and the page in headless Chromium driven by Playwright (both skip where gradio,
+Playwright or a system Chromium is missing: ``pip install -r requirements-app.txt``,
+``apt-get install -y chromium``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, SAMPLE
+from PIL import Image
+
+import app
+import predict
+from defectseg.inference import Segmenter
+from defectseg.io import ImageReadError, read_mask_png
+from defectseg.model import SHIPPED_MODEL
+
+pytestmark = pytest.mark.skipif(not (SHIPPED_MODEL / "model.safetensors").is_file(), reason="no shipped model")
+
+PHOTO = SAMPLE / "cracks" / "valid" / "2416_jpg.rf.bf2b80646c006685421f2dfd20b1cd06.jpg"
+PROMPT = "segment crack"
+THRESHOLD = 0.3  # the shipped model's tuned threshold for cracks: the page's slider starts there
+STARTUP_S = 600  # the server's start (imports, model) on a loaded 2-core machine
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """predict.py's mask of PHOTO for PROMPT at THRESHOLD."""
+    out = tmp_path_factory.mktemp("predict")
+    args = ["--image", str(PHOTO), "--prompt", PROMPT, "--threshold", str(THRESHOLD), "--out", str(out),
+            "--device", "cpu", "--workers", "0", "-q"]
+    assert predict.main(predict.build_parser().parse_args(args)) == 0
+    return (out / "2416_jpg.rf.bf2b80646c006685421f2dfd20b1cd06__segment_crack.png").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def inspector(tmp_path_factory: pytest.TempPathFactory) -> app.Inspector:
+    return app.Inspector(Segmenter.load(str(SHIPPED_MODEL), "cpu"), tmp_path_factory.mktemp("app"))
+
+
+@pytest.fixture(scope="module")
+def odd_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """What inspectors upload by mistake or from odd cameras."""
+    folder = tmp_path_factory.mktemp("uploads")
+    rng = np.random.default_rng(0)
+    forms = {
+        "gray": Image.fromarray(rng.integers(0, 255, (61, 97), dtype=np.uint8)),
+        "rgba": Image.fromarray(rng.integers(0, 255, (50, 70, 4), dtype=np.uint8)),
+        "deep": Image.fromarray(rng.integers(0, 65535, (33, 65), dtype=np.uint16)),
+    }
+    paths = {}
+    for name, img in forms.items():
+        img.save(paths.setdefault(name, folder / f"{name}.png"))
+    assert Image.open(paths["deep"]).mode.startswith("I")  # really 16-bit
+    (paths.setdefault("text", folder / "notes.jpg")).write_text("not an image")
+    (paths.setdefault("empty", folder / "empty.png")).write_bytes(b"")
+    return paths
+
+
+# -- the page's work, no gradio ---------------------------------------------------------------------
+
+
+def test_the_page_mask_is_predict_py_mask(inspector, reference):
+    assert inspector.threshold(PROMPT) == THRESHOLD
+    assert inspector.task_prompts == ["segment crack", "segment taping area"]
+    assert PHOTO in app.SAMPLES and app.chosen_paths(None, [str(PHOTO.relative_to(REPO))]) == [PHOTO]
+    mask = inspector.segment(PHOTO, PROMPT, THRESHOLD)
+    assert mask.name == "2416_jpg.rf.bf2b80646c006685421f2dfd20b1cd06__segment_crack.png"
+    assert mask.read_bytes() == reference
+    assert inspector.segment(PHOTO, PROMPT).read_bytes() == reference  # None: the tuned threshold
+
+
+def test_several_masks_come_as_one_zip_named_as_predict_names_them(inspector):
+    photos = sorted((SAMPLE / "drywall" / "valid").glob("*.jpg"))[:2]
+    page = inspector.page(photos, {p: inspector.threshold(p) for p in inspector.task_prompts})
+    assert page.messages == [] and len(page.results) == 4 and page.download.name == "masks.zip"
+    import zipfile
+
+    with zipfile.ZipFile(page.download) as archive:
+        assert sorted(archive.namelist()) == sorted(
+            predict.mask_name(p.name, s) for p in photos for s in ("segment_crack", "segment_taping_area"))
+    taping = [r for r in page.results if r.prompt == "segment taping area"]
+    assert all(0.001 < r.covered < 0.6 for r in taping)  # real, partial masks
+    for r in page.results:
+        assert r.overlay.shape[:2] == r.mask.shape and max(r.mask.shape) <= app.PREVIEW_SIDE
+
+
+def test_bad_uploads_are_messages_and_the_good_ones_are_still_segmented(inspector, odd_files):
+    page = inspector.page(list(odd_files.values()), {PROMPT: 0.5})
+    assert sorted(r.image.name for r in page.results) == ["deep.png", "gray.png", "rgba.png"]
+    assert len(page.messages) == 2
+    assert any("notes.jpg: cannot read image" in m for m in page.messages)
+    assert any("empty.png: cannot read image" in m for m in page.messages)
+    assert all(str(odd_files["text"].parent) not in m for m in page.messages)  # no server folders shown
+    for r in page.results:
+        assert read_mask_png(r.mask_file).shape == Image.open(r.image).size[::-1]
+    with pytest.raises(ImageReadError, match="notes.jpg: cannot read image"):
+        inspector.segment(odd_files["text"], PROMPT, 0.5)
+    assert inspector.page([], {PROMPT: 0.5}).messages == ["Upload a photo or pick a sample first."]
+    assert inspector.page([PHOTO], {}).messages == ["Tick a prompt or type one."]
+    same_stem = [odd_files["gray"], odd_files["gray"].with_suffix(".jpg")]
+    assert "same file stem" in inspector.page(same_stem, {PROMPT: 0.5}).messages[0]
+    assert "not a prompt the model was trained on" in inspector.page([PHOTO], {"segment rust": 0.5}).messages[0]
+    with pytest.raises(predict.InputError):
+        inspector.segment(PHOTO, " ", 0.5)
+    assert inspector.segment(PHOTO, PROMPT, THRESHOLD).is_file()  # and the next request is served
+
+
+def test_a_huge_photo_is_shown_scaled_and_its_mask_is_full_size(inspector, tmp_path):
+    ramp = np.linspace(0, 255, 8000, dtype=np.uint8)
+    photo = tmp_path / "huge.jpg"
+    Image.fromarray(np.broadcast_to(ramp[None, :, None], (6000, 8000, 3)).copy()).save(photo, quality=80)
+    (result,) = inspector.page([photo], {PROMPT: THRESHOLD}).results
+    assert read_mask_png(result.mask_file).shape == (6000, 8000)
+    assert result.overlay.shape == (768, 1024, 3) and result.mask.shape == (768, 1024)
+
+
+def test_without_gradio_it_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        app.build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert app.main(app.build_parser().parse_args([])) == 1
+    assert "pip install -r requirements-app.txt" in capsys.readouterr().err
+
+
+def test_a_bad_model_is_one_line_and_exit_1(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", type(sys)("gradio"))  # present, never reached
+    monkeypatch.delenv("DEFECTSEG_MODEL", raising=False)
+    assert app.main(app.build_parser().parse_args(["--model", str(tmp_path / "missing")])) == 1
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
+    assert str(tmp_path / "missing") in line
+
+
+# -- the running app: gradio_client and Chromium ------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """http://127.0.0.1:<port>/ of ``python app.py`` (the shipped model, by default) in a subprocess."""
+    pytest.importorskip("gradio")
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "app.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("DEFECTSEG_MODEL", None)
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu"], cwd=REPO,
+                                env=env, stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            assert proc.poll() is None, f"app.py ended:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"app.py did not answer in {STARTUP_S} s:\n{log.read_text()}"
+            try:
+                urllib.request.urlopen(url, timeout=5).close()
+                break
+            except OSError:
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_the_segment_api_from_gradio_client(server, reference, odd_files):
+    client_module = pytest.importorskip("gradio_client")
+    client = client_module.Client(server, verbose=False)
+    mask = client.predict(client_module.handle_file(str(PHOTO)), PROMPT, THRESHOLD, api_name="/segment")
+    assert Path(mask).read_bytes() == reference
+    with pytest.raises(Exception, match="notes.jpg: cannot read image"):
+        client.predict(client_module.handle_file(str(odd_files["text"])), PROMPT, 0.5, api_name="/segment")
+    mask = client.predict(client_module.handle_file(str(odd_files["deep"])), PROMPT, None, api_name="/segment")
+    assert Path(mask).name == "deep__segment_crack.png" and read_mask_png(mask).shape == (33, 65)
+
+
+def test_the_docs_client_example_runs(server, reference):
+    pytest.importorskip("gradio_client")
+    docs = (REPO / "docs" / "app.md").read_text(encoding="utf-8")
+    (example,) = [block for block in re.findall(r"```python\n(.*?)```", docs, re.S) if "gradio_client" in block]
+    assert len(example.strip().splitlines()) <= 6
+    code = example.replace("http://127.0.0.1:7860/", server) + "\nimport sys; sys.stdout.write('\\nMASK=' + mask)\n"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.split("MASK=")[-1].strip()).read_bytes() == reference
+
+
+def test_in_chromium_a_bad_file_then_a_photo_whose_mask_is_predict_py_mask(server, reference, odd_files, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("no chromium on this machine (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(300_000)
+        try:
+            page.goto(server)
+            page.locator("#photos input[type=file]").set_input_files(str(odd_files["text"]))
+            page.locator("#text textarea").fill("segment cracks")  # a synonym: its task's tuned threshold
+            page.locator("#text textarea").blur()
+            other = page.get_by_role("spinbutton", name="number input for threshold: other prompt")
+            sync_api.expect(other).to_have_value(str(THRESHOLD))
+            page.locator("#run").click()
+            sync_api.expect(page.locator("#status")).to_contain_text("notes.jpg: cannot read image")
+            page.screenshot(path=tmp_path / "bad_file.png", full_page=True)
+
+            page.goto(server)  # the server goes on: a fresh page, a real photo, one prompt
+            page.locator("#photos input[type=file]").set_input_files(str(PHOTO))
+            page.get_by_role("checkbox", name="segment taping area").uncheck()
+            page.locator("#run").click()
+            sync_api.expect(page.locator("#status")).to_contain_text("1 mask.")
+            sync_api.expect(page.locator("#gallery img")).to_have_count(2)  # overlay and mask
+            sync_api.expect(page.locator("#table")).to_contain_text("segment crack")
+            with page.expect_download() as download:
+                page.locator("#download a[download]").click()
+            saved = tmp_path / download.value.suggested_filename
+            download.value.save_as(saved)
+            page.screenshot(path=tmp_path / "result.png", full_page=True)
+        finally:
+            browser.close()
+    assert saved.name == "2416_jpg.rf.bf2b80646c006685421f2dfd20b1cd06__segment_crack.png"
+    assert saved.read_bytes() == reference
+    assert (tmp_path / "result.png").stat().st_size > 10_000
