@@ -244,6 +244,34 @@ def main(args: argparse.Namespace) -> int:
         return fail(str(err))
 
 
+def metrics_json(args: argparse.Namespace, out: Path, model_arg: str, section: dict, examples: list[str],
+                 thresholds_written: dict | None, compare: dict | None) -> dict:
+    """metrics.json's content: the command, data and conventions, the scored source's section, and what
+    else was written (examples, masks, thresholds) or compared."""
+    return {
+        "command": command_line(args, out=str(out), **(MODEL_ONLY if args.pred_dir else {"model": model_arg})),
+        "created": report.now_iso(),
+        "data": str(args.data),
+        "split": args.split,
+        "conventions": {
+            "headline": "mean over images of per-image IoU and Dice",
+            "resolution": "original size of each ground-truth mask",
+            "empty_gt_and_empty_prediction_score": evaluation.EMPTY_SCORE,
+            "threshold_rule": ("foreground iff probability >= threshold" if not args.pred_dir else
+                               "foreground iff pixel value > 0" if args.pred_threshold is None else
+                               f"foreground iff pixel value >= {args.pred_threshold:g}"),
+            "overall": "mean over tasks",
+        },
+        **section,
+        "pred_threshold": args.pred_threshold,
+        "examples": examples,
+        "saved_masks": report.MASKS_DIR if args.save_masks else None,
+        "leakage": report.read_leakage(args.data, args.split),
+        "thresholds_written": thresholds_written,
+        "compare": compare,
+    }
+
+
 def evaluate(args: argparse.Namespace, model_arg: str, rows: list[dict], task_prompts: dict[str, str], out: Path,
              folder: report.ReportFolder) -> int:
     """Score, write the report into ``folder``'s staging path, tune thresholds, put the report in place.
@@ -284,28 +312,7 @@ def evaluate(args: argparse.Namespace, model_arg: str, rows: list[dict], task_pr
         thresholds_written = {"file": str(target / METADATA_FILE), "thresholds": best}
     segmenter = None
 
-    metrics_ = {
-        "command": command_line(args, out=str(out), **(MODEL_ONLY if args.pred_dir else {"model": model_arg})),
-        "created": report.now_iso(),
-        "data": str(args.data),
-        "split": args.split,
-        "conventions": {
-            "headline": "mean over images of per-image IoU and Dice",
-            "resolution": "original size of each ground-truth mask",
-            "empty_gt_and_empty_prediction_score": evaluation.EMPTY_SCORE,
-            "threshold_rule": ("foreground iff probability >= threshold" if not args.pred_dir else
-                               "foreground iff pixel value > 0" if args.pred_threshold is None else
-                               f"foreground iff pixel value >= {args.pred_threshold:g}"),
-            "overall": "mean over tasks",
-        },
-        **section,
-        "pred_threshold": args.pred_threshold,
-        "examples": examples,
-        "saved_masks": report.MASKS_DIR if args.save_masks else None,
-        "leakage": report.read_leakage(args.data, args.split),
-        "thresholds_written": thresholds_written,
-        "compare": compare,
-    }
+    metrics_ = metrics_json(args, out, model_arg, section, examples, thresholds_written, compare)
     try:
         report.write_outputs(stage, metrics_, scores)
     except OSError as err:

@@ -114,23 +114,8 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
     """
     path = Path(json_path)
     name = str(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise CocoError(f"{name}: annotations file not found") from None
-    except IsADirectoryError:
-        raise CocoError(f"{name}: is a folder, not an annotations file") from None
-    except OSError as err:
-        raise CocoError(f"{name}: cannot read annotations file ({os_reason(err)})") from None
-    except RecursionError:
-        raise CocoError(f"{name}: invalid JSON (nested too deeply)") from None
-    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, and ints over Python's digit limit
-        raise CocoError(f"{name}: invalid JSON ({err})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise CocoError(f"{name}: not a COCO file (no 'images' list)")
+    data = _read_coco_json(path)
     raw_annotations = data.get("annotations", [])
-    if not isinstance(raw_annotations, list):
-        raise CocoError(f"{name}: 'annotations' must be a list")
 
     problems: list[Problem] = []
     raw_categories = data.get("categories", [])
@@ -146,27 +131,7 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
                                 f"({', '.join(categories)}) is in this export, it has: {present}; every "
                                 "annotation is left out, so every mask of this split is empty"))
 
-    records: list[ImageEntry] = []
-    skipped_ids: set = set()  # records with an id but skipped: their annotations go with them, unreported
-    for rec in data["images"]:
-        if not isinstance(rec, dict):
-            problems.append(Problem(name, "bad_image_record", f"image record is not an object: {rec!r:.80}"))
-            continue
-        image_id, file_name = rec.get("id"), rec.get("file_name")
-        width, height = _as_int(rec.get("width")), _as_int(rec.get("height"))
-        if not _is_id(image_id) or not isinstance(file_name, str) or not file_name:
-            problems.append(Problem(name, "bad_image_record", f"image record without id/file_name: {rec!r:.80}"))
-            continue
-        if not width or not height or width <= 0 or height <= 0:
-            skipped_ids.add(image_id)
-            problems.append(Problem(f"{name}:{file_name}", "bad_image_record", "image record has no valid width/height"))
-            continue
-        if width * height > MAX_IMAGE_PIXELS:
-            skipped_ids.add(image_id)
-            problems.append(Problem(f"{name}:{file_name}", "bad_image_record", f"image record says {width}x{height}, "
-                                    f"over the limit of {MAX_IMAGE_PIXELS:,} pixels"))
-            continue
-        records.append(ImageEntry(image_id, file_name, width, height))
+    records, skipped_ids = _image_records(data["images"], name, problems)
     images = _unique_images(records, name, problems, skipped_ids)
 
     unknown = 0
@@ -195,6 +160,56 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
         what = "no usable image record" if data["images"] else "an empty 'images' list"
         problems.append(Problem(name, "no_images", f"{what}: this split gives no masks"))
     return CocoExport(path, list(images.values()), problems, category_names)
+
+
+def _read_coco_json(path: Path) -> dict:
+    """The parsed annotations file, checked to be an object with an ``images`` list (and an
+    ``annotations`` list when present). Raises CocoError naming the file."""
+    name = str(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise CocoError(f"{name}: annotations file not found") from None
+    except IsADirectoryError:
+        raise CocoError(f"{name}: is a folder, not an annotations file") from None
+    except OSError as err:
+        raise CocoError(f"{name}: cannot read annotations file ({os_reason(err)})") from None
+    except RecursionError:
+        raise CocoError(f"{name}: invalid JSON (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, and ints over Python's digit limit
+        raise CocoError(f"{name}: invalid JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise CocoError(f"{name}: not a COCO file (no 'images' list)")
+    if not isinstance(data.get("annotations", []), list):
+        raise CocoError(f"{name}: 'annotations' must be a list")
+    return data
+
+
+def _image_records(raw: list, name: str, problems: list[Problem]) -> tuple[list[ImageEntry], set]:
+    """The usable image records, and the ids of records skipped for their size (their annotations go with
+    them, unreported); every other fault becomes a Problem."""
+    records: list[ImageEntry] = []
+    skipped_ids: set = set()
+    for rec in raw:
+        if not isinstance(rec, dict):
+            problems.append(Problem(name, "bad_image_record", f"image record is not an object: {rec!r:.80}"))
+            continue
+        image_id, file_name = rec.get("id"), rec.get("file_name")
+        width, height = _as_int(rec.get("width")), _as_int(rec.get("height"))
+        if not _is_id(image_id) or not isinstance(file_name, str) or not file_name:
+            problems.append(Problem(name, "bad_image_record", f"image record without id/file_name: {rec!r:.80}"))
+            continue
+        if not width or not height or width <= 0 or height <= 0:
+            skipped_ids.add(image_id)
+            problems.append(Problem(f"{name}:{file_name}", "bad_image_record", "image record has no valid width/height"))
+            continue
+        if width * height > MAX_IMAGE_PIXELS:
+            skipped_ids.add(image_id)
+            problems.append(Problem(f"{name}:{file_name}", "bad_image_record", f"image record says {width}x{height}, "
+                                    f"over the limit of {MAX_IMAGE_PIXELS:,} pixels"))
+            continue
+        records.append(ImageEntry(image_id, file_name, width, height))
+    return records, skipped_ids
 
 
 def _unique_images(records: list[ImageEntry], name: str, problems: list[Problem], skipped_ids: set) -> dict:

@@ -57,6 +57,7 @@ from .losses import bce_dice_loss
 from .metrics import default_thresholds
 from .model import (
     DECODER_FILE,
+    METADATA_FILE,
     base_model_ref,
     count_parameters,
     decode,
@@ -136,20 +137,129 @@ class TrainForward(nn.Module):
         return decode(self.model, activations, cond)
 
 
+@dataclass
+class Run:
+    """One training run's pieces, built by ``_set_up``; the epoch functions read them and update
+    ``history``, ``best`` and ``ema``."""
+
+    cfg: TrainConfig
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    tasks: list[Task]
+    train_rows: list[dict]
+    select_rows: list[dict]
+    select_masks: list[np.ndarray]
+    other_prompts: dict[str, str] | None  # task -> the prompt scored on its images for text sensitivity
+    identity: dict  # what a resumed run must find unchanged (``_check_same_run``)
+    model: nn.Module
+    processor: object
+    segmenter: Segmenter
+    trainable: list[nn.Parameter]
+    cond_table: dict[str, torch.Tensor]
+    cache: FeatureCache | None  # CLIPSeg's vision activations
+    bank: ImageBank | None  # a model trained from scratch: decoded images, augmented per sample
+    targets: np.ndarray | None  # else: fixed (N, S, S) targets
+    forward: nn.Module  # TrainForward, wrapped in DDP with several processes
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    schedule: dict
+    ema: list[torch.Tensor] | None = None
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"score": -1.0, "epoch": 0, "bad_epochs": 0})
+    start_epoch: int = 0
+
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class EpochStats:
+    loss: float  # mean training loss over the steps taken, all processes
+    samples: int  # samples drawn this epoch, all processes
+    seconds: float
+    lr: float  # the decoder's learning rate at the epoch's last step
+    skipped: int  # steps skipped for a non-finite loss
+    overflowed: int  # steps fp16's loss scaler skipped
+
+
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """Train; returns the run summary (also in ``<out>/summary.json``).
 
+    Set up (data, model, feature cache or image bank, optimizer; last/ restored with ``resume``), then
+    per epoch one pass of training steps and, on the main process, validation and the checkpoints.
     stop_after: end this invocation after that many epochs (continue later with ``resume``); the
     schedule still spans ``cfg.epochs``, so the resumed run matches a straight one exactly.
     """
+    run = _set_up(cfg, resume)
+    for epoch in range(run.start_epoch, _end_epoch(run, stop_after)):
+        t0 = time.perf_counter()
+        stats = _train_epoch(run, epoch)
+        stop = _validate_and_save(run, epoch, stats, t0) if run.main_process else False
+        if _broadcast_flag(stop, run.world):
+            break
+    summary = {}
+    if run.main_process:
+        summary = _write_summary(run.out, run.best, run.history)
+        log.info("best mean IoU %.4f at epoch %d -> %s", run.best["score"], run.best["epoch"], run.out / "best")
+    _barrier(run.world)
+    if run.world > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+def _set_up(cfg: TrainConfig, resume: bool) -> Run:
+    """Everything the loop needs, in an order that keeps same seed, same numbers; with ``resume`` the
+    run's last/ (weights and trainer state) after checking it is the same run."""
     rank, world = _init_distributed(cfg.device)
-    main_process = rank == 0
-    out = Path(cfg.out)
     device = _device_for_rank(cfg.device, rank, world)
     _seed_everything(cfg.seed)
-
+    out = Path(cfg.out)
     table = load_tasks(cfg.tasks_file)
     tasks = [table[name] for name in cfg.tasks]
+    train_rows, select_rows, identity = _load_data(cfg, tasks, rank == 0)
+    state = _load_trainer_state(out / "last" / TRAINER_STATE) if resume else None
+    if state is not None:
+        _check_same_run(state, identity, cfg, out)
+    fresh = None if resume else new_model(cfg.model, cfg.seed)
+    model, processor = fresh or load_model(out / "last" if resume else cfg.model, device)
+    model.to(device)
+    amp_dtype = resolve_precision(cfg.precision, device, model)
+    trainable = _set_trainable(model, cfg.train_vision_layers, cfg.ema)
+    segmenter = Segmenter(model, processor, device, amp_dtype, tasks=table)
+    prompts = sorted({p for t in tasks for p in t.prompts})
+    cond_table = dict(zip(prompts, segmenter.conditioning(prompts)))
+    cache, bank, targets = _training_inputs(cfg, segmenter, train_rows, select_rows, rank, world)
+
+    forward = TrainForward(model)
+    if world > 1:
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(_param_groups(model, trainable, cfg))
+    steps_per_epoch = math.ceil(math.ceil(epoch_length(train_rows, tasks) / world) / cfg.batch_size)
+    schedule = {"epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch, "lr": cfg.lr, "warmup": cfg.warmup,
+                "vision_lr_scale": cfg.vision_lr_scale, "weight_decay": cfg.weight_decay}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup, steps_per_epoch * cfg.epochs))
+    run = Run(cfg=cfg, out=out, rank=rank, world=world, device=device, tasks=tasks, train_rows=train_rows,
+              select_rows=select_rows, select_masks=[read_mask_png(r["mask"]) for r in select_rows],
+              other_prompts=evaluation.other_task_prompts({t.name: t.prompt for t in tasks}), identity=identity,
+              model=model, processor=processor, segmenter=segmenter, trainable=trainable, cond_table=cond_table,
+              cache=cache, bank=bank, targets=targets, forward=forward, optimizer=optimizer, scheduler=scheduler,
+              scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), schedule=schedule,
+              ema=[p.detach().clone() for p in trainable] if cfg.ema > 0 else None)
+    if state is not None:
+        _restore(run, state)
+    if run.main_process:
+        _announce(run, resume)
+    return run
+
+
+def _load_data(cfg: TrainConfig, tasks: list[Task], main_process: bool) -> tuple[list[dict], list[dict], dict]:
+    """(train rows, selection rows, identity): the rows that pick best/ and tune its thresholds are the
+    valid split's, or with ``holdout`` train photos set aside (then valid stays a clean report)."""
     train_rows = load_rows(cfg.data, "train", cfg.tasks)
     valid_rows = load_rows(cfg.data, "valid", cfg.tasks, require_all=False)
     notes = use_table_prompts(train_rows + valid_rows, tasks)
@@ -157,38 +267,27 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     identity = {"data": {"train": rows_fingerprint(train_rows), "valid": rows_fingerprint(valid_rows)},
                 "tasks": {t.name: [t.prompt, *t.synonyms] for t in tasks},  # what training asks with
                 "config": {k: getattr(cfg, k) for k in FIXED_ON_RESUME if k != "data"}}  # data: its rows, above
-    # The rows that pick best/ and tune its thresholds: valid, or photos set aside from train (then valid
-    # stays a clean report: nothing was chosen on it).
     if cfg.holdout > 0:
         train_rows, select_rows = holdout_split(train_rows, cfg.holdout, cfg.seed)
     else:
         select_rows = valid_rows
-    selected_on = selection_split(cfg.holdout, len(select_rows))
     if main_process:
         for note in notes:
             log.warning("%s", note)
         for task in tasks:
             if not any(r["task"] == task.name for r in select_rows):
-                log.warning("task %s has no images in %s: it trains but is not validated", task.name, selected_on)
+                log.warning("task %s has no images in %s: it trains but is not validated", task.name,
+                            selection_split(cfg.holdout))
+    return train_rows, select_rows, identity
 
-    state = _load_trainer_state(out / "last" / TRAINER_STATE) if resume else None
-    if state is not None:
-        _check_same_run(state, identity, cfg, out)
-    fresh = None if resume else new_model(cfg.model, cfg.seed)
-    model, processor = fresh or load_model(out / "last" if resume else cfg.model, device)
-    model.to(device)
-    scratch = trains_from_scratch(model)
-    amp_dtype = resolve_precision(cfg.precision, device, model)
-    trainable = _set_trainable(model, cfg.train_vision_layers, cfg.ema)
-    segmenter = Segmenter(model, processor, device, amp_dtype, tasks=table)
-    size = segmenter.input_size
-    prompts = sorted({p for t in tasks for p in t.prompts})
-    cond_table = dict(zip(prompts, segmenter.conditioning(prompts)))
-    other_prompts = evaluation.other_task_prompts({t.name: t.prompt for t in tasks})
 
-    use_cache = cfg.cache and cfg.train_vision_layers == 0 and not scratch
+def _training_inputs(cfg: TrainConfig, segmenter: Segmenter, train_rows: list[dict], select_rows: list[dict],
+                     rank: int, world: int) -> tuple[FeatureCache | None, ImageBank | None, np.ndarray | None]:
+    """(cache, bank, targets). CLIPSeg with a frozen vision tower: its activations cached once per image
+    and view; from scratch: images decoded once into memory and augmented per sample; else fixed targets."""
+    scratch = trains_from_scratch(segmenter.model)
     cache = None
-    if use_cache:
+    if cfg.cache and cfg.train_vision_layers == 0 and not scratch:
         cache = FeatureCache.for_segmenter(cfg.cache_dir or Path(cfg.data) / "features", segmenter, cfg.cache_dtype)
         views = (0, 1) if cfg.flip else (0,)
         t0 = time.perf_counter()
@@ -197,187 +296,189 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         built += cache.build([r["image"] for r in select_rows], (0,), segmenter.encode, segmenter.pixel_values,
                              cfg.val_batch_size, "features selection", (rank, world))
         _barrier(world)
-        if main_process:
+        if rank == 0:
             log.info("feature cache %s: %d new entries in %.1f s", cache.dir, built, time.perf_counter() - t0)
-    # From scratch: images decoded once into memory and augmented per sample; else fixed targets.
-    bank = (ImageBank.from_rows(train_rows, cfg.flip, progress=main_process and log.isEnabledFor(logging.INFO))
-            if scratch else None)
-    targets = None if scratch else load_targets(train_rows, size)
-    select_masks = [read_mask_png(r["mask"]) for r in select_rows]
+    bank = ImageBank.from_rows(train_rows, cfg.flip, progress=rank == 0) if scratch else None
+    targets = None if scratch else load_targets(train_rows, segmenter.input_size)
+    return cache, bank, targets
 
-    forward = TrainForward(model)
-    if world > 1:
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(_param_groups(model, trainable, cfg))
-    settings = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]  # this invocation's, for resume
-    steps_per_epoch = math.ceil(math.ceil(epoch_length(train_rows, tasks) / world) / cfg.batch_size)
-    schedule = {"epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch, "lr": cfg.lr, "warmup": cfg.warmup,
-                "vision_lr_scale": cfg.vision_lr_scale, "weight_decay": cfg.weight_decay}
-    lr_factor = _warmup_cosine(cfg.warmup, steps_per_epoch * cfg.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = [p.detach().clone() for p in trainable] if cfg.ema > 0 else None
 
-    history: list[dict] = []
-    best = {"score": -1.0, "epoch": 0, "bad_epochs": 0}
-    start_epoch = 0
-    if state is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except ValueError as err:  # other parameter groups: --train-vision-layers changed, or an older run
-            raise ConfigError(f"{out}: its optimizer state does not fit this run's settings ({err}); "
-                              "resume with the settings it was started with, or start a new run") from err
-        scheduler.load_state_dict(state["scheduler"])
-        # Moments and step count come from the state; lr, weight decay and schedule from this invocation
-        # (identical when nothing changed, so a resumed run still equals a straight one).
-        scheduler.base_lrs = [lr for lr, _ in settings]
-        for group, (lr, decay) in zip(optimizer.param_groups, settings):
-            group.update(initial_lr=lr, weight_decay=decay, lr=lr * lr_factor(scheduler.last_epoch))
-        if main_process and state.get("schedule", schedule) != schedule:
-            log.warning("resuming with another schedule (%s, was %s): the learning rate continues from "
-                        "step %d of the new one", schedule, state["schedule"], scheduler.last_epoch)
-        if scaler.is_enabled() and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])  # else the run changed precision: fp16 gets a fresh scaler
-        if ema is not None and state.get("ema") is not None:
-            ema = [t.to(device) for t in state["ema"]]
-        if state.get("live") is not None:  # last/ holds the EMA weights; training goes on from the live ones
-            with torch.no_grad():
-                for p, live in zip(trainable, state["live"]):
-                    p.copy_(live.to(device))
-        history, best, start_epoch = state["history"], state["best"], state["epoch"]
-        if start_epoch > cfg.epochs:
-            raise ConfigError(f"{out}: --epochs {cfg.epochs} is fewer than the {start_epoch} epochs the run has "
-                              f"done; give --epochs {start_epoch} or more")
-        _set_rng_state(state["rng"])
-        if main_process:
-            log.info("resumed %s after epoch %d (best %.4f at epoch %d)", out, start_epoch, best["score"], best["epoch"])
+def _restore(run: Run, state: dict) -> None:
+    """Continue from last/'s trainer state: optimizer moments, schedule position, scaler, EMA and live
+    weights, history, best, RNG. Learning rate, weight decay and schedule come from this invocation."""
+    settings = [(g["lr"], g["weight_decay"]) for g in run.optimizer.param_groups]
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:  # other parameter groups: --train-vision-layers changed, or an older run
+        raise ConfigError(f"{run.out}: its optimizer state does not fit this run's settings ({err}); "
+                          "resume with the settings it was started with, or start a new run") from err
+    scheduler, lr_factor = run.scheduler, run.scheduler.lr_lambdas[0]
+    scheduler.load_state_dict(state["scheduler"])
+    # Moments and step count come from the state; lr, weight decay and schedule from this invocation
+    # (identical when nothing changed, so a resumed run still equals a straight one).
+    scheduler.base_lrs = [lr for lr, _ in settings]
+    for group, (lr, decay) in zip(run.optimizer.param_groups, settings):
+        group.update(initial_lr=lr, weight_decay=decay, lr=lr * lr_factor(scheduler.last_epoch))
+    if run.main_process and state.get("schedule", run.schedule) != run.schedule:
+        log.warning("resuming with another schedule (%s, was %s): the learning rate continues from "
+                    "step %d of the new one", run.schedule, state["schedule"], scheduler.last_epoch)
+    if run.scaler.is_enabled() and state["scaler"]:
+        run.scaler.load_state_dict(state["scaler"])  # else the run changed precision: fp16 gets a fresh scaler
+    if run.ema is not None and state.get("ema") is not None:
+        run.ema = [t.to(run.device) for t in state["ema"]]
+    if state.get("live") is not None:  # last/ holds the EMA weights; training goes on from the live ones
+        with torch.no_grad():
+            for p, live in zip(run.trainable, state["live"]):
+                p.copy_(live.to(run.device))
+    run.history, run.best, run.start_epoch = state["history"], state["best"], state["epoch"]
+    if run.start_epoch > run.cfg.epochs:
+        raise ConfigError(f"{run.out}: --epochs {run.cfg.epochs} is fewer than the {run.start_epoch} epochs the run "
+                          f"has done; give --epochs {run.start_epoch} or more")
+    _set_rng_state(state["rng"])
+    if run.main_process:
+        log.info("resumed %s after epoch %d (best %.4f at epoch %d)", run.out, run.start_epoch, run.best["score"],
+                 run.best["epoch"])
 
-    if main_process:
-        log.info("training %s parameters of %s (%s) on %s%s, %d train images, %d steps per epoch; best/ "
-                 "picked on %s",
-                 f"{sum(p.numel() for p in trainable):,}", f"{count_parameters(model):,}",
-                 "cached features" if use_cache else "from scratch, augmented in memory" if scratch
-                 else "plain HF forward" if cfg.train_vision_layers == 0
-                 else f"last {cfg.train_vision_layers} vision layers unfrozen", device,
-                 f" x{world} processes" if world > 1 else "", len(train_rows), steps_per_epoch, selected_on)
 
-    if main_process:  # only now that data, model and any resumed state fit together
-        if not resume:  # train.py --overwrite: nothing of the run this one replaces may be mistaken for it
-            for name in ("best", "last", "metrics.csv", "curves.png", "summary.json"):
-                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
-            for name in ("best", "last"):  # folders set aside by its swaps: a later load could restore one
-                remove_stale(out, f".{name}.old-")
-        write_json_atomic(out / "config.json", asdict(cfg))
-    stop = False
-    end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
-    if cfg.patience > 0 and best["bad_epochs"] >= cfg.patience:  # a resumed run that had stopped early
-        if main_process:
+def _announce(run: Run, resume: bool) -> None:
+    """Log what trains on what, and (now that data, model and any resumed state fit together) clear the
+    files of a run this one replaces and write config.json."""
+    cfg, out = run.cfg, run.out
+    kind = ("cached features" if run.cache is not None else "from scratch, augmented in memory" if run.bank is not None
+            else "plain HF forward" if cfg.train_vision_layers == 0
+            else f"last {cfg.train_vision_layers} vision layers unfrozen")
+    log.info("training %s parameters of %s (%s) on %s%s, %d train images, %d steps per epoch; best/ picked on %s",
+             f"{sum(p.numel() for p in run.trainable):,}", f"{count_parameters(run.model):,}", kind, run.device,
+             f" x{run.world} processes" if run.world > 1 else "", len(run.train_rows),
+             run.schedule["steps_per_epoch"], selection_split(cfg.holdout, len(run.select_rows)))
+    if not resume:  # train.py --overwrite: nothing of the run this one replaces may be mistaken for it
+        for name in ("best", "last", "metrics.csv", "curves.png", "summary.json"):
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+        for name in ("best", "last"):  # folders set aside by its swaps: a later load could restore one
+            remove_stale(out, f".{name}.old-")
+    write_json_atomic(out / "config.json", asdict(cfg))
+
+
+def _end_epoch(run: Run, stop_after: int | None) -> int:
+    """The epoch this invocation stops before: --epochs, or sooner with --stop-after, or at once for a
+    resumed run that had stopped early."""
+    if run.cfg.patience > 0 and run.best["bad_epochs"] >= run.cfg.patience:
+        if run.main_process:
             log.info("the run stopped early after epoch %d; nothing to do (a larger --patience continues it)",
-                     start_epoch)
-        end_epoch = start_epoch
-    for epoch in range(start_epoch, end_epoch):
-        t0 = time.perf_counter()
-        plan = epoch_plan(train_rows, tasks, cfg.seed, epoch, cfg.negative_prob, cfg.flip, cfg.synonyms)
-        plan = _shard(plan, rank, world)
-        model.train()
-        loss_sum, steps, skipped, overflowed = torch.zeros((), dtype=torch.float64, device=device), 0, 0, 0
-        lr_used = optimizer.param_groups[0]["lr"]  # the decoder's rate at the epoch's last step, for metrics.csv
-        batches = [(i, plan[i:i + cfg.batch_size]) for i in range(0, len(plan), cfg.batch_size)]
-        load = partial(_load_batch, cfg=cfg, rows=train_rows, targets=targets, cache=cache, segmenter=segmenter,
-                       bank=bank, epoch=epoch * world + rank)
-        for (_, batch), (target, inputs) in cli.progress(prefetched(load, batches), total=len(batches), unit="batch",
-                                                         desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=main_process):
-            stop_if_terminated()
-            target = target.to(device, non_blocking=True)
-            inputs = {k: [t.to(device, non_blocking=True) for t in v] if isinstance(v, list)
-                      else v.to(device, non_blocking=True) for k, v in inputs.items()}
-            if "input_ids" not in inputs:
-                inputs["cond"] = torch.stack([cond_table[s.prompt] for s in batch]).to(device)
-            with autocast(device, amp_dtype):
-                logits = forward(**inputs)
-            loss = bce_dice_loss(at_target_size(logits, target), target, cfg.bce_weight, cfg.dice_weight).mean()
-            if not _finite_everywhere(loss, world):  # all processes skip together, or none does
-                skipped += 1
-                log.error("epoch %d: non-finite loss (%s) on images %s; step skipped", epoch + 1, loss.item(),
-                          [Path(train_rows[s.row]["image"]).name for s in batch][:4])
-                if skipped > 10:
-                    raise FloatingPointError("more than 10 non-finite losses in one epoch; lower --lr or use --precision fp32")
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            scale = scaler.get_scale()
-            lr_used = optimizer.param_groups[0]["lr"]
-            scaler.step(optimizer)
-            scaler.update()
-            if scaler.get_scale() >= scale:  # else fp16's scaler skipped the step (its gradients overflowed)
-                scheduler.step()
-                if ema is not None:
-                    decay = ema_decay(cfg.ema, scheduler.last_epoch)
-                    with torch.no_grad():
-                        for shadow, p in zip(ema, trainable):
-                            shadow.lerp_(p.detach(), 1 - decay)
-            else:
-                overflowed += 1
-            loss_sum += loss.detach()  # on the device: read once per epoch, not once per step
-            steps += 1
-        train_seconds = time.perf_counter() - t0
-        train_loss = _mean_across(loss_sum, steps, world)
-        if skipped > len(batches) // 2:  # every process skipped the same steps
-            raise FloatingPointError(f"epoch {epoch + 1}: {skipped} of {len(batches)} steps had a non-finite loss; "
-                                     "lower --lr or the loss weights, or use --precision fp32. best/ and last/ "
-                                     "keep the previous epoch's")
-        if not all(torch.isfinite(p).all() for p in trainable):  # every process: DDP keeps them identical
-            raise FloatingPointError(f"epoch {epoch + 1}: the weights became non-finite (a step with a finite loss "
-                                     "can still overflow them); lower --lr or use --precision fp32. best/ and "
-                                     "last/ keep the previous epoch's")
+                     run.start_epoch)
+        return run.start_epoch
+    return run.cfg.epochs if stop_after is None else min(run.cfg.epochs, run.start_epoch + stop_after)
 
-        if main_process:
-            # Validation and both checkpoints see the same weights (the EMA ones when --ema is on), so a
-            # checkpoint's metadata always describes the weights beside it; last/ also keeps the live
-            # weights in its trainer state for --resume.
-            live = [p.detach().clone() for p in trainable] if ema is not None else None
-            with _swapped(trainable, ema):
-                agg = validate(segmenter, select_rows, select_masks, cache, other_prompts, cfg.val_batch_size)
-                row = _history_row(epoch + 1, train_loss, agg, lr_used, train_seconds,
-                                   time.perf_counter() - t0, len(plan) * world / train_seconds, skipped, overflowed)
-                history.append(row)
-                score = selection_score(agg)
-                improved = score > best["score"]
-                if improved:
-                    best = {"score": score, "epoch": epoch + 1, "bad_epochs": 0}
-                    _save(model, processor, out / "best", cfg, tasks, agg, epoch + 1, state=None)
-                else:
-                    best["bad_epochs"] += 1
-                _save(model, processor, out / "last", cfg, tasks, agg, epoch + 1, state={
-                    "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "ema": ema, "live": live, "history": history, "best": best,
-                    "rng": _rng_state(), "schedule": schedule, **identity})
-            _write_history(out, history)
-            _write_summary(out, best, history)
-            log.info("epoch %d/%d  loss %.4f  tuned IoU %s  mean %.4f%s  (%.1f s, %.0f samples/s)", epoch + 1,
-                     cfg.epochs, train_loss, "  ".join(f"{name} {m.get('best_iou', m['iou']):.4f}"
-                                                       for name, m in agg["tasks"].items()),
-                     score, "  *best*" if improved else "", row["seconds"], row["samples_per_s"])
-            stop = cfg.patience > 0 and best["bad_epochs"] >= cfg.patience
-            if stop:
-                log.info("early stop: no better validation score for %d epochs", cfg.patience)
-        stop = _broadcast_flag(stop, world)
-        if stop:
-            break
 
-    summary = {}
-    if main_process:
-        summary = _write_summary(out, best, history)
-        log.info("best mean IoU %.4f at epoch %d -> %s", best["score"], best["epoch"], out / "best")
-    _barrier(world)
-    if world > 1:
-        dist.destroy_process_group()
-    return summary
+def _train_epoch(run: Run, epoch: int) -> EpochStats:
+    """One pass over this process's share of the epoch's plan: a step per batch, batches prepared in a
+    prefetch thread. Raises FloatingPointError when the steps or the weights went non-finite."""
+    cfg, t0 = run.cfg, time.perf_counter()
+    plan = _shard(epoch_plan(run.train_rows, run.tasks, cfg.seed, epoch, cfg.negative_prob, cfg.flip, cfg.synonyms),
+                  run.rank, run.world)
+    run.model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)  # read once per epoch, not per step
+    steps, skipped, overflowed = 0, 0, 0
+    lr_used = run.optimizer.param_groups[0]["lr"]
+    batches = [(i, plan[i:i + cfg.batch_size]) for i in range(0, len(plan), cfg.batch_size)]
+    load = partial(_load_batch, cfg=cfg, rows=run.train_rows, targets=run.targets, cache=run.cache,
+                   segmenter=run.segmenter, bank=run.bank, epoch=epoch * run.world + run.rank)
+    for (_, batch), (target, inputs) in cli.progress(prefetched(load, batches), total=len(batches), unit="batch",
+                                                     desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=run.main_process):
+        stop_if_terminated()
+        lr = run.optimizer.param_groups[0]["lr"]
+        taken = _step(run, epoch, batch, target, inputs)
+        if taken is None:
+            skipped += 1
+            if skipped > 10:
+                raise FloatingPointError("more than 10 non-finite losses in one epoch; lower --lr or use --precision fp32")
+            continue
+        loss, overflow = taken
+        loss_sum += loss
+        steps, overflowed, lr_used = steps + 1, overflowed + overflow, lr
+    seconds = time.perf_counter() - t0
+    if skipped > len(batches) // 2:  # every process skipped the same steps
+        raise FloatingPointError(f"epoch {epoch + 1}: {skipped} of {len(batches)} steps had a non-finite loss; "
+                                 "lower --lr or the loss weights, or use --precision fp32. best/ and last/ "
+                                 "keep the previous epoch's")
+    if not all(torch.isfinite(p).all() for p in run.trainable):  # every process: DDP keeps them identical
+        raise FloatingPointError(f"epoch {epoch + 1}: the weights became non-finite (a step with a finite loss "
+                                 "can still overflow them); lower --lr or use --precision fp32. best/ and "
+                                 "last/ keep the previous epoch's")
+    return EpochStats(_mean_across(loss_sum, steps, run.world), len(plan) * run.world, seconds, lr_used, skipped,
+                      overflowed)
+
+
+def _step(run: Run, epoch: int, batch: list[Sample], target: torch.Tensor,
+          inputs: dict) -> tuple[torch.Tensor, bool] | None:
+    """One optimizer step on a batch: forward, loss, backward, clip, step, schedule, EMA. Returns the
+    detached loss and whether fp16's scaler skipped the step (its gradients overflowed), or None when the
+    loss was not finite on some process (every process then skips the step)."""
+    cfg, device = run.cfg, run.device
+    target = target.to(device, non_blocking=True)
+    inputs = {k: [t.to(device, non_blocking=True) for t in v] if isinstance(v, list)
+              else v.to(device, non_blocking=True) for k, v in inputs.items()}
+    if "input_ids" not in inputs:
+        inputs["cond"] = torch.stack([run.cond_table[s.prompt] for s in batch]).to(device)
+    with autocast(device, run.segmenter.amp_dtype):
+        logits = run.forward(**inputs)
+    loss = bce_dice_loss(at_target_size(logits, target), target, cfg.bce_weight, cfg.dice_weight).mean()
+    run.optimizer.zero_grad(set_to_none=True)
+    if not _finite_everywhere(loss, run.world):  # all processes skip together, or none does
+        log.error("epoch %d: non-finite loss (%s) on images %s; step skipped", epoch + 1, loss.item(),
+                  [Path(run.train_rows[s.row]["image"]).name for s in batch][:4])
+        return None
+    run.scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)
+    scale = run.scaler.get_scale()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if run.scaler.get_scale() < scale:  # fp16's scaler skipped the step: the schedule waits for real steps
+        return loss.detach(), True
+    run.scheduler.step()
+    if run.ema is not None:
+        decay = ema_decay(cfg.ema, run.scheduler.last_epoch)
+        with torch.no_grad():
+            for shadow, p in zip(run.ema, run.trainable):
+                shadow.lerp_(p.detach(), 1 - decay)
+    return loss.detach(), False
+
+
+def _validate_and_save(run: Run, epoch: int, stats: EpochStats, t0: float) -> bool:
+    """Main process: score the selection rows, save best/ (when the score improved) and last/, write
+    metrics.csv, curves.png and summary.json. Validation and both checkpoints see the same weights (the
+    EMA ones with --ema), so a checkpoint's metadata describes the weights beside it; last/ also keeps
+    the live weights in its trainer state. Returns whether --patience ends the run."""
+    cfg, best = run.cfg, run.best
+    live = [p.detach().clone() for p in run.trainable] if run.ema is not None else None
+    with _swapped(run.trainable, run.ema):
+        agg = validate(run.segmenter, run.select_rows, run.select_masks, run.cache, run.other_prompts,
+                       cfg.val_batch_size)
+        row = _history_row(epoch + 1, stats.loss, agg, stats.lr, stats.seconds, time.perf_counter() - t0,
+                           stats.samples / stats.seconds, stats.skipped, stats.overflowed)
+        run.history.append(row)
+        score = selection_score(agg)
+        improved = score > best["score"]
+        if improved:
+            best.update(score=score, epoch=epoch + 1, bad_epochs=0)
+            _save(run.model, run.processor, run.out / "best", cfg, run.tasks, agg, epoch + 1, state=None)
+        else:
+            best["bad_epochs"] += 1
+        _save(run.model, run.processor, run.out / "last", cfg, run.tasks, agg, epoch + 1, state={
+            "epoch": epoch + 1, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(), "ema": run.ema, "live": live, "history": run.history, "best": best,
+            "rng": _rng_state(), "schedule": run.schedule, **run.identity})
+    _write_history(run.out, run.history)
+    _write_summary(run.out, best, run.history)
+    log.info("epoch %d/%d  loss %.4f  tuned IoU %s  mean %.4f%s  (%.1f s, %.0f samples/s)", epoch + 1, cfg.epochs,
+             stats.loss, "  ".join(f"{name} {m.get('best_iou', m['iou']):.4f}" for name, m in agg["tasks"].items()),
+             score, "  *best*" if improved else "", row["seconds"], row["samples_per_s"])
+    if cfg.patience > 0 and best["bad_epochs"] >= cfg.patience:
+        log.info("early stop: no better validation score for %d epochs", cfg.patience)
+        return True
+    return False
 
 
 def _check_same_run(state: dict, identity: dict, cfg: TrainConfig, out: Path) -> None:
@@ -720,6 +821,9 @@ def _broadcast_flag(flag: bool, world: int) -> bool:
 def load_run_config(run_dir: str | Path) -> TrainConfig:
     """The TrainConfig a run was started with (``<run>/config.json``)."""
     path = Path(run_dir) / "config.json"
+    if (Path(run_dir) / METADATA_FILE).is_file():  # runs/<name>/last or best: a checkpoint folder
+        raise ConfigError(f"{run_dir} is a checkpoint: --resume takes the run's folder ({Path(run_dir).parent}), "
+                          "not its last/ or best/")
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a training run folder?")
     try:

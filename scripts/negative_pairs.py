@@ -10,7 +10,7 @@ photos by the share of the image it marks:
 
 Writes ``<out>/negative_pairs.csv`` (every photo: task, the other prompt, the share it marks, the share
 the photo's own ground truth covers) and ``<out>/negative_pairs_<task>.png`` (the --top photos marked
-most: the photo beside the other prompt's mask in red), and prints how many photos the other prompt marks
+most: the photo beside the other prompt's mask, tinted green as predict.py's overlays), and prints how many photos the other prompt marks
 more than 1% and 5% of. What to look at, and what was found for the shipped model: docs/training.md.
 """
 
@@ -31,6 +31,7 @@ from defectseg.evaluation import other_task_prompts  # noqa: E402
 from defectseg.inference import Segmenter  # noqa: E402
 from defectseg.io import load_image  # noqa: E402
 from defectseg.report import _fit, _text_bar  # noqa: E402
+from predict import tint  # noqa: E402
 
 
 def marked_shares(segmenter: Segmenter, rows: list[dict], prompt: str, batch: int) -> list[float]:
@@ -43,16 +44,16 @@ def marked_shares(segmenter: Segmenter, rows: list[dict], prompt: str, batch: in
 
 
 def contact_sheet(rows: list[dict], segmenter: Segmenter, prompt: str, tile: int = 224) -> np.ndarray:
-    """(H, W, 3) uint8: per row, the photo and the photo with ``prompt``'s mask painted red."""
+    """(H, W, 3) uint8: per row, the photo and the photo with ``prompt``'s mask tinted as predict.py's
+    overlays (green)."""
     parts = []
     for row in rows:
         image = load_image(row["image"])
         mask = segmenter.predict([image], [prompt])[prompt][0]
-        painted = image.astype(np.float32)
-        painted[mask] = painted[mask] * 0.35 + np.array([255, 0, 0], np.float32) * 0.65
+        painted = tint(image, mask)
         parts.append(_text_bar(f"{prompt!r} marks {mask.mean():.1%}  {Path(row['image']).name[:40]}", 2 * tile))
         parts.append(np.concatenate([_fit(image, tile, cv2.INTER_AREA),
-                                     _fit(painted.astype(np.uint8), tile, cv2.INTER_AREA)], axis=1))
+                                     _fit(painted, tile, cv2.INTER_AREA)], axis=1))
     return np.concatenate(parts, axis=0)
 
 
