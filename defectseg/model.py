@@ -433,7 +433,7 @@ def _swap_in(new: Path, out: Path) -> None:
 
 def new_model(name: str, seed: int = 0) -> tuple[lite.LiteSeg, lite.LiteProcessor] | None:
     """A fresh, randomly initialized model when ``name`` names a from-scratch architecture
-    (``lite.ARCHS``: "lite", "lite-tiny"), else None (``name`` is then a model to load)."""
+    (``lite.ARCHS``: "lite", "lite-wide", "lite-tiny"), else None (``name`` is then a model to load)."""
     return lite.build(name, seed) if name in lite.ARCHS else None
 
 
