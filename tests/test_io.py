@@ -18,7 +18,7 @@ from conftest import REPO, write_image
 from PIL import Image, TiffImagePlugin
 
 from defectseg.cli import nonempty, split_name
-from defectseg.io import load_image, open_image, read_mask_values, write_json_atomic, write_mask_png
+from defectseg.io import load_image, open_image, read_mask_values, write_mask_png
 from defectseg.manifest import mask_name, write_manifest
 from defectseg.tiny import build_tiny_model
 
@@ -57,19 +57,6 @@ def test_a_garbage_exif_orientation_is_ignored(tmp_path, tag, tag_type):
     rgb, raw_size, orientation = open_image(path)
     assert rgb.shape == (12, 16, 3) and raw_size == (16, 12) and orientation == 1
     assert load_image(path).shape == (12, 16, 3)
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name flushed files")
-def test_atomic_writes_flush_unless_told_not_to(tmp_path, monkeypatch):
-    """Reports and configs reach the disk before the rename (and the folder after it); masks skip it."""
-    synced = []
-    real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
-    write_json_atomic(tmp_path / "metrics.json", {"iou": 0.5})
-    assert len(synced) == 2 and Path(synced[0]).name.startswith(".metrics.json.") and synced[1] == str(tmp_path)
-    synced.clear()
-    write_mask_png(tmp_path / "m.png", np.ones((2, 2), bool))
-    assert synced == [] and (tmp_path / "m.png").exists()
 
 
 @pytest.mark.parametrize("text,split", [("valid", "valid"), ("test/", "test"), ("./test", "test"), (" train ", "train")])
