@@ -18,7 +18,6 @@ are dropped); what cannot is skipped and reported. ``Problem`` records carry the
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .io import os_reason
+from .io import read_json
 
 ANNOTATIONS_FILE = "_annotations.coco.json"
 # Largest image (width * height) whose mask is made: the most pixels the image reader (PIL) accepts
@@ -166,18 +165,7 @@ def _read_coco_json(path: Path) -> dict:
     """The parsed annotations file, checked to be an object with an ``images`` list (and an
     ``annotations`` list when present). Raises CocoError naming the file."""
     name = str(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise CocoError(f"{name}: annotations file not found") from None
-    except IsADirectoryError:
-        raise CocoError(f"{name}: is a folder, not an annotations file") from None
-    except OSError as err:
-        raise CocoError(f"{name}: cannot read annotations file ({os_reason(err)})") from None
-    except RecursionError:
-        raise CocoError(f"{name}: invalid JSON (nested too deeply)") from None
-    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, and ints over Python's digit limit
-        raise CocoError(f"{name}: invalid JSON ({err})") from None
+    data = read_json(path, "annotations file", CocoError)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise CocoError(f"{name}: not a COCO file (no 'images' list)")
     if not isinstance(data.get("annotations", []), list):

@@ -229,6 +229,25 @@ def prefetched(fn: Callable, items: Sequence, depth: int = 2) -> Iterator[tuple]
             yield item, result
 
 
+def read_json(path: str | Path, what: str, error: type[Exception] = ValueError):
+    """A JSON file's content (a UTF-8 byte-order mark is allowed, as Roboflow and Windows editors write
+    one). Raises ``error`` with one line naming the file and the problem: not found, a folder, unreadable,
+    or not valid JSON. ``what`` names the kind of file in those lines, e.g. "annotations file"."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder, not a {what}") from None
+    except OSError as err:
+        raise error(f"{path}: cannot read the {what} ({os_reason(err)})") from None
+    except RecursionError:
+        raise error(f"{path}: invalid JSON (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, and ints over Python's digit limit
+        raise error(f"{path}: invalid JSON ({err})") from None
+
+
 def os_reason(err: OSError) -> str:
     """An OSError in a few words, with the file it names: "No space left on device (/data/x.png)"."""
     reason = err.strerror or str(err)

@@ -19,10 +19,11 @@ may not be named ``mean`` (training's metrics.csv has ``<task>_iou`` beside ``me
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .io import read_json
 
 
 @dataclass(frozen=True)
@@ -144,16 +145,7 @@ def load_tasks(path: str | Path | None = None) -> dict[str, Task]:
     if path is None:
         return tasks
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise TaskTableError(f"{path}: tasks file not found") from None
-    except IsADirectoryError:
-        raise TaskTableError(f"{path}: is a folder, not a tasks file") from None
-    except OSError as err:
-        raise TaskTableError(f"{path}: cannot read the tasks file ({err.strerror or err})") from None
-    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, nested too deep, ints over the limit
-        raise TaskTableError(f"{path}: not valid JSON ({err})") from None
+    raw = read_json(path, "tasks file", TaskTableError)
     table = raw.get("tasks", raw) if isinstance(raw, dict) else None
     if not isinstance(table, dict):
         raise TaskTableError(f"{path}: expected an object mapping task names to specs")
