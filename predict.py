@@ -290,26 +290,18 @@ def same_settings(a: dict, b: dict) -> bool:
     return all(ta[slug] == tb[slug] for slug in ta.keys() & tb.keys())
 
 
-def earlier_runs(out: Path, settings: dict) -> list[dict]:
-    """The records of earlier runs into ``out`` whose settings differ from ``settings`` (their outputs that
-    this run does not rewrite stay beside this run's), read from its ``predict_config.json``; warns when
-    there are any. An unreadable record is warned about and dropped."""
-    path = out / PREDICT_CONFIG_FILE
-    if not path.exists():
-        return []
+def warn_if_mixed(out: Path, settings: dict) -> None:
+    """Warn when the last run into ``out`` (its ``predict_config.json``) made masks with other settings:
+    the files this run does not rewrite stay from it. One generic guard: a record that cannot be read is
+    simply replaced."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        runs = [*record.pop("earlier_runs", []), record]
-        runs = [r for r in runs if isinstance(r, dict) and not same_settings(r, settings)]
-    except (OSError, ValueError, AttributeError, TypeError) as err:
-        log.warning("%s: unreadable (%s); it is replaced by this run's record", path, err)
-        return []
-    if runs:
-        log.warning("%s holds outputs of %d earlier run(s) with other settings (model %s): the files this run "
-                    "does not rewrite stay from them (listed under earlier_runs in %s). Use another --out to "
-                    "keep runs apart", out, len(runs), ", ".join(sorted({str(r.get("model")) for r in runs})),
-                    PREDICT_CONFIG_FILE)
-    return runs
+        record = json.loads((out / PREDICT_CONFIG_FILE).read_text(encoding="utf-8"))
+        mixed = isinstance(record, dict) and not same_settings(record, settings)
+    except (OSError, ValueError):
+        return
+    if mixed:
+        log.warning("%s holds outputs of an earlier run with other settings (model %s): the files this run does "
+                    "not rewrite stay from it; use another --out to keep runs apart", out, record.get("model"))
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
@@ -362,12 +354,11 @@ def main(args: argparse.Namespace) -> int:
              " (--threshold)" if args.threshold is not None else "")
 
     settings = {"model": model_record(model), "thresholds": thresholds, "tta": args.tta, "ensemble": args.ensemble}
-    earlier = earlier_runs(out, settings)
+    warn_if_mixed(out, settings)
 
     try:
         # Recorded before the first mask is written, so a run stopped half-way still says what made the files.
-        write_json_atomic(out / PREDICT_CONFIG_FILE, {**settings, "prompts": prompts, "finished": False,
-                                                      "earlier_runs": earlier})
+        write_json_atomic(out / PREDICT_CONFIG_FILE, {**settings, "prompts": prompts, "finished": False})
         stats = predict_images(segmenter, paths, thresholds, out, suffixes=suffixes, batch_size=args.batch_size,
                                workers=args.workers, progress=not args.quiet and len(paths) > args.batch_size)
         rate = stats.images / stats.seconds if stats.seconds > 0 else 0.0
@@ -375,7 +366,7 @@ def main(args: argparse.Namespace) -> int:
             **settings, "prompts": prompts, "device": str(segmenter.device), "precision": precision,
             "batch_size": args.batch_size, "images": stats.images, "failed": [str(p) for p in stats.failed],
             "masks_written": stats.masks, "seconds": round(stats.seconds, 3), "images_per_second": round(rate, 3),
-            "finished": True, "earlier_runs": earlier,
+            "finished": True,
         })
     except OSError as err:  # e.g. the disk is full or --out is read-only
         return fail(f"cannot write predictions into {out}: {os_reason(err)}")

@@ -24,7 +24,6 @@ listed in ``RunResult.gt_resized``.
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import time
@@ -50,7 +49,7 @@ from .io import (
     write_json_atomic,
     write_mask_png,
 )
-from .manifest import PREDICT_CONFIG_FILE, mask_name
+from .manifest import mask_name
 from .model import DECODER_FILE, METADATA_FILE, count_parameters, read_metadata, update_decoder_metadata
 from .tasks import normalize_prompt, prompt_slug, task_for_prompt
 
@@ -381,8 +380,6 @@ class RunResult:
         (both scored as empty predictions) or of another size than the ground truth (resized nearest).
     graded: (masks made elsewhere) prediction files holding more than one non-zero value (probability
         maps, anti-aliased edges), binarized by ``pred_threshold`` (default: any non-zero pixel).
-    earlier_runs: (a predict.py folder) the models of earlier predict.py runs with other settings whose
-        masks may be among those scored (from its predict_config.json).
     runtime: timing numbers (``evaluate_model``) or {} .
     """
 
@@ -394,7 +391,6 @@ class RunResult:
     resized: list[str] = field(default_factory=list)
     graded: list[str] = field(default_factory=list)
     missing_by_task: dict[str, int] = field(default_factory=dict)
-    earlier_runs: list[str] = field(default_factory=list)
     runtime: dict = field(default_factory=dict)
 
 
@@ -548,16 +544,6 @@ def read_prediction(pred_dir: str | Path, row: dict, shape: tuple[int, int],
     return pred, "ok", is_graded(values)
 
 
-def earlier_predict_runs(pred_dir: str | Path) -> list[str]:
-    """The models of the earlier runs with other settings that ``predict_config.json`` in ``pred_dir``
-    lists (predict.py keeps them; a folder made elsewhere has none)."""
-    try:
-        record = json.loads((Path(pred_dir) / PREDICT_CONFIG_FILE).read_text(encoding="utf-8"))
-        return [str(run.get("model")) for run in record.get("earlier_runs", [])]
-    except (OSError, ValueError, AttributeError, TypeError):
-        return []
-
-
 def evaluate_pred_dir(pred_dir: str | Path, rows: Sequence[dict], *, workers: int = 2,
                       progress: bool = True, pred_threshold: float | None = None) -> RunResult:
     """Score a folder of masks made elsewhere (no model): for each row, ``prediction_path(pred_dir, row)``.
@@ -565,10 +551,7 @@ def evaluate_pred_dir(pred_dir: str | Path, rows: Sequence[dict], *, workers: in
     nearest to the ground truth's size and listed; a file holding graded values (not just 0 and one
     other value) is listed, and warned about when no ``pred_threshold`` was given (foreground: value >=
     ``pred_threshold``, default any non-zero value). No sweep, no text sensitivity."""
-    result = RunResult(scores=[], earlier_runs=earlier_predict_runs(pred_dir))
-    if result.earlier_runs:
-        log.warning("%s: predict.py also wrote masks here with other settings (models: %s; see %s): the scores "
-                    "may mix runs", pred_dir, ", ".join(result.earlier_runs), PREDICT_CONFIG_FILE)
+    result = RunResult(scores=[])
     start = time.perf_counter()
     lists = {"missing": result.missing, "unreadable": result.unreadable, "resized": result.resized}
     for batch in cli.progress(iter_rows(rows, 64, load_images=False, workers=workers), desc="score", unit="batch",

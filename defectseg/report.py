@@ -80,7 +80,6 @@ def source_metrics(label: str, kind: str, result: RunResult, summary: dict,
                                 ("resized", result.resized), ("graded", result.graded))
         }
         out["predictions"]["missing"]["by_task"] = dict(result.missing_by_task)
-        out["predictions"]["earlier_runs"] = {"count": len(result.earlier_runs), "first": result.earlier_runs}
     return out
 
 
@@ -453,11 +452,7 @@ def _problems_section(m: dict) -> str:
                      "own size (the prediction fitted to it; re-run preprocess_masks.py?): "
                      + ", ".join(f"`{n}`" for n in gt["first"]) + more(gt))
     for name, info in (m.get("predictions") or {}).items():
-        if name == "earlier_runs" and info["count"]:
-            lines.append(f"- {info['count']} earlier predict.py run(s) with other settings also wrote masks into "
-                         "this folder (`predict_config.json`), so these scores may mix runs: models "
-                         + ", ".join(f"`{n}`" for n in info["first"]))
-        elif info["count"]:
+        if info["count"]:
             how = {"resized": "resized nearest to the ground truth's size",
                    "graded": f"(probability maps?) binarized: {_binarized(m)}"}
             label = "holding values other than 0 and one foreground value" if name == "graded" else name

@@ -127,22 +127,6 @@ def test_pred_dir_empty_folder_scores_zero_and_reports_missing(processed, tmp_pa
     assert "8 prediction(s) missing" in log and "--tasks" in log
 
 
-def test_pred_dir_written_by_runs_with_other_settings_says_so(processed, valid_rows, tiny_dir, tmp_path, capsys):
-    """predict.py records earlier runs with other settings in its folder; scoring that folder warns and
-    the report says the scores may mix runs."""
-    preds = tmp_path / "preds"
-    images = sorted({row["image"] for row in valid_rows})
-    for threshold in ("0.5", "0.4"):
-        argv = ["--model", str(tiny_dir), "--image", *images, "--out", str(preds), "--workers", "0", "-q",
-                "--prompt", "segment crack", "--prompt", "segment taping area", "--threshold", threshold]
-        assert predict.main(predict.build_parser().parse_args(argv)) == 0
-    out = tmp_path / "report"
-    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out", str(out))
-    assert code == 0 and "may mix runs" in log
-    assert load_metrics(out)["predictions"]["earlier_runs"] == {"count": 1, "first": [str(tiny_dir.resolve())]}
-    assert "1 earlier predict.py run(s) with other settings" in (out / "report.md").read_text()
-
-
 @pytest.mark.parametrize("summary", [[], {"leakage": {"cracks": {"valid": {"images": 4}}}, "splits": ["train"]},
                                      {"leakage": {"cracks": {"valid": "x"}}}])
 def test_odd_summary_json_leaves_the_leakage_out(processed, tmp_path, capsys, summary):
