@@ -25,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from defectseg.cli import fail, nonempty, run, setup_logging
+from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_logging
 from defectseg.data import DataError
 from defectseg.inference import check_device
 from defectseg.io import ImageReadError, os_reason
@@ -77,12 +77,25 @@ HELP = {
 }
 
 
+# The range of each numeric flag, checked by argparse like every other script's flags (a value given to
+# --resume is checked the same way; a run's own config.json is trusted).
+POSITIVE, NON_NEGATIVE, FRACTION = number_in(0, math.inf, low_open=True), number_in(0, math.inf), number_in(0, 1, high_open=True)
+TYPES = {
+    "epochs": int_at_least(1), "batch_size": int_at_least(1), "val_batch_size": int_at_least(1),
+    "train_vision_layers": int_at_least(0), "patience": int_at_least(0), "seed": int_at_least(0, below=2**32),
+    "lr": POSITIVE, "vision_lr_scale": POSITIVE, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
+    "bce_weight": NON_NEGATIVE, "dice_weight": NON_NEGATIVE,
+    "negative_prob": FRACTION, "ema": FRACTION, "warmup": FRACTION, "holdout": FRACTION,
+}
+CHOICES = {"precision": ["auto", "fp32", "bf16", "fp16"], "cache_dtype": ["fp16", "fp32"]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Flags mirror TrainConfig; only flags given on the command line end up in the namespace."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--resume", type=nonempty, metavar="RUN", help="continue runs/<name> from its last/ checkpoint")
-    parser.add_argument("--stop-after", type=int, metavar="N",
+    parser.add_argument("--stop-after", type=int_at_least(1), metavar="N",
                         help="end this invocation after N epochs; continue later with --resume "
                              "(the LR schedule still spans --epochs)")
     parser.add_argument("--overwrite", action="store_true",
@@ -97,8 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif isinstance(default, list):
             parser.add_argument(flag, nargs="+", help=help_text)
         else:
-            kind = {int: int, float: float}.get(type(default), nonempty)
-            parser.add_argument(flag, type=kind, help=help_text)
+            parser.add_argument(flag, type=TYPES.get(f.name, nonempty), choices=CHOICES.get(f.name), help=help_text)
     return parser
 
 
@@ -163,30 +175,15 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def check_config(cfg: TrainConfig) -> str | None:
-    """A message when a value can't work, else None."""
-    for name in ("epochs", "batch_size", "lr", "val_batch_size", "vision_lr_scale"):
-        if not 0 < getattr(cfg, name) < math.inf:  # also catches nan
-            return f"--{name.replace('_', '-')} must be > 0 and finite, got {getattr(cfg, name)}"
-    for name in ("weight_decay", "grad_clip", "bce_weight", "dice_weight", "train_vision_layers", "patience", "seed"):
-        if not 0 <= getattr(cfg, name) < math.inf:
-            return f"--{name.replace('_', '-')} must be >= 0 and finite, got {getattr(cfg, name)}"
-    if cfg.seed >= 2**32:
-        return f"--seed must be below 2**32 (numpy's limit), got {cfg.seed}"
+    """A message when the settings cannot work together (ranges are argparse's: ``TYPES``), else None."""
     if cfg.bce_weight + cfg.dice_weight == 0:
         return "--bce-weight and --dice-weight are both 0: nothing to train on"
-    for name in ("negative_prob", "ema", "warmup", "holdout"):
-        if not 0 <= getattr(cfg, name) < 1:
-            return f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}"
-    if cfg.cache_dtype not in ("fp16", "fp32"):
-        return f"--cache-dtype must be fp16 or fp32, got {cfg.cache_dtype}"
     try:
         table = load_tasks(cfg.tasks_file)
     except TaskTableError as err:
         return str(err)
     if unknown := [name for name in cfg.tasks if name not in table]:
         return f"unknown task(s) {', '.join(unknown)}; known: {', '.join(table)}"
-    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
-        return f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision}"
     return check_device(cfg.device)
 
 
@@ -201,8 +198,6 @@ def main(args: argparse.Namespace) -> int:
         return fail(f"cannot prepare the run: {os_reason(err)}")
     if message := check_config(cfg):
         return fail(message)
-    if getattr(args, "stop_after", 1) < 1:
-        return fail(f"--stop-after must be >= 1, got {args.stop_after}")
     if rank == 0:
         log.info("run %s", cfg.out)
         for key, value in dataclasses.asdict(cfg).items():

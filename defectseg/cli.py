@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -144,8 +145,8 @@ def fail(message: str, code: int = 1) -> int:
     return code
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """argparse type: an integer >= ``minimum``."""
+def int_at_least(minimum: int, below: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum`` (and < ``below`` when given)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -153,21 +154,24 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be below {below}, got {value}")
         return value
 
     return parse
 
 
-def number_in(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
-    """argparse type: a number in [low, high] (or (low, high] with ``low_open``); refuses nan."""
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+def number_in(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite number in [low, high]; ``low_open`` / ``high_open`` leave out an end."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or math.isinf(high) else ']'}"
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not (low < value if low_open else low <= value) or not value <= high:
+        if (not math.isfinite(value) or not (low < value if low_open else low <= value)
+                or not (value < high if high_open else value <= high)):
             raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
         return value
 

@@ -257,8 +257,9 @@ def test_overfit_reads_image_mask_and_prompt(sample_root, tmp_path, family):
 def test_clear_errors(processed, tmp_path, monkeypatch, capsys):
     assert run_train("--data", str(tmp_path / "nope"), "--model", "x", "--out", str(tmp_path / "r")) == 1
     assert "no manifest at" in capsys.readouterr().err
-    assert run_train("--epochs", "0", "--out", str(tmp_path / "r")) == 1
-    assert "--epochs must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # a range argparse checks: usage error, exit 2
+        run_train("--epochs", "0", "--out", str(tmp_path / "r"))
+    assert info.value.code == 2 and "argument --epochs: must be at least 1, got 0" in capsys.readouterr().err
     assert run_train("--resume", str(tmp_path / "missing")) == 1
     assert "config.json not found" in capsys.readouterr().err
     assert run_train("--tasks", "bogus", "--out", str(tmp_path / "r")) == 1
@@ -523,17 +524,25 @@ def test_resume_errors_and_schedule_change(processed, tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag,value,message", [
-    ("--grad-clip", "-1", "--grad-clip must be >= 0"),
-    ("--warmup", "1.5", "--warmup must be in [0, 1)"),
-    ("--lr", "nan", "--lr must be > 0"),
-    ("--cache-dtype", "fp8", "--cache-dtype must be fp16 or fp32"),
-    ("--vision-lr-scale", "0", "--vision-lr-scale must be > 0"),
-    ("--seed", "4294967296", "--seed must be below 2**32"),
+    ("--grad-clip", "-1", "must be in [0, inf), got -1"),
+    ("--warmup", "1", "must be in [0, 1), got 1"),
+    ("--lr", "nan", "must be in (0, inf), got nan"),
+    ("--lr", "inf", "must be in (0, inf), got inf"),
+    ("--cache-dtype", "fp8", "invalid choice: 'fp8'"),
+    ("--vision-lr-scale", "0", "must be in (0, inf), got 0"),
+    ("--seed", "4294967296", "must be below 4294967296"),
+    ("--stop-after", "0", "must be at least 1, got 0"),
 ])
 def test_bad_settings_are_one_clear_line(tmp_path, capsys, flag, value, message):
-    assert run_train(flag, value, "--out", str(tmp_path / "r")) == 1
-    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        run_train(flag, value, "--out", str(tmp_path / "r"))
+    assert info.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_settings_that_cannot_work_together_are_one_line(tmp_path, capsys):
+    assert run_train("--bce-weight", "0", "--dice-weight", "0", "--out", str(tmp_path / "r")) == 1
+    assert "nothing to train on" in capsys.readouterr().err
 
 
 def test_an_existing_run_is_never_replaced_silently(processed, tiny, tmp_path, capsys):
@@ -755,7 +764,7 @@ def test_ddp_settings_error_is_reported(processed, tiny, tmp_path):
            *base_args(processed, tiny, tmp_path / "ddp", "--epochs", "0", "--device", "cpu")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode != 0
-    assert (proc.stdout + proc.stderr).count("--epochs must be > 0") >= 1
+    assert (proc.stdout + proc.stderr).count("argument --epochs: must be at least 1") >= 1
 
 
 def test_the_cache_can_be_turned_back_on_when_resuming(processed, tiny, tmp_path):
