@@ -35,7 +35,7 @@ from defectseg import evaluation, metrics, report
 from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_logging, split_name
 from defectseg.data import DataError, select_tasks
 from defectseg.data import load_rows as data_rows
-from defectseg.inference import Segmenter, check_device, checkpoint_metadata
+from defectseg.inference import PRECISIONS, Segmenter, check_device, checkpoint_metadata
 from defectseg.io import ImageReadError, os_reason
 from defectseg.manifest import MANIFEST_FILE
 from defectseg.model import METADATA_FILE, SHIPPED_MODEL, ModelLoadError, read_metadata, resolve_model_arg
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", nargs="+", default=None, help="tasks to score (default: all in the manifest)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=16, help="images per batch (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="autocast precision; auto = bf16/fp16 on CUDA, fp32 elsewhere (default: %(default)s)")
     parser.add_argument("--threshold", type=number_in(0, 1), default=None,
                         help="use this threshold for every prompt instead of the checkpoint's")

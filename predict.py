@@ -35,7 +35,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from defectseg import cli
 from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_logging, stop_if_terminated
-from defectseg.inference import LoadedImage, Segmenter, check_device, image_batches
+from defectseg.inference import (
+    PRECISIONS,
+    LoadedImage,
+    Segmenter,
+    check_device,
+    image_batches,
+    precision_name,
+)
 from defectseg.io import (
     IMAGE_EXTENSIONS,
     encode_png,
@@ -88,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probs", action="store_true", help="also write <stem>__<slug>_prob.png (probability x 255)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="images per batch (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="auto: bf16/fp16 on CUDA, fp32 elsewhere (default: %(default)s)")
     parser.add_argument("--workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),
                         help="processes decoding images while the model runs; 0: in the main process "
@@ -302,10 +309,6 @@ def warn_if_mixed(out: Path, settings: dict) -> None:
     if mixed:
         log.warning("%s holds outputs of an earlier run with other settings (model %s): the files this run does "
                     "not rewrite stay from it; use another --out to keep runs apart", out, record.get("model"))
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
 def main(args: argparse.Namespace) -> int:

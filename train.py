@@ -27,7 +27,7 @@ from pathlib import Path
 
 from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_logging
 from defectseg.data import DataError
-from defectseg.inference import check_device
+from defectseg.inference import PRECISIONS, check_device
 from defectseg.io import ImageReadError, os_reason
 from defectseg.model import ModelLoadError, recover_checkpoint, resolve_model_arg
 from defectseg.tasks import TaskTableError, load_tasks
@@ -87,7 +87,7 @@ TYPES = {
     "bce_weight": NON_NEGATIVE, "dice_weight": NON_NEGATIVE,
     "negative_prob": FRACTION, "ema": FRACTION, "warmup": FRACTION, "holdout": FRACTION,
 }
-CHOICES = {"precision": ["auto", "fp32", "bf16", "fp16"], "cache_dtype": ["fp16", "fp32"]}
+CHOICES = {"precision": PRECISIONS, "cache_dtype": ["fp16", "fp32"]}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 import predict  # noqa: E402
 from defectseg import lite, tiny  # noqa: E402
 from defectseg.cli import int_at_least  # noqa: E402
-from defectseg.inference import Segmenter, autocast, resolve_device  # noqa: E402
+from defectseg.inference import PRECISIONS, Segmenter, autocast, precision_name, resolve_device  # noqa: E402
 from defectseg.io import list_images, load_image  # noqa: E402
 from defectseg.metrics import binarize  # noqa: E402
 from defectseg.model import SHIPPED_MODEL  # noqa: E402
@@ -57,7 +57,7 @@ LITE_TARGET_MS = 25.0  # LiteSeg, batch 1, one prompt, RGB array to full-size ma
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="as predict.py (default: %(default)s)")
     parser.add_argument("--iters", type=int_at_least(1), default=3,
                         help="timed runs per measurement, after one warm-up (default: %(default)s)")
@@ -191,7 +191,7 @@ def bench_model(title: str, model_dir: Path, tmp: Path, args: argparse.Namespace
     seg = Segmenter.load(str(model_dir), args.device, args.precision)
     n_params = sum(p.numel() for p in seg.model.parameters())
     print(f"\n== {title}: {n_params / 1e6:.2f}M parameters, {seg.input_size}px input, precision "
-          f"{predict.precision_name(seg.amp_dtype)}; images: bundled 640x640 JPEGs; median of {args.iters} warm runs")
+          f"{precision_name(seg.amp_dtype)}; images: bundled 640x640 JPEGs; median of {args.iters} warm runs")
     images = [load_image(p) for p in sorted(SAMPLE.glob("*/valid/*.jpg"))]
     if seg.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(seg.device)

@@ -40,7 +40,14 @@ from defectseg import lite  # noqa: E402
 from defectseg.augment import ImageBank  # noqa: E402
 from defectseg.data import Sample  # noqa: E402
 from defectseg.features import FeatureCache  # noqa: E402
-from defectseg.inference import Segmenter, autocast, resolve_device, resolve_precision  # noqa: E402
+from defectseg.inference import (  # noqa: E402
+    PRECISIONS,
+    Segmenter,
+    autocast,
+    precision_name,
+    resolve_device,
+    resolve_precision,
+)
 from defectseg.io import list_images, load_image  # noqa: E402
 from defectseg.losses import bce_dice_loss  # noqa: E402
 from defectseg.model import count_parameters, save_checkpoint, save_decoder  # noqa: E402
@@ -74,7 +81,7 @@ def main(args: argparse.Namespace) -> None:
         device, model = seg.device, seg.model
         cpu = platform.processor() or platform.machine()
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu}, {torch.get_num_threads()} threads"
-        print(f"device: {name}; precision: {seg.amp_dtype or 'fp32'}; torch {torch.__version__}; batch {args.batch_size}")
+        print(f"device: {name}; precision: {precision_name(seg.amp_dtype)}; torch {torch.__version__}; batch {args.batch_size}")
         params = _set_trainable(model, 0)
         save_decoder(model, Path(tmp) / "decoder.safetensors", {}, base_model="rd64-random")
         print(f"parameters: {count_parameters(model) / 1e6:.1f} M, of which the decoder (trained) "
@@ -158,7 +165,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"seed-style loop (HF forward every step): {seed_rate:8.2f} samples/s  ({seed_s:.3f} s/step)")
     print(f"cached-feature loop (train.py):          {cached_rate:8.2f} samples/s  ({cached_s:.3f} s/step)")
     print(f"speed-up: {cached_rate / seed_rate:.1f}x (target >= 12x on a 2-core CPU)")
-    print(f"cache build: {build_s:.3f} s per image view ({seg.amp_dtype or 'fp32'})"
+    print(f"cache build: {build_s:.3f} s per image view ({precision_name(seg.amp_dtype)})"
           + (f", {build_bf16_s:.3f} s in bf16" if build_bf16_s else ""))
     print(f"epoch over {n:,} images (estimated from the rates above): warm cache {warm_epoch:,.1f} s, "
           f"cold cache {cold_epoch:,.1f} s (building 2 views per image, then training)")
@@ -203,7 +210,7 @@ def bench_lite(args: argparse.Namespace) -> None:
     augment_s = timed_steps(lambda: bank.batch(plan, size, seed=0, epoch=1, start=0), args.lite_steps, device)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     epoch = 2 * 2642  # train.py's epoch on the full exports: every crack image once, drywall oversampled to match
-    print(f"\nLiteSeg from scratch ({count_parameters(model) / 1e6:.2f} M parameters, {size}px, {amp or 'fp32'}, "
+    print(f"\nLiteSeg from scratch ({count_parameters(model) / 1e6:.2f} M parameters, {size}px, {precision_name(amp)}, "
           f"batch {b}):")
     print(f"  model step (forward, backward, AdamW): {b / model_s:8.1f} samples/s")
     print(f"  augmentation on one thread:            {b / augment_s:8.1f} samples/s")
@@ -214,7 +221,7 @@ def bench_lite(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="as train.py (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per step (default: %(default)s)")
     parser.add_argument("--hf-steps", type=int, default=3, help="timed seed-style steps (default: %(default)s)")

@@ -39,7 +39,7 @@ import torch
 
 from . import cli, metrics
 from .cli import stop_if_terminated
-from .inference import Segmenter
+from .inference import Segmenter, precision_name
 from .io import (
     ImageReadError,
     load_image,
@@ -428,7 +428,7 @@ def _runtime(segmenter: Segmenter, timings: list[tuple[int, float, float]], warm
     per_image_prompt = encode_ms + decode_ms
     return {
         "device": device_name(segmenter.device),
-        "precision": str(segmenter.amp_dtype).replace("torch.", "") if segmenter.amp_dtype else "fp32",
+        "precision": precision_name(segmenter.amp_dtype),
         "tta": segmenter.tta,
         "ensemble": segmenter.ensemble,
         "warm": warm,

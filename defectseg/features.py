@@ -31,6 +31,7 @@ import torch
 
 from . import cli
 from .data import DataError
+from .inference import precision_name
 from .io import load_image, write_bytes_atomic
 from .model import used_vision_layers
 
@@ -97,7 +98,7 @@ class FeatureCache:
     @classmethod
     def for_segmenter(cls, root: str | Path, segmenter, dtype: str = "fp16") -> FeatureCache:
         """The cache of what ``segmenter.encode`` computes: its model, input size, precision, processor."""
-        compute = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[segmenter.amp_dtype]
+        compute = precision_name(segmenter.amp_dtype)
         processor = segmenter.processor.image_processor
         # The class too: transformers falls back to a PIL implementation without torchvision, whose
         # to_dict() is the same but whose resizing differs slightly.

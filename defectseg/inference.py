@@ -105,6 +105,14 @@ def checkpoint_metadata(model_arg: str) -> tuple[dict[str, Task], dict[str, floa
     return table, checked
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what --precision takes, in every script
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The name a resolved autocast dtype goes by in logs, reports and config files (None: fp32)."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
 def resolve_precision(precision: str, device: torch.device, model: torch.nn.Module | None = None) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device`` (None = plain fp32).
 
