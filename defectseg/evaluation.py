@@ -56,9 +56,15 @@ from .tasks import normalize_prompt, prompt_slug, task_for_prompt
 log = logging.getLogger(__name__)
 
 EMPTY_SCORE = 1.0  # IoU/Dice of an empty prediction on an empty ground truth
-# aggregate(): per-task numbers that are averaged over tasks for "overall"; counts are summed instead.
-MEAN_KEYS = ("iou", "dice", "micro_iou", "micro_dice", "precision", "recall", "best_iou", "text_iou",
-             "text_dice", "text_area")
+# The one list of the per-task metrics (key -> title): aggregate() averages them over tasks for "overall",
+# report.md's tables and metrics.csv take their columns and titles from it. Counts are summed instead.
+METRICS = {
+    "iou": "mean IoU", "dice": "mean Dice", "micro_iou": "micro IoU", "micro_dice": "micro Dice",
+    "precision": "precision", "recall": "recall", "best_iou": "mean IoU at best threshold",
+    "text_iou": "other-prompt IoU", "text_dice": "other-prompt Dice", "text_area": "other-prompt area",
+}
+RESULT_KEYS = ("iou", "dice", "micro_iou", "micro_dice", "precision", "recall")  # report.md's results table
+MEAN_KEYS = tuple(METRICS)
 SUM_KEYS = ("n_images", "n_empty_gt", "n_empty_both")
 
 

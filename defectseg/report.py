@@ -24,7 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .evaluation import EMPTY_SCORE, ImageScore, RunResult
+from .evaluation import EMPTY_SCORE, METRICS, RESULT_KEYS, ImageScore, RunResult
 from .io import (
     encode_png,
     fsync_path,
@@ -53,10 +53,6 @@ LEAKAGE_COLUMNS = {
     "identical_pixels_in_train": "identical pixels",
     "near_duplicate_of_train": "near-duplicate (any flip/rotation)",
     "any_of_these": "any of these",
-}
-RESULT_COLUMNS = {  # metrics key -> column title
-    "iou": "mean IoU", "dice": "mean Dice", "micro_iou": "micro IoU", "micro_dice": "micro Dice",
-    "precision": "precision", "recall": "recall",
 }
 ExampleLoader = Callable[[ImageScore], tuple["np.ndarray | None", np.ndarray, np.ndarray]]
 
@@ -302,8 +298,8 @@ def _rows_with_overall(m: dict) -> list[tuple[str, dict]]:
 
 
 def _results_section(m: dict) -> str:
-    header = ["task", "prompt", "images", *RESULT_COLUMNS.values()]
-    rows = [[name, t.get("prompt", ""), t["n_images"], *(t.get(k) for k in RESULT_COLUMNS)]
+    header = ["task", "prompt", "images", *(METRICS[k] for k in RESULT_KEYS)]
+    rows = [[name, t.get("prompt", ""), t["n_images"], *(t.get(k) for k in RESULT_KEYS)]
             for name, t in _rows_with_overall(m)]
     if m["kind"] == "model":
         header.append("threshold")
@@ -317,9 +313,7 @@ def _compare_section(a: dict, b: dict) -> str:
             if k in a["overall"] or k in b["overall"]]
     header = ["task"]
     for k in keys:
-        title = {"best_iou": "mean IoU at best threshold", "text_iou": "other-prompt IoU"}.get(k)
-        title = title or RESULT_COLUMNS[k]
-        header += [f"{title}: A", "B", "B - A"]
+        header += [f"{METRICS[k]}: A", "B", "B - A"]
     rows = []
     b_rows = dict(_rows_with_overall(b))
     for name, ta in _rows_with_overall(a):

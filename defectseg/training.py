@@ -684,11 +684,8 @@ def _history_row(epoch: int, loss: float, agg: dict, lr: float, train_s: float, 
     """A metrics.csv row. skipped: steps whose loss was non-finite; overflowed: steps fp16's loss scaler
     skipped (gradients overflowed; usual in the first steps, while it finds its scale)."""
     row = {"epoch": epoch, "train_loss": round(loss, 6), "lr": lr}
-    for name, m in agg["tasks"].items():
-        row[f"{name}_iou"] = round(m["iou"], 6)
-        row[f"{name}_dice"] = round(m["dice"], 6)
-    row["mean_iou"] = round(agg["overall"]["iou"], 6)
-    row["mean_dice"] = round(agg["overall"]["dice"], 6)
+    for name, m in [*agg["tasks"].items(), ("mean", agg["overall"])]:  # two of evaluation.METRICS per task
+        row.update({f"{name}_{key}": round(m[key], 6) for key in ("iou", "dice")})
     row["mean_tuned_iou"] = round(selection_score(agg), 6)
     row.update({"train_seconds": round(train_s, 2), "seconds": round(total_s, 2),
                 "samples_per_s": round(samples_per_s, 1), "skipped_steps": skipped, "overflow_steps": overflowed})
