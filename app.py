@@ -36,7 +36,7 @@ from defectseg.inference import Segmenter, check_device
 from defectseg.io import ImageReadError, load_image, read_mask_png
 from defectseg.manifest import mask_name
 from defectseg.model import MODEL_ENV_VAR, SHIPPED_MODEL, ModelLoadError, resolve_model_arg
-from defectseg.tasks import TaskTableError, prompt_slug, task_for_prompt
+from defectseg.tasks import TaskTableError, prompt_slug
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -164,8 +164,7 @@ class Inspector:
         if not any(p.strip() for p in thresholds):
             return Page(messages=["Tick a prompt or type one."])
         page = Page(messages=[f"{p!r} is not a prompt the model was trained on ({', '.join(self.task_prompts)}): "
-                              "its mask may mean little" for p in thresholds
-                              if self.segmenter.thresholds and task_for_prompt(p, self.segmenter.tasks) is None])
+                              "its mask may mean little" for p in thresholds if not self.segmenter.trained_on(p)])
         try:
             page.results, problems = self.segment_files(paths, thresholds)
         except predict.InputError as err:

@@ -174,7 +174,8 @@ def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep:
               mask_dir: Path | None) -> tuple[dict, list[evaluation.ImageScore], Segmenter]:
     """Load and score one model. Raises ModelLoadError."""
     segmenter = Segmenter.load(model_arg, args.device, args.precision, tta=args.tta, ensemble=args.ensemble)
-    trained_table = segmenter.tasks if read_metadata(model_arg).get("tasks") else {}  # else the built-in table
+    meta = read_metadata(model_arg)
+    trained_table = segmenter.tasks if meta.get("tasks") else {}  # else the built-in table
     for task, prompt in sorted({(row["task"], row["prompt"]) for row in rows}):
         trained = trained_table.get(task)
         if trained is not None and normalize_prompt(prompt) not in map(normalize_prompt, trained.prompts):
@@ -194,7 +195,6 @@ def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep:
     section = report.source_metrics(model_arg, "model", result, summary,
                                     evaluation.model_footprint(model_arg, segmenter.model))
     section["threshold_source"] = source
-    meta = read_metadata(model_arg)
     section["trained_epochs"] = meta.get("epoch") if meta else None
     if meta.get("selection"):  # what picked this checkpoint and tuned its thresholds (train.py's metadata)
         section["selection"] = meta["selection"] + (

@@ -56,7 +56,7 @@ from defectseg.manifest import PREDICT_CONFIG_FILE, mask_name
 from defectseg.metrics import binarize
 from defectseg.model import MODEL_ENV_VAR, SHIPPED_MODEL, ModelLoadError, resolve_model_arg
 from defectseg.report import PREDICTED
-from defectseg.tasks import TaskTableError, prompt_slug, task_for_prompt
+from defectseg.tasks import TaskTableError, prompt_slug
 
 log = logging.getLogger("predict")
 
@@ -344,12 +344,9 @@ def main(args: argparse.Namespace) -> int:
             return fail(str(err))
         raise
     thresholds = {p: segmenter.threshold(p) if args.threshold is None else args.threshold for p in prompts}
-    if segmenter.thresholds:  # a checkpoint trained here: it knows its task table's prompts and synonyms
-        known = [t.prompt for t in segmenter.tasks.values()]
-        for p in prompts:
-            if task_for_prompt(p, segmenter.tasks) is None:
-                log.warning("prompt %r is not one the model was trained on (%s): its masks may mean little, at "
-                            "threshold %g", p, ", ".join(repr(k) for k in known), thresholds[p])
+    for p in (p for p in prompts if not segmenter.trained_on(p)):
+        log.warning("prompt %r is not one the model was trained on (%s): its masks may mean little, at threshold "
+                    "%g", p, ", ".join(repr(t.prompt) for t in segmenter.tasks.values()), thresholds[p])
     precision = precision_name(segmenter.amp_dtype)
     log.info("%d images x %d prompts with %s on %s (%s)%s%s; thresholds: %s%s", len(paths), len(prompts), model,
              segmenter.device, precision, ", TTA" if args.tta else "", ", synonym ensemble" if args.ensemble else "",

@@ -225,6 +225,11 @@ class Segmenter:
         trains it), they would be the old weights' answer."""
         self._cond.clear()
 
+    def trained_on(self, prompt: str) -> bool:
+        """Whether the checkpoint was trained to answer ``prompt`` (a prompt or synonym of its task table);
+        a checkpoint without tuned thresholds (not trained here) is taken at its word for any prompt."""
+        return not self.thresholds or task_for_prompt(prompt, self.tasks) is not None
+
     def threshold(self, prompt: str) -> float:
         """The prompt's threshold: the checkpoint's for its task (``tuned_threshold``), else the default."""
         tuned = self.tuned_threshold(prompt)

@@ -524,7 +524,7 @@ def render_report(m: dict) -> str:
     """report.md from the metrics dict (see ``evaluate.py`` for its keys)."""
     o = m["overall"]
     sections = [
-        f"# Evaluation of `{Path(m['model']).name or m['model']}` on `{m['split']}`", "",
+        f"# Evaluation of `{model_label(m['model'])}` on `{m['split']}`", "",
         f"Overall (mean of {_count(len(m['tasks']), 'task')}): **mean IoU {_num(o.get('iou'))}**, mean Dice "
         f"{_num(o.get('dice'))} over {o['n_images']} images, per image at the original resolution.", "",
         *_caveat(m),

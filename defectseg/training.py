@@ -642,8 +642,11 @@ def _save(model, processor, folder: Path, cfg: TrainConfig, tasks: list[Task], a
         "train_config": asdict(cfg),
     }
 
+    # A decoder trained on a frozen base: its weights alone, on top of that base, are the model.
+    decoder_only = cfg.train_vision_layers == 0 and not trains_from_scratch(model)
+
     def extra(tmp: Path) -> None:
-        if cfg.train_vision_layers == 0 and not trains_from_scratch(model):  # else the decoder alone is not the model
+        if decoder_only:
             save_decoder(model, tmp / DECODER_FILE, metadata, base_model=base)
         if state is not None:
             buf = io.BytesIO()
@@ -652,8 +655,7 @@ def _save(model, processor, folder: Path, cfg: TrainConfig, tasks: list[Task], a
 
     # best/ is what users hand on: a whole save_pretrained folder. last/ only serves --resume: for a
     # decoder-only run the decoder file (naming its base model) and the trainer state are enough.
-    full = state is None or cfg.train_vision_layers > 0 or trains_from_scratch(model)
-    save_checkpoint(model, processor, folder, metadata, extra=extra, full=full)
+    save_checkpoint(model, processor, folder, metadata, extra=extra, full=state is None or not decoder_only)
 
 
 def selection_split(holdout: float, n_images: int | None = None) -> str:
