@@ -9,9 +9,9 @@ threshold_curves.png and examples_<task>.png. Headline numbers are mean-over-ima
 mask's original resolution (an empty ground truth predicted empty scores 1.0), per task and overall
 (= mean of tasks).
 
-The report is written into a staging folder and moved into --out only when complete; files of an earlier
-report there that this one does not write are removed. --write-thresholds changes the checkpoint only
-once the report is complete, just before it is moved in. A run that fails before that leaves both as
+The report is written in full beside --out and swapped in only when complete (an --out that holds
+anything but an earlier report, or the masks being scored, is refused: it is replaced whole).
+--write-thresholds changes the checkpoint only once the report is complete, just before it is moved in. A run that fails before that leaves both as
 they were (if the final move fails, the error says the thresholds were written).
 
 An image or ground-truth mask that cannot be read is skipped with a warning and listed in
@@ -36,7 +36,7 @@ from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_lo
 from defectseg.data import DataError, select_tasks
 from defectseg.data import load_rows as data_rows
 from defectseg.inference import PRECISIONS, Segmenter, check_device, checkpoint_metadata
-from defectseg.io import ImageReadError, os_reason
+from defectseg.io import AtomicFolder, ImageReadError, os_reason
 from defectseg.manifest import MANIFEST_FILE
 from defectseg.model import METADATA_FILE, SHIPPED_MODEL, ModelLoadError, read_metadata, resolve_model_arg
 from defectseg.tasks import normalize_prompt
@@ -231,15 +231,13 @@ def main(args: argparse.Namespace) -> int:
         return fail(str(err))
     source = args.pred_dir or model_arg
     out = Path(args.out) if args.out else default_out(source, args.split)
-    if problem := report.check_out_folder(out):
+    if problem := report.check_out_folder(out, scored=[p for p in (args.pred_dir, args.compare) if p]):
         return fail(problem)
-    if args.save_masks and (out / report.MASKS_DIR).exists() and not report.earlier_report_saved_masks(out):
-        return fail(f"--save-masks: {out / report.MASKS_DIR} exists and was not written by an earlier report; "
-                    "pick another --out (it is never replaced)")
-    keep = [Path(p) for p in (args.pred_dir, args.compare) if p]  # what is being scored is never removed
     try:
-        with report.ReportFolder(out, keep=keep) as folder:
+        with AtomicFolder(out) as folder:
             return evaluate(args, model_arg, rows, task_prompts, out, folder)
+    except OSError as err:  # creating the folder beside --out
+        return fail(f"cannot write the report to {out}: {os_reason(err)}")
     except (report.ReportWriteError, ModelLoadError) as err:
         return fail(str(err))
 
@@ -273,8 +271,8 @@ def metrics_json(args: argparse.Namespace, out: Path, model_arg: str, section: d
 
 
 def evaluate(args: argparse.Namespace, model_arg: str, rows: list[dict], task_prompts: dict[str, str], out: Path,
-             folder: report.ReportFolder) -> int:
-    """Score, write the report into ``folder``'s staging path, tune thresholds, put the report in place.
+             folder: AtomicFolder) -> int:
+    """Score, write the report into ``folder.path``, tune thresholds, put the report in place.
     Raises ModelLoadError, ReportWriteError."""
     stage = folder.path
     sweep = (np.unique(np.round(args.thresholds_sweep, 6)) if args.thresholds_sweep
@@ -328,11 +326,10 @@ def evaluate(args: argparse.Namespace, model_arg: str, rows: list[dict], task_pr
         log.info("wrote best thresholds %s to %s", thresholds_written["thresholds"], path)
     try:
         folder.commit()
-    except report.ReportWriteError as err:
-        if thresholds_written:
-            raise report.ReportWriteError(f"{err} (the thresholds were written to {thresholds_written['file']})"
-                                          ) from None
-        raise
+    except OSError as err:
+        written = f" (the thresholds were written to {thresholds_written['file']})" if thresholds_written else ""
+        raise report.ReportWriteError(f"cannot put the report in place in {out}: {os_reason(err)}{written}"
+                                      ) from None
     log_summary(section)
     if section["n_skipped"]:
         log.warning("%d image(s) could not be read and were skipped (listed in %s)", section["n_skipped"],

@@ -28,8 +28,8 @@ from pathlib import Path
 from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_logging
 from defectseg.data import DataError
 from defectseg.inference import PRECISIONS, check_device
-from defectseg.io import ImageReadError, os_reason
-from defectseg.model import ModelLoadError, recover_checkpoint, resolve_model_arg
+from defectseg.io import ImageReadError, os_reason, recover_folder
+from defectseg.model import ModelLoadError, resolve_model_arg
 from defectseg.tasks import TaskTableError, load_tasks
 from defectseg.training import (
     FIXED_ON_RESUME,
@@ -142,7 +142,7 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
         given["tasks"] = list(dict.fromkeys(given["tasks"]))  # a task named twice counts once
     if getattr(args, "resume", None):
         cfg = load_run_config(args.resume)
-        recover_checkpoint(Path(args.resume) / "last")  # a save interrupted between its two renames
+        recover_folder(Path(args.resume) / "last")  # a save interrupted between its two renames
         if not (Path(args.resume) / "last" / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"{args.resume}: no last/{TRAINER_STATE} to resume from (the run ended before "
                                     f"its first epoch did); start it again with --out {args.resume} --overwrite")

@@ -100,7 +100,7 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (kill, timeout, a job scheduler, torchrun stopping its other processes), raised wherever
-    the program is so that it unwinds like Ctrl-C: temp files and staging folders are removed, worker
+    the program is so that it unwinds like Ctrl-C: temp files and folders are removed, worker
     processes are shut down. Forked workers inherit the handler and end quietly too."""
 
 

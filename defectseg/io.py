@@ -6,12 +6,15 @@ temporary file beside the target and renames it into place, so an interrupted ru
 truncated PNG, CSV or JSON where a good one was. By default the data also reaches the disk (fsync)
 before the rename, so a power cut cannot leave an empty file either; bulk writers of files that can be
 made again (masks, cached activations) pass ``sync=False``, which keeps the rename but skips the
-fsync, the slow part on some disks.
+fsync, the slow part on some disks. A folder (a checkpoint, a report) is written the same way by
+``AtomicFolder``: in full beside its target, then swapped in by two renames.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -269,7 +272,75 @@ def pid_alive(pid: str) -> bool:
 def remove_stale(parent: Path, prefix: str) -> list[Path]:
     """Remove the temp folders ``<parent>/<prefix><pid>...`` left by processes that no longer run (never
     a live writer's); returns what was removed."""
-    stale = [p for p in parent.glob(prefix + "*") if not pid_alive(p.name[len(prefix):].split("-")[0])]
+    stale = [p for p in parent.glob(glob.escape(prefix) + "*") if not pid_alive(p.name[len(prefix):].split("-")[0])]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
+
+
+class AtomicFolder:
+    """Write a whole folder beside ``target``, then put it in place at ``commit``; the one way this project
+    writes a folder (checkpoints, reports).
+
+    >>> with AtomicFolder(out) as folder:
+    ...     (folder.path / "a.json").write_text("{}")
+    ...     folder.commit()
+
+    ``path`` is a hidden sibling ``.<name>.tmp-<pid>``. ``commit`` flushes every file to the disk, then
+    swaps: the old ``target`` is renamed aside (``.<name>.old-<pid>``), the new folder renamed into place,
+    the old one deleted. Leaving the block without ``commit`` (an error, Ctrl-C, SIGTERM) deletes the new
+    folder and leaves ``target`` as it was. A crash between the two renames leaves ``target`` missing
+    and its old copy aside: the next ``AtomicFolder`` of it, or ``recover_folder``, puts that back.
+    Temp folders of processes that no longer run are removed on entry. Raises OSError.
+    """
+
+    def __init__(self, target: str | Path) -> None:
+        self.target = Path(target)
+        name = utf8_prefix(self.target.name, _TMP_NAME_BYTES)
+        self.path = self.target.parent / f".{name}.tmp-{os.getpid()}"
+        self._aside = self.target.parent / f".{name}.old-{os.getpid()}"
+
+    def __enter__(self) -> AtomicFolder:
+        recover_folder(self.target)
+        prefix = f".{utf8_prefix(self.target.name, _TMP_NAME_BYTES)}."
+        remove_stale(self.target.parent, prefix + "tmp-")
+        if self.target.exists():
+            remove_stale(self.target.parent, prefix + "old-")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def commit(self) -> None:
+        files = [p for p in self.path.rglob("*") if p.is_file()]
+        for file in files:  # mkstemp and safetensors make 0600 files; give the usual permissions
+            os.chmod(file, 0o666 & ~_UMASK)
+        for entry in [*files, *(p for p in self.path.rglob("*") if p.is_dir()), self.path]:
+            fsync_path(entry)  # on the disk before the swap: a power cut loses the new or the old, never both
+        if self.target.exists():
+            self.target.rename(self._aside)
+            try:
+                self.path.rename(self.target)
+            except BaseException:
+                self._aside.rename(self.target)
+                raise
+            shutil.rmtree(self._aside, ignore_errors=True)
+        else:
+            self.path.rename(self.target)
+        fsync_path(self.target.parent)
+
+
+def recover_folder(target: str | Path) -> None:
+    """Finish a swap that a crash interrupted: when ``target`` is missing but the copy renamed aside
+    (``.<name>.old-<pid>``) is there, put the newest such copy back. Raises OSError."""
+    target = Path(target)
+    if target.exists():
+        return
+    prefix = f".{utf8_prefix(target.name, _TMP_NAME_BYTES)}.old-"
+    aside = sorted(target.parent.glob(glob.escape(prefix) + "*"), key=lambda p: p.stat().st_mtime)
+    if aside:
+        logging.getLogger(__name__).warning("restoring %s from %s (a save was interrupted)", target, aside[-1])
+        aside[-1].rename(target)

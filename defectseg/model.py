@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 from transformers.utils import logging as hf_logging
 
 from . import lite
-from .io import atomic_path, fsync_path, os_reason, remove_stale
+from .io import AtomicFolder, atomic_path, os_reason, recover_folder
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ def load_model(
     if isinstance(name_or_path, Path) or _looks_like_local_path(name_or_path):
         path = Path(name_or_path).expanduser()
         try:
-            recover_checkpoint(path)
+            recover_folder(path)
         except OSError as exc:  # e.g. a read-only copy of the runs folder
             raise ModelLoadError(f"model path {path} is missing and the copy an interrupted save set aside "
                                  f"cannot be put back ({os_reason(exc)}); rename it to {path.name}") from None
@@ -307,36 +306,24 @@ def save_checkpoint(
     model and processor (a decoder-only run's last/: ``extra`` writes the decoder file, which names
     its base model; ``load_model`` loads such a folder through it).
 
-    Everything is written into a sibling temp folder ``.<name>.tmp-<pid>`` first, flushed to the disk,
-    then swapped in (old folder renamed aside, new one renamed into place, old one deleted). A crash or
-    power cut while writing leaves the previous ``out_dir`` untouched. The folder loads with ``load_model`` or plain
-    ``CLIPSegForImageSegmentation.from_pretrained``.
+    The folder is written through ``io.AtomicFolder``: in full beside ``out_dir``, flushed to the disk,
+    then swapped in, so a crash or power cut while writing leaves the previous ``out_dir`` untouched. The
+    folder loads with ``load_model`` or plain ``CLIPSegForImageSegmentation.from_pretrained``.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    recover_checkpoint(out)
-    for stale in remove_stale_checkpoint_folders(out):
-        logger.info("removed stale temp folder %s", stale)
     try:
-        tmp.mkdir(exist_ok=True)
-        if full:
-            with _quiet_hf_progress():  # its "Writing model shards" bar would open every epoch's log
-                model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
-        if extra is not None:
-            extra(tmp)
-        _usual_permissions(tmp)
-        for file in [*tmp.rglob("*"), tmp]:  # on the disk before the swap: a power cut loses the new or the old
-            fsync_path(file)
-    except BaseException as exc:  # an error, Ctrl-C or SIGTERM: no temp folder is left
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, SafetensorError):  # its own error type on a full disk: an OSError to callers
-            raise OSError(f"could not write the checkpoint {out}: {_first_line(exc)}") from exc
-        raise
-    _swap_in(tmp, out)
-    fsync_path(out.parent)
+        with AtomicFolder(out) as folder:
+            if full:
+                with _quiet_hf_progress():  # its "Writing model shards" bar would open every epoch's log
+                    model.save_pretrained(folder.path)
+                processor.save_pretrained(folder.path)
+            (folder.path / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n",
+                                                      encoding="utf-8")
+            if extra is not None:
+                extra(folder.path)
+            folder.commit()
+    except SafetensorError as exc:  # its own error type on a full disk: an OSError to callers
+        raise OSError(f"could not write the checkpoint {out}: {_first_line(exc)}") from exc
     logger.info("saved checkpoint to %s", out)
 
 
@@ -350,51 +337,6 @@ def _quiet_hf_progress():
     finally:
         if was_on:
             hf_logging.enable_progress_bar()
-
-
-def remove_stale_checkpoint_folders(out: Path) -> list[Path]:
-    """Remove what killed saves of ``out`` left beside it: temp folders (``.<name>.tmp-<pid>``) and, once
-    ``out`` itself is in place, folders set aside by a swap (``.<name>.old-<pid>``); never a live
-    process's. Returns what was removed."""
-    stale = remove_stale(out.parent, f".{out.name}.tmp-")
-    return stale + (remove_stale(out.parent, f".{out.name}.old-") if out.exists() else [])
-
-
-def recover_checkpoint(out: Path) -> None:
-    """Finish a swap that a crash interrupted: when ``out`` is missing but the folder renamed aside
-    (``.<name>.old-<pid>``) is there, put it back."""
-    out = Path(out)
-    if out.exists():
-        return
-    aside = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if aside:
-        logger.warning("restoring %s from %s (a save was interrupted)", out, aside[-1])
-        aside[-1].rename(out)
-
-
-def _usual_permissions(path: Path) -> None:
-    """Give files the permissions the umask allows (safetensors writes 0600 files)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
-        os.chmod(file, 0o666 & ~umask)
-
-
-def _swap_in(new: Path, out: Path) -> None:
-    """Replace folder ``out`` by folder ``new`` with two renames; restores ``out`` if the second fails."""
-    if not out.exists():
-        new.rename(out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    out.rename(old)
-    try:
-        new.rename(out)
-    except BaseException:
-        old.rename(out)
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def new_model(name: str, seed: int = 0) -> tuple[lite.LiteSeg, lite.LiteProcessor] | None:

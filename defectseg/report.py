@@ -1,10 +1,10 @@
 """What ``evaluate.py`` writes: metrics.json, per_image.csv, report.md, threshold_curves.png, example grids.
 
 ``report.md`` is rendered from the metrics dict alone (the same content as metrics.json), so a report
-can be re-rendered from a saved metrics.json. Every file is written atomically (``defectseg.io``), and a
-whole report goes through ``ReportFolder``: written into a hidden staging folder, then moved into place
-by renames only, replacing every file of an earlier report there, so a folder never mixes two reports
-and a run that fails (bad input, a full disk) leaves the earlier report as it was.
+can be re-rendered from a saved metrics.json. A whole report is written through ``io.AtomicFolder``: in full
+beside its folder, then swapped in, so a folder never mixes two reports and a run that fails (bad input,
+a full disk) leaves the earlier report as it was. The folder is the report's alone: ``check_out_folder``
+refuses one that holds anything else.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,9 +25,6 @@ import numpy as np
 from .evaluation import EMPTY_SCORE, METRICS, RESULT_KEYS, ImageScore, RunResult
 from .io import (
     encode_png,
-    fsync_path,
-    os_reason,
-    remove_stale,
     write_bytes_atomic,
     write_json_atomic,
     write_text_atomic,
@@ -43,7 +38,6 @@ PER_IMAGE_FILE = "per_image.csv"
 REPORT_FILE = "report.md"
 CURVES_FILE = "threshold_curves.png"
 MASKS_DIR = "masks"  # --save-masks
-STAGING_PREFIX = ".evaluate-staging-"
 PER_IMAGE_COLUMNS = ["image", "task", "prompt", "iou", "dice", "tp", "fp", "fn", "fg_fraction",
                      "other_prompt_iou"]
 FIRST_NAMES = 5  # how many names of missing/skipped files are listed
@@ -554,13 +548,12 @@ def render_report(m: dict) -> str:
 # Writing
 
 
-class ReportWriteError(Exception):
-    """The report could not be written or put in place; the message names the folder and the problem."""
+def check_out_folder(out: Path, scored: Sequence[str | Path] = ()) -> str | None:
+    """A message when no report can be written to ``out``, else None. Checked before any scoring.
 
-
-def check_out_folder(out: Path) -> str | None:
-    """A message when no report can be written to ``out`` (a file; inside a file; no write permission),
-    else None. Checked before any scoring."""
+    ``out`` is replaced whole, so it must be new or hold only an earlier report (``report_entry``),
+    and no folder being ``scored`` (a --pred-dir) may lie inside it. Also refused: a file; a path inside
+    a file; no write permission."""
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file, not a folder"
     existing = out.absolute()
@@ -570,12 +563,22 @@ def check_out_folder(out: Path) -> str | None:
         return f"--out {out}: {existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"--out {out}: {existing} is not writable (no permission, or a read-only file system)"
+    for folder in scored:
+        if Path(folder).resolve().is_relative_to(out.resolve()):
+            return (f"--out {out}: holds {folder}, which is being scored; the report replaces --out whole, "
+                    "so pick another --out")
+    if out.is_dir():
+        earlier_masks = earlier_report_saved_masks(out)
+        foreign = sorted(p.name for p in out.iterdir() if not report_entry(p.name, earlier_masks))
+        if foreign:
+            return (f"--out {out}: holds {', '.join(foreign[:FIRST_NAMES])}, which no report wrote; the report "
+                    "replaces --out whole, so pick a new folder or move those out")
     return None
 
 
 def report_entry(name: str, earlier_masks: bool) -> bool:
     """True for the names a report writes (``masks/`` only when the earlier report's metrics.json says it
-    wrote them: a ``masks/`` folder of any other origin, e.g. the --pred-dir being scored, is never touched)."""
+    wrote them)."""
     if name in (METRICS_FILE, PER_IMAGE_FILE, REPORT_FILE, CURVES_FILE):
         return True
     if name.startswith("examples_") and name.endswith(".png"):
@@ -590,70 +593,8 @@ def earlier_report_saved_masks(out: Path) -> bool:
         return False
 
 
-class ReportFolder:
-    """Write a report into a hidden staging folder inside ``out`` (``path``), then ``commit``.
-
-    ``commit`` moves every staged entry into ``out`` by renames (a file replaces its namesake atomically;
-    a staged ``masks/`` replaces the old folder) and removes the files of an earlier report that this one
-    did not write (``report_entry``), so the folder holds exactly one report; other files are left alone.
-    Leaving the ``with`` block without ``commit`` (an error, Ctrl-C) deletes the staging folder (and the
-    folders this run created for ``out``, when empty): the earlier report stays as it was.
-    ``OSError`` while creating or committing becomes ``ReportWriteError`` naming ``out``.
-    """
-
-    def __init__(self, out: Path, keep: Sequence[Path] = ()) -> None:
-        self.out = Path(out)
-        self.keep = {Path(p).resolve() for p in keep}  # never moved away (e.g. the --pred-dir being scored)
-        self.path: Path | None = None
-        self._created: list[Path] = []  # folders made for ``out``, deepest first
-
-    def __enter__(self) -> ReportFolder:
-        try:
-            missing = self.out.absolute()
-            while not missing.exists():
-                self._created.append(missing)
-                missing = missing.parent
-            self.out.mkdir(parents=True, exist_ok=True)
-            remove_stale(self.out, STAGING_PREFIX)  # left by a run that was killed
-            self.path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=self.out))
-        except OSError as err:
-            self._cleanup()
-            raise ReportWriteError(f"cannot write the report to {self.out}: {os_reason(err)}") from None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._cleanup()
-
-    def _cleanup(self) -> None:
-        if self.path is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            self.path = None
-        for made in self._created:
-            try:
-                made.rmdir()  # only when empty: nothing was committed
-            except OSError:
-                break
-        self._created = []
-
-    def commit(self) -> None:
-        assert self.path is not None, "commit() outside the with block"
-        staged = sorted(p.name for p in self.path.iterdir())
-        earlier = earlier_report_saved_masks(self.out)
-        trash = self.path / ".replaced"
-        try:
-            trash.mkdir()
-            for name in staged:
-                target = self.out / name
-                if (self.path / name).is_dir() and target.exists():
-                    os.replace(target, trash / name)  # a folder cannot replace a folder in one rename
-                os.replace(self.path / name, target)
-            for entry in self.out.iterdir():
-                if entry.name not in staged and report_entry(entry.name, earlier) and entry.resolve() not in self.keep:
-                    os.replace(entry, trash / entry.name)
-            fsync_path(self.out)
-        except OSError as err:
-            raise ReportWriteError(f"cannot put the report in place in {self.out}: {os_reason(err)}") from None
-        self._created = []  # the folder holds a report now; keep it
+class ReportWriteError(Exception):
+    """The report could not be written or put in place; the message names the folder and the problem."""
 
 
 def write_outputs(out: Path, metrics_: dict, scores: Sequence[ImageScore]) -> None:

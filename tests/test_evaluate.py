@@ -466,23 +466,28 @@ def test_default_out_is_per_split(processed, tmp_path, monkeypatch):
         assert m["split"] == split and f"--out reports/gt-{split}" in m["command"]
 
 
-def test_rerun_replaces_the_whole_report(processed, tiny_dir, tmp_path):
+def test_rerun_replaces_the_whole_report(processed, tiny_dir, tmp_path, capsys):
     """A second report in the same folder leaves none of the first one's files (examples of a task it does not
-    score, masks it does not save) and no staging folder; files that are not a report's are kept."""
+    score, masks it does not save) and no temp folder; a folder holding anything else is refused, untouched."""
     out = tmp_path / "report"
     assert run("--model", str(tiny_dir), "--data", str(processed), "--out", str(out), "--save-masks", "-q") == 0
     assert {"examples_cracks.png", "examples_drywall.png", "masks"} <= {p.name for p in out.iterdir()}
     assert len(list((out / "masks").iterdir())) == 8
-    (out / "notes.txt").write_text("mine")
     assert run("--model", str(tiny_dir), "--data", str(processed), "--out", str(out), "--tasks", "cracks",
                "--save-masks", "-q") == 0
     assert len(list((out / "masks").iterdir())) == 4  # the old folder replaced, not merged into
     assert run("--pred-dir", str(processed / "valid" / "masks"), "--data", str(processed), "--out", str(out),
                "--tasks", "cracks", "-q") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["examples_cracks.png", "metrics.json", "notes.txt",
-                                                      "per_image.csv", "report.md"]
-    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["examples_cracks.png", "metrics.json", "per_image.csv",
+                                                      "report.md"]
     assert {r["task"] for r in per_image(out)} == {"cracks"} and load_metrics(out)["kind"] == "pred_dir"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # nothing left beside it
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    code, log = run_logged(capsys, "--pred-dir", str(processed / "valid" / "masks"), "--data", str(processed),
+                           "--out", str(out))
+    assert code == 1 and f"--out {out}: holds notes.txt, which no report wrote" in error_lines(log)[0]
+    assert snapshot(out) == before
 
 
 def test_bad_compare_changes_neither_checkpoint_nor_report(processed, tiny_dir, tmp_path, capsys):
@@ -518,9 +523,9 @@ def test_full_disk_leaves_report_and_checkpoint_as_they_were(processed, tiny_dir
     assert code == 1 and "Traceback" not in log
     assert error_lines(log) and f"cannot write the report to {out}: No space left on device" in error_lines(log)[0]
     assert snapshot(out) == report_before and snapshot(model) == model_before
-    new = tmp_path / "new" / "report"  # a folder made for this run is removed again
+    new = tmp_path / "new" / "report"  # no half-written report, no temp folder beside it
     code, _ = run_logged(capsys, "--model", str(model), "--data", str(processed), "--out", str(new), "-q")
-    assert code == 1 and not (tmp_path / "new").exists()
+    assert code == 1 and not list((tmp_path / "new").iterdir())
 
 
 def test_out_that_cannot_be_written_is_refused_before_scoring(processed, tmp_path, capsys, monkeypatch):
@@ -751,46 +756,33 @@ def test_write_thresholds_keeps_both_files_in_agreement(tiny_dir, tmp_path, monk
     assert read_metadata(model) == before == read_metadata(model / DECODER_FILE)
 
 
-def test_rescoring_masks_inside_the_report_folder_keeps_them(processed, tmp_path):
-    """--pred-dir reports/A/masks --out reports/A: the masks being scored are not an earlier report's
-    --save-masks output, so replacing the report never removes them."""
-    out = tmp_path / "A"
-    shutil.copytree(processed / "valid" / "masks", out / "masks")
-    for _ in range(2):  # the second run replaces the first report
-        assert run("--pred-dir", str(out / "masks"), "--data", str(processed), "--out", str(out),
-                   "--examples", "0", "-q") == 0
-    assert sorted(p.name for p in (out / "masks").iterdir()) == sorted(
-        p.name for p in (processed / "valid" / "masks").iterdir())
-
-
-def test_staging_left_by_a_killed_run_is_cleaned_up(processed, tmp_path):
+def test_temp_folder_left_by_a_killed_run_is_cleaned_up(processed, tmp_path):
     out = tmp_path / "r"
-    dead = out / f"{report.STAGING_PREFIX}999999999-abc"  # no such process
+    dead = tmp_path / ".r.tmp-999999999"  # no such process
     dead.mkdir(parents=True)
     (dead / "metrics.json").write_text("{}")
     assert run("--pred-dir", str(processed / "valid" / "masks"), "--data", str(processed), "--out", str(out),
                "--examples", "0", "-q") == 0
-    assert not dead.exists() and not list(out.glob(report.STAGING_PREFIX + "*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
 
 
-def test_saved_masks_rescored_in_place_survive_and_foreign_masks_are_never_replaced(processed, tiny_dir, tmp_path,
-                                                                                     capsys):
+def test_masks_being_scored_or_of_unknown_origin_are_never_replaced(processed, tiny_dir, tmp_path, capsys):
+    """The report replaces --out whole: scoring the masks an earlier report saved into that same --out, or
+    writing into a folder whose masks/ no report wrote, is refused with one line and changes nothing."""
     out = tmp_path / "y"
     assert run("--model", str(tiny_dir), "--data", str(processed), "--out", str(out), "--save-masks",
                "--examples", "0", "-q") == 0
-    saved = sorted(p.name for p in (out / "masks").iterdir())
-    assert saved
-    assert run("--pred-dir", str(out / "masks"), "--data", str(processed), "--out", str(out), "--examples", "0",
-               "-q") == 0
-    assert sorted(p.name for p in (out / "masks").iterdir()) == saved
-    # A masks/ folder no report wrote (someone's predictions) is refused by --save-masks, untouched.
+    before = snapshot(out)
+    code, log = run_logged(capsys, "--pred-dir", str(out / "masks"), "--data", str(processed), "--out", str(out))
+    assert code == 1 and "which is being scored" in error_lines(log)[0] and snapshot(out) == before
+    assert run("--pred-dir", str(out / "masks"), "--data", str(processed), "--out", str(tmp_path / "elsewhere"),
+               "--examples", "0", "-q") == 0
     other = tmp_path / "z"
     shutil.copytree(processed / "valid" / "masks", other / "masks")
-    capsys.readouterr()
-    assert run("--model", str(tiny_dir), "--data", str(processed), "--out", str(other), "--save-masks", "-q") == 1
-    assert "was not written by an earlier report" in capsys.readouterr().err
-    assert sorted(p.name for p in (other / "masks").iterdir()) == sorted(
-        p.name for p in (processed / "valid" / "masks").iterdir())
+    before = snapshot(other)
+    code, log = run_logged(capsys, "--model", str(tiny_dir), "--data", str(processed), "--out", str(other),
+                           "--save-masks")
+    assert code == 1 and "holds masks, which no report wrote" in error_lines(log)[0] and snapshot(other) == before
 
 
 def test_symlinked_images_are_scored_by_the_names_predict_gives(sample_root, tiny_dir, tmp_path, capsys):

@@ -453,7 +453,7 @@ def test_corrupt_metadata_is_a_model_load_error(tiny_dir, tmp_path):
 def test_a_save_stopped_while_flushing_leaves_no_temp_folder(tiny_dir, tmp_path, monkeypatch):
     """Ctrl-C or SIGTERM during the flush (most of a real save's time): the temp folder goes, the previous
     checkpoint stays; folders set aside by an earlier killed swap are removed by the next save."""
-    import defectseg.model as model_module
+    import defectseg.io as io_module
 
     model, processor = load_model(tiny_dir)
     out = tmp_path / "last"
@@ -466,7 +466,7 @@ def test_a_save_stopped_while_flushing_leaves_no_temp_folder(tiny_dir, tmp_path,
         if len(calls) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(model_module, "fsync_path", interrupted)
+    monkeypatch.setattr(io_module, "fsync_path", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(model, processor, out, {"epoch": 2})
     assert read_metadata(out) == {"epoch": 1} and temp_siblings(out) == []
