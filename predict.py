@@ -140,15 +140,13 @@ def collect_images(specs: list[str]) -> list[Path]:
                 log.warning("%s: no images (%s) in this folder", spec, " ".join(IMAGE_EXTENSIONS))
         elif path.is_file():
             matches = [path]
-        elif path.exists():  # a FIFO or device would block the decoder
-            raise InputError(f"--image {spec}: not a regular file or a folder")
         else:
             matches = sorted(
                 Path(p) for p in glob.glob(str(path), recursive=True)
                 if Path(p).suffix.lower() in IMAGE_EXTENSIONS and Path(p).is_file()
             )
             if not matches:
-                raise InputError(f"--image {spec}: no such file or folder, and no image file matches it")
+                raise InputError(f"--image {spec}: not an image file or a folder, and no image file matches it")
         for match in matches:
             found.setdefault(match.resolve(), match)
     if not found:

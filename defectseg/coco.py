@@ -8,8 +8,8 @@ A mask is the union of all of an image's annotations, rasterized the way the COC
 - an annotation whose ``segmentation`` is empty (or has no usable ring) falls back to its ``bbox``,
   rasterized as the box polygon, as pycocotools does for boxes;
 - coordinates outside the image are clipped by the rasterizer (the part inside is kept exactly). A ring
-  or box reaching further than one image size (its larger side) past the image is first clipped to that
-  frame: pycocotools crashes on coordinates of 1e9 or more, and walks every 1/5 pixel of every edge.
+  or box reaching further than one image size (its larger side) past the image is dropped and reported:
+  no real export has one, and pycocotools crashes on coordinates of 1e9 or more.
 
 Real exports are messy, so every annotation is checked first. What can be repaired is repaired and
 reported (odd-length rings lose their last number, non-finite points are dropped, degenerate rings
@@ -256,71 +256,30 @@ def _clean_ring(ring, where: str, problems: list[Problem]) -> list[float] | None
     return [v for point in finite for v in point]
 
 
-# Points are first clamped to +-this, so that the clipping arithmetic itself stays finite.
-_FAR = 1e15
+def _usable_ring(ring, height: int, width: int, where: str, problems: list[Problem]) -> list[float] | None:
+    """``_clean_ring``, and None (with a Problem) for a ring reaching far past the picture."""
+    coords = _clean_ring(ring, where, problems)
+    if coords is not None and _too_far(coords[0::2], coords[1::2], height, width):
+        problems.append(Problem(where, "far_outside", "polygon ring reaches more than one image size past the "
+                                "picture; dropped"))
+        return None
+    return coords
 
 
-def _frame(height: int, width: int) -> tuple[float, float, float, float]:
-    """(x0, x1, y0, y1): the image grown by its larger side on every side. Rings and boxes reaching
-    past it are clipped to it before pycocotools sees them; inside it they are left exactly as they are."""
-    margin = float(max(height, width))
-    return -margin, width + margin, -margin, height + margin
-
-
-def _outside_frame(xs: list[float], ys: list[float], height: int, width: int) -> bool:
-    x0, x1, y0, y1 = _frame(height, width)
-    return min(xs) < x0 or max(xs) > x1 or min(ys) < y0 or max(ys) > y1
-
-
-def _clip_ring(coords: list[float], height: int, width: int) -> list[float]:
-    """The ring clipped to ``_frame`` (Sutherland-Hodgman, one frame edge at a time); [] when nothing is left.
-
-    A detour outside the frame becomes a path along it, which winds around no point inside, so the
-    image's pixels are covered as before, except that the new corner points are rounded to pycocotools'
-    1/5-pixel grid: an edge cut here can move a pixel along it. Rings inside the frame (all real data)
-    are returned unchanged and rasterize bit for bit as pycocotools does.
-    """
-    xs, ys = coords[0::2], coords[1::2]
-    if not _outside_frame(xs, ys, height, width):
-        return coords
-    points = [(min(max(x, -_FAR), _FAR), min(max(y, -_FAR), _FAR)) for x, y in zip(xs, ys)]
-    x0, x1, y0, y1 = _frame(height, width)
-    edges = ((0, x0, 1.0), (0, x1, -1.0), (1, y0, 1.0), (1, y1, -1.0))
-    for axis, bound, side in edges:
-        clipped: list[tuple[float, float]] = []
-        for i, cur in enumerate(points):
-            prev = points[i - 1]
-            cur_in, prev_in = (cur[axis] - bound) * side >= 0, (prev[axis] - bound) * side >= 0
-            if cur_in != prev_in:
-                t = (bound - prev[axis]) / (cur[axis] - prev[axis])
-                other = prev[1 - axis] + t * (cur[1 - axis] - prev[1 - axis])
-                clipped.append((bound, other) if axis == 0 else (other, bound))
-            if cur_in:
-                clipped.append(cur)
-        points = clipped
-        if len(points) < 3:
-            return []
-    return [v for point in points for v in point]
-
-
-def _empty_rle(height: int, width: int) -> dict:
-    return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
+def _too_far(xs: list[float], ys: list[float], height: int, width: int) -> bool:
+    """Whether any point lies more than one image size (its larger side) past the picture."""
+    margin = max(height, width)
+    return min(xs) < -margin or max(xs) > width + margin or min(ys) < -margin or max(ys) > height + margin
 
 
 def _bbox_rle(bbox, height: int, width: int, where: str, problems: list[Problem]):
     values = [_number(v) for v in bbox] if isinstance(bbox, (list, tuple)) and len(bbox) == 4 else [None]
-    if None in values or values[2] <= 0 or values[3] <= 0:
-        problems.append(Problem(where, "bad_bbox", f"no usable segmentation and invalid bbox {bbox!r:.80}; skipped"))
+    if None in values or values[2] <= 0 or values[3] <= 0 or _too_far(
+            [values[0], values[0] + values[2]], [values[1], values[1] + values[3]], height, width):
+        problems.append(Problem(where, "bad_bbox", f"no usable segmentation and invalid bbox {bbox!r:.80} (empty, "
+                                "or reaching more than one image size past the picture); skipped"))
         return None
     x, y, w, h = values
-    if _outside_frame([x, x + w], [y, y + h], height, width):
-        # Clamping a box to the frame keeps the part inside exactly (its edges are axis-aligned).
-        fx0, fx1, fy0, fy1 = _frame(height, width)
-        left, right = (min(max(v, fx0), fx1) for v in (x, x + w))
-        top, bottom = (min(max(v, fy0), fy1) for v in (y, y + h))
-        if right <= left or bottom <= top:
-            return _empty_rle(height, width)
-        x, y, w, h = left, top, right - left, bottom - top
     return mask_utils.frPyObjects(np.array([[x, y, w, h]], dtype=np.float64), height, width)[0]
 
 
@@ -393,14 +352,12 @@ def annotation_rle(ann: dict, height: int, width: int, where: str, problems: lis
     if isinstance(seg, list) and seg:
         # A flat list of numbers is one ring written without the outer list.
         seg = [seg] if all(isinstance(v, (int, float)) for v in seg) else seg
-        rings = [r for r in (_clean_ring(ring, where, problems) for ring in seg) if r is not None]
+        rings = [r for r in (_usable_ring(ring, height, width, where, problems) for ring in seg) if r is not None]
     elif seg not in (None, []):
         problems.append(Problem(where, "bad_segmentation", f"unsupported segmentation {type(seg).__name__}"))
     if rings:
         # pycocotools reads a 4-number first ring as a box, so rings are encoded one by one.
-        clipped = [_clip_ring(ring, height, width) for ring in rings]
-        rles = [mask_utils.frPyObjects([ring], height, width)[0] if ring else _empty_rle(height, width)
-                for ring in clipped]
+        rles = [mask_utils.frPyObjects([ring], height, width)[0] for ring in rings]
         return mask_utils.merge(rles) if len(rles) > 1 else rles[0], "polygon"
     if isinstance(seg, list) and seg:
         problems.append(Problem(where, "bbox_fallback", "no usable polygon ring; using the bbox", True))

@@ -54,7 +54,7 @@ from .tasks import Task, find_task_dir, is_folder_name
 
 log = logging.getLogger(__name__)
 
-RASTER_VERSION = "1"  # bump when the rasterization rules change: every mask becomes stale
+RASTER_VERSION = "2"  # bump when the rasterization rules change: every mask becomes stale
 # Max Hamming distance (of 256 bits) between 16x16 average hashes, under any flip/rotation, for two
 # images to count as near-duplicates. Checked by eye on the real sets: at <= 3 the pairs are the same
 # photo (re-encoded, flipped or rotated); from about 4 on, plain walls that merely look alike creep in.

@@ -231,7 +231,8 @@ def _set_up(cfg: TrainConfig, resume: bool) -> Run:
     trainable = _set_trainable(model, cfg.train_vision_layers, cfg.ema)
     segmenter = Segmenter(model, processor, device, amp_dtype, tasks=table)
     prompts = sorted({p for t in tasks for p in t.prompts})
-    cond_table = dict(zip(prompts, segmenter.conditioning(prompts)))
+    # a frozen text encoder's answers, computed once (LiteSeg trains its prompt encoder: it reads input_ids)
+    cond_table = {} if trains_from_scratch(model) else dict(zip(prompts, segmenter.conditioning(prompts)))
     cache, bank, targets = _training_inputs(cfg, segmenter, train_rows, select_rows, rank, world)
 
     forward = TrainForward(model)

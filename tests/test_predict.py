@@ -207,7 +207,7 @@ def test_bad_inputs_fail_before_writing(tiny_dir: Path, tmp_path: Path, capsys) 
     err = capsys.readouterr().err
     assert "same file stem" in err and str(a) in err and str(b) in err
     assert run(tiny_dir, tmp_path / "out", "--image", str(tmp_path / "nope*.jpg")) == 1
-    assert "no such file or folder" in capsys.readouterr().err
+    assert "not an image file or a folder" in capsys.readouterr().err
     assert run(tiny_dir, tmp_path / "out", "--image", str(a), "--device", "cuda:7") == 1
     assert "--device cuda:7" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -376,11 +376,13 @@ def test_a_full_disk_at_the_end_is_one_line(tiny_dir: Path, tmp_path: Path, caps
     assert "No space left on device" in err and "predict_config.json" in err and "Traceback" not in err
 
 
-def test_a_fifo_is_refused_not_read(tmp_path: Path, capsys) -> None:
-    fifo = tmp_path / "pipe.png"
-    os.mkfifo(fifo)
-    with pytest.raises(predict.InputError, match="not a regular file"):
-        predict.collect_images([str(fifo)])
+@pytest.mark.parametrize("kind", ["missing", "fifo"])
+def test_what_is_not_an_image_file_or_folder_is_refused_not_read(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "pipe.png"
+    if kind == "fifo":
+        os.mkfifo(path)  # would block a decoder that opened it
+    with pytest.raises(predict.InputError, match="pipe.png: not an image file or a folder"):
+        predict.collect_images([str(path)])
 
 
 def test_a_run_stopped_half_way_is_recorded(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:

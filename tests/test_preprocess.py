@@ -364,14 +364,16 @@ def test_absurd_input_is_reported_not_crashed_on(absurd_export, tmp_path, worker
     proc = run_script("--data-root", str(absurd_export), "--out", str(out), "--tasks", "cracks", "--workers", workers)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["problem_counts"] == {"bad_image_record": 1, "bad_annotation": 1, "bad_rle": 3, "implausible_size": 1}
+    assert summary["problem_counts"] == {"bad_image_record": 1, "bad_annotation": 1, "bad_rle": 3, "implausible_size": 1,
+                                         "far_outside": 1, "bbox_fallback": 1}
     named = {(Path(p["file"].split(" (")[0].split(":")[-1]).name, p["kind"]) for p in summary["problems"]}
     assert named == {("huge.jpg", "bad_image_record"), ("_annotations.coco.json", "bad_annotation"),
+                     ("ok1.jpg", "far_outside"), ("ok1.jpg", "bbox_fallback"),
                      ("ok2.jpg", "bad_rle"), ("ok3.jpg", "bad_rle"), ("ok4.jpg", "bad_rle"),
                      ("wide.jpg", "implausible_size")}
     rows = {Path(r["image"]).name: r for r in read_manifest(out / "train" / "manifest.csv")}
     assert sorted(rows) == ["ok1.jpg", "ok2.jpg", "ok3.jpg", "ok4.jpg"]
-    assert (read_png(rows["ok1.jpg"]["mask"]) == 255).all()  # the 1e9 square covers the whole image
+    assert (read_png(rows["ok1.jpg"]["mask"]) > 0).sum() == 1  # the 1e9 ring dropped: its 1-pixel bbox instead
     assert all(not (read_png(rows[f"ok{i}.jpg"]["mask"]) > 0).any() for i in (2, 3, 4))
 
     strict = run_script("--data-root", str(absurd_export), "--out", str(tmp_path / "strict"), "--tasks", "cracks",
