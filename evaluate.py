@@ -11,8 +11,9 @@ mask's original resolution (an empty ground truth predicted empty scores 1.0), p
 
 The report is written in full beside --out and swapped in only when complete (an --out that holds
 anything but an earlier report, or the masks being scored, is refused: it is replaced whole).
---write-thresholds changes the checkpoint only once the report is complete, just before it is moved in. A run that fails before that leaves both as
-they were (if the final move fails, the error says the thresholds were written).
+--write-thresholds changes the checkpoint only once the report is complete, just before it is moved in.
+A run that fails before that leaves both as they were (if the final move fails, the error says the
+thresholds were written).
 
 An image or ground-truth mask that cannot be read is skipped with a warning and listed in
 metrics.json and report.md; the run still exits 0. Exit 2: bad arguments. Exit 1: arguments that cannot
@@ -23,6 +24,7 @@ defectseg.json is broken, or nothing readable at all.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -233,13 +235,15 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(source, args.split)
     if problem := report.check_out_folder(out, scored=[p for p in (args.pred_dir, args.compare) if p]):
         return fail(problem)
-    try:
-        with AtomicFolder(out) as folder:
+    with contextlib.ExitStack() as stack:
+        try:  # masks are not flushed one by one (they can be made again); the other files are
+            folder = stack.enter_context(AtomicFolder(out, sync=False))
+        except OSError as err:
+            return fail(f"cannot write the report to {out}: {os_reason(err)}")
+        try:
             return evaluate(args, model_arg, rows, task_prompts, out, folder)
-    except OSError as err:  # creating the folder beside --out
-        return fail(f"cannot write the report to {out}: {os_reason(err)}")
-    except (report.ReportWriteError, ModelLoadError) as err:
-        return fail(str(err))
+        except (report.ReportWriteError, ModelLoadError) as err:
+            return fail(str(err))
 
 
 def metrics_json(args: argparse.Namespace, out: Path, model_arg: str, section: dict, examples: list[str],

@@ -12,7 +12,9 @@ fsync, the slow part on some disks. A folder (a checkpoint, a report) is written
 
 from __future__ import annotations
 
+import errno
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -286,26 +288,30 @@ class AtomicFolder:
     ...     (folder.path / "a.json").write_text("{}")
     ...     folder.commit()
 
-    ``path`` is a hidden sibling ``.<name>.tmp-<pid>``. ``commit`` flushes every file to the disk, then
-    swaps: the old ``target`` is renamed aside (``.<name>.old-<pid>``), the new folder renamed into place,
-    the old one deleted. Leaving the block without ``commit`` (an error, Ctrl-C, SIGTERM) deletes the new
-    folder and leaves ``target`` as it was. A crash between the two renames leaves ``target`` missing
-    and its old copy aside: the next ``AtomicFolder`` of it, or ``recover_folder``, puts that back.
-    Temp folders of processes that no longer run are removed on entry. Raises OSError.
+    ``target`` is taken with symlinks resolved (a linked folder is replaced where it lies, the link kept).
+    ``path`` is a hidden sibling ``.<name>.tmp-<pid>``. ``commit`` flushes the new folder to the disk
+    (each file too, unless ``sync=False``: files written by ``write_*_atomic`` are flushed already, and
+    masks can be made again), then swaps: the old ``target`` is renamed aside (``.<name>.old-<pid>``),
+    the new folder renamed into place, the old one deleted. Leaving the block without ``commit`` (an
+    error, Ctrl-C, SIGTERM) deletes the new folder and leaves ``target`` as it was. A crash between the
+    two renames leaves ``target`` missing and its old copy aside: the next ``AtomicFolder`` of it, or
+    ``recover_folder``, puts that back. Temp folders of processes that no longer run are removed on
+    entry. Raises OSError (NotADirectoryError for a ``target`` that is a file).
     """
 
-    def __init__(self, target: str | Path) -> None:
-        self.target = Path(target)
-        name = utf8_prefix(self.target.name, _TMP_NAME_BYTES)
-        self.path = self.target.parent / f".{name}.tmp-{os.getpid()}"
-        self._aside = self.target.parent / f".{name}.old-{os.getpid()}"
+    def __init__(self, target: str | Path, sync: bool = True) -> None:
+        self.target = Path(os.path.realpath(target))
+        self.sync = sync
+        self.path = _sibling(self.target, "tmp", os.getpid())
+        self._aside = _sibling(self.target, "old", os.getpid())
 
     def __enter__(self) -> AtomicFolder:
+        if self.target.exists() and not self.target.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(self.target))
         recover_folder(self.target)
-        prefix = f".{utf8_prefix(self.target.name, _TMP_NAME_BYTES)}."
-        remove_stale(self.target.parent, prefix + "tmp-")
+        remove_stale(self.target.parent, _sibling(self.target, "tmp").name)
         if self.target.exists():
-            remove_stale(self.target.parent, prefix + "old-")
+            remove_stale(self.target.parent, _sibling(self.target, "old").name)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir()
@@ -315,32 +321,45 @@ class AtomicFolder:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def commit(self) -> None:
-        files = [p for p in self.path.rglob("*") if p.is_file()]
-        for file in files:  # mkstemp and safetensors make 0600 files; give the usual permissions
+        entries = sorted(self.path.rglob("*"))
+        for file in (p for p in entries if p.is_file()):  # mkstemp and safetensors make 0600 files
             os.chmod(file, 0o666 & ~_UMASK)
-        for entry in [*files, *(p for p in self.path.rglob("*") if p.is_dir()), self.path]:
+        for entry in [*(p for p in entries if self.sync or p.is_dir()), self.path]:
             fsync_path(entry)  # on the disk before the swap: a power cut loses the new or the old, never both
         if self.target.exists():
-            self.target.rename(self._aside)
             try:
-                self.path.rename(self.target)
-            except BaseException:
-                self._aside.rename(self.target)
+                os.rename(self.target, self._aside)
+                os.rename(self.path, self.target)
+            except BaseException:  # an error, or a signal: put the old folder back unless the new one is in
+                if not self.target.exists() and self._aside.exists():
+                    os.rename(self._aside, self.target)
                 raise
             shutil.rmtree(self._aside, ignore_errors=True)
         else:
-            self.path.rename(self.target)
+            os.rename(self.path, self.target)
         fsync_path(self.target.parent)
 
 
+def _sibling(target: Path, kind: str, pid: int | None = None) -> Path:
+    """``<parent>/.<name>.<kind>-<pid>`` (without the pid: the prefix of all of them). A name too long to
+    repeat is cut and given a hash of the whole, so two long names never share their temp folders."""
+    name = target.name
+    if len(name.encode("utf-8", "surrogateescape")) > _TMP_NAME_BYTES:
+        digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        name = f"{utf8_prefix(name, _TMP_NAME_BYTES - 9)}~{digest}"
+    return target.parent / f".{name}.{kind}-{'' if pid is None else pid}"
+
+
 def recover_folder(target: str | Path) -> None:
-    """Finish a swap that a crash interrupted: when ``target`` is missing but the copy renamed aside
-    (``.<name>.old-<pid>``) is there, put the newest such copy back. Raises OSError."""
-    target = Path(target)
+    """Finish a swap that a crash interrupted: when ``target`` is missing but the copy a process that no
+    longer runs renamed aside (``.<name>.old-<pid>``) is there, put the newest such copy back (a live
+    writer's is left alone: it is between its two renames). Raises OSError."""
+    target = Path(os.path.realpath(target))
     if target.exists():
         return
-    prefix = f".{utf8_prefix(target.name, _TMP_NAME_BYTES)}.old-"
-    aside = sorted(target.parent.glob(glob.escape(prefix) + "*"), key=lambda p: p.stat().st_mtime)
+    prefix = _sibling(target, "old").name
+    aside = sorted((p for p in target.parent.glob(glob.escape(prefix) + "*")
+                    if p.is_dir() and not pid_alive(p.name[len(prefix):])), key=lambda p: p.stat().st_mtime)
     if aside:
         logging.getLogger(__name__).warning("restoring %s from %s (a save was interrupted)", target, aside[-1])
         aside[-1].rename(target)

@@ -551,9 +551,9 @@ def render_report(m: dict) -> str:
 def check_out_folder(out: Path, scored: Sequence[str | Path] = ()) -> str | None:
     """A message when no report can be written to ``out``, else None. Checked before any scoring.
 
-    ``out`` is replaced whole, so it must be new or hold only an earlier report (``report_entry``),
-    and no folder being ``scored`` (a --pred-dir) may lie inside it. Also refused: a file; a path inside
-    a file; no write permission."""
+    ``out`` is replaced whole (``io.AtomicFolder``), so it must be new or hold only an earlier report
+    (``report_entry``), and it may hold neither a folder being ``scored`` (a --pred-dir) nor the current
+    folder, nor be a mount point. Also refused: a file; a path inside a file; no permission."""
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file, not a folder"
     existing = out.absolute()
@@ -561,18 +561,22 @@ def check_out_folder(out: Path, scored: Sequence[str | Path] = ()) -> str | None
         existing = existing.parent
     if not existing.is_dir():
         return f"--out {out}: {existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not os.access(existing, os.W_OK | os.X_OK) or (out.is_dir() and not os.access(out, os.R_OK)):
         return f"--out {out}: {existing} is not writable (no permission, or a read-only file system)"
-    for folder in scored:
-        if Path(folder).resolve().is_relative_to(out.resolve()):
-            return (f"--out {out}: holds {folder}, which is being scored; the report replaces --out whole, "
-                    "so pick another --out")
-    if out.is_dir():
-        earlier_masks = earlier_report_saved_masks(out)
-        foreign = sorted(p.name for p in out.iterdir() if not report_entry(p.name, earlier_masks))
-        if foreign:
-            return (f"--out {out}: holds {', '.join(foreign[:FIRST_NAMES])}, which no report wrote; the report "
-                    "replaces --out whole, so pick a new folder or move those out")
+    if not out.exists():
+        return None
+    inside = [Path(p) for p in scored if Path(p).exists()] + [Path.cwd()]
+    for path in inside:
+        if any(os.path.samefile(folder, out) for folder in [path, *path.resolve().parents]):
+            what = "the current folder" if path == Path.cwd() else f"{path}, which is being scored"
+            return f"--out {out}: holds {what}; the report replaces --out whole, so pick another --out"
+    if os.path.ismount(out):
+        return f"--out {out} is a mount point, which cannot be replaced whole; pick a folder inside it"
+    earlier_masks = earlier_report_saved_masks(out)
+    foreign = sorted(p.name for p in out.iterdir() if not report_entry(p.name, earlier_masks))
+    if foreign:
+        return (f"--out {out}: holds {', '.join(foreign[:FIRST_NAMES])}, which no report wrote; the report "
+                "replaces --out whole, so pick a new folder or move those out")
     return None
 
 

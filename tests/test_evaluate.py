@@ -507,7 +507,7 @@ def test_bad_compare_changes_neither_checkpoint_nor_report(processed, tiny_dir, 
 
 def test_full_disk_leaves_report_and_checkpoint_as_they_were(processed, tiny_dir, tmp_path, capsys, monkeypatch):
     """Writing fails half-way (metrics.json written, per_image.csv not): one line naming the folder, the earlier
-    report untouched, no staging folder left, and --write-thresholds did not touch the checkpoint."""
+    report untouched, no temp folder left, and --write-thresholds did not touch the checkpoint."""
     model = tmp_path / "best"
     shutil.copytree(tiny_dir, model)
     out = tmp_path / "report"
@@ -754,6 +754,14 @@ def test_write_thresholds_keeps_both_files_in_agreement(tiny_dir, tmp_path, monk
     with pytest.raises(OSError):
         evaluation.write_thresholds(model, {"segment crack": 0.3}, {"split": "valid"})
     assert read_metadata(model) == before == read_metadata(model / DECODER_FILE)
+
+
+def test_an_out_holding_the_current_folder_is_refused(processed, tmp_path, capsys, monkeypatch):
+    """--out . (or a parent of it) would be replaced under the shell that runs evaluate.py: refused."""
+    monkeypatch.chdir(tmp_path)
+    code, log = run_logged(capsys, "--pred-dir", str(processed / "valid" / "masks"), "--data", str(processed),
+                           "--out", ".")
+    assert code == 1 and "holds the current folder" in error_lines(log)[0]
 
 
 def test_temp_folder_left_by_a_killed_run_is_cleaned_up(processed, tmp_path):

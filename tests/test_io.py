@@ -17,8 +17,16 @@ import pytest
 from conftest import REPO, write_image
 from PIL import Image, TiffImagePlugin
 
+import defectseg.io as io_module
 from defectseg.cli import nonempty, split_name
-from defectseg.io import load_image, open_image, read_mask_values, write_mask_png
+from defectseg.io import (
+    AtomicFolder,
+    load_image,
+    open_image,
+    read_mask_values,
+    recover_folder,
+    write_mask_png,
+)
 from defectseg.manifest import mask_name, write_manifest
 from defectseg.tiny import build_tiny_model
 
@@ -167,3 +175,55 @@ def test_files_saved_with_a_byte_order_mark_are_read(tmp_path):
     tasks = tmp_path / "tasks.json"
     tasks.write_text(bom + '{"tasks": {"rust": {"prompt": "segment rust"}}}', encoding="utf-8")
     assert load_tasks(tasks)["rust"].prompt == "segment rust"
+
+
+# --- AtomicFolder: the one way a folder (checkpoint, report) is written
+
+
+def write_folder(target: Path, content: str, **kwargs) -> None:
+    with AtomicFolder(target, **kwargs) as folder:
+        (folder.path / "a.txt").write_text(content)
+        folder.commit()
+
+
+def test_atomic_folder_replaces_the_whole_folder_and_leaves_nothing_beside_it(tmp_path):
+    target = tmp_path / "out"
+    write_folder(target, "one")
+    (target / "old.txt").write_text("from the first write")
+    write_folder(target, "two", sync=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    with pytest.raises(RuntimeError), AtomicFolder(target) as folder:  # no commit: nothing changes
+        (folder.path / "a.txt").write_text("three")
+        raise RuntimeError
+    assert (target / "a.txt").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_folder_through_a_link_replaces_the_linked_folder_and_keeps_the_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    write_folder(tmp_path / "link", "new")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "a.txt").read_text() == "new"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        write_folder(tmp_path / "file", "new")
+
+
+def test_long_names_that_share_their_start_never_share_temp_folders(tmp_path):
+    a, b = tmp_path / ("x" * 240 + "a"), tmp_path / ("x" * 240 + "b")
+    write_folder(a, "a")
+    os.rename(a, io_module._sibling(a, "old", 999999999))  # a's save cut between its renames by a crash
+    write_folder(b, "b")  # does not take a's old copy for its own
+    assert (b / "a.txt").read_text() == "b"
+    recover_folder(a)
+    assert (a / "a.txt").read_text() == "a"
+
+
+def test_a_swap_cut_between_its_renames_is_repaired_unless_its_writer_still_runs(tmp_path):
+    target = tmp_path / "last"
+    write_folder(target, "old")
+    os.rename(target, tmp_path / ".last.old-1")  # pid 1 runs: a writer between its two renames
+    recover_folder(target)
+    assert not target.exists()
+    os.rename(tmp_path / ".last.old-1", tmp_path / ".last.old-999999999")  # no such process: a crash
+    recover_folder(target)
+    assert (target / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
