@@ -350,6 +350,14 @@ def _sibling(target: Path, kind: str, pid: int | None = None) -> Path:
     return target.parent / f".{name}.{kind}-{'' if pid is None else pid}"
 
 
+def remove_folder(target: str | Path) -> None:
+    """Delete a folder ``AtomicFolder`` wrote, and the old copies its interrupted swaps set aside (which
+    ``recover_folder`` would otherwise put back in its place)."""
+    target = Path(os.path.realpath(target))
+    shutil.rmtree(target, ignore_errors=True)
+    remove_stale(target.parent, _sibling(target, "old").name)
+
+
 def recover_folder(target: str | Path) -> None:
     """Finish a swap that a crash interrupted: when ``target`` is missing but the copy a process that no
     longer runs renamed aside (``.<name>.old-<pid>``) is there, put the newest such copy back (a live

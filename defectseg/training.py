@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -48,7 +47,7 @@ from .io import (
     load_image,
     prefetched,
     read_mask_png,
-    remove_stale,
+    remove_folder,
     write_bytes_atomic,
     write_json_atomic,
     write_text_atomic,
@@ -353,10 +352,10 @@ def _announce(run: Run, resume: bool) -> None:
              f" x{run.world} processes" if run.world > 1 else "", len(run.train_rows),
              run.schedule["steps_per_epoch"], selection_split(cfg.holdout, len(run.select_rows)))
     if not resume:  # train.py --overwrite: nothing of the run this one replaces may be mistaken for it
-        for name in ("best", "last", "metrics.csv", "curves.png", "summary.json"):
-            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
-        for name in ("best", "last"):  # folders set aside by its swaps: a later load could restore one
-            remove_stale(out, f".{name}.old-")
+        for name in ("best", "last"):  # with the copies its swaps set aside: a later load could restore one
+            remove_folder(out / name)
+        for name in ("metrics.csv", "curves.png", "summary.json"):
+            (out / name).unlink(missing_ok=True)
     write_json_atomic(out / "config.json", asdict(cfg))
 
 

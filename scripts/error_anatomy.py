@@ -30,9 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from defectseg.data import load_rows  # noqa: E402
 from defectseg.inference import Segmenter  # noqa: E402
 from defectseg.io import load_image, read_mask_png  # noqa: E402
-from defectseg.metrics import confusion, iou_from_counts  # noqa: E402
-
-THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
+from defectseg.metrics import confusion, counts_at_thresholds, default_thresholds, iou_from_counts  # noqa: E402
 
 
 def iou(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -75,7 +73,7 @@ def main() -> None:
                                            [prompt])[prompt][0]
             scores["tuned"].append(iou(prob >= threshold, gt))
             scores["area-matched"].append(iou(area_matched(prob), gt))
-            scores["oracle"].append(max(iou(prob >= t, gt) for t in THRESHOLDS))
+            scores["oracle"].append(float(iou_from_counts(counts_at_thresholds(prob, gt, default_thresholds())).max()))
             if gt.any():
                 counts += far_errors(prob >= threshold, gt, args.bands)
         fp, fn, n = counts[0], counts[1], len(args.bands)

@@ -561,11 +561,13 @@ def test_an_existing_run_is_never_replaced_silently(processed, tiny, tmp_path, c
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
+    shutil.copytree(run / "last", run / ".last.old-999999999")  # set aside by a swap a crash cut short
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(defectseg.training, "epoch_plan", broken)
         with pytest.raises(RuntimeError, match="boom"):
             run_train(*base_args(processed, tiny, run, "--epochs", "1", "--overwrite", "--lr", "0.02"))
     assert not (run / "best").exists() and not (run / "last").exists()
+    assert not list(run.glob(".last.old-*"))  # nor a copy a later load would put back as last/
     assert json.loads((run / "config.json").read_text())["lr"] == 0.02
     # A start that fails (here: the model) writes nothing, not even config.json.
     fresh = tmp_path / "fresh"
