@@ -74,6 +74,9 @@ HELP = {
     "val_batch_size": "batch size for validation and cache building",
     "holdout": "fraction of the train photos (grouped by source photo) set aside to pick best/ and tune its "
                "thresholds, so the valid split stays a clean report; 0: the valid split picks and tunes",
+    "low_res_epochs": "a model trained from scratch: train the first N epochs at --low-res-size (progressive "
+                      "resizing: cheaper epochs early; validation stays at the model's input size)",
+    "low_res_size": "image side of the --low-res-epochs epochs, in pixels",
 }
 
 
@@ -82,7 +85,8 @@ HELP = {
 POSITIVE, NON_NEGATIVE, FRACTION = number_in(0, math.inf, low_open=True), number_in(0, math.inf), number_in(0, 1, high_open=True)
 TYPES = {
     "epochs": int_at_least(1), "batch_size": int_at_least(1), "val_batch_size": int_at_least(1),
-    "train_vision_layers": int_at_least(0), "patience": int_at_least(0), "seed": int_at_least(0, below=2**32),
+    "train_vision_layers": int_at_least(0), "patience": int_at_least(0), "low_res_epochs": int_at_least(0),
+    "low_res_size": int_at_least(32), "seed": int_at_least(0, below=2**32),
     "lr": POSITIVE, "vision_lr_scale": POSITIVE, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
     "bce_weight": NON_NEGATIVE, "dice_weight": NON_NEGATIVE,
     "negative_prob": FRACTION, "ema": FRACTION, "warmup": FRACTION, "holdout": FRACTION,

@@ -172,15 +172,16 @@ class LiteSeg(nn.Module):
         return self.prompt_encoder(input_ids, attention_mask)
 
     def decode(self, activations: list[torch.Tensor], cond: torch.Tensor) -> torch.Tensor:
-        """Encoder features and (B, cond_dim) conditioning -> (B, S, S) logits at the input size."""
+        """Encoder features and (B, cond_dim) conditioning -> (B, S, S) logits at the input size (twice the
+        first features' size)."""
         x = activations[-1]
         gamma, beta = self.bottleneck_film(cond)[:, :, None, None].chunk(2, dim=1)
         x = x * (1 + gamma) + beta
         for block, skip in zip(self.decoder, activations[-2::-1]):
             x = block(x, skip, cond)
-        logits = self.head(x)
-        size = self.config.image_size
-        return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        logits = self.head(x)  # stride 2
+        size = (2 * logits.shape[-2], 2 * logits.shape[-1])
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[:, 0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
         """HF-style forward, one prompt per image: returns an object with ``.logits`` (B, S, S)."""

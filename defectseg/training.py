@@ -73,6 +73,7 @@ from .tasks import Task, load_tasks, tasks_to_dict
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
+CHECK_EVERY = 50  # training steps between reads of the device's losses and skip flags
 
 
 # Settings a resumed run must keep: they decide the model, the data or the parameters being trained. The
@@ -114,6 +115,8 @@ class TrainConfig:
     vision_lr_scale: float = 0.1  # learning-rate multiplier for the unfrozen vision layers
     patience: int = 5  # stop after this many epochs without a better validation score (0: never)
     holdout: float = 0.0  # fraction of train photos set aside to pick best/ and tune thresholds (0: valid does)
+    low_res_epochs: int = 0  # a model trained from scratch: the first N epochs at low_res_size (progressive resizing)
+    low_res_size: int = 320
     val_batch_size: int = 16
 
 
@@ -238,7 +241,7 @@ def _set_up(cfg: TrainConfig, resume: bool) -> Run:
     if world > 1:
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(_param_groups(model, trainable, cfg))
+    optimizer = torch.optim.AdamW(_param_groups(model, trainable, cfg), fused=device.type == "cuda" or None)
     steps_per_epoch = math.ceil(math.ceil(epoch_length(train_rows, tasks) / world) / cfg.batch_size)
     schedule = {"epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch, "lr": cfg.lr, "warmup": cfg.warmup,
                 "vision_lr_scale": cfg.vision_lr_scale, "weight_decay": cfg.weight_decay}
@@ -286,6 +289,9 @@ def _training_inputs(cfg: TrainConfig, segmenter: Segmenter, train_rows: list[di
     """(cache, bank, targets). CLIPSeg with a frozen vision tower: its activations cached once per image
     and view; from scratch: images decoded once into memory and augmented per sample; else fixed targets."""
     scratch = trains_from_scratch(segmenter.model)
+    if cfg.low_res_epochs and not scratch:
+        raise ConfigError("--low-res-epochs: only a model trained from scratch (--model lite ...) trains at another "
+                          "size; CLIPSeg's inputs are fixed by its vision tower")
     cache = None
     if cfg.cache and cfg.train_vision_layers == 0 and not scratch:
         cache = FeatureCache.for_segmenter(cfg.cache_dir or Path(cfg.data) / "features", segmenter, cfg.cache_dtype)
@@ -372,31 +378,37 @@ def _end_epoch(run: Run, stop_after: int | None) -> int:
 
 def _train_epoch(run: Run, epoch: int) -> EpochStats:
     """One pass over this process's share of the epoch's plan: a step per batch, batches prepared in a
-    prefetch thread. Raises FloatingPointError when the steps or the weights went non-finite."""
+    prefetch thread. The steps' losses and skips stay on the device and are read every ``CHECK_EVERY``
+    steps (a GPU is never stalled by a per-step read). Raises FloatingPointError when the steps or the
+    weights went non-finite."""
     cfg, t0 = run.cfg, time.perf_counter()
     plan = _shard(epoch_plan(run.train_rows, run.tasks, cfg.seed, epoch, cfg.negative_prob, cfg.flip, cfg.synonyms),
                   run.rank, run.world)
     run.model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)  # read once per epoch, not per step
-    steps, skipped, overflowed = 0, 0, 0
-    lr_used = run.optimizer.param_groups[0]["lr"]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    counts = torch.zeros(3, dtype=torch.int64, device=run.device)  # steps taken, skipped, fp16 overflows
+    pending: list[tuple[list[Sample], torch.Tensor, torch.Tensor]] = []  # (batch, loss, skipped) since the last read
+    skipped, lr_used = 0, run.optimizer.param_groups[0]["lr"]
     batches = [(i, plan[i:i + cfg.batch_size]) for i in range(0, len(plan), cfg.batch_size)]
     load = partial(_load_batch, cfg=cfg, rows=run.train_rows, targets=run.targets, cache=run.cache,
-                   segmenter=run.segmenter, bank=run.bank, epoch=epoch * run.world + run.rank)
+                   segmenter=run.segmenter, bank=run.bank, epoch=epoch * run.world + run.rank,
+                   size=train_size(cfg, epoch, run.segmenter.input_size))
     for (_, batch), (target, inputs) in cli.progress(prefetched(load, batches), total=len(batches), unit="batch",
                                                      desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=run.main_process):
         stop_if_terminated()
-        lr = run.optimizer.param_groups[0]["lr"]
-        taken = _step(run, epoch, batch, target, inputs)
-        if taken is None:
-            skipped += 1
+        lr_used = run.optimizer.param_groups[0]["lr"]
+        loss, skip, overflow = _step(run, batch, target, inputs)
+        loss_sum += torch.where(skip, 0.0, loss.double())
+        counts += torch.stack([~skip, skip, overflow]).long()
+        pending.append((batch, loss, skip))
+        if len(pending) == CHECK_EVERY:
+            skipped += _report_skips(run, epoch, pending)
+            pending = []
             if skipped > 10:
                 raise FloatingPointError("more than 10 non-finite losses in one epoch; lower --lr or use --precision fp32")
-            continue
-        loss, overflow = taken
-        loss_sum += loss
-        steps, overflowed, lr_used = steps + 1, overflowed + overflow, lr
+    skipped += _report_skips(run, epoch, pending)
     seconds = time.perf_counter() - t0
+    steps, _, overflowed = counts.tolist()
     if skipped > len(batches) // 2:  # every process skipped the same steps
         raise FloatingPointError(f"epoch {epoch + 1}: {skipped} of {len(batches)} steps had a non-finite loss; "
                                  "lower --lr or the loss weights, or use --precision fp32. best/ and last/ "
@@ -409,11 +421,29 @@ def _train_epoch(run: Run, epoch: int) -> EpochStats:
                       overflowed)
 
 
-def _step(run: Run, epoch: int, batch: list[Sample], target: torch.Tensor,
-          inputs: dict) -> tuple[torch.Tensor, bool] | None:
-    """One optimizer step on a batch: forward, loss, backward, clip, step, schedule, EMA. Returns the
-    detached loss and whether fp16's scaler skipped the step (its gradients overflowed), or None when the
-    loss was not finite on some process (every process then skips the step)."""
+def _report_skips(run: Run, epoch: int, pending: list[tuple[list[Sample], torch.Tensor, torch.Tensor]]) -> int:
+    """Read the pending steps' losses and skip flags (one device read), log each skipped step's images,
+    and return how many were skipped."""
+    if not pending:
+        return 0
+    flags = torch.stack([torch.stack([loss.float(), skip.float()]) for _, loss, skip in pending]).tolist()
+    bad = [(batch, loss) for (batch, _, _), (loss, skip) in zip(pending, flags) if skip]
+    for batch, loss in bad:
+        log.error("epoch %d: non-finite loss or gradients (loss %s) on images %s; step skipped", epoch + 1, loss,
+                  [Path(run.train_rows[s.row]["image"]).name for s in batch][:4])
+    return len(bad)
+
+
+def _step(run: Run, batch: list[Sample], target: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch: forward, loss, backward, clip, step, schedule, EMA, with no read
+    of a device value. Returns 0-d device tensors: the loss; whether the step was skipped for non-finite
+    gradients (a non-finite loss gives those); whether it was skipped for fp16's overflow instead (a
+    finite loss: the scaler lowers its scale and training goes on).
+
+    The skip is decided on the gradient norm, which DistributedDataParallel makes identical on every
+    process, so all skip together. Fused AdamW (CUDA) skips on the device, given the flag as ``found_inf``
+    as GradScaler does; elsewhere the flag is read, which on a CPU waits for nothing. The learning-rate
+    schedule counts batches, skipped or not."""
     cfg, device = run.cfg, run.device
     target = target.to(device, non_blocking=True)
     inputs = {k: [t.to(device, non_blocking=True) for t in v] if isinstance(v, list)
@@ -424,26 +454,36 @@ def _step(run: Run, epoch: int, batch: list[Sample], target: torch.Tensor,
         logits = run.forward(**inputs)
     loss = bce_dice_loss(at_target_size(logits, target), target, cfg.bce_weight, cfg.dice_weight).mean()
     run.optimizer.zero_grad(set_to_none=True)
-    if not _finite_everywhere(loss, run.world):  # all processes skip together, or none does
-        log.error("epoch %d: non-finite loss (%s) on images %s; step skipped", epoch + 1, loss.item(),
-                  [Path(run.train_rows[s.row]["image"]).name for s in batch][:4])
-        return None
     run.scaler.scale(loss).backward()
-    if cfg.grad_clip > 0:
-        run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)
-    scale = run.scaler.get_scale()
-    run.scaler.step(run.optimizer)
+    run.scaler.unscale_(run.optimizer)  # fp16: true-scale gradients, the overflow recorded for update(); else nothing
+    norm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip or math.inf)
+    bad = ~torch.isfinite(norm)
+    _step_unless(run.optimizer, bad)
     run.scaler.update()
-    if run.scaler.get_scale() < scale:  # fp16's scaler skipped the step: the schedule waits for real steps
-        return loss.detach(), True
     run.scheduler.step()
     if run.ema is not None:
         decay = ema_decay(cfg.ema, run.scheduler.last_epoch)
         with torch.no_grad():
             for shadow, p in zip(run.ema, run.trainable):
                 shadow.lerp_(p.detach(), 1 - decay)
-    return loss.detach(), False
+    overflow = bad & torch.isfinite(loss.detach()) if run.scaler.is_enabled() else torch.zeros_like(bad)
+    return loss.detach(), bad & ~overflow, overflow
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
+    """``optimizer.step()`` that changes nothing (weights, moments, step count) when the 0-d bool ``bad``
+    is set: decided on the device by a fused optimizer (its kernels take the flag as ``found_inf``, as
+    GradScaler passes it); else the flag is read and a bad step's gradients dropped, which AdamW skips."""
+    if all(group.get("fused") for group in optimizer.param_groups):
+        optimizer.found_inf = bad.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        return
+    if bad.item():
+        optimizer.zero_grad(set_to_none=True)
+    optimizer.step()  # called either way, so the schedule never steps before it (torch warns)
 
 
 def _validate_and_save(run: Run, epoch: int, stats: EpochStats, t0: float) -> bool:
@@ -516,16 +556,23 @@ def validate(segmenter: Segmenter, rows: list[dict], masks: list[np.ndarray], ca
     return evaluation.aggregate(scores, thresholds)
 
 
+def train_size(cfg: TrainConfig, epoch: int, input_size: int) -> int:
+    """The side of the training images in ``epoch`` (0-based): ``low_res_size`` for the first
+    ``low_res_epochs`` epochs (cheaper epochs while the model learns coarse features), then the model's
+    input size, at which it is validated and used."""
+    return cfg.low_res_size if epoch < cfg.low_res_epochs else input_size
+
+
 def _load_batch(item: tuple[int, list[Sample]], cfg: TrainConfig, rows: list[dict], targets: np.ndarray | None,
                 cache: FeatureCache | None, segmenter: Segmenter, bank: ImageBank | None,
-                epoch: int) -> tuple[torch.Tensor, dict]:
+                epoch: int, size: int) -> tuple[torch.Tensor, dict]:
     """CPU tensors for one step: the (B, S, S) target and the forward's inputs (cached activations;
     or pixel values, plus token ids for the plain HF forward and for a model trained from scratch,
-    whose images come augmented from the in-memory bank). ``item`` is (position in the epoch, samples).
-    Runs in a prefetch thread."""
+    whose images come augmented from the in-memory bank at side ``size``). ``item`` is (position in
+    the epoch, samples). Runs in a prefetch thread."""
     start, batch = item
     if bank is not None:
-        pixel_values, target = bank.batch(batch, segmenter.input_size, cfg.seed, epoch, start)
+        pixel_values, target = bank.batch(batch, size, cfg.seed, epoch, start)
     else:
         target = torch.from_numpy(batch_targets(targets, batch))
         if cache is not None:
@@ -799,14 +846,6 @@ def _mean_across(total: torch.Tensor, count: int, world: int) -> float:
     if world > 1:
         dist.all_reduce(both)
     return float(both[0] / both[1]) if both[1] else float("nan")
-
-
-def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:
-    """Whether the loss is finite on every process (each must take or skip the step together)."""
-    finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
-    if world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
 
 
 def _broadcast_flag(flag: bool, world: int) -> bool:

@@ -122,3 +122,29 @@ def test_gpu_run_resumes_on_the_cpu(processed, tiny, tmp_path):
     assert train.main(train.build_parser().parse_args(["--resume", str(run), "--device", "cpu", "-q"])) == 0
     with open(run / "metrics.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_training_step_reads_nothing_back_from_the_gpu(processed, tmp_path, precision):
+    """_step (forward, loss, backward, unscale, clip, fused AdamW's skip on the device, schedule) makes no
+    synchronizing call, so the GPU never waits for the host between steps (the epoch reads its losses
+    and skip flags every CHECK_EVERY steps)."""
+    from defectseg.training import TrainConfig, _load_batch, _set_up, _step
+
+    cfg = TrainConfig(data=str(processed), model="lite-tiny", out=str(tmp_path / "run"), batch_size=4,
+                      device="cuda", precision=precision)
+    run = _set_up(cfg, resume=False)
+    plan = epoch_plan(run.train_rows, run.tasks, cfg.seed, 0, cfg.negative_prob, cfg.flip, cfg.synonyms)
+    batches = [plan[i:i + 4] for i in range(0, 12, 4)]
+    loaded = [_load_batch((0, b), cfg, run.train_rows, run.targets, run.cache, run.segmenter, run.bank, 0,
+                          run.segmenter.input_size) for b in batches]
+    on_gpu = [(t.cuda(), {k: v.cuda() for k, v in inputs.items()}) for t, inputs in loaded]
+    _step(run, batches[0], *on_gpu[0])  # first step: lazy state (optimizer moments, scaler) is created
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch, (target, inputs) in zip(batches[1:], on_gpu[1:]):
+            _step(run, batch, target, inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert run.scheduler.last_epoch == 3

@@ -14,7 +14,7 @@ from test_train import history, run_train
 import evaluate
 import predict
 from defectseg import lite
-from defectseg.augment import augment
+from defectseg.augment import ImageBank, augment
 from defectseg.data import epoch_length, epoch_plan
 from defectseg.inference import Segmenter
 from defectseg.io import load_image, read_mask_png
@@ -50,6 +50,16 @@ def test_split_forward_equals_forward_and_shapes():
     assert [a.shape[-1] for a in acts] == [size // 2, size // 4, size // 8, size // 16, size // 32]
     assert whole.shape == (2, size, size)
     torch.testing.assert_close(split, whole)
+
+
+def test_logits_come_back_at_the_size_the_images_went_in():
+    """Progressive resizing (train.py --low-res-epochs) feeds smaller images than config.image_size."""
+    model, processor = lite.build("lite-tiny", seed=0)
+    tokens = processor.tokenizer(["segment crack"])
+    for size in (64, model.config.image_size):
+        with torch.no_grad():
+            logits = model(tokens["input_ids"], tokens["attention_mask"], torch.zeros(1, 3, size, size)).logits
+        assert logits.shape == (1, size, size)
 
 
 def test_any_phrase_tokenizes_and_padding_does_not_change_the_answer():
@@ -106,6 +116,26 @@ def test_ema_is_refused_for_a_model_with_batch_norm(processed, tmp_path, capsys)
     assert run_train(*tiny_run(processed, tmp_path / "run", "--epochs", "1", "--ema", "0.9")) == 1
     assert "batch-norm statistics" in capsys.readouterr().err
     assert not (tmp_path / "run" / "best").exists()
+
+
+@pytest.mark.slow
+def test_low_res_epochs_train_smaller_images_then_the_input_size(processed, tmp_path, monkeypatch):
+    """--low-res-epochs 1 --low-res-size 64: epoch 1's batches are 64 px, epoch 2's the model's 96 px,
+    and validation always runs at 96 (the size the checkpoint is used at)."""
+    sizes = []
+    bank_batch = ImageBank.batch
+
+    def spy(self, samples, size, *args):
+        sizes.append(size)
+        return bank_batch(self, samples, size, *args)
+
+    monkeypatch.setattr(ImageBank, "batch", spy)
+    run = tmp_path / "run"
+    assert run_train(*tiny_run(processed, run, "--epochs", "2", "--low-res-epochs", "1", "--low-res-size", "64")) == 0
+    steps = len(sizes) // 2
+    assert sizes == [64] * steps + [96] * steps
+    assert json.loads((run / "config.json").read_text())["low_res_epochs"] == 1
+    assert all(float(r["mean_iou"]) >= 0 for r in history(run))
 
 
 def test_an_epoch_sees_every_image_and_balances_the_tasks():

@@ -440,14 +440,42 @@ def test_tuned_vision_layers_write_no_decoder_only_file(processed, tiny, tmp_pat
     assert not (run / "best" / "decoder.safetensors").exists()
 
 
-def test_fp16_overflow_steps_do_not_advance_the_schedule(processed, tiny, tmp_path, recwarn):
-    """fp16's GradScaler skips the first steps while it calibrates its scale; the learning-rate schedule
-    must wait for real optimizer steps (torch warns when the scheduler steps first)."""
-    assert run_train(*base_args(processed, tiny, tmp_path / "fp16", "--epochs", "1", "--precision", "fp16")) == 0
+def test_fp16_overflow_steps_are_skipped_and_counted(processed, tiny, tmp_path, recwarn):
+    """fp16's GradScaler overflows on the first steps while it calibrates its scale: those steps are
+    skipped and counted (not errors), and the learning-rate schedule counts batches, skipped or not."""
+    run = tmp_path / "fp16"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "1", "--precision", "fp16")) == 0
     assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
-    state = torch.load(tmp_path / "fp16" / "last" / "trainer_state.pt", weights_only=False)
+    state = torch.load(run / "last" / "trainer_state.pt", weights_only=False)
     assert state["scaler"]["scale"] < 2.0**16  # it did overflow and back off
-    assert state["scheduler"]["last_epoch"] < len(load_rows(processed, "train")) / 4
+    row = history(run)[0]
+    assert int(row["overflow_steps"]) >= 1 and int(row["skipped_steps"]) == 0
+    assert state["scheduler"]["last_epoch"] == state["schedule"]["steps_per_epoch"]
+
+
+@pytest.mark.parametrize("device,fused", [("cpu", False), ("cpu", True), pytest.param(
+    "cuda", True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_a_skipped_step_leaves_no_trace(device, fused):
+    """AdamW after (skipped step, real step) equals AdamW after the real step alone: weights, moments and
+    the step count (hence bias correction) untouched by the skip, whether the fused kernel decides on the
+    device or the flag is read."""
+    from defectseg.training import _step_unless
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(4, 3).to(device) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=0.1, fused=fused) for m in layers]
+    x = torch.randn(5, 4, device=device)
+    for m, opt, steps in zip(layers, optimizers, ([True, False], [False])):
+        for bad in steps:
+            opt.zero_grad()
+            m(x).square().mean().mul(float("nan") if bad else 1.0).backward()
+            _step_unless(opt, torch.tensor(bad, device=device))
+    for a, b in zip(layers[0].parameters(), layers[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for sa, sb in zip(optimizers[0].state.values(), optimizers[1].state.values()):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("n,world", [(15, 2), (1, 4), (3, 4), (8, 4), (0, 2)])
@@ -700,6 +728,12 @@ def test_a_run_killed_in_its_first_epoch_is_started_again_with_overwrite(process
     err = run_train_err(capsys, "--resume", str(run))
     assert f"--out {run} --overwrite" in err
     assert run_train(*base_args(processed, tiny, run, "--epochs", "1", "--overwrite")) == 0
+
+
+def test_low_res_epochs_are_refused_for_clipseg(processed, tiny, tmp_path, capsys):
+    assert run_train(*base_args(processed, tiny, tmp_path / "run", "--epochs", "1", "--low-res-epochs", "1")) == 1
+    assert "only a model trained from scratch" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "best").exists()
 
 
 def test_tasks_named_twice_count_once():
