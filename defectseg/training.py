@@ -292,6 +292,9 @@ def _training_inputs(cfg: TrainConfig, segmenter: Segmenter, train_rows: list[di
     if cfg.low_res_epochs and not scratch:
         raise ConfigError("--low-res-epochs: only a model trained from scratch (--model lite ...) trains at another "
                           "size; CLIPSeg's inputs are fixed by its vision tower")
+    if cfg.low_res_epochs and (cfg.low_res_size % 32 or cfg.low_res_size >= segmenter.input_size):
+        raise ConfigError(f"--low-res-size {cfg.low_res_size}: must be a multiple of 32 below the model's input "
+                          f"size ({segmenter.input_size})")
     cache = None
     if cfg.cache and cfg.train_vision_layers == 0 and not scratch:
         cache = FeatureCache.for_segmenter(cfg.cache_dir or Path(cfg.data) / "features", segmenter, cfg.cache_dtype)
@@ -313,6 +316,8 @@ def _restore(run: Run, state: dict) -> None:
     """Continue from last/'s trainer state: optimizer moments, schedule position, scaler, EMA and live
     weights, history, best, RNG. Learning rate, weight decay and schedule come from this invocation."""
     settings = [(g["lr"], g["weight_decay"]) for g in run.optimizer.param_groups]
+    for group in state["optimizer"]["param_groups"]:  # the implementation is this device's (fused on CUDA)
+        group.update(fused=run.optimizer.defaults["fused"], foreach=run.optimizer.defaults["foreach"])
     try:
         run.optimizer.load_state_dict(state["optimizer"])
     except ValueError as err:  # other parameter groups: --train-vision-layers changed, or an older run
@@ -404,21 +409,26 @@ def _train_epoch(run: Run, epoch: int) -> EpochStats:
         if len(pending) == CHECK_EVERY:
             skipped += _report_skips(run, epoch, pending)
             pending = []
-            if skipped > 10:
-                raise FloatingPointError("more than 10 non-finite losses in one epoch; lower --lr or use --precision fp32")
+            _check_skips(skipped, len(batches), epoch, done=False)
     skipped += _report_skips(run, epoch, pending)
+    _check_skips(skipped, len(batches), epoch, done=True)
     seconds = time.perf_counter() - t0
     steps, _, overflowed = counts.tolist()
-    if skipped > len(batches) // 2:  # every process skipped the same steps
-        raise FloatingPointError(f"epoch {epoch + 1}: {skipped} of {len(batches)} steps had a non-finite loss; "
-                                 "lower --lr or the loss weights, or use --precision fp32. best/ and last/ "
-                                 "keep the previous epoch's")
     if not all(torch.isfinite(p).all() for p in run.trainable):  # every process: DDP keeps them identical
         raise FloatingPointError(f"epoch {epoch + 1}: the weights became non-finite (a step with a finite loss "
                                  "can still overflow them); lower --lr or use --precision fp32. best/ and "
                                  "last/ keep the previous epoch's")
     return EpochStats(_mean_across(loss_sum, steps, run.world), len(plan) * run.world, seconds, lr_used, skipped,
                       overflowed)
+
+
+def _check_skips(skipped: int, steps: int, epoch: int, done: bool) -> None:
+    """Stop a run that cannot train: more than 10 skipped steps in an epoch, or (at its end) more than
+    half of them. Every process skipped the same steps, so all stop together."""
+    if skipped > 10 or (done and skipped > steps // 2):
+        raise FloatingPointError(f"epoch {epoch + 1}: {skipped} of {steps} steps skipped for a non-finite loss or "
+                                 "gradients; lower --lr or the loss weights, or use --precision fp32. best/ and "
+                                 "last/ keep the previous epoch's")
 
 
 def _report_skips(run: Run, epoch: int, pending: list[tuple[list[Sample], torch.Tensor, torch.Tensor]]) -> int:
@@ -441,7 +451,8 @@ def _step(run: Run, batch: list[Sample], target: torch.Tensor, inputs: dict) -> 
     finite loss: the scaler lowers its scale and training goes on).
 
     The skip is decided on the gradient norm, which DistributedDataParallel makes identical on every
-    process, so all skip together. Fused AdamW (CUDA) skips on the device, given the flag as ``found_inf``
+    process, and on the loss being finite on every process (an all-reduce queued on the device), so all
+    skip together. Fused AdamW (CUDA) skips on the device, given the flag as ``found_inf``
     as GradScaler does; elsewhere the flag is read, which on a CPU waits for nothing. The learning-rate
     schedule counts batches, skipped or not."""
     cfg, device = run.cfg, run.device
@@ -457,16 +468,18 @@ def _step(run: Run, batch: list[Sample], target: torch.Tensor, inputs: dict) -> 
     run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.optimizer)  # fp16: true-scale gradients, the overflow recorded for update(); else nothing
     norm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip or math.inf)
-    bad = ~torch.isfinite(norm)
+    finite_loss = _all_finite(loss.detach(), run.world)
+    bad = ~torch.isfinite(norm) | ~finite_loss
     _step_unless(run.optimizer, bad)
     run.scaler.update()
     run.scheduler.step()
     if run.ema is not None:
         decay = ema_decay(cfg.ema, run.scheduler.last_epoch)
         with torch.no_grad():
+            weight = (1 - decay) * (~bad).float()  # a skipped step leaves the average alone
             for shadow, p in zip(run.ema, run.trainable):
-                shadow.lerp_(p.detach(), 1 - decay)
-    overflow = bad & torch.isfinite(loss.detach()) if run.scaler.is_enabled() else torch.zeros_like(bad)
+                shadow.lerp_(p.detach(), weight)
+    overflow = bad & finite_loss if run.scaler.is_enabled() else torch.zeros_like(bad)
     return loss.detach(), bad & ~overflow, overflow
 
 
@@ -846,6 +859,15 @@ def _mean_across(total: torch.Tensor, count: int, world: int) -> float:
     if world > 1:
         dist.all_reduce(both)
     return float(both[0] / both[1]) if both[1] else float("nan")
+
+
+def _all_finite(loss: torch.Tensor, world: int) -> torch.Tensor:
+    """0-d bool on the device: the loss is finite on every process (no host read; NCCL queues the
+    all-reduce on the GPU)."""
+    finite = torch.isfinite(loss).to(torch.int32)
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return finite.bool()
 
 
 def _broadcast_flag(flag: bool, world: int) -> bool:

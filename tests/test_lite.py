@@ -138,6 +138,14 @@ def test_low_res_epochs_train_smaller_images_then_the_input_size(processed, tmp_
     assert all(float(r["mean_iou"]) >= 0 for r in history(run))
 
 
+@pytest.mark.parametrize("size", ["100", "96", "48"])
+def test_a_low_res_size_that_is_not_a_smaller_multiple_of_32_is_refused(processed, tmp_path, capsys, size):
+    run = tmp_path / "run"
+    assert run_train(*tiny_run(processed, run, "--epochs", "1", "--low-res-epochs", "1", "--low-res-size", size)) == 1
+    assert f"--low-res-size {size}: must be a multiple of 32 below the model's input size (96)" in capsys.readouterr().err
+    assert not (run / "best").exists()
+
+
 def test_an_epoch_sees_every_image_and_balances_the_tasks():
     rows = [{"task": "cracks"}] * 7 + [{"task": "drywall"}] * 3
     plan = epoch_plan(rows, list(DEFAULT_TASKS.values()), seed=0, epoch=0, negative_prob=0.0, flip=False)
