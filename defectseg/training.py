@@ -391,7 +391,7 @@ def _train_epoch(run: Run, epoch: int) -> EpochStats:
                   run.rank, run.world)
     run.model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    counts = torch.zeros(3, dtype=torch.int64, device=run.device)  # steps taken, skipped, fp16 overflows
+    counts = torch.zeros(2, dtype=torch.int64, device=run.device)  # steps taken, fp16 overflows (skips: _report_skips)
     pending: list[tuple[list[Sample], torch.Tensor, torch.Tensor]] = []  # (batch, loss, skipped) since the last read
     skipped, lr_used = 0, run.optimizer.param_groups[0]["lr"]
     batches = [(i, plan[i:i + cfg.batch_size]) for i in range(0, len(plan), cfg.batch_size)]
@@ -404,7 +404,7 @@ def _train_epoch(run: Run, epoch: int) -> EpochStats:
         lr_used = run.optimizer.param_groups[0]["lr"]
         loss, skip, overflow = _step(run, batch, target, inputs)
         loss_sum += torch.where(skip, 0.0, loss.double())
-        counts += torch.stack([~skip, skip, overflow]).long()
+        counts += torch.stack([~skip, overflow]).long()
         pending.append((batch, loss, skip))
         if len(pending) == CHECK_EVERY:
             skipped += _report_skips(run, epoch, pending)
@@ -413,7 +413,7 @@ def _train_epoch(run: Run, epoch: int) -> EpochStats:
     skipped += _report_skips(run, epoch, pending)
     _check_skips(skipped, len(batches), epoch, done=True)
     seconds = time.perf_counter() - t0
-    steps, _, overflowed = counts.tolist()
+    steps, overflowed = counts.tolist()
     if not all(torch.isfinite(p).all() for p in run.trainable):  # every process: DDP keeps them identical
         raise FloatingPointError(f"epoch {epoch + 1}: the weights became non-finite (a step with a finite loss "
                                  "can still overflow them); lower --lr or use --precision fp32. best/ and "
@@ -446,8 +446,8 @@ def _report_skips(run: Run, epoch: int, pending: list[tuple[list[Sample], torch.
 
 def _step(run: Run, batch: list[Sample], target: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch: forward, loss, backward, clip, step, schedule, EMA, with no read
-    of a device value. Returns 0-d device tensors: the loss; whether the step was skipped for non-finite
-    gradients (a non-finite loss gives those); whether it was skipped for fp16's overflow instead (a
+    of a device value. Returns 0-d device tensors: the loss; whether the step was skipped for a non-finite
+    loss (on any process) or non-finite gradients; whether it was skipped for fp16's overflow instead (a
     finite loss: the scaler lowers its scale and training goes on).
 
     The skip is decided on the gradient norm, which DistributedDataParallel makes identical on every
