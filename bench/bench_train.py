@@ -49,7 +49,7 @@ from defectseg.inference import (  # noqa: E402
     resolve_precision,
 )
 from defectseg.io import list_images, load_image  # noqa: E402
-from defectseg.losses import bce_dice_loss  # noqa: E402
+from defectseg.losses import segmentation_loss  # noqa: E402
 from defectseg.model import count_parameters, save_checkpoint, save_decoder  # noqa: E402
 from defectseg.tiny import build_rd64_random  # noqa: E402
 from defectseg.training import TrainForward, _set_trainable  # noqa: E402
@@ -96,7 +96,7 @@ def main(args: argparse.Namespace) -> None:
         model.train()
 
         def update(logits: torch.Tensor) -> None:
-            loss = bce_dice_loss(logits, target).mean()
+            loss = segmentation_loss(logits, target).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -201,7 +201,7 @@ def bench_lite(args: argparse.Namespace) -> None:
         with autocast(device, amp):
             logits = TrainForward(model)(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
                                          pixel_values=pixel_values)
-        loss = bce_dice_loss(logits, target).mean()
+        loss = segmentation_loss(logits, target).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -52,7 +52,7 @@ from .io import (
     write_json_atomic,
     write_text_atomic,
 )
-from .losses import bce_dice_loss
+from .losses import segmentation_loss
 from .metrics import default_thresholds
 from .model import (
     DECODER_FILE,
@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
 CHECK_EVERY = 50  # training steps between reads of the device's losses and skip flags
+LOVASZ_POOL = 2  # the Lovasz term sorts 2x2-averaged logits: LiteSeg's stride-2 head grid, a quarter of the sort
 
 
 # Settings a resumed run must keep: they decide the model, the data or the parameters being trained. The
@@ -102,6 +103,7 @@ class TrainConfig:
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off)
     bce_weight: float = 1.0
     dice_weight: float = 1.0
+    lovasz_weight: float = 0.0
     negative_prob: float = 0.2
     flip: bool = True
     synonyms: bool = True
@@ -463,7 +465,8 @@ def _step(run: Run, batch: list[Sample], target: torch.Tensor, inputs: dict) -> 
         inputs["cond"] = torch.stack([run.cond_table[s.prompt] for s in batch]).to(device)
     with autocast(device, run.segmenter.amp_dtype):
         logits = run.forward(**inputs)
-    loss = bce_dice_loss(at_target_size(logits, target), target, cfg.bce_weight, cfg.dice_weight).mean()
+    loss = segmentation_loss(at_target_size(logits, target), target, cfg.bce_weight, cfg.dice_weight,
+                             cfg.lovasz_weight, lovasz_pool=LOVASZ_POOL).mean()
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.optimizer)  # fp16: true-scale gradients, the overflow recorded for update(); else nothing

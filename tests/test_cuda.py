@@ -18,7 +18,7 @@ from defectseg.data import batch_targets, epoch_plan, load_rows, load_targets
 from defectseg.features import FeatureCache, view_of
 from defectseg.inference import Segmenter, resolve_precision
 from defectseg.io import load_image, read_mask_png
-from defectseg.losses import bce_dice_loss
+from defectseg.losses import segmentation_loss
 from defectseg.model import load_model, read_metadata
 from defectseg.tasks import DEFAULT_TASKS
 from defectseg.tiny import build_tiny_model
@@ -79,7 +79,7 @@ def test_cuda_cached_loss_equals_plain_hf_forward(processed, tiny, tmp_path):
     plain = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
                   pixel_values=seg.pixel_values(images).cuda()).logits
     torch.testing.assert_close(cached, plain, rtol=1e-3, atol=2e-3)
-    torch.testing.assert_close(bce_dice_loss(cached, target).mean(), bce_dice_loss(plain, target).mean(),
+    torch.testing.assert_close(segmentation_loss(cached, target).mean(), segmentation_loss(plain, target).mean(),
                                rtol=1e-4, atol=1e-5)
 
 

@@ -118,6 +118,19 @@ def test_ema_is_refused_for_a_model_with_batch_norm(processed, tmp_path, capsys)
     assert not (tmp_path / "run" / "best").exists()
 
 
+def test_the_lovasz_term_reaches_the_training_loss(processed, tmp_path):
+    """--lovasz-weight adds the Lovasz hinge to the loss train.py minimizes (recorded in config.json), and
+    is a loss of its own with the other two weights at 0."""
+    plain, lovasz, alone = tmp_path / "plain", tmp_path / "lovasz", tmp_path / "alone"
+    assert run_train(*tiny_run(processed, plain, "--epochs", "1")) == 0
+    assert run_train(*tiny_run(processed, lovasz, "--epochs", "1", "--lovasz-weight", "1")) == 0
+    assert run_train(*tiny_run(processed, alone, "--epochs", "1", "--lovasz-weight", "1", "--bce-weight", "0",
+                               "--dice-weight", "0")) == 0
+    assert json.loads((lovasz / "config.json").read_text())["lovasz_weight"] == 1.0
+    losses = [float(history(run)[0]["train_loss"]) for run in (plain, lovasz, alone)]
+    assert losses[1] > losses[0] and 0 < losses[2] < losses[1]
+
+
 @pytest.mark.slow
 def test_low_res_epochs_train_smaller_images_then_the_input_size(processed, tmp_path, monkeypatch):
     """--low-res-epochs 1 --low-res-size 64: epoch 1's batches are 64 px, epoch 2's the model's 96 px,

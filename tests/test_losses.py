@@ -1,4 +1,4 @@
-"""Tests for defectseg.losses: per-sample shapes, hand-computed Dice, stability and autocast."""
+"""Tests for defectseg.losses: per-sample shapes, hand-computed Dice and Lovasz, stability and autocast."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from defectseg.losses import bce_dice_loss, bce_loss, soft_dice_loss
+from defectseg.losses import bce_loss, lovasz_hinge_loss, segmentation_loss, soft_dice_loss
 
-LOSSES = [bce_loss, soft_dice_loss, bce_dice_loss]
+
+def _with_lovasz(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return segmentation_loss(logits, target, lovasz_weight=1.0, lovasz_pool=2)
+
+
+LOSSES = [bce_loss, soft_dice_loss, segmentation_loss, lovasz_hinge_loss, _with_lovasz]
 
 
 def _batch(seed: int = 0, shape: tuple[int, ...] = (3, 8, 10)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +61,7 @@ def test_soft_dice_empty_target_confident_empty_prediction_is_zero() -> None:
     target = torch.zeros(2, 16, 16)
     logits = torch.full((2, 16, 16), -20.0)
     assert soft_dice_loss(logits, target).max().item() < 1e-6
-    assert bce_dice_loss(logits, target).max().item() < 1e-6
+    assert segmentation_loss(logits, target).max().item() < 1e-6
     # and a confident full prediction on an empty target is close to the maximum
     assert soft_dice_loss(-logits, target).min().item() > 0.99
 
@@ -73,15 +78,54 @@ def test_per_sample_shape_and_independence(loss_fn) -> None:
     torch.testing.assert_close(loss_fn(logits[:, None], target[:, None]), out)
 
 
-def test_bce_dice_is_weighted_sum() -> None:
+def test_segmentation_loss_is_weighted_sum() -> None:
     logits, target = _batch(4)
     torch.testing.assert_close(
-        bce_dice_loss(logits, target), bce_loss(logits, target) + soft_dice_loss(logits, target)
+        segmentation_loss(logits, target), bce_loss(logits, target) + soft_dice_loss(logits, target)
     )
     torch.testing.assert_close(
-        bce_dice_loss(logits, target, bce_weight=0.25, dice_weight=2.0, eps=0.5),
-        0.25 * bce_loss(logits, target) + 2.0 * soft_dice_loss(logits, target, eps=0.5),
+        segmentation_loss(logits, target, bce_weight=0.25, dice_weight=2.0, lovasz_weight=0.5, eps=0.5),
+        0.25 * bce_loss(logits, target) + 2.0 * soft_dice_loss(logits, target, eps=0.5)
+        + 0.5 * lovasz_hinge_loss(logits, target),
     )
+
+
+def test_lovasz_hand_computed() -> None:
+    """Target [1, 1, 0, 0], logits [3, -1, 0.5, -2]: hinge errors 1 - x (2t - 1) = [-2, 2, 1.5, -1].
+    Sorted: 2 (t=1), 1.5 (t=0), -1 (t=0), -2 (t=1). With 2 positives, the IoU loss of marking the first
+    k sorted pixels wrong: intersection 2 - cumsum(t) = [1, 1, 1, 0], union 2 + cumsum(1 - t) =
+    [2, 3, 4, 4], so 1 - I/U = [1/2, 2/3, 3/4, 1] with steps [1/2, 1/6, 1/12, 1/4]; only positive
+    errors count: 2 * 1/2 + 1.5 * 1/6 = 1.25."""
+    target = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    assert lovasz_hinge_loss(torch.tensor([[[3.0, -1.0], [0.5, -2.0]]]), target).item() == pytest.approx(1.25)
+    # every pixel on the right side by a margin of at least 1: no hinge error, no loss
+    assert lovasz_hinge_loss(torch.tensor([[[3.0, 1.0], [-1.0, -2.0]]]), target).item() == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lovasz_equals_one_minus_iou_for_unit_margin_logits(seed: int) -> None:
+    """With logits of +-1 every hinge error is 0 or 2, and the loss is exactly 2 * (1 - IoU) of the mask
+    the logits give at threshold 0: the surrogate is tight where it matters."""
+    _, target = _batch(seed)
+    pred = torch.rand(target.shape, generator=torch.Generator().manual_seed(seed + 9)) > 0.5
+    logits = pred.float() * 2 - 1
+    inter = (pred & target.bool()).flatten(1).sum(1)
+    union = (pred | target.bool()).flatten(1).sum(1)
+    torch.testing.assert_close(lovasz_hinge_loss(logits, target), 2 * (1 - inter / union))
+
+
+def test_lovasz_pool_averages_logits_and_target_per_cell() -> None:
+    """pool=2 scores the 2x2-averaged grid, a partial last cell averaged over the pixels it has."""
+    logits, target = _batch(8, (2, 6, 5))
+    pooled_logits = F.avg_pool2d(logits[:, None], 2, ceil_mode=True)[:, 0]
+    pooled_target = F.avg_pool2d(target[:, None], 2, ceil_mode=True)[:, 0]
+    assert pooled_logits.shape == (2, 3, 3)
+    torch.testing.assert_close(lovasz_hinge_loss(logits, target, pool=2),
+                               lovasz_hinge_loss(pooled_logits, pooled_target))
+    # a constant 2x2 block pools to itself
+    big = logits.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    hard = target.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    torch.testing.assert_close(lovasz_hinge_loss(big, hard, pool=2), lovasz_hinge_loss(logits, target))
 
 
 @pytest.mark.parametrize("loss_fn", LOSSES)
@@ -129,7 +173,7 @@ def test_low_precision_and_autocast_compute_in_float32(loss_fn, dtype: torch.dty
 
 def test_bool_target_is_accepted() -> None:
     logits, target = _batch(7)
-    torch.testing.assert_close(bce_dice_loss(logits, target.bool()), bce_dice_loss(logits, target))
+    torch.testing.assert_close(segmentation_loss(logits, target.bool()), segmentation_loss(logits, target))
 
 
 @pytest.mark.parametrize("loss_fn", LOSSES)
@@ -140,15 +184,17 @@ def test_shape_mismatch_raises(loss_fn) -> None:
         loss_fn(torch.zeros(4), torch.zeros(4))
 
 
-def test_dice_term_skips_empty_targets_so_they_teach_through_bce() -> None:
-    """On an empty target the smoothed Dice is ~1 and flat (no signal): bce_dice_loss leaves it out there,
-    so an empty-target sample's loss and gradient are BCE's alone; samples with foreground keep both."""
+def test_dice_and_lovasz_terms_skip_empty_targets_so_they_teach_through_bce() -> None:
+    """On an empty target the smoothed Dice is ~1 and flat (no signal) and IoU is undefined:
+    segmentation_loss leaves both terms out there, so an empty-target sample's loss and gradient are
+    BCE's alone; samples with foreground keep all three."""
     logits = torch.randn(2, 8, 8, requires_grad=True)
     target = torch.zeros(2, 8, 8)
     target[1, 2:5, 2:5] = 1
-    loss = bce_dice_loss(logits, target)
+    loss = segmentation_loss(logits, target, lovasz_weight=1.0)
     torch.testing.assert_close(loss[0], bce_loss(logits, target)[0])
-    torch.testing.assert_close(loss[1], (bce_loss(logits, target) + soft_dice_loss(logits, target))[1])
+    torch.testing.assert_close(loss[1], (bce_loss(logits, target) + soft_dice_loss(logits, target)
+                                         + lovasz_hinge_loss(logits, target))[1])
     loss[0].backward()
     expected = torch.sigmoid(logits[0].detach()) / 64  # d(mean BCE)/dx = (p - t) / N with t = 0
     torch.testing.assert_close(logits.grad[0], expected)

@@ -24,7 +24,7 @@ from defectseg.data import DataError, batch_targets, epoch_plan, holdout_split, 
 from defectseg.features import FeatureCache, view_of
 from defectseg.inference import Segmenter
 from defectseg.io import load_image, read_mask_png
-from defectseg.losses import bce_dice_loss
+from defectseg.losses import segmentation_loss
 from defectseg.manifest import read_manifest, write_manifest
 from defectseg.model import load_model, read_metadata, used_vision_layers
 from defectseg.tasks import DEFAULT_TASKS
@@ -175,7 +175,7 @@ def test_cached_loss_equals_plain_hf_forward(processed, tiny, tmp_path):
     plain = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
                   pixel_values=segmenter.pixel_values(images)).logits
     torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(bce_dice_loss(cached, target).mean(), bce_dice_loss(plain, target).mean(),
+    torch.testing.assert_close(segmentation_loss(cached, target).mean(), segmentation_loss(plain, target).mean(),
                                rtol=1e-5, atol=1e-6)
 
 
@@ -849,7 +849,7 @@ def test_fp16_cache_matches_the_inference_path(processed, tiny, tmp_path):
     cond = segmenter.conditioning([s.prompt for s in batch])
     cached = cache.load([(rows[s.row]["image"], 0) for s in batch])
     fresh = segmenter.encode(segmenter.pixel_values([load_image(rows[s.row]["image"]) for s in batch]))
-    losses = [bce_dice_loss(TrainForward(model)(cond, activations=a), target).mean() for a in (cached, fresh)]
+    losses = [segmentation_loss(TrainForward(model)(cond, activations=a), target).mean() for a in (cached, fresh)]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-3, atol=0)
 
     masks = [read_mask_png(r["mask"]) for r in rows]
