@@ -58,7 +58,9 @@ HELP = {
     "ema": "EMA decay of the weights, e.g. 0.999 (0: off); validation and best/ use the EMA weights",
     "bce_weight": "weight of the BCE term of the loss",
     "dice_weight": "weight of the soft Dice term of the loss",
-    "lovasz_weight": "weight of the Lovasz hinge term of the loss (a surrogate of each image's IoU at threshold 0.5; 0: off)",
+    "lovasz_weight": "weight of the Lovasz hinge term of the loss in the --lovasz-epochs",
+    "lovasz_epochs": "the last N epochs add the Lovasz hinge to the loss, a surrogate of each image's IoU at "
+                     "threshold 0.5 (0: never; it needs a model that already separates the classes)",
     "negative_prob": "probability of pairing an image with another task's prompt and an empty target",
     "flip": "horizontal-flip augmentation, cached as a second view of each image (default: on)",
     "synonyms": "a random synonym of the task's prompt per sample; off: always the canonical prompt (default: on)",
@@ -87,6 +89,7 @@ POSITIVE, NON_NEGATIVE, FRACTION = number_in(0, math.inf, low_open=True), number
 TYPES = {
     "epochs": int_at_least(1), "batch_size": int_at_least(1), "val_batch_size": int_at_least(1),
     "train_vision_layers": int_at_least(0), "patience": int_at_least(0), "low_res_epochs": int_at_least(0),
+    "lovasz_epochs": int_at_least(0),
     "low_res_size": int_at_least(32), "seed": int_at_least(0, below=2**32),
     "lr": POSITIVE, "vision_lr_scale": POSITIVE, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
     "bce_weight": NON_NEGATIVE, "dice_weight": NON_NEGATIVE, "lovasz_weight": NON_NEGATIVE,
@@ -181,8 +184,8 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
 
 def check_config(cfg: TrainConfig) -> str | None:
     """A message when the settings cannot work together (ranges are argparse's: ``TYPES``), else None."""
-    if cfg.bce_weight + cfg.dice_weight + cfg.lovasz_weight == 0:
-        return "--bce-weight, --dice-weight and --lovasz-weight are all 0: nothing to train on"
+    if cfg.bce_weight + cfg.dice_weight == 0:
+        return "--bce-weight and --dice-weight are both 0: nothing to train on"
     try:
         table = load_tasks(cfg.tasks_file)
     except TaskTableError as err:

@@ -103,7 +103,8 @@ class TrainConfig:
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off)
     bce_weight: float = 1.0
     dice_weight: float = 1.0
-    lovasz_weight: float = 0.0
+    lovasz_weight: float = 1.0
+    lovasz_epochs: int = 0  # the last N epochs add lovasz_weight * the Lovasz hinge to the loss (0: none)
     negative_prob: float = 0.2
     flip: bool = True
     synonyms: bool = True
@@ -400,11 +401,12 @@ def _train_epoch(run: Run, epoch: int) -> EpochStats:
     load = partial(_load_batch, cfg=cfg, rows=run.train_rows, targets=run.targets, cache=run.cache,
                    segmenter=run.segmenter, bank=run.bank, epoch=epoch * run.world + run.rank,
                    size=train_size(cfg, epoch, run.segmenter.input_size))
+    lovasz = lovasz_weight(cfg, epoch)
     for (_, batch), (target, inputs) in cli.progress(prefetched(load, batches), total=len(batches), unit="batch",
                                                      desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=run.main_process):
         stop_if_terminated()
         lr_used = run.optimizer.param_groups[0]["lr"]
-        loss, skip, overflow = _step(run, batch, target, inputs)
+        loss, skip, overflow = _step(run, batch, target, inputs, lovasz_weight=lovasz)
         loss_sum += torch.where(skip, 0.0, loss.double())
         counts += torch.stack([~skip, overflow]).long()
         pending.append((batch, loss, skip))
@@ -446,8 +448,10 @@ def _report_skips(run: Run, epoch: int, pending: list[tuple[list[Sample], torch.
     return len(bad)
 
 
-def _step(run: Run, batch: list[Sample], target: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step on a batch: forward, loss, backward, clip, step, schedule, EMA, with no read
+def _step(run: Run, batch: list[Sample], target: torch.Tensor, inputs: dict,
+          lovasz_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch: forward, loss (with the Lovasz term at ``lovasz_weight``), backward,
+    clip, step, schedule, EMA, with no read
     of a device value. Returns 0-d device tensors: the loss; whether the step was skipped for a non-finite
     loss (on any process) or non-finite gradients; whether it was skipped for fp16's overflow instead (a
     finite loss: the scaler lowers its scale and training goes on).
@@ -466,7 +470,7 @@ def _step(run: Run, batch: list[Sample], target: torch.Tensor, inputs: dict) -> 
     with autocast(device, run.segmenter.amp_dtype):
         logits = run.forward(**inputs)
     loss = segmentation_loss(at_target_size(logits, target), target, cfg.bce_weight, cfg.dice_weight,
-                             cfg.lovasz_weight, lovasz_pool=LOVASZ_POOL).mean()
+                             lovasz_weight, lovasz_pool=LOVASZ_POOL).mean()
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.optimizer)  # fp16: true-scale gradients, the overflow recorded for update(); else nothing
@@ -577,6 +581,13 @@ def train_size(cfg: TrainConfig, epoch: int, input_size: int) -> int:
     ``low_res_epochs`` epochs (cheaper epochs while the model learns coarse features), then the model's
     input size, at which it is validated and used."""
     return cfg.low_res_size if epoch < cfg.low_res_epochs else input_size
+
+
+def lovasz_weight(cfg: TrainConfig, epoch: int) -> float:
+    """The Lovasz term's weight in ``epoch`` (0-based): ``lovasz_weight`` in the last ``lovasz_epochs``
+    epochs, else 0. It comes last because it needs a model that already separates defect from wall:
+    from random weights it learns slower than BCE + Dice and can drive every logit to 0 or below."""
+    return cfg.lovasz_weight if epoch >= cfg.epochs - cfg.lovasz_epochs else 0.0
 
 
 def _load_batch(item: tuple[int, list[Sample]], cfg: TrainConfig, rows: list[dict], targets: np.ndarray | None,
