@@ -401,7 +401,7 @@ def _train_epoch(run: Run, epoch: int) -> EpochStats:
     load = partial(_load_batch, cfg=cfg, rows=run.train_rows, targets=run.targets, cache=run.cache,
                    segmenter=run.segmenter, bank=run.bank, epoch=epoch * run.world + run.rank,
                    size=train_size(cfg, epoch, run.segmenter.input_size))
-    lovasz = lovasz_weight(cfg, epoch)
+    lovasz = lovasz_weight_in(cfg, epoch)
     for (_, batch), (target, inputs) in cli.progress(prefetched(load, batches), total=len(batches), unit="batch",
                                                      desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=run.main_process):
         stop_if_terminated()
@@ -451,10 +451,10 @@ def _report_skips(run: Run, epoch: int, pending: list[tuple[list[Sample], torch.
 def _step(run: Run, batch: list[Sample], target: torch.Tensor, inputs: dict,
           lovasz_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch: forward, loss (with the Lovasz term at ``lovasz_weight``), backward,
-    clip, step, schedule, EMA, with no read
-    of a device value. Returns 0-d device tensors: the loss; whether the step was skipped for a non-finite
-    loss (on any process) or non-finite gradients; whether it was skipped for fp16's overflow instead (a
-    finite loss: the scaler lowers its scale and training goes on).
+    clip, step, schedule, EMA, with no read of a device value. Returns 0-d device tensors: the loss;
+    whether the step was skipped for a non-finite loss (on any process) or non-finite gradients; whether
+    it was skipped for fp16's overflow instead (a finite loss: the scaler lowers its scale and training
+    goes on).
 
     The skip is decided on the gradient norm, which DistributedDataParallel makes identical on every
     process, and on the loss being finite on every process (an all-reduce queued on the device), so all
@@ -583,7 +583,7 @@ def train_size(cfg: TrainConfig, epoch: int, input_size: int) -> int:
     return cfg.low_res_size if epoch < cfg.low_res_epochs else input_size
 
 
-def lovasz_weight(cfg: TrainConfig, epoch: int) -> float:
+def lovasz_weight_in(cfg: TrainConfig, epoch: int) -> float:
     """The Lovasz term's weight in ``epoch`` (0-based): ``lovasz_weight`` in the last ``lovasz_epochs``
     epochs, else 0. It comes last because it needs a model that already separates defect from wall:
     from random weights it learns slower than BCE + Dice and can drive every logit to 0 or below."""
