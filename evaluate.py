@@ -37,7 +37,7 @@ from defectseg import evaluation, metrics, report
 from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_logging, split_name
 from defectseg.data import DataError, select_tasks
 from defectseg.data import load_rows as data_rows
-from defectseg.inference import PRECISIONS, Segmenter, check_device, checkpoint_metadata
+from defectseg.inference import PRECISIONS, Segmenter, add_tta_argument, check_device, checkpoint_metadata
 from defectseg.io import AtomicFolder, ImageReadError, os_reason
 from defectseg.manifest import MANIFEST_FILE
 from defectseg.model import METADATA_FILE, SHIPPED_MODEL, ModelLoadError, read_metadata, resolve_model_arg
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="autocast precision; auto = bf16/fp16 on CUDA, fp32 elsewhere (default: %(default)s)")
     parser.add_argument("--threshold", type=number_in(0, 1), default=None,
                         help="use this threshold for every prompt instead of the checkpoint's")
-    parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    add_tta_argument(parser)
     parser.add_argument("--ensemble", action="store_true", help="average the logits over each task's synonyms")
     parser.add_argument("--thresholds-sweep", nargs="+", type=number_in(0, 1), default=None, metavar="T",
                         help="thresholds of the sweep (default: 0.05 0.10 ... 0.95)")

@@ -39,6 +39,7 @@ from defectseg.inference import (
     PRECISIONS,
     LoadedImage,
     Segmenter,
+    add_tta_argument,
     check_device,
     image_batches,
     precision_name,
@@ -85,9 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=number_in(0, 1), default=None,
                         help="probability threshold for every prompt (default: the checkpoint's tuned "
                              "per-prompt thresholds, else 0.5)")
-    parser.add_argument("--tta", action="store_true",
-                        help="also run the mirrored image and average (the checkpoint's thresholds were tuned "
-                             "without it; `evaluate.py --tta --write-thresholds` retunes them with it)")
+    add_tta_argument(parser)  # the checkpoint's thresholds were tuned without it (evaluate.py --write-thresholds)
     parser.add_argument("--ensemble", action="store_true",
                         help="average over the prompt's synonyms from the task table (thresholds: as --tta)")
     parser.add_argument("--overlay", action="store_true",
@@ -347,7 +346,8 @@ def main(args: argparse.Namespace) -> int:
                     "%g", p, ", ".join(repr(t.prompt) for t in segmenter.tasks.values()), thresholds[p])
     precision = precision_name(segmenter.amp_dtype)
     log.info("%d images x %d prompts with %s on %s (%s)%s%s; thresholds: %s%s", len(paths), len(prompts), model,
-             segmenter.device, precision, ", TTA" if args.tta else "", ", synonym ensemble" if args.ensemble else "",
+             segmenter.device, precision, f", TTA {args.tta}" if args.tta else "",
+             ", synonym ensemble" if args.ensemble else "",
              ", ".join(f"{p!r} {t:g}" for p, t in thresholds.items()),
              " (--threshold)" if args.threshold is not None else "")
 

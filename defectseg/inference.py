@@ -44,6 +44,32 @@ from .tasks import Task, TaskTableError, load_tasks_from_metadata, normalize_pro
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
+# Test-time augmentation (``--tta``): how many of the image's eight dihedral views are averaged. "flip": the
+# image and its mirror image; "d4": also their 90-degree rotations (for models trained with rotations, such as
+# LiteSeg; CLIP saw upright photos, so CLIPSeg takes "flip").
+TTA_VIEWS = {"flip": 2, "d4": 8}
+
+
+def dihedral_view(x: torch.Tensor, view: int) -> torch.Tensor:
+    """View ``view`` (0..7) of square images or maps (..., S, S): mirrored left-right when ``view`` is odd,
+    then turned ``view // 2`` quarter turns. View 0 is the input itself, view 1 its mirror image."""
+    if view % 2:
+        x = x.flip(-1)
+    return torch.rot90(x, view // 2, dims=(-2, -1))
+
+
+def add_tta_argument(parser) -> None:
+    """``--tta [flip|d4]`` for the scripts that run a model (``predict.py``, ``evaluate.py``)."""
+    parser.add_argument("--tta", nargs="?", const="flip", default=None, choices=list(TTA_VIEWS),
+                        help="average the logits over views of each image: flip (the default of a bare --tta: "
+                             "the image and its mirror image, 2x the cost) or d4 (also their 90-degree rotations, "
+                             "8x the cost, for models trained with rotations such as LiteSeg)")
+
+
+def undo_view(x: torch.Tensor, view: int) -> torch.Tensor:
+    """The inverse of ``dihedral_view``: maps of view ``view`` back onto the input's pixel grid."""
+    x = torch.rot90(x, -(view // 2), dims=(-2, -1))
+    return x.flip(-1) if view % 2 else x
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -145,7 +171,7 @@ class Segmenter:
 
     thresholds: canonical prompt (normalized) -> probability threshold; prompts of a task share its
         canonical prompt's threshold; other prompts use ``default_threshold``.
-    tta: also run the horizontally flipped image and average the logits.
+    tta: None, or a ``TTA_VIEWS`` key: run those views of each image and average their logits.
     ensemble: average the logits over the prompt's task synonyms (the prompt itself when it is not in
         the task table).
     """
@@ -157,9 +183,18 @@ class Segmenter:
     tasks: dict[str, Task] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
     default_threshold: float = DEFAULT_THRESHOLD
-    tta: bool = False
+    tta: str | None = None
     ensemble: bool = False
     _cond: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.tta is not None and self.tta not in TTA_VIEWS:
+            raise ValueError(f"tta={self.tta!r}: use None or one of {', '.join(TTA_VIEWS)}")
+
+    @property
+    def views(self) -> int:
+        """How many views of each image are encoded and averaged (1 without TTA)."""
+        return TTA_VIEWS[self.tta] if self.tta else 1
 
     @classmethod
     def load(cls, model_arg: str, device: str = "auto", precision: str = "auto", **options) -> Segmenter:
@@ -194,10 +229,10 @@ class Segmenter:
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Vision activations for a batch (the expensive part; once per image for all prompts).
-        With ``tta`` the batch is doubled: [images, horizontally flipped images]."""
+        With ``tta`` the batch holds ``views`` blocks: [images, their view 1, view 2, ...]."""
         pixel_values = pixel_values.to(self.device)
-        if self.tta:
-            pixel_values = torch.cat([pixel_values, pixel_values.flip(-1)])
+        if self.views > 1:
+            pixel_values = torch.cat([dihedral_view(pixel_values, v) for v in range(self.views)])
         with autocast(self.device, self.amp_dtype):
             return encode_images(self.model, pixel_values)
 
@@ -245,7 +280,7 @@ class Segmenter:
     @torch.no_grad()
     def logits(self, activations: list[torch.Tensor], prompt: str) -> torch.Tensor:
         """(B, S, S) float32 logits of one prompt for a batch of activations (B images; with ``tta``
-        the activations hold 2B rows and the flipped half is flipped back and averaged)."""
+        the activations hold ``views`` blocks of B rows, each mapped back to the image and averaged)."""
         group = self.prompt_group(prompt)
         batch = activations[0].shape[0]
         total = None
@@ -255,9 +290,9 @@ class Segmenter:
                 out = decode(self.model, activations, cond).float()
             total = out if total is None else total + out
         logits = total / len(group)
-        if self.tta:
-            half = batch // 2
-            logits = (logits[:half] + logits[half:].flip(-1)) / 2
+        if self.views > 1:
+            b = batch // self.views
+            logits = sum(undo_view(logits[v * b:(v + 1) * b], v) for v in range(self.views)) / self.views
         return logits
 
     @staticmethod

@@ -368,6 +368,11 @@ def _text_section(m: dict) -> str:
     ])
 
 
+def tta_name(tta: str | bool | None) -> str:
+    """A report's TTA cell: the views' name ("flip", "d4"), or "no" (reports before "d4" wrote true for flip)."""
+    return "no" if not tta else "flip" if tta is True else str(tta)
+
+
 def _runtime_section(m: dict) -> str:
     r, f = m["runtime"], m.get("footprint")
     if m["kind"] != "model":
@@ -375,7 +380,7 @@ def _runtime_section(m: dict) -> str:
     warm = "warm: first batch left out" if r["warm"] else "only one batch, so it includes warm-up"
     rows = [
         ["device", r["device"]],
-        ["precision / TTA / prompt ensemble", f"{r['precision']} / {'yes' if r['tta'] else 'no'} / "
+        ["precision / TTA / prompt ensemble", f"{r['precision']} / {tta_name(r['tta'])} / "
                                               f"{'yes' if r['ensemble'] else 'no'}"],
         ["mean time per image per prompt",
          f"{r['ms_per_image_prompt']:.2f} ms ({warm}; {r['images_timed']} images)"],
@@ -484,7 +489,7 @@ def _setup_section(m: dict) -> str:
             ["images scored", ", ".join(f"{n} {t['n_images']}" for n, t in m["tasks"].items())]]
     if m["kind"] == "model":
         rows += [["device", r["device"]], ["precision", r["precision"]],
-                 ["TTA (horizontal flip)", "yes" if r["tta"] else "no"],
+                 ["TTA (views of each image averaged)", tta_name(r["tta"])],
                  ["prompt ensemble (synonyms)", "yes" if r["ensemble"] else "no"],
                  ["thresholds", ", ".join(f"{t['prompt']}: {_thr(t.get('threshold'))}"
                                           for t in m["tasks"].values()) + f" ({m.get('threshold_source', '')})"]]

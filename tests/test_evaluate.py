@@ -222,7 +222,7 @@ def test_score_batch_counts_at_threshold_zero(tiny_dir, valid_rows):
 
 def test_prompt_probabilities_mixed_batch_matches_single_rows(tiny_dir, valid_rows):
     """Decoding each prompt on only its rows (with TTA's doubled activations) gives each row's own result."""
-    seg = Segmenter.load(str(tiny_dir), "cpu", tta=True)
+    seg = Segmenter.load(str(tiny_dir), "cpu", tta="flip")
     rows = [valid_rows[5], valid_rows[2], valid_rows[6]]
     images = [load_image(r["image"]) for r in rows]
     sizes = [(50, 70), (64, 64), (33, 20)]

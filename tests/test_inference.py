@@ -1,4 +1,4 @@
-"""The shared inference path under reduced precision, and its precision/device rules."""
+"""The shared inference path under reduced precision, its precision/device rules, and test-time augmentation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import SAMPLE
 
-from defectseg.inference import Segmenter, check_device, resolve_precision
+from defectseg import lite
+from defectseg.inference import Segmenter, check_device, dihedral_view, resolve_precision, undo_view
 from defectseg.io import load_image
 from defectseg.tiny import build_tiny_model
 
@@ -39,3 +40,59 @@ def test_bf16_autocast_path_matches_fp32(tiny_dir):
         for a, b in zip(p32[prompt], p16[prompt]):
             assert a.shape == b.shape and b.dtype == np.float32
             assert np.mean(np.abs(a - b)) < 0.05
+
+
+# -- test-time augmentation -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lite_dir(tmp_path_factory):
+    model, _ = lite.build("lite-tiny", seed=4)
+    folder = tmp_path_factory.mktemp("inference") / "lite"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("view", range(8))
+def test_each_dihedral_view_is_undone_and_all_eight_differ(view):
+    x = torch.arange(6.0).reshape(1, 2, 3)[..., :2]  # (1, 2, 2), no symmetry: 0 1 / 3 4
+    assert torch.equal(undo_view(dihedral_view(x, view), view), x)
+    assert torch.equal(dihedral_view(x, 1), x.flip(-1))  # view 1 is the mirror image, as the old --tta
+    assert len({tuple(dihedral_view(x, v).flatten().tolist()) for v in range(8)}) == 8
+
+
+@pytest.mark.parametrize("tta, views", [("flip", [1]), ("d4", range(1, 8))])
+def test_tta_masks_turn_with_the_image(lite_dir, tta, views):
+    """Averaged over the group's views, the probabilities of a turned or mirrored photo are the photo's
+    probabilities turned or mirrored alike; without TTA a random-weight model is not so symmetric."""
+    image = load_image(sorted((SAMPLE / "cracks" / "valid").glob("*.jpg"))[0])
+    assert image.shape[0] == image.shape[1]  # the exports' photos are square: every view has the same size
+
+    def probs(seg, view):
+        turned = dihedral_view(torch.from_numpy(image.copy()).permute(2, 0, 1), view).permute(1, 2, 0).numpy()
+        acts = seg.encode(seg.pixel_values([np.ascontiguousarray(turned)]))
+        return torch.from_numpy(seg.probabilities(acts, [image.shape[:2]], ["segment crack"])["segment crack"][0])
+
+    seg = Segmenter.load(str(lite_dir), device="cpu", precision="fp32", tta=tta)
+    plain = Segmenter.load(str(lite_dir), device="cpu", precision="fp32")
+    base, plain_base = probs(seg, 0), probs(plain, 0)
+    for view in views:
+        torch.testing.assert_close(undo_view(probs(seg, view), view), base, rtol=0, atol=1e-5)
+        assert (undo_view(probs(plain, view), view) - plain_base).abs().max() > 1e-3
+
+
+def test_d4_tta_is_the_mean_of_the_eight_views_logits(lite_dir):
+    image = load_image(sorted((SAMPLE / "drywall" / "valid").glob("*.jpg"))[0])
+    seg = Segmenter.load(str(lite_dir), device="cpu", precision="fp32", tta="d4")
+    plain = Segmenter.load(str(lite_dir), device="cpu", precision="fp32")
+    pixels = plain.pixel_values([image])
+    acts = seg.encode(pixels)
+    assert acts[0].shape[0] == 8
+    expected = sum(undo_view(plain.logits(plain.encode(dihedral_view(pixels, v)), "segment taping area"), v)
+                   for v in range(8)) / 8
+    torch.testing.assert_close(seg.logits(acts, "segment taping area"), expected, rtol=0, atol=1e-5)
+
+
+def test_an_unknown_tta_is_refused(lite_dir):
+    with pytest.raises(ValueError, match="flip, d4"):
+        Segmenter.load(str(lite_dir), device="cpu", tta="rotate")
