@@ -16,7 +16,8 @@ tokens longer than with CLIP's BPE, which only makes the naive path below slower
    - naive HF: ``model(input_ids, attention_mask, pixel_values)``, each image repeated once per prompt
      (the whole vision and text towers run for every image-prompt pair), then the same upsampling.
    LiteSeg's target: at most 25 ms per 640x640 image and prompt at batch 1 on a CPU.
-2. End to end: ``predict.main`` on a folder of --images 640x640 JPEGs (the bundled samples, flipped and
+2. LiteSeg's test-time augmentation (``--tta``): batch 1, one prompt, per image, with none, flip and d4.
+3. End to end: ``predict.main`` on a folder of --images 640x640 JPEGs (the bundled samples, flipped and
    rotated into distinct files), 2 prompts; images/s as predict.py reports it (model loading excluded).
 """
 
@@ -44,7 +45,7 @@ sys.path.insert(0, str(REPO))
 import predict  # noqa: E402
 from defectseg import lite, tiny  # noqa: E402
 from defectseg.cli import int_at_least  # noqa: E402
-from defectseg.inference import PRECISIONS, Segmenter, autocast, precision_name, resolve_device  # noqa: E402
+from defectseg.inference import PRECISIONS, TTA_VIEWS, Segmenter, autocast, precision_name, resolve_device  # noqa: E402
 from defectseg.io import list_images, load_image  # noqa: E402
 from defectseg.metrics import binarize  # noqa: E402
 from defectseg.model import SHIPPED_MODEL  # noqa: E402
@@ -149,6 +150,18 @@ def bench_latency(seg: Segmenter, images: list[np.ndarray], iters: int, ratio_ta
     return first
 
 
+def bench_tta(model_dir: Path, args: argparse.Namespace) -> None:
+    """The cost of ``--tta``: milliseconds per image at batch 1 with one prompt, for each setting."""
+    image = load_image(sorted(SAMPLE.glob("*/valid/*.jpg"))[0])
+    runs, device = {}, None
+    for tta in (None, *TTA_VIEWS):
+        seg = Segmenter.load(str(model_dir), args.device, args.precision, tta=tta)
+        runs[tta or "none"], device = partial(seg.predict, [image], PROMPTS[:1]), seg.device
+    ms = {name: 1000 * t for name, t in median_seconds(runs, args.iters, device).items()}
+    print("\n--tta, batch 1, 1 prompt, ms per image: " + ", ".join(
+        f"{name} {t:.1f} ({t / ms['none']:.1f}x)" for name, t in ms.items()), flush=True)
+
+
 def write_jpegs(folder: Path, count: int) -> None:
     """``count`` distinct 640x640 JPEGs: the bundled samples, then their flips and rotations."""
     sources = sorted(p for split in SAMPLE.glob("*/*") if split.is_dir() for p in list_images(split))
@@ -218,6 +231,7 @@ def main(args: argparse.Namespace) -> int:
         model_dir = lite_model(Path(tmp) / "liteseg-random")
         ms = bench_model(f"LiteSeg ({'shipped' if model_dir == SHIPPED_MODEL else 'random weights'})", model_dir,
                          Path(tmp), args)
+        bench_tta(model_dir, args)
         verdict = "meets" if ms["segmenter 1"] <= LITE_TARGET_MS else "MISSES"
         print(f"LiteSeg, batch 1, 1 prompt: {ms['segmenter 1']:.1f} ms per image from RGB array to full-size mask "
               f"({verdict} the {LITE_TARGET_MS:.0f} ms target)")
