@@ -195,7 +195,7 @@ def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep:
                                        progress=not args.quiet)
     summary = evaluation.aggregate(result.scores, sweep)
     section = report.source_metrics(model_arg, "model", result, summary,
-                                    evaluation.model_footprint(model_arg, segmenter.model))
+                                    evaluation.model_footprint(model_arg, segmenter.parameter_counts))
     section["threshold_source"] = source
     section["trained_epochs"] = meta.get("epoch") if meta else None
     if meta.get("selection"):  # what picked this checkpoint and tuned its thresholds (train.py's metadata)

@@ -16,7 +16,8 @@ tokens longer than with CLIP's BPE, which only makes the naive path below slower
    - naive HF: ``model(input_ids, attention_mask, pixel_values)``, each image repeated once per prompt
      (the whole vision and text towers run for every image-prompt pair), then the same upsampling.
    LiteSeg's target: at most 25 ms per 640x640 image and prompt at batch 1 on a CPU.
-2. LiteSeg's test-time augmentation (``--tta``): batch 1, one prompt, per image, with none, flip and d4.
+2. LiteSeg's test-time augmentation (``--tta``: none, flip, d4), and its batch norms folded into the convs
+   at load (what ``Segmenter.load`` does) against not folded: batch 1, one prompt, per image.
 3. End to end: ``predict.main`` on a folder of --images 640x640 JPEGs (the bundled samples, flipped and
    rotated into distinct files), 2 prompts; images/s as predict.py reports it (model loading excluded).
 """
@@ -45,10 +46,18 @@ sys.path.insert(0, str(REPO))
 import predict  # noqa: E402
 from defectseg import lite, tiny  # noqa: E402
 from defectseg.cli import int_at_least  # noqa: E402
-from defectseg.inference import PRECISIONS, TTA_VIEWS, Segmenter, autocast, precision_name, resolve_device  # noqa: E402
+from defectseg.inference import (  # noqa: E402
+    PRECISIONS,
+    TTA_VIEWS,
+    Segmenter,
+    autocast,
+    precision_name,
+    resolve_device,
+    resolve_precision,
+)
 from defectseg.io import list_images, load_image  # noqa: E402
 from defectseg.metrics import binarize  # noqa: E402
-from defectseg.model import SHIPPED_MODEL  # noqa: E402
+from defectseg.model import SHIPPED_MODEL, load_model  # noqa: E402
 
 PROMPTS = ["segment crack", "segment taping area"]
 SAMPLE = REPO / "sample_data"
@@ -150,16 +159,22 @@ def bench_latency(seg: Segmenter, images: list[np.ndarray], iters: int, ratio_ta
     return first
 
 
-def bench_tta(model_dir: Path, args: argparse.Namespace) -> None:
-    """The cost of ``--tta``: milliseconds per image at batch 1 with one prompt, for each setting."""
+def bench_variants(model_dir: Path, args: argparse.Namespace) -> None:
+    """Two costs of a small model, batch 1, one prompt, ms per image, median of 5 x --iters runs taken in
+    turns: ``--tta`` (none, flip, d4), and the batch norms folded into their convs at load or not (a
+    segmenter built around ``load_model``'s model, as training builds it)."""
     image = load_image(sorted(SAMPLE.glob("*/valid/*.jpg"))[0])
-    runs, device = {}, None
-    for tta in (None, *TTA_VIEWS):
-        seg = Segmenter.load(str(model_dir), args.device, args.precision, tta=tta)
-        runs[tta or "none"], device = partial(seg.predict, [image], PROMPTS[:1]), seg.device
-    ms = {name: 1000 * t for name, t in median_seconds(runs, args.iters, device).items()}
+    segs = {tta or "none": Segmenter.load(str(model_dir), args.device, args.precision, tta=tta)
+            for tta in (None, *TTA_VIEWS)}
+    device = segs["none"].device
+    segs["unfolded"] = Segmenter(*load_model(model_dir, device), device,
+                                 resolve_precision(args.precision, device, segs["none"].model))
+    ms = {name: 1000 * t for name, t in median_seconds(
+        {name: partial(seg.predict, [image], PROMPTS[:1]) for name, seg in segs.items()}, 5 * args.iters, device).items()}
     print("\n--tta, batch 1, 1 prompt, ms per image: " + ", ".join(
-        f"{name} {t:.1f} ({t / ms['none']:.1f}x)" for name, t in ms.items()), flush=True)
+        f"{name} {ms[name]:.1f} ({ms[name] / ms['none']:.1f}x)" for name in ("none", *TTA_VIEWS)))
+    print(f"batch norms folded into the convs at load: {ms['none']:.1f} ms per image; not folded: "
+          f"{ms['unfolded']:.1f} ms ({ms['unfolded'] / ms['none']:.2f}x)", flush=True)
 
 
 def write_jpegs(folder: Path, count: int) -> None:
@@ -202,7 +217,7 @@ def bench_model(title: str, model_dir: Path, tmp: Path, args: argparse.Namespace
                 ratio_target: float | None = None) -> dict[str, float]:
     """Latency table and end-to-end run of one model; returns batch 1's milliseconds per image by path."""
     seg = Segmenter.load(str(model_dir), args.device, args.precision)
-    n_params = sum(p.numel() for p in seg.model.parameters())
+    n_params = seg.parameter_counts["parameters"]
     print(f"\n== {title}: {n_params / 1e6:.2f}M parameters, {seg.input_size}px input, precision "
           f"{precision_name(seg.amp_dtype)}; images: bundled 640x640 JPEGs; median of {args.iters} warm runs")
     images = [load_image(p) for p in sorted(SAMPLE.glob("*/valid/*.jpg"))]
@@ -231,7 +246,7 @@ def main(args: argparse.Namespace) -> int:
         model_dir = lite_model(Path(tmp) / "liteseg-random")
         ms = bench_model(f"LiteSeg ({'shipped' if model_dir == SHIPPED_MODEL else 'random weights'})", model_dir,
                          Path(tmp), args)
-        bench_tta(model_dir, args)
+        bench_variants(model_dir, args)
         verdict = "meets" if ms["segmenter 1"] <= LITE_TARGET_MS else "MISSES"
         print(f"LiteSeg, batch 1, 1 prompt: {ms['segmenter 1']:.1f} ms per image from RGB array to full-size mask "
               f"({verdict} the {LITE_TARGET_MS:.0f} ms target)")

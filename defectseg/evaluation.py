@@ -50,7 +50,7 @@ from .io import (
     write_mask_png,
 )
 from .manifest import mask_name
-from .model import DECODER_FILE, METADATA_FILE, count_parameters, read_metadata, update_decoder_metadata
+from .model import DECODER_FILE, METADATA_FILE, read_metadata, update_decoder_metadata
 from .tasks import normalize_prompt, prompt_slug, task_for_prompt
 
 log = logging.getLogger(__name__)
@@ -647,14 +647,13 @@ def find_decoder_file(model_arg: str) -> Path | None:
     return None
 
 
-def model_footprint(model_arg: str, model: torch.nn.Module) -> dict[str, Any]:
-    """Parameter counts (total, decoder) and sizes on disk (bytes; None when not a local folder/file)."""
+def model_footprint(model_arg: str, counts: dict[str, int | None]) -> dict[str, Any]:
+    """Parameter counts (total, decoder: ``model.parameter_counts``) and sizes on disk (bytes; None when
+    not a local folder/file)."""
     path = Path(model_arg).expanduser()
     decoder_file = find_decoder_file(model_arg)
-    decoder = getattr(model, "decoder", None)
     return {
-        "parameters": count_parameters(model),
-        "decoder_parameters": count_parameters(decoder) if decoder is not None else None,
+        **counts,
         "model_folder": str(path) if path.is_dir() else None,
         "model_folder_bytes": _size_on_disk(path) if path.is_dir() else None,
         "decoder_file": str(decoder_file) if decoder_file else None,

@@ -35,7 +35,9 @@ from .model import (
     decode,
     encode_images,
     encode_prompts,
+    fold_batchnorm,
     load_model,
+    parameter_counts,
     read_metadata,
     trains_from_scratch,
 )
@@ -174,6 +176,8 @@ class Segmenter:
     tta: None, or a ``TTA_VIEWS`` key: run those views of each image and average their logits.
     ensemble: average the logits over the prompt's task synonyms (the prompt itself when it is not in
         the task table).
+    parameter_counts: the checkpoint's ``model.parameter_counts`` (``load`` counts them before it folds
+        the batch norms away; a segmenter built around a model counts that model).
     """
 
     model: torch.nn.Module
@@ -185,9 +189,11 @@ class Segmenter:
     default_threshold: float = DEFAULT_THRESHOLD
     tta: str | None = None
     ensemble: bool = False
+    parameter_counts: dict[str, int | None] = field(default_factory=dict)
     _cond: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        self.parameter_counts = self.parameter_counts or parameter_counts(self.model)
         if self.tta is not None and self.tta not in TTA_VIEWS:
             raise ValueError(f"tta={self.tta!r}: use None or one of {', '.join(TTA_VIEWS)}")
 
@@ -199,10 +205,13 @@ class Segmenter:
     @classmethod
     def load(cls, model_arg: str, device: str = "auto", precision: str = "auto", **options) -> Segmenter:
         """Load ``model_arg`` (hub id, folder, ``runs/<name>/best`` or decoder file) with its metadata:
-        task table and tuned thresholds. Raises ``ModelLoadError`` with a user-facing message."""
+        task table and tuned thresholds, for inference: batch norms are folded into their convs
+        (``fold_batchnorm``; train from ``load_model``). Raises ``ModelLoadError`` with a user-facing message."""
         dev = resolve_device(device)
         tasks, thresholds = checkpoint_metadata(model_arg)  # before the weights: it fails fast
         model, processor = load_model(model_arg, dev)
+        counts = parameter_counts(model)
+        fold_batchnorm(model)
         return cls(
             model=model,
             processor=processor,
@@ -210,6 +219,7 @@ class Segmenter:
             amp_dtype=resolve_precision(precision, dev, model),
             tasks=tasks,
             thresholds={normalize_prompt(k): v for k, v in thresholds.items()},
+            parameter_counts=counts,
             **options,
         )
 

@@ -23,7 +23,14 @@ from defectseg.evaluation import ImageScore, aggregate, prompt_probabilities, sc
 from defectseg.inference import Segmenter
 from defectseg.io import load_image, read_mask_png, write_mask_png
 from defectseg.manifest import mask_name, read_manifest, write_manifest
-from defectseg.model import DECODER_FILE, METADATA_FILE, load_model, read_metadata, save_decoder
+from defectseg.model import (
+    DECODER_FILE,
+    METADATA_FILE,
+    load_model,
+    parameter_counts,
+    read_metadata,
+    save_decoder,
+)
 from defectseg.tasks import prompt_slug
 from defectseg.tiny import build_tiny_model
 
@@ -397,9 +404,10 @@ def test_decoder_file_is_found_for_the_footprint(tiny_dir, tmp_path):
     decoder.write_bytes(b"x" * 10)
     assert evaluation.find_decoder_file(str(model_dir)) == decoder
     model, _ = load_model(model_dir)
-    f = evaluation.model_footprint(str(model_dir), model)
+    f = evaluation.model_footprint(str(model_dir), parameter_counts(model))
     assert f["decoder_file_bytes"] == 10 and f["model_folder_bytes"] > 10
-    assert evaluation.model_footprint("CIDAS/clipseg-rd64-refined", model)["model_folder_bytes"] is None
+    assert f["parameters"] > f["decoder_parameters"] > 0
+    assert evaluation.model_footprint("CIDAS/clipseg-rd64-refined", parameter_counts(model))["model_folder_bytes"] is None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from conftest import SAMPLE
 from defectseg import lite
 from defectseg.inference import Segmenter, check_device, dihedral_view, resolve_precision, undo_view
 from defectseg.io import load_image
+from defectseg.model import fold_batchnorm, load_model, parameter_counts
 from defectseg.tiny import build_tiny_model
 
 
@@ -96,3 +97,35 @@ def test_d4_tta_is_the_mean_of_the_eight_views_logits(lite_dir):
 def test_an_unknown_tta_is_refused(lite_dir):
     with pytest.raises(ValueError, match="flip, d4"):
         Segmenter.load(str(lite_dir), device="cpu", tta="rotate")
+
+
+# -- batch norms folded at load ---------------------------------------------------------------------
+
+
+def test_load_folds_batchnorm_and_computes_the_same(tmp_path):
+    """Segmenter.load folds LiteSeg's batch norms into their convs: none is left, the logits are the
+    unfolded model's, and the parameter counts it reports are the checkpoint's."""
+    model, _ = lite.build("lite-tiny", seed=5)
+    generator = torch.Generator().manual_seed(0)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # statistics as after training
+        for tensor, low, high in ((bn.running_mean, -1, 1), (bn.running_var, 0.2, 3), (bn.weight.data, 0.5, 1.5),
+                                  (bn.bias.data, -0.5, 0.5)):
+            tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    model.save_pretrained(tmp_path / "lite")
+    folded = Segmenter.load(str(tmp_path / "lite"), device="cpu", precision="fp32")
+    unfolded = Segmenter(*load_model(tmp_path / "lite"), device=torch.device("cpu"))  # as training builds it
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())
+    assert folded.parameter_counts == unfolded.parameter_counts == parameter_counts(model)
+    image = load_image(sorted((SAMPLE / "cracks" / "valid").glob("*.jpg"))[0])
+    pixels = unfolded.pixel_values([image])
+    for prompt in ("segment crack", "segment taping area"):
+        expected = unfolded.logits(unfolded.encode(pixels), prompt)
+        torch.testing.assert_close(folded.logits(folded.encode(pixels), prompt), expected, rtol=0,
+                                   atol=1e-5 * float(expected.abs().max()))
+
+
+def test_a_model_without_batchnorm_is_left_as_it_is(tiny_dir):
+    model, _ = load_model(tiny_dir)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    assert fold_batchnorm(model) == 0
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
