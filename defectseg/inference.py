@@ -211,7 +211,8 @@ class Segmenter:
         tasks, thresholds = checkpoint_metadata(model_arg)  # before the weights: it fails fast
         model, processor = load_model(model_arg, dev)
         counts = parameter_counts(model)
-        fold_batchnorm(model)
+        if fold_batchnorm(model):
+            model.requires_grad_(False)  # no batch norms left: for inference only
         return cls(
             model=model,
             processor=processor,

@@ -115,6 +115,7 @@ def test_load_folds_batchnorm_and_computes_the_same(tmp_path):
     folded = Segmenter.load(str(tmp_path / "lite"), device="cpu", precision="fp32")
     unfolded = Segmenter(*load_model(tmp_path / "lite"), device=torch.device("cpu"))  # as training builds it
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())
+    assert not any(p.requires_grad for p in folded.model.parameters())  # not for training any more
     assert folded.parameter_counts == unfolded.parameter_counts == parameter_counts(model)
     image = load_image(sorted((SAMPLE / "cracks" / "valid").glob("*.jpg"))[0])
     pixels = unfolded.pixel_values([image])
@@ -128,4 +129,5 @@ def test_a_model_without_batchnorm_is_left_as_it_is(tiny_dir):
     model, _ = load_model(tiny_dir)
     before = {name: p.clone() for name, p in model.state_dict().items()}
     assert fold_batchnorm(model) == 0
-    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[name], after[name]) for name in before)
