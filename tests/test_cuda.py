@@ -19,7 +19,7 @@ from defectseg.features import FeatureCache, view_of
 from defectseg.inference import Segmenter, resolve_precision
 from defectseg.io import load_image, read_mask_png
 from defectseg.losses import segmentation_loss
-from defectseg.model import load_model, read_metadata
+from defectseg.model import SHIPPED_MODEL, load_model, read_metadata
 from defectseg.tasks import DEFAULT_TASKS
 from defectseg.tiny import build_tiny_model
 from defectseg.training import TrainForward
@@ -61,6 +61,17 @@ def test_cuda_reduced_precision_inference_is_close_to_fp32(tiny, precision):
         for a, b in zip(full[prompt], half[prompt]):
             assert b.dtype == np.float32 and np.isfinite(b).all()
             assert np.mean(np.abs(a - b)) < 0.05
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_liteseg_is_close_to_fp32_on_the_cpu(precision):
+    """The shipped LiteSeg (its batch norms folded into the convs at load, on each device) on the GPU in each
+    precision, against fp32 on the CPU: mean |difference| of the probabilities."""
+    cpu, gpu = probabilities(SHIPPED_MODEL, "cpu", "fp32"), probabilities(SHIPPED_MODEL, "cuda", precision)
+    for prompt in PROMPTS:
+        for a, b in zip(cpu[prompt], gpu[prompt]):
+            assert a.shape == b.shape and b.dtype == np.float32 and np.isfinite(b).all()
+            assert np.mean(np.abs(a - b)) < (2e-3 if precision == "fp32" else 0.05)
 
 
 def test_cuda_cached_loss_equals_plain_hf_forward(processed, tiny, tmp_path):
