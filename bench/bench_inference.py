@@ -53,7 +53,6 @@ from defectseg.inference import (  # noqa: E402
     autocast,
     precision_name,
     resolve_device,
-    resolve_precision,
 )
 from defectseg.io import list_images, load_image  # noqa: E402
 from defectseg.metrics import binarize  # noqa: E402
@@ -167,8 +166,7 @@ def bench_variants(model_dir: Path, args: argparse.Namespace) -> None:
     segs = {tta or "none": Segmenter.load(str(model_dir), args.device, args.precision, tta=tta)
             for tta in (None, *TTA_VIEWS)}
     device = segs["none"].device
-    segs["unfolded"] = Segmenter(*load_model(model_dir, device), device,
-                                 resolve_precision(args.precision, device, segs["none"].model))
+    segs["unfolded"] = Segmenter(*load_model(model_dir, device), device, segs["none"].amp_dtype)
     ms = {name: 1000 * t for name, t in median_seconds(
         {name: partial(seg.predict, [image], PROMPTS[:1]) for name, seg in segs.items()}, 5 * args.iters, device).items()}
     print("\n--tta, batch 1, 1 prompt, ms per image: " + ", ".join(

@@ -581,9 +581,9 @@ def fold_batchnorm(model: nn.Module) -> int:
     """For inference: fold every BatchNorm2d that directly follows a Conv2d in an ``nn.Sequential`` into
     that conv (its weights scaled, a bias added), and drop it. The model computes the same function (fp32
     logits agree to about 1e-5; under bf16 autocast the rounding differs, by about as much as bf16 differs
-    from fp32) with one memory-bound pass fewer per folded layer: LiteSeg has 42
-    (``bench/bench_inference.py`` times it folded and not); CLIPSeg has none. The model must be in eval mode, and its batch norms are gone
-    afterwards, so it is not for training or saving. Returns how many were folded."""
+    from fp32) with one memory-bound pass fewer per folded layer: LiteSeg has 42 (``bench/bench_inference.py``
+    times it folded and not); CLIPSeg has none. The model must be in eval mode, and its batch norms are
+    gone afterwards, so it is not for training or saving. Returns how many were folded."""
     folded = 0
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
