@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 from tqdm import tqdm
 
@@ -26,8 +26,21 @@ def _not_torchvision_notice(record: logging.LogRecord) -> bool:
     return "requires torchvision" not in record.getMessage()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes, not the one at set-up: a caller that
+    swaps it (pytest's capture, a notebook) never leaves the log pointing at a closed stream."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+
 def setup_logging(quiet: bool = False) -> None:
     logging.basicConfig(
+        handlers=[_StderrHandler()],
         level=logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",

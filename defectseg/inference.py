@@ -18,9 +18,11 @@ import logging
 import math
 import os
 import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 import torch
@@ -401,5 +403,14 @@ def image_batches(
 def _quiet_on_sigterm(worker_id: int) -> None:
     """A worker ends quietly on SIGTERM from anyone. torch's own handler does so only for SIGTERM from the
     main process; one sent to the whole process group (timeout, job schedulers) would kill it by the
-    signal, and the main process, itself unwinding from that SIGTERM, would print a traceback for it."""
+    signal, and the main process, itself unwinding from that SIGTERM, would print a traceback for it.
+
+    The worker's resource-sharer thread (it hands each batch's tensors to the main process) reports a
+    main process that hung up mid-handover through ``sys.excepthook``; that lost peer is not news either."""
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    sys.excepthook = _quiet_if_peer_gone
+
+
+def _quiet_if_peer_gone(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    if not issubclass(kind, (OSError, EOFError)):
+        sys.__excepthook__(kind, value, tb)

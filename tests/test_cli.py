@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 
 import pytest
 
@@ -30,3 +32,15 @@ def test_progress_off_when_quiet_or_disabled(caplog):
     caplog.set_level(logging.WARNING, logger="defectseg")
     assert list(cli.progress(range(3), desc="x")) == [0, 1, 2]
     assert not caplog.records
+
+
+def test_the_log_follows_stderr_when_it_is_swapped(monkeypatch):
+    """setup_logging writes to the sys.stderr of the moment: one swapped in later (pytest's capture, a
+    notebook) gets the records, and closing the one of set-up time breaks nothing."""
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    cli.setup_logging()
+    monkeypatch.setattr(sys, "stderr", second)
+    first.close()
+    logging.getLogger("defectseg").info("after the swap")
+    assert second.getvalue().endswith(" INFO after the swap\n"), second.getvalue()  # not a "Logging error"

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 from conftest import SAMPLE
 
 from defectseg import lite
-from defectseg.inference import Segmenter, check_device, dihedral_view, resolve_precision, undo_view
+from defectseg.inference import (
+    Segmenter,
+    _quiet_if_peer_gone,
+    check_device,
+    dihedral_view,
+    resolve_precision,
+    undo_view,
+)
 from defectseg.io import load_image
 from defectseg.model import fold_batchnorm, load_model, parameter_counts
 from defectseg.tiny import build_tiny_model
@@ -131,3 +140,14 @@ def test_a_model_without_batchnorm_is_left_as_it_is(tiny_dir):
     assert fold_batchnorm(model) == 0
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[name], after[name]) for name in before)
+
+
+@pytest.mark.parametrize("error,printed", [(BrokenPipeError, False), (EOFError, False), (ValueError, True)])
+def test_an_image_worker_is_quiet_only_about_a_main_process_that_hung_up(error, printed, capsys):
+    """The hook image-loading workers give their resource-sharer thread: a lost peer (the main process
+    stopping mid-handover) prints nothing, anything else still prints its traceback."""
+    try:
+        raise error("boom")
+    except error:
+        _quiet_if_peer_gone(*sys.exc_info())
+    assert ("Traceback" in capsys.readouterr().err) == printed
