@@ -396,17 +396,19 @@ def image_batches(
         batch_size=batch_size,
         num_workers=max(0, min(workers, n_batches - 1)),
         collate_fn=list,
-        worker_init_fn=_quiet_on_sigterm,
+        worker_init_fn=_quiet_worker,
     )
 
 
-def _quiet_on_sigterm(worker_id: int) -> None:
-    """A worker ends quietly on SIGTERM from anyone. torch's own handler does so only for SIGTERM from the
-    main process; one sent to the whole process group (timeout, job schedulers) would kill it by the
-    signal, and the main process, itself unwinding from that SIGTERM, would print a traceback for it.
+def _quiet_worker(worker_id: int) -> None:
+    """An image worker's set-up: it ends quietly on SIGTERM from anyone, and says nothing of a main process
+    that hung up on it.
 
-    The worker's resource-sharer thread (it hands each batch's tensors to the main process) reports a
-    main process that hung up mid-handover through ``sys.excepthook``; that lost peer is not news either."""
+    torch's own handler ends a worker quietly only on SIGTERM from the main process; one sent to the whole
+    process group (timeout, job schedulers) would kill it by the signal, and the main process, itself
+    unwinding from that SIGTERM, would print a traceback for it. The worker's resource-sharer thread (it
+    hands each batch's tensors to the main process) reports a main process that hung up mid-handover
+    through ``sys.excepthook``; that lost peer is not news either."""
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
     sys.excepthook = _quiet_if_peer_gone
 
