@@ -80,6 +80,8 @@ HELP = {
     "low_res_epochs": "a model trained from scratch: train the first N epochs at --low-res-size (progressive "
                       "resizing: cheaper epochs early; validation stays at the model's input size)",
     "low_res_size": "image side of the --low-res-epochs epochs, in pixels",
+    "train_sizes": "a model trained from scratch: after the --low-res-epochs, draw each batch's image side from "
+                   "these pixel sizes, e.g. 320 384 448 512 (multi-scale training; default: the model's input size)",
 }
 
 
@@ -90,7 +92,7 @@ TYPES = {
     "epochs": int_at_least(1), "batch_size": int_at_least(1), "val_batch_size": int_at_least(1),
     "train_vision_layers": int_at_least(0), "patience": int_at_least(0), "low_res_epochs": int_at_least(0),
     "lovasz_epochs": int_at_least(0),
-    "low_res_size": int_at_least(32), "seed": int_at_least(0, below=2**32),
+    "low_res_size": int_at_least(32), "train_sizes": int_at_least(32), "seed": int_at_least(0, below=2**32),
     "lr": POSITIVE, "vision_lr_scale": POSITIVE, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
     "bce_weight": NON_NEGATIVE, "dice_weight": NON_NEGATIVE, "lovasz_weight": NON_NEGATIVE,
     "negative_prob": FRACTION, "ema": FRACTION, "warmup": FRACTION, "holdout": FRACTION,
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(default, bool):  # --flag and --no-flag
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=HELP[f.name])  # and --no-...
         elif isinstance(default, list):
-            parser.add_argument(flag, nargs="+", help=help_text)
+            parser.add_argument(flag, nargs="+", type=TYPES.get(f.name), help=help_text)
         else:
             parser.add_argument(flag, type=TYPES.get(f.name, nonempty), choices=CHOICES.get(f.name), help=help_text)
     return parser

@@ -17,6 +17,7 @@ import os
 import random
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -79,6 +80,7 @@ LOVASZ_POOL = 2  # the Lovasz term sorts 2x2-averaged logits: LiteSeg's stride-2
 
 # Settings a resumed run must keep: they decide the model, the data or the parameters being trained. The
 # data and the task table may move (another --data or --tasks-file): train() checks their contents.
+SIZE_STREAM = 1  # keeps the per-batch size draw apart from the per-sample augmentation streams
 FIXED_ON_RESUME = ("data", "model", "tasks", "train_vision_layers", "batch_size", "holdout")
 
 
@@ -120,6 +122,7 @@ class TrainConfig:
     holdout: float = 0.0  # fraction of train photos set aside to pick best/ and tune thresholds (0: valid does)
     low_res_epochs: int = 0  # a model trained from scratch: the first N epochs at low_res_size (progressive resizing)
     low_res_size: int = 320
+    train_sizes: list[int] = field(default_factory=list)  # from scratch: each batch's side drawn from these (after the low-res epochs)
     val_batch_size: int = 16
 
 
@@ -298,6 +301,11 @@ def _training_inputs(cfg: TrainConfig, segmenter: Segmenter, train_rows: list[di
     if cfg.low_res_epochs and (cfg.low_res_size % 32 or cfg.low_res_size >= segmenter.input_size):
         raise ConfigError(f"--low-res-size {cfg.low_res_size}: must be a multiple of 32 below the model's input "
                           f"size ({segmenter.input_size})")
+    if cfg.train_sizes and not scratch:
+        raise ConfigError("--train-sizes: only a model trained from scratch (--model lite ...) trains at other "
+                          "sizes; CLIPSeg's inputs are fixed by its vision tower")
+    if any(size % 32 for size in cfg.train_sizes):
+        raise ConfigError(f"--train-sizes {' '.join(map(str, cfg.train_sizes))}: each must be a multiple of 32")
     cache = None
     if cfg.cache and cfg.train_vision_layers == 0 and not scratch:
         cache = FeatureCache.for_segmenter(cfg.cache_dir or Path(cfg.data) / "features", segmenter, cfg.cache_dtype)
@@ -400,7 +408,7 @@ def _train_epoch(run: Run, epoch: int) -> EpochStats:
     batches = [(i, plan[i:i + cfg.batch_size]) for i in range(0, len(plan), cfg.batch_size)]
     load = partial(_load_batch, cfg=cfg, rows=run.train_rows, targets=run.targets, cache=run.cache,
                    segmenter=run.segmenter, bank=run.bank, epoch=epoch * run.world + run.rank,
-                   size=train_size(cfg, epoch, run.segmenter.input_size))
+                   size=partial(train_size, cfg, epoch, run.segmenter.input_size))
     lovasz = lovasz_weight_in(cfg, epoch)
     for (_, batch), (target, inputs) in cli.progress(prefetched(load, batches), total=len(batches), unit="batch",
                                                      desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=run.main_process):
@@ -576,11 +584,17 @@ def validate(segmenter: Segmenter, rows: list[dict], masks: list[np.ndarray], ca
     return evaluation.aggregate(scores, thresholds)
 
 
-def train_size(cfg: TrainConfig, epoch: int, input_size: int) -> int:
-    """The side of the training images in ``epoch`` (0-based): ``low_res_size`` for the first
-    ``low_res_epochs`` epochs (cheaper epochs while the model learns coarse features), then the model's
-    input size, at which it is validated and used."""
-    return cfg.low_res_size if epoch < cfg.low_res_epochs else input_size
+def train_size(cfg: TrainConfig, epoch: int, input_size: int, start: int = 0) -> int:
+    """The side of the training images of the batch at position ``start`` of ``epoch`` (0-based):
+    ``low_res_size`` for the first ``low_res_epochs`` epochs (cheaper epochs while the model learns coarse
+    features), then the model's input size, at which it is validated and used; or, with ``train_sizes``,
+    a side drawn per batch from them (the model meets each crack at several scales within an epoch). The
+    draw depends only on seed, epoch and position, so a resumed run and every DDP process draw alike."""
+    if epoch < cfg.low_res_epochs:
+        return cfg.low_res_size
+    if not cfg.train_sizes:
+        return input_size
+    return int(np.random.default_rng([cfg.seed, epoch, start, SIZE_STREAM]).choice(cfg.train_sizes))
 
 
 def lovasz_weight_in(cfg: TrainConfig, epoch: int) -> float:
@@ -592,14 +606,14 @@ def lovasz_weight_in(cfg: TrainConfig, epoch: int) -> float:
 
 def _load_batch(item: tuple[int, list[Sample]], cfg: TrainConfig, rows: list[dict], targets: np.ndarray | None,
                 cache: FeatureCache | None, segmenter: Segmenter, bank: ImageBank | None,
-                epoch: int, size: int) -> tuple[torch.Tensor, dict]:
+                epoch: int, size: Callable[[int], int]) -> tuple[torch.Tensor, dict]:
     """CPU tensors for one step: the (B, S, S) target and the forward's inputs (cached activations;
     or pixel values, plus token ids for the plain HF forward and for a model trained from scratch,
-    whose images come augmented from the in-memory bank at side ``size``). ``item`` is (position in
-    the epoch, samples). Runs in a prefetch thread."""
+    whose images come augmented from the in-memory bank at side ``size(position)``). ``item`` is
+    (position in the epoch, samples). Runs in a prefetch thread."""
     start, batch = item
     if bank is not None:
-        pixel_values, target = bank.batch(batch, size, cfg.seed, epoch, start)
+        pixel_values, target = bank.batch(batch, size(start), cfg.seed, epoch, start)
     else:
         target = torch.from_numpy(batch_targets(targets, batch))
         if cache is not None:
@@ -926,5 +940,6 @@ def _fits(value: object, default: object, key: str) -> bool:
     if isinstance(default, int):
         return isinstance(value, int)
     if isinstance(default, list):
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+        kind = int if key == "train_sizes" else str
+        return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
     return isinstance(value, str) or (value is None and key == "tasks_file")

@@ -148,7 +148,7 @@ def test_a_training_step_reads_nothing_back_from_the_gpu(processed, tmp_path, pr
     plan = epoch_plan(run.train_rows, run.tasks, cfg.seed, 0, cfg.negative_prob, cfg.flip, cfg.synonyms)
     batches = [plan[i:i + 4] for i in range(0, 12, 4)]
     loaded = [_load_batch((0, b), cfg, run.train_rows, run.targets, run.cache, run.segmenter, run.bank, 0,
-                          run.segmenter.input_size) for b in batches]
+                          lambda start: run.segmenter.input_size) for b in batches]
     on_gpu = [(t.cuda(), {k: v.cuda() for k, v in inputs.items()}) for t, inputs in loaded]
     _step(run, batches[0], *on_gpu[0])  # first step: lazy state (optimizer moments, scaler) is created
     torch.cuda.synchronize()

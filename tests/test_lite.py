@@ -129,10 +129,9 @@ def test_the_lovasz_term_joins_the_loss_in_the_last_epochs(processed, tmp_path):
     assert b1 == a1 and b2 > a2
 
 
-@pytest.mark.slow
-def test_low_res_epochs_train_smaller_images_then_the_input_size(processed, tmp_path, monkeypatch):
-    """--low-res-epochs 1 --low-res-size 64: epoch 1's batches are 64 px, epoch 2's the model's 96 px,
-    and validation always runs at 96 (the size the checkpoint is used at)."""
+@pytest.fixture
+def batch_sides(monkeypatch) -> list[int]:
+    """The image side of every training batch the in-memory bank builds, in order."""
     sizes = []
     bank_batch = ImageBank.batch
 
@@ -141,12 +140,46 @@ def test_low_res_epochs_train_smaller_images_then_the_input_size(processed, tmp_
         return bank_batch(self, samples, size, *args)
 
     monkeypatch.setattr(ImageBank, "batch", spy)
+    return sizes
+
+
+@pytest.mark.slow
+def test_low_res_epochs_train_smaller_images_then_the_input_size(processed, tmp_path, batch_sides):
+    """--low-res-epochs 1 --low-res-size 64: epoch 1's batches are 64 px, epoch 2's the model's 96 px,
+    and validation always runs at 96 (the size the checkpoint is used at)."""
     run = tmp_path / "run"
     assert run_train(*tiny_run(processed, run, "--epochs", "2", "--low-res-epochs", "1", "--low-res-size", "64")) == 0
-    steps = len(sizes) // 2
-    assert sizes == [64] * steps + [96] * steps
+    steps = len(batch_sides) // 2
+    assert batch_sides == [64] * steps + [96] * steps
     assert json.loads((run / "config.json").read_text())["low_res_epochs"] == 1
     assert all(float(r["mean_iou"]) >= 0 for r in history(run))
+
+
+@pytest.mark.slow
+def test_train_sizes_draw_each_batch_side_and_a_resume_draws_the_same(processed, tmp_path, batch_sides):
+    """--train-sizes 64 96 128 after one low-res epoch: epoch 1 is all 64 px; each later batch takes one
+    of the three sides (several occur), and a run stopped after epoch 2 and resumed draws the same sides
+    and reaches the same weights as one that ran straight through."""
+    flags = ("--epochs", "3", "--low-res-epochs", "1", "--low-res-size", "64", "--train-sizes", "64", "96", "128")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_train(*tiny_run(processed, straight, *flags)) == 0
+    drawn, batch_sides[:] = list(batch_sides), []
+    steps = len(drawn) // 3
+    assert drawn[:steps] == [64] * steps
+    assert set(drawn[steps:]) <= {64, 96, 128} and len(set(drawn[steps:])) >= 2
+    assert json.loads((straight / "config.json").read_text())["train_sizes"] == [64, 96, 128]
+    assert run_train(*tiny_run(processed, stopped, *flags, "--stop-after", "2")) == 0
+    assert run_train("--resume", str(stopped), "-q") == 0
+    assert batch_sides == drawn
+    assert [r["train_loss"] for r in history(stopped)] == [r["train_loss"] for r in history(straight)]
+
+
+@pytest.mark.parametrize("sizes", [["100"], ["64", "80"]])
+def test_train_sizes_that_are_not_multiples_of_32_are_refused(processed, tmp_path, capsys, sizes):
+    run = tmp_path / "run"
+    assert run_train(*tiny_run(processed, run, "--epochs", "1", "--train-sizes", *sizes)) == 1
+    assert f"--train-sizes {' '.join(sizes)}: each must be a multiple of 32" in capsys.readouterr().err
+    assert not (run / "best").exists()
 
 
 @pytest.mark.parametrize("size", ["100", "96", "48"])

@@ -692,7 +692,9 @@ def test_resume_keeps_the_run_honest(processed, tiny, tmp_path, monkeypatch, cap
     tasks_file.write_text(tasks_file.read_text().replace('"segment cracks"', '"segment fissures"'))
     assert "task table" in refused()
     tasks_file.write_text(tasks_file.read_text().replace('"segment fissures"', '"segment cracks"'))
-    for broken in ("{not json", "[]", config.replace('"epochs": 3', '"epochs": "3"')):
+    assert '"train_sizes": []' in config
+    for broken in ("{not json", "[]", config.replace('"epochs": 3', '"epochs": "3"'),
+                   config.replace('"train_sizes": []', '"train_sizes": ["448"]')):
         (run / "config.json").write_text(broken)
         assert run_train("--resume", str(run), "-q") == 1
         assert "config.json" in capsys.readouterr().err
@@ -736,6 +738,26 @@ def test_low_res_epochs_are_refused_for_clipseg(processed, tiny, tmp_path, capsy
     assert run_train(*base_args(processed, tiny, tmp_path / "run", "--epochs", "1", "--low-res-epochs", "1")) == 1
     assert "only a model trained from scratch" in capsys.readouterr().err
     assert not (tmp_path / "run" / "best").exists()
+
+
+def test_train_sizes_are_refused_for_clipseg(processed, tiny, tmp_path, capsys):
+    assert run_train(*base_args(processed, tiny, tmp_path / "run", "--epochs", "1", "--train-sizes", "64")) == 1
+    assert "--train-sizes: only a model trained from scratch" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "best").exists()
+
+
+def test_train_size_is_the_low_res_size_then_the_input_size_or_a_per_batch_draw():
+    """train_size(cfg, epoch, input_size, start): a pure function of the config and the batch's place."""
+    from defectseg.training import TrainConfig, train_size
+
+    plain = TrainConfig(low_res_epochs=2, low_res_size=320)
+    assert [train_size(plain, e, 448, s) for e in (0, 1, 2, 3) for s in (0, 16)] == [320] * 4 + [448] * 4
+    mixed = TrainConfig(low_res_epochs=1, low_res_size=320, train_sizes=[384, 512])
+    assert {train_size(mixed, 0, 448, s) for s in range(0, 1600, 16)} == {320}
+    draws = [train_size(mixed, 1, 448, s) for s in range(0, 1600, 16)]
+    assert set(draws) == {384, 512} and 30 <= draws.count(384) <= 70  # about half each, over 100 batches
+    assert draws == [train_size(mixed, 1, 448, s) for s in range(0, 1600, 16)]  # same place, same side
+    assert draws != [train_size(mixed, 2, 448, s) for s in range(0, 1600, 16)]  # a new draw each epoch
 
 
 def test_tasks_named_twice_count_once():
