@@ -366,7 +366,7 @@ def _announce(run: Run, resume: bool) -> None:
     """Log what trains on what, and (now that data, model and any resumed state fit together) clear the
     files of a run this one replaces and write config.json."""
     cfg, out = run.cfg, run.out
-    kind = ("cached features" if run.cache is not None else "from scratch, augmented in memory" if run.bank is not None
+    kind = ("cached features" if run.cache is not None else "every weight, images augmented in memory" if run.bank is not None
             else "plain HF forward" if cfg.train_vision_layers == 0
             else f"last {cfg.train_vision_layers} vision layers unfrozen")
     log.info("training %s parameters of %s (%s) on %s%s, %d train images, %d steps per epoch; best/ picked on %s",
