@@ -326,7 +326,8 @@ def _training_inputs(cfg: TrainConfig, segmenter: Segmenter, train_rows: list[di
 def _restore(run: Run, state: dict) -> None:
     """Continue from last/'s trainer state: optimizer moments, schedule position, scaler, EMA and live
     weights, history, best, RNG. Learning rate, weight decay and schedule come from this invocation."""
-    settings = [(g["lr"], g["weight_decay"]) for g in run.optimizer.param_groups]
+    # This invocation's base LRs: a group's "lr" already holds the schedule's first factor (1 / warm-up steps)
+    settings = [(lr, g["weight_decay"]) for lr, g in zip(run.scheduler.base_lrs, run.optimizer.param_groups)]
     for group in state["optimizer"]["param_groups"]:  # the implementation is this device's (fused on CUDA)
         group.update(fused=run.optimizer.defaults["fused"], foreach=run.optimizer.defaults["foreach"])
     try:

@@ -141,12 +141,15 @@ def test_holdout_picks_best_on_train_photos_and_the_report_says_so(processed, ti
 
 @pytest.mark.slow
 def test_same_seed_same_numbers_and_resume_equals_straight_run(processed, tiny, tmp_path):
+    """A run stopped after epoch 1 and resumed equals one that ran straight through: weights, losses and
+    learning rates (a warm-up of several steps, so the LR a step uses differs from the base LR)."""
     straight, again, resumed = tmp_path / "straight", tmp_path / "again", tmp_path / "resumed"
-    assert run_train(*base_args(processed, tiny, straight, "--epochs", "2", "--ema", "0.9")) == 0
-    assert run_train(*base_args(processed, tiny, again, "--epochs", "2", "--ema", "0.9")) == 0
+    flags = ("--epochs", "2", "--ema", "0.9", "--warmup", "0.4")
+    assert run_train(*base_args(processed, tiny, straight, *flags)) == 0
+    assert run_train(*base_args(processed, tiny, again, *flags)) == 0
     assert history(straight) == history(again)
 
-    assert run_train(*base_args(processed, tiny, resumed, "--epochs", "2", "--ema", "0.9", "--stop-after", "1")) == 0
+    assert run_train(*base_args(processed, tiny, resumed, *flags, "--stop-after", "1")) == 0
     assert len(history(resumed)) == 1
     assert run_train("--resume", str(resumed), "-q") == 0
     assert history(resumed) == history(straight)
@@ -539,13 +542,15 @@ def test_resume_errors_and_schedule_change(processed, tiny, tmp_path, capsys):
     assert "optimizer state does not fit" in capsys.readouterr().err
     state_file.write_bytes(saved)
     (run / "config.json").write_text(json.dumps(config))
-    # More epochs and another lr than planned (the data given as another path to the same folder): the
-    # schedule is recomputed with the new lr, and the user is told.
-    assert run_train("--resume", str(run), "--epochs", "3", "--lr", "0.01", "--data", f"{processed}/") == 0
+    # More epochs, another lr and a longer warm-up than planned (the data given as another path to the same
+    # folder): the schedule is recomputed with the new lr, and the user is told.
+    assert run_train("--resume", str(run), "--epochs", "3", "--lr", "0.01", "--warmup", "0.4",
+                     "--data", f"{processed}/") == 0
     assert "resuming with another schedule" in capsys.readouterr().err
     assert len(history(run)) == 3
     state = torch.load(run / "last" / "trainer_state.pt", weights_only=False)
     assert {g["initial_lr"] for g in state["optimizer"]["param_groups"]} == {0.01}
+    assert set(state["scheduler"]["base_lrs"]) == {0.01}  # not 0.01 times the warm-up's first factor
     # A truncated trainer state: one clear line.
     state = run / "last" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:100])
