@@ -76,11 +76,10 @@ log = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.pt"
 CHECK_EVERY = 50  # training steps between reads of the device's losses and skip flags
 LOVASZ_POOL = 2  # the Lovasz term sorts 2x2-averaged logits: LiteSeg's stride-2 head grid, a quarter of the sort
-
+SIZE_STREAM = 1  # keeps the per-batch size draw apart from the per-sample augmentation streams
 
 # Settings a resumed run must keep: they decide the model, the data or the parameters being trained. The
 # data and the task table may move (another --data or --tasks-file): train() checks their contents.
-SIZE_STREAM = 1  # keeps the per-batch size draw apart from the per-sample augmentation streams
 FIXED_ON_RESUME = ("data", "model", "tasks", "train_vision_layers", "batch_size", "holdout")
 
 
