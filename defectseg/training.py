@@ -294,15 +294,13 @@ def _training_inputs(cfg: TrainConfig, segmenter: Segmenter, train_rows: list[di
     """(cache, bank, targets). CLIPSeg with a frozen vision tower: its activations cached once per image
     and view; from scratch: images decoded once into memory and augmented per sample; else fixed targets."""
     scratch = trains_from_scratch(segmenter.model)
-    if cfg.low_res_epochs and not scratch:
-        raise ConfigError("--low-res-epochs: only a model trained from scratch (--model lite ...) trains at another "
+    resized = [flag for flag, on in (("--low-res-epochs", cfg.low_res_epochs), ("--train-sizes", cfg.train_sizes)) if on]
+    if resized and not scratch:
+        raise ConfigError(f"{resized[0]}: only a model trained from scratch (--model lite ...) trains at another "
                           "size; CLIPSeg's inputs are fixed by its vision tower")
     if cfg.low_res_epochs and (cfg.low_res_size % 32 or cfg.low_res_size >= segmenter.input_size):
         raise ConfigError(f"--low-res-size {cfg.low_res_size}: must be a multiple of 32 below the model's input "
                           f"size ({segmenter.input_size})")
-    if cfg.train_sizes and not scratch:
-        raise ConfigError("--train-sizes: only a model trained from scratch (--model lite ...) trains at other "
-                          "sizes; CLIPSeg's inputs are fixed by its vision tower")
     if any(size % 32 for size in cfg.train_sizes):
         raise ConfigError(f"--train-sizes {' '.join(map(str, cfg.train_sizes))}: each must be a multiple of 32")
     cache = None
