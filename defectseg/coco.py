@@ -106,7 +106,9 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
     """Read and check a COCO annotations file.
 
     categories: category names to keep (empty: keep all). Categories are matched by name, so exports
-    whose ids differ (cracks use id 1 under an unused super-category id 0) need no per-id table.
+    whose ids differ need no per-id table. A name also keeps the categories whose ``supercategory`` it
+    is: Roboflow lists the project as an unused category id 0 ("crack") and puts every annotation under
+    its child id 1 ("NewCracks - v2 ...", supercategory "crack"), so "crack" keeps them.
     Raises CocoError for an unreadable file, invalid JSON or a missing ``images`` list; smaller faults
     (bad or duplicate image records, annotations pointing at unknown images, no images at all, ``categories``
     of which the export has none) become Problems.
@@ -118,12 +120,11 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
 
     problems: list[Problem] = []
     raw_categories = data.get("categories", [])
-    category_names = {
-        c["id"]: str(c.get("name", c["id"]))
-        for c in (raw_categories if isinstance(raw_categories, list) else [])
-        if isinstance(c, dict) and _is_id(c.get("id"))
-    }
-    keep = {cid for cid, cname in category_names.items() if not categories or cname in categories}
+    category_records = [c for c in (raw_categories if isinstance(raw_categories, list) else [])
+                        if isinstance(c, dict) and _is_id(c.get("id"))]
+    category_names = {c["id"]: str(c.get("name", c["id"])) for c in category_records}
+    keep = {c["id"] for c in category_records if not categories
+            or category_names[c["id"]] in categories or c.get("supercategory") in categories}
     if categories and not keep:
         present = ", ".join(sorted(set(category_names.values()))[:20]) or "none"
         problems.append(Problem(name, "unknown_category", f"none of the task's categories "
@@ -133,7 +134,7 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
     records, skipped_ids = _image_records(data["images"], name, problems)
     images = _unique_images(records, name, problems, skipped_ids)
 
-    unknown = 0
+    unknown, kept, dropped = 0, 0, Counter()
     for ann in raw_annotations:
         if not isinstance(ann, dict):
             problems.append(Problem(name, "bad_annotation", f"annotation is not an object: {ann!r:.80}"))
@@ -149,8 +150,15 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
             unknown += image_id not in skipped_ids
             continue
         if categories and category_id not in keep:
+            dropped[category_names.get(category_id, str(category_id))] += 1
             continue
         images[image_id].annotations.append(ann)
+        kept += 1
+    if keep and dropped and not kept:
+        under = ", ".join(f"{n} ({k})" for n, k in dropped.most_common(5))
+        problems.append(Problem(name, "unknown_category", f"the task's categories ({', '.join(categories)}) hold "
+                                f"none of this export's annotations, which are under: {under}; every mask of "
+                                "this split is empty"))
     if unknown:
         problems.append(
             Problem(name, "unknown_image", f"{unknown} annotation(s) point at image ids not in 'images'")

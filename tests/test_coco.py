@@ -191,7 +191,39 @@ def test_task_categories_missing_from_the_export_are_a_problem(tmp_path):
     (problem,) = export.problems
     assert (problem.file, problem.kind, problem.repaired) == (str(path), "unknown_category", False)
     assert "(cracks, fissure)" in problem.message and "it has: NewCracks, crack" in problem.message
-    assert load_coco(path, categories=("fissure", "crack")).problems == []  # one name found is enough
+    assert load_coco(path, categories=("fissure", "NewCracks")).problems == []  # one name found is enough
+
+
+@pytest.mark.parametrize("names, kept", [(("crack",), [1]), (("NewCracks - v2",), [1]), (("crack", "stain"), [1, 2])])
+def test_a_category_keeps_the_categories_it_is_the_supercategory_of(tmp_path, names, kept):
+    """Roboflow's layout (both real exports): the project is an unused category id 0 ("crack") and every
+    annotation sits under its child id 1, whose supercategory is "crack". Naming the project keeps them;
+    it used to keep nothing, silently."""
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
+            "annotations": [{"id": i, "image_id": 1, "category_id": i, "segmentation": [], "bbox": [0, 0, 2, 2]}
+                            for i in (1, 2)],
+            "categories": [{"id": 0, "name": "crack", "supercategory": "none"},
+                           {"id": 1, "name": "NewCracks - v2", "supercategory": "crack"},
+                           {"id": 2, "name": "stain", "supercategory": "none"}]}
+    path = tmp_path / "_annotations.coco.json"
+    path.write_text(json.dumps(coco))
+    export = load_coco(path, categories=names)
+    assert [a["id"] for a in export.images[0].annotations] == kept and export.problems == []
+
+
+def test_task_categories_that_hold_no_annotation_are_a_problem(tmp_path):
+    """The names exist but every annotation is under other categories: each mask would be empty."""
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
+            "annotations": [{"id": i, "image_id": 1, "category_id": 1, "segmentation": [], "bbox": [0, 0, 2, 2]}
+                            for i in (1, 2)],
+            "categories": [{"id": 0, "name": "Drywall-Join"}, {"id": 1, "name": "drywall-join"}]}
+    path = tmp_path / "_annotations.coco.json"
+    path.write_text(json.dumps(coco))
+    export = load_coco(path, categories=("Drywall-Join",))
+    assert export.images[0].annotations == []
+    (problem,) = export.problems
+    assert (problem.file, problem.kind) == (str(path), "unknown_category")
+    assert "(Drywall-Join) hold none" in problem.message and "under: drywall-join (2)" in problem.message
 
 
 def test_source_stem():
