@@ -92,7 +92,8 @@ def select_tasks(rows: list[dict], tasks: list[str] | None, source: str, require
 def holdout_split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, held_out): about ``fraction`` of each task's source photos set aside, with every row of a
     set-aside photo. Roboflow's augmented copies of one photo share ``source_stem``, so no photo ends up
-    on both sides (rows without the column count as their own photo). Rows keep their order; the same
+    on both sides (rows without the column count as their own photo); a task with one photo keeps it
+    for training. Rows keep their order; the same
     (rows, fraction, seed) always gives the same split."""
     if not 0 < fraction < 1:
         raise DataError(f"the hold-out fraction must be between 0 and 1, not {fraction}")
@@ -100,7 +101,7 @@ def holdout_split(rows: list[dict], fraction: float, seed: int) -> tuple[list[di
     held: set[tuple[str, str]] = set()
     for task in sorted({r["task"] for r in rows}):
         stems = sorted({s for s, r in zip(stem, rows) if r["task"] == task})
-        n = max(1, round(fraction * len(stems))) if len(stems) > 1 else 0
+        n = min(max(1, round(fraction * len(stems))), len(stems) - 1)  # one photo at least, on each side
         pick = np.random.default_rng([seed, len(stems)]).permutation(len(stems))[:n]
         held |= {(task, stems[i]) for i in pick}
     train = [r for s, r in zip(stem, rows) if (r["task"], s) not in held]

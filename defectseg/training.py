@@ -32,6 +32,7 @@ from . import cli, evaluation
 from .augment import ImageBank
 from .cli import stop_if_terminated
 from .data import (
+    DataError,
     Sample,
     batch_targets,
     epoch_length,
@@ -277,6 +278,10 @@ def _load_data(cfg: TrainConfig, tasks: list[Task], main_process: bool) -> tuple
                 "config": {k: getattr(cfg, k) for k in FIXED_ON_RESUME if k != "data"}}  # data: its rows, above
     if cfg.holdout > 0:
         train_rows, select_rows = holdout_split(train_rows, cfg.holdout, cfg.seed)
+        if not select_rows:
+            raise DataError(f"--holdout {cfg.holdout:g} sets no photo aside: every task of {cfg.data} has a "
+                            "single source photo in train; use the valid split (no --holdout) or more photos")
+        identity["data"]["holdout"] = rows_fingerprint(select_rows)  # drawn with the seed: fixed on resume
     else:
         select_rows = valid_rows
     if main_process:
@@ -298,11 +303,14 @@ def _training_inputs(cfg: TrainConfig, segmenter: Segmenter, train_rows: list[di
     if resized and not scratch:
         raise ConfigError(f"{resized[0]}: only a model trained from scratch (--model lite ...) trains at another "
                           "size; CLIPSeg's inputs are fixed by its vision tower")
-    if cfg.low_res_epochs and (cfg.low_res_size % 32 or cfg.low_res_size >= segmenter.input_size):
-        raise ConfigError(f"--low-res-size {cfg.low_res_size}: must be a multiple of 32 below the model's input "
-                          f"size ({segmenter.input_size})")
-    if any(size % 32 for size in cfg.train_sizes):
-        raise ConfigError(f"--train-sizes {' '.join(map(str, cfg.train_sizes))}: each must be a multiple of 32")
+    # Multiples of 32 (the encoder halves the side 5 times), from 64: at 32 px its last features are 1 x 1,
+    # which batch norm cannot train on in a batch of one image.
+    if cfg.low_res_epochs and (cfg.low_res_size % 32 or not 64 <= cfg.low_res_size < segmenter.input_size):
+        raise ConfigError(f"--low-res-size {cfg.low_res_size}: must be a multiple of 32, from 64 to below the "
+                          f"model's input size ({segmenter.input_size})")
+    if any(size % 32 or size < 64 for size in cfg.train_sizes):
+        raise ConfigError(f"--train-sizes {' '.join(map(str, cfg.train_sizes))}: each must be a multiple of 32, "
+                          "at least 64")
     cache = None
     if cfg.cache and cfg.train_vision_layers == 0 and not scratch:
         cache = FeatureCache.for_segmenter(cfg.cache_dir or Path(cfg.data) / "features", segmenter, cfg.cache_dtype)
@@ -551,6 +559,9 @@ def _check_same_run(state: dict, identity: dict, cfg: TrainConfig, out: Path) ->
     """Refuse to resume when the data's rows or the task table differ from the run's (a run's metrics and
     its best/ are only comparable over the same data; a moved copy of the data is the same data)."""
     for split, fingerprint in identity["data"].items():
+        if split == "holdout" and state.get("data", {}).get(split, fingerprint) != fingerprint:
+            raise ConfigError(f"{out}: the photos --holdout sets aside differ from the run's (they are drawn with "
+                              "--seed); resume with the run's seed, in its config.json, or start a new run")
         if state.get("data", {}).get(split, fingerprint) != fingerprint:
             raise ConfigError(f"{out}: the {split} split of {cfg.data} is not the data the run was trained on "
                               "(its manifest's rows changed); resume with that data or start a new run")
@@ -828,8 +839,8 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") and torch.cuda.is_available():  # a run saved on more GPUs than this machine shows
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 _STATE_KEYS = {"epoch": int, "optimizer": dict, "scheduler": dict, "scaler": dict, "history": list,

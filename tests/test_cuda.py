@@ -22,7 +22,7 @@ from defectseg.losses import segmentation_loss
 from defectseg.model import SHIPPED_MODEL, load_model, read_metadata
 from defectseg.tasks import DEFAULT_TASKS
 from defectseg.tiny import build_tiny_model
-from defectseg.training import TrainForward
+from defectseg.training import TrainForward, _rng_state, _set_rng_state
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 PROMPTS = ["segment crack", "segment taping area"]
@@ -133,6 +133,15 @@ def test_gpu_run_resumes_on_the_cpu(processed, tiny, tmp_path):
     assert train.main(train.build_parser().parse_args(["--resume", str(run), "--device", "cpu", "-q"])) == 0
     with open(run / "metrics.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+
+
+def test_a_run_saved_on_more_gpus_resumes_on_fewer():
+    """last/ of a run on a 2-GPU node holds one CUDA RNG state per GPU; a 1-GPU machine takes its first
+    (torch's set_rng_state_all raised IndexError on the second)."""
+    state = _rng_state()
+    state["cuda"] = [*state["cuda"], *state["cuda"]] + [state["cuda"][0]]
+    _set_rng_state(state)
+    assert torch.equal(torch.cuda.get_rng_state(0), state["cuda"][0])
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

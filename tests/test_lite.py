@@ -174,19 +174,19 @@ def test_train_sizes_draw_each_batch_side_and_a_resume_draws_the_same(processed,
     assert [r["train_loss"] for r in history(stopped)] == [r["train_loss"] for r in history(straight)]
 
 
-@pytest.mark.parametrize("sizes", [["100"], ["64", "80"]])
+@pytest.mark.parametrize("sizes", [["100"], ["64", "80"], ["32", "64"]])
 def test_train_sizes_that_are_not_multiples_of_32_are_refused(processed, tmp_path, capsys, sizes):
     run = tmp_path / "run"
     assert run_train(*tiny_run(processed, run, "--epochs", "1", "--train-sizes", *sizes)) == 1
-    assert f"--train-sizes {' '.join(sizes)}: each must be a multiple of 32" in capsys.readouterr().err
+    assert f"--train-sizes {' '.join(sizes)}: each must be a multiple of 32, at least 64" in capsys.readouterr().err
     assert not (run / "best").exists()
 
 
-@pytest.mark.parametrize("size", ["100", "96", "48"])
+@pytest.mark.parametrize("size", ["100", "96", "48", "32"])
 def test_a_low_res_size_that_is_not_a_smaller_multiple_of_32_is_refused(processed, tmp_path, capsys, size):
     run = tmp_path / "run"
     assert run_train(*tiny_run(processed, run, "--epochs", "1", "--low-res-epochs", "1", "--low-res-size", size)) == 1
-    assert f"--low-res-size {size}: must be a multiple of 32 below the model's input size (96)" in capsys.readouterr().err
+    assert f"--low-res-size {size}: must be a multiple of 32, from 64 to below the model's input size (96)" in capsys.readouterr().err
     assert not (run / "best").exists()
 
 

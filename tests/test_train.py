@@ -107,6 +107,26 @@ def test_holdout_split_keeps_each_source_photo_on_one_side():
     assert holdout_split(rows, 0.2, seed=0) == (train, held) and holdout_split(rows, 0.2, seed=1) != (train, held)
     with pytest.raises(DataError, match="between 0 and 1"):
         holdout_split(rows, 1.0, seed=0)
+    two = [{"task": "cracks", "image": f"/x/{stem}.jpg"} for stem in "ab"]
+    assert [len(part) for part in holdout_split(two, 0.75, seed=0)] == [1, 1]  # one photo stays to train on
+    assert holdout_split(two[:1], 0.5, seed=0) == (two[:1], [])
+
+
+def test_holdout_that_sets_nothing_aside_or_a_new_seed_on_resume_is_refused(processed, tiny, tmp_path, capsys):
+    """A hold-out with no photo to pick best/ on stops before training (it used to crash after an epoch);
+    the photos set aside are drawn with --seed, so a resume with another seed would pick best/ on photos
+    it trained on: refused, while the run's own seed resumes."""
+    first = {}
+    single = copy_manifests(processed, tmp_path / "single",
+                            lambda split, r: split == "valid" or first.setdefault(r["task"], r["image"]) == r["image"])
+    err = run_train_err(capsys, *base_args(single, tiny, tmp_path / "r1", "--epochs", "1", "--holdout", "0.5"))
+    assert "--holdout 0.5 sets no photo aside" in err and "Traceback" not in err
+    assert not (tmp_path / "r1" / "last").exists()
+    run = tmp_path / "run"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "2", "--stop-after", "1", "--holdout", "0.3")) == 0
+    err = run_train_err(capsys, "--resume", str(run), "-q", "--seed", "7")
+    assert "the photos --holdout sets aside differ from the run's" in err and len(history(run)) == 1
+    assert run_train("--resume", str(run), "-q", "--seed", "0") == 0 and len(history(run)) == 2
 
 
 def test_holdout_picks_best_on_train_photos_and_the_report_says_so(processed, tiny, tmp_path):
