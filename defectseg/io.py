@@ -366,8 +366,12 @@ def recover_folder(target: str | Path) -> None:
     if target.exists():
         return
     prefix = _sibling(target, "old").name
-    aside = sorted((p for p in target.parent.glob(glob.escape(prefix) + "*")
-                    if p.is_dir() and not pid_alive(p.name[len(prefix):])), key=lambda p: p.stat().st_mtime)
-    if aside:
-        logging.getLogger(__name__).warning("restoring %s from %s (a save was interrupted)", target, aside[-1])
-        aside[-1].rename(target)
+    try:
+        aside = sorted((p for p in target.parent.glob(glob.escape(prefix) + "*")
+                        if p.is_dir() and not pid_alive(p.name[len(prefix):])), key=lambda p: p.stat().st_mtime)
+        if aside:
+            logging.getLogger(__name__).warning("restoring %s from %s (a save was interrupted)", target, aside[-1])
+            aside[-1].rename(target)
+    except OSError:
+        if not target.exists():  # else another process (a DDP rank resuming too) put it back first
+            raise

@@ -227,3 +227,20 @@ def test_a_swap_cut_between_its_renames_is_repaired_unless_its_writer_still_runs
     os.rename(tmp_path / ".last.old-1", tmp_path / ".last.old-999999999")  # no such process: a crash
     recover_folder(target)
     assert (target / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_two_processes_repairing_one_swap_both_succeed(tmp_path, monkeypatch):
+    """Every DDP rank resuming a run repairs last/; the one that loses the race finds it put back."""
+    target = tmp_path / "last"
+    write_folder(target, "old")
+    aside = tmp_path / ".last.old-999999999"
+    os.rename(target, aside)
+
+    def other_rank_wins(pid: str) -> bool:  # the other process renames between our look and our rename
+        if aside.exists():
+            os.rename(aside, target)
+        return False
+
+    monkeypatch.setattr(io_module, "pid_alive", other_rank_wins)
+    recover_folder(target)
+    assert (target / "a.txt").read_text() == "old"
