@@ -42,7 +42,7 @@ class ImageBank:
         for row in cli.progress(rows, desc="decoding train images", unit="img", enabled=progress):
             image, mask = load_image(row["image"]), read_mask_png(row["mask"]).astype(np.uint8)
             if mask.shape != image.shape[:2]:
-                mask = cv2.resize(mask, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+                mask = cv2.resize(mask, image.shape[1::-1], interpolation=cv2.INTER_NEAREST_EXACT)
             images.append(image)
             masks.append(mask)
         return cls(images, masks, flips)

@@ -545,7 +545,7 @@ def read_prediction(pred_dir: str | Path, row: dict, shape: tuple[int, int],
         return np.zeros(shape, dtype=bool), "unreadable", False
     pred = values > 0 if pred_threshold is None else values >= pred_threshold
     if pred.shape != tuple(shape):
-        resized = cv2.resize(pred.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+        resized = cv2.resize(pred.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
         return resized > 0, "resized", is_graded(values)
     return pred, "ok", is_graded(values)
 

@@ -54,7 +54,7 @@ from .tasks import Task, find_task_dir, is_folder_name
 
 log = logging.getLogger(__name__)
 
-RASTER_VERSION = "2"  # bump when the rasterization rules change: every mask becomes stale
+RASTER_VERSION = "3"  # bump when the rasterization rules change: every mask becomes stale
 # Max Hamming distance (of 256 bits) between 16x16 average hashes, under any flip/rotation, for two
 # images to count as near-duplicates. Checked by eye on the real sets: at <= 3 the pairs are the same
 # photo (re-encoded, flipped or rotated); from about 4 on, plain walls that merely look alike creep in.
@@ -126,7 +126,7 @@ def process_job(job: Job) -> tuple[dict | None, list[Problem]]:
             problems.append(
                 Problem(where, "size_mismatch", f"JSON says {entry.width}x{entry.height}, file is {width}x{height}; mask rescaled", True)
             )
-            mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+            mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST_EXACT) > 0
     elif orientation != 1 and raw_size == declared:
         # Ambiguous: the JSON's size fits both the stored and the displayed picture (a 180-degree turn, a
         # mirror, or a square image). Taken as drawn on the displayed picture, and flagged for a look. (A

@@ -167,6 +167,21 @@ def test_threshold_source_names_the_tasks_without_a_tuned_threshold(processed, t
     assert load_metrics(out)["threshold_source"] == "from the checkpoint; default 0.5 for segment taping area"
 
 
+@pytest.mark.parametrize("stored, line", [(5, 2), (352, 175)])
+def test_a_prediction_of_another_size_is_resized_about_pixel_centres(tmp_path, stored, line):
+    """A centred 1-px line in a 5-px-wide mask is the centre column of a 7-px-wide ground truth; plain
+    nearest (floor(x * 5/7)) made it 2 px wide and shifted (IoU 0.5). Masks saved at CLIPSeg's 352 px,
+    scored at 640: the line at columns 175-176 (352 px) maps to columns 318-321 of 640, 4 px centred on 320."""
+    row = {"image": "/x/a.jpg", "mask": "/x/a_mask.png", "prompt": "segment crack"}
+    mask = np.zeros((stored, stored), bool)
+    mask[:, line:stored - line] = True
+    write_mask_png(tmp_path / evaluation.output_name(row["image"], row["mask"], row["prompt"]), mask)
+    size = 7 if stored == 5 else 640
+    pred, status, _ = evaluation.read_prediction(tmp_path, row, (size, size))
+    expected = [3] if stored == 5 else [318, 319, 320, 321]
+    assert status == "resized" and np.flatnonzero(pred[0]).tolist() == expected and (pred == pred[:1]).all()
+
+
 def test_pred_dir_hand_made_predictions(processed, valid_rows, tmp_path):
     """cracks: 2 exact copies + 2 missing -> IoU exactly 0.5. drywall: 2 copies, 1 all-foreground mask at
     half size (resized nearest -> IoU = the ground truth's foreground fraction), 1 missing."""
@@ -666,7 +681,7 @@ def test_ground_truth_of_another_size_is_warned_about(processed, tiny_dir, valid
     assert gt.shape == (640, 640) and (rows[0]["width"], rows[0]["height"]) == ("640", "640")
     small = tmp_path / "small" / Path(rows[0]["mask"]).name
     small.parent.mkdir()
-    cv2.imwrite(str(small), cv2.resize(gt.astype(np.uint8) * 255, (320, 320), interpolation=cv2.INTER_NEAREST))
+    cv2.imwrite(str(small), cv2.resize(gt.astype(np.uint8) * 255, (320, 320), interpolation=cv2.INTER_NEAREST_EXACT))
     rows[0]["mask"] = str(small)
     write_manifest(data / "valid" / "manifest.csv", rows)
     expected = f"{small.name}: ground truth 320x320, image 640x640"
