@@ -532,22 +532,37 @@ def is_graded(values: np.ndarray) -> bool:
 
 
 def read_prediction(pred_dir: str | Path, row: dict, shape: tuple[int, int],
-                    pred_threshold: float | None = None) -> tuple[np.ndarray, str, bool]:
+                    pred_threshold: float | None = None) -> tuple[np.ndarray, str, np.ndarray | None]:
     """The (H, W) = ``shape`` bool mask predicted for ``row`` in ``pred_dir``, how it was found ("ok",
-    "resized" (another size: resized nearest), "missing" or "unreadable" (both: an empty mask)), and
-    whether the file holds graded values (``is_graded``). Foreground: pixel value >= ``pred_threshold``
-    (values as stored), or any non-zero pixel when None."""
+    "resized" (another size: resized nearest), "missing" or "unreadable" (both: an empty mask)), and the
+    file's pixel values as stored (None when missing or unreadable). Foreground: pixel value >=
+    ``pred_threshold`` (values as stored), or any non-zero pixel when None."""
     path = prediction_path(pred_dir, row)
     if not path.is_file():
-        return np.zeros(shape, dtype=bool), "missing", False
+        return np.zeros(shape, dtype=bool), "missing", None
     values = read_prediction_values(path)
     if values is None:
-        return np.zeros(shape, dtype=bool), "unreadable", False
+        return np.zeros(shape, dtype=bool), "unreadable", None
     pred = values > 0 if pred_threshold is None else values >= pred_threshold
     if pred.shape != tuple(shape):
         resized = cv2.resize(pred.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST_EXACT)
-        return resized > 0, "resized", is_graded(values)
-    return pred, "ok", is_graded(values)
+        return resized > 0, "resized", values
+    return pred, "ok", values
+
+
+def warn_off_scale(marked: list[tuple[str, int]], pred_threshold: float, pred_dir: str | Path) -> None:
+    """Warn when ``pred_threshold`` is not on the scale of the masks' values (as stored): above the largest
+    value of every mask that marks anything ({0, 1} masks at 128: all scored as empty), or at most 1 on
+    masks of larger values (0..255 probabilities at 0.5: every non-zero pixel counts)."""
+    if marked and all(top < pred_threshold for _, top in marked):
+        name, top = max(marked, key=lambda m: m[1])
+        log.warning("--pred-threshold %g is above every value of the %d prediction(s) in %s that mark anything "
+                    "(the largest: %d, in %s), so all of them score as empty: give V on the masks' own scale",
+                    pred_threshold, len(marked), pred_dir, top, name)
+    elif pred_threshold <= 1 and (above := [m for m in marked if m[1] > 1]):
+        log.warning("--pred-threshold %g is a value as stored, but %d prediction(s) in %s hold values up to %d "
+                    "(e.g. %s), so every non-zero pixel counts as foreground: for 0..255 probabilities use e.g. 128",
+                    pred_threshold, len(above), pred_dir, max(top for _, top in above), above[0][0])
 
 
 def evaluate_pred_dir(pred_dir: str | Path, rows: Sequence[dict], *, workers: int = 2,
@@ -560,16 +575,20 @@ def evaluate_pred_dir(pred_dir: str | Path, rows: Sequence[dict], *, workers: in
     result = RunResult(scores=[])
     start = time.perf_counter()
     lists = {"missing": result.missing, "unreadable": result.unreadable, "resized": result.resized}
+    marked: list[tuple[str, int]] = []  # (file, its largest value) of each prediction with a non-zero pixel
     for batch in cli.progress(iter_rows(rows, 64, load_images=False, workers=workers), desc="score", unit="batch",
                               total=-(-len(rows) // 64), enabled=progress):
         result.skipped += batch.skipped
         result.gt_resized += batch.gt_resized
         for row, target in zip(batch.rows, batch.targets):
-            pred, status, graded = read_prediction(pred_dir, row, target.shape, pred_threshold)
+            pred, status, values = read_prediction(pred_dir, row, target.shape, pred_threshold)
+            name = prediction_path(pred_dir, row).name
             if status in lists:
-                lists[status].append(prediction_path(pred_dir, row).name)
-            if graded:
-                result.graded.append(prediction_path(pred_dir, row).name)
+                lists[status].append(name)
+            if values is not None and is_graded(values):
+                result.graded.append(name)
+            if values is not None and values.any():
+                marked.append((name, int(values.max())))
             if status == "missing":
                 result.missing_by_task[row["task"]] = result.missing_by_task.get(row["task"], 0) + 1
             result.scores.append(ImageScore(image=row["image"], mask=row["mask"], task=row["task"],
@@ -584,6 +603,8 @@ def evaluate_pred_dir(pred_dir: str | Path, rows: Sequence[dict], *, workers: in
         log.warning("%d prediction(s) in %s hold values other than 0 and 255 (probability maps?), e.g. %s; "
                     "they are binarized at > 0, so every non-zero pixel counts as foreground: threshold them "
                     "first, or pass --pred-threshold (e.g. 128)", len(result.graded), pred_dir, result.graded[0])
+    if pred_threshold is not None:
+        warn_off_scale(marked, pred_threshold, pred_dir)
     for task, n in sorted(result.missing_by_task.items()):
         if n == sum(s.task == task for s in result.scores):
             log.warning("%s has no mask at all for task %s (all %d scored as empty); if it does not cover that "

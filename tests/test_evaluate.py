@@ -645,6 +645,13 @@ def test_probability_maps_are_warned_about_and_can_be_thresholded(processed, val
     assert m["conventions"]["threshold_rule"] == "foreground iff pixel value >= 128"
     assert "--pred-threshold 128" in m["command"]
     assert "a pixel is foreground iff its value >= 128" in (out / "report.md").read_text()
+    assert "is above every value" not in log and "is a value as stored" not in log
+
+    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out", str(out),
+                           "--pred-threshold", "0.5")  # a probability, on masks of 0..255
+    warnings = [line for line in log.splitlines() if "--pred-threshold 0.5 is a value as stored" in line]
+    assert code == 0 and len(warnings) == 1 and "8 prediction(s)" in warnings[0] and "up to 200" in warnings[0]
+    assert load_metrics(out)["tasks"]["cracks"]["recall"] == 1.0  # every pixel counted, as warned
 
 
 def test_zero_one_masks_are_not_warned_about(processed, valid_rows, tmp_path, capsys):
@@ -657,6 +664,14 @@ def test_zero_one_masks_are_not_warned_about(processed, valid_rows, tmp_path, ca
     assert code == 0 and "hold values" not in log
     m = load_metrics(tmp_path / "r")
     assert m["overall"]["iou"] == 1.0 and m["predictions"]["graded"]["count"] == 0
+    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out",
+                           str(tmp_path / "r"), "--examples", "0", "--pred-threshold", "128")  # all erased
+    warnings = [line for line in log.splitlines() if "--pred-threshold 128 is above every value" in line]
+    assert code == 0 and len(warnings) == 1 and "(the largest: 1," in warnings[0]
+    assert load_metrics(tmp_path / "r")["tasks"]["cracks"]["recall"] == 0.0
+    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out",
+                           str(tmp_path / "r"), "--examples", "0", "--pred-threshold", "1")
+    assert code == 0 and "--pred-threshold" not in log and load_metrics(tmp_path / "r")["overall"]["iou"] == 1.0
 
 
 def test_pred_threshold_is_checked(processed, tmp_path, capsys):
