@@ -53,7 +53,7 @@ from defectseg.io import (
     write_json_atomic,
     write_mask_png,
 )
-from defectseg.manifest import PREDICT_CONFIG_FILE, mask_name
+from defectseg.manifest import PREDICT_CONFIG_FILE, mask_name, name_stem
 from defectseg.metrics import binarize
 from defectseg.model import MODEL_ENV_VAR, SHIPPED_MODEL, ModelLoadError, resolve_model_arg
 from defectseg.report import PREDICTED
@@ -193,11 +193,20 @@ def output_suffixes(overlay: bool, probs: bool) -> list[str]:
 
 
 def without_own_outputs(paths: list[Path], out: Path, prompts: list[str]) -> list[Path]:
-    """``paths`` less the masks, overlays and probability maps this run would write in ``out`` (a re-run
-    whose --out is one of its input folders must not segment its own masks)."""
+    """``paths`` less the masks, overlays and probability maps in ``out`` that this run, or an earlier one
+    with any prompt, wrote: those this run would write, and the ``<stem>__*.png`` of an image among the
+    inputs there (a re-run whose --out is one of its input folders must not segment earlier masks)."""
     endings = tuple(f"__{prompt_slug(p)}{s}.png" for p in prompts for s in output_suffixes(True, True))
     out = out.resolve()
-    kept = [p for p in paths if not (p.parent.resolve() == out and p.name.endswith(endings))]
+    stems = {name_stem(p.name) for p in paths if p.parent.resolve() == out}
+
+    def earlier_output(p: Path) -> bool:
+        if p.parent.resolve() != out or p.suffix != ".png":
+            return False
+        cuts = [i for i in range(1, len(p.stem)) if p.stem.startswith("__", i)]
+        return p.name.endswith(endings) or any(p.stem[:i] in stems for i in cuts)
+
+    kept = [p for p in paths if not earlier_output(p)]
     if len(kept) < len(paths):
         log.info("skipping %d earlier outputs of predict.py in %s", len(paths) - len(kept), out)
     return kept
