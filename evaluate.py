@@ -37,7 +37,14 @@ from defectseg import evaluation, metrics, report
 from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_logging, split_name
 from defectseg.data import DataError, select_tasks
 from defectseg.data import load_rows as data_rows
-from defectseg.inference import PRECISIONS, Segmenter, add_tta_argument, check_device, checkpoint_metadata
+from defectseg.inference import (
+    PRECISIONS,
+    Segmenter,
+    add_tta_argument,
+    check_device,
+    checkpoint_metadata,
+    thresholds_mismatch,
+)
 from defectseg.io import AtomicFolder, ImageReadError, os_reason
 from defectseg.manifest import MANIFEST_FILE
 from defectseg.model import METADATA_FILE, SHIPPED_MODEL, ModelLoadError, read_metadata, resolve_model_arg
@@ -189,6 +196,8 @@ def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep:
               else "from the checkpoint")
     if args.threshold is not None:
         segmenter.thresholds, segmenter.default_threshold, source = {}, args.threshold, "--threshold"
+    elif mismatch := thresholds_mismatch(meta, model_arg, args.tta, args.ensemble):
+        log.warning("%s", mismatch)
     log.info("scoring %s on %d images (%s)", model_arg, len(rows), evaluation.device_name(segmenter.device))
     result = evaluation.evaluate_model(segmenter, rows, batch_size=args.batch_size, thresholds=sweep,
                                        other_prompts=other_prompts, mask_dir=mask_dir, workers=args.workers,

@@ -43,6 +43,7 @@ from defectseg.inference import (
     check_device,
     image_batches,
     precision_name,
+    thresholds_mismatch,
 )
 from defectseg.io import (
     IMAGE_EXTENSIONS,
@@ -55,7 +56,7 @@ from defectseg.io import (
 )
 from defectseg.manifest import PREDICT_CONFIG_FILE, mask_name, name_stem
 from defectseg.metrics import binarize
-from defectseg.model import MODEL_ENV_VAR, SHIPPED_MODEL, ModelLoadError, resolve_model_arg
+from defectseg.model import MODEL_ENV_VAR, SHIPPED_MODEL, ModelLoadError, read_metadata, resolve_model_arg
 from defectseg.report import PREDICTED
 from defectseg.tasks import TaskTableError, prompt_slug
 
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=number_in(0, 1), default=None,
                         help="probability threshold for every prompt (default: the checkpoint's tuned "
                              "per-prompt thresholds, else 0.5)")
-    add_tta_argument(parser)  # the checkpoint's thresholds were tuned without it (evaluate.py --write-thresholds)
+    add_tta_argument(parser)  # a warning when the checkpoint's thresholds were tuned otherwise
     parser.add_argument("--ensemble", action="store_true",
                         help="average over the prompt's synonyms from the task table (thresholds: as --tta)")
     parser.add_argument("--overlay", action="store_true",
@@ -350,6 +351,9 @@ def main(args: argparse.Namespace) -> int:
             return fail(str(err))
         raise
     thresholds = {p: segmenter.threshold(p) if args.threshold is None else args.threshold for p in prompts}
+    if args.threshold is None and (mismatch := thresholds_mismatch(read_metadata(model), model, args.tta,
+                                                                   args.ensemble)):
+        log.warning("%s", mismatch)
     for p in (p for p in prompts if not segmenter.trained_on(p)):
         log.warning("prompt %r is not one the model was trained on (%s): its masks may mean little, at threshold "
                     "%g", p, ", ".join(repr(t.prompt) for t in segmenter.tasks.values()), thresholds[p])

@@ -104,6 +104,22 @@ def check_device(name: str) -> str | None:
     return None
 
 
+def _views(tta: str | None, ensemble: bool) -> str:
+    return " and ".join([f"--tta {tta}" if tta else "no --tta"] + ["--ensemble"] * bool(ensemble))
+
+
+def thresholds_mismatch(meta: dict, model_arg: str, tta: str | None, ensemble: bool) -> str | None:
+    """A warning when a checkpoint's thresholds were tuned (``evaluate.py --write-thresholds``, which
+    records ``thresholds_source``) with another --tta or --ensemble than a run's; None when they match or
+    nothing is recorded (training tunes them without either)."""
+    source = meta.get("thresholds_source")
+    if not isinstance(source, dict) or (source.get("tta"), bool(source.get("ensemble"))) == (tta, bool(ensemble)):
+        return None
+    return (f"the thresholds of {model_arg} were tuned with {_views(source.get('tta'), source.get('ensemble'))} "
+            f"(evaluate.py --write-thresholds on {source.get('split')}); this run uses {_views(tta, ensemble)}, so "
+            "they may not fit: run with the same, retune them, or pass --threshold")
+
+
 def checkpoint_metadata(model_arg: str) -> tuple[dict[str, Task], dict[str, float]]:
     """The task table and per-prompt thresholds a model carries in its defectseg metadata (a checkpoint
     folder's defectseg.json, a decoder file's header); the built-in tasks and no thresholds for a Hub id.

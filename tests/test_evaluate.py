@@ -350,7 +350,7 @@ def test_save_masks_match_the_predict_path(processed, tiny_dir, segmenter, valid
     assert load_metrics(out)["threshold_source"] == "--threshold"
 
 
-def test_write_thresholds_updates_the_checkpoint(processed, tiny_dir, tmp_path):
+def test_write_thresholds_updates_the_checkpoint(processed, tiny_dir, tmp_path, capsys):
     model = tmp_path / "run" / "best"
     shutil.copytree(tiny_dir, model)
     (model / METADATA_FILE).write_text(json.dumps({"note": "kept", "thresholds": {"Segment Crack": 0.9}}))
@@ -365,6 +365,9 @@ def test_write_thresholds_updates_the_checkpoint(processed, tiny_dir, tmp_path):
     meta = read_metadata(model)
     assert meta["note"] == "kept" and meta["thresholds"] == best  # the old "Segment Crack" key replaced
     assert meta["thresholds_source"]["split"] == "valid"
+    code, log = run_logged(capsys, "--model", str(model), "--data", str(processed), "--out", str(tmp_path / "r2"),
+                           "--tta", "--examples", "0")
+    assert code == 0 and "were tuned with no --tta (evaluate.py --write-thresholds on valid); this run uses --tta flip" in log
     seg = Segmenter.load(str(model), "cpu")
     assert seg.threshold("segment crack") == best["segment crack"]
     assert seg.threshold("segment wall crack") == best["segment crack"]  # synonyms share it

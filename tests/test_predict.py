@@ -404,3 +404,22 @@ def test_a_run_stopped_half_way_is_recorded(tiny_dir: Path, tmp_path: Path, monk
     record = json.loads((out / predict.PREDICT_CONFIG_FILE).read_text())
     assert record["finished"] is False and record["thresholds"] == dict.fromkeys(PROMPTS, 0.3)
 
+
+
+def test_thresholds_tuned_with_tta_warn_a_run_without_it(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    """evaluate.py --write-thresholds records the --tta / --ensemble it tuned with; a run with other views
+    warns that the thresholds may not fit, a run with the same views or --threshold does not."""
+    from defectseg.evaluation import write_thresholds
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    write_thresholds(model, {"segment crack": 0.3}, {"split": "valid", "tta": "d4", "ensemble": False})
+    image = write_image(tmp_path / "shots" / "a.png", 20, 20)
+    capsys.readouterr()
+    runs = [((), True), (("--tta", "d4"), False), (("--threshold", "0.4"), False), (("--tta", "d4", "--ensemble"), True)]
+    for args, warned in runs:
+        assert run(model, tmp_path / "out", "--image", str(image), *args) == 0
+        err = capsys.readouterr().err
+        assert ("were tuned with --tta d4 (evaluate.py --write-thresholds on valid)" in err) == warned, args
+    assert run(tiny_dir, tmp_path / "out", "--image", str(image)) == 0  # nothing recorded: trained thresholds
+    assert "were tuned with" not in capsys.readouterr().err
