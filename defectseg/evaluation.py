@@ -649,10 +649,15 @@ def pred_dir_example(pred_dir: str | Path, score: ImageScore, pred_threshold: fl
 # The checkpoint: footprint and tuned thresholds
 
 
+NOT_MODEL_FILES = (".md", ".png", ".csv")  # a model folder's card, curves and metrics: not loaded
+
+
 def _size_on_disk(path: Path) -> int:
+    """Bytes of a file, or of the files a model folder's loading reads: its own files (not its subfolders,
+    such as a shipped model's report/) less ``NOT_MODEL_FILES``."""
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.suffix.lower() not in NOT_MODEL_FILES)
 
 
 def find_decoder_file(model_arg: str) -> Path | None:

@@ -424,6 +424,11 @@ def test_decoder_file_is_found_for_the_footprint(tiny_dir, tmp_path):
     model, _ = load_model(model_dir)
     f = evaluation.model_footprint(str(model_dir), parameter_counts(model))
     assert f["decoder_file_bytes"] == 10 and f["model_folder_bytes"] > 10
+    (model_dir / "README.md").write_text("a model card")  # a shipped model's card and report: not the model
+    (model_dir / "report").mkdir()
+    (model_dir / "report" / "examples.png").write_bytes(b"x" * 1000)
+    assert evaluation.model_footprint(str(model_dir), parameter_counts(model)) == f
+    assert f["model_folder_bytes"] == sum(p.stat().st_size for p in tiny_dir.iterdir())
     assert f["parameters"] > f["decoder_parameters"] > 0
     assert evaluation.model_footprint("CIDAS/clipseg-rd64-refined", parameter_counts(model))["model_folder_bytes"] is None
 
