@@ -139,9 +139,11 @@ def epoch_plan(rows: list[dict], tasks: list[Task], seed: int, epoch: int, negat
                flip: bool, synonyms: bool = True) -> list[Sample]:
     """The samples of one epoch, in training order: every row of the largest task once, and each smaller
     task's rows repeated (whole shuffled passes, then part of one more) to as many samples, so every
-    image is seen each epoch and the tasks weigh the same."""
+    image is seen each epoch and the tasks weigh the same. A negative pair asks for another task that the
+    image has no mask of (tasks sharing an export can both hold an image; then its target is not empty)."""
     rng = np.random.default_rng([seed, epoch])
     by_task = {t.name: [i for i, r in enumerate(rows) if r["task"] == t.name] for t in tasks}
+    images = {name: {rows[i].get("image") for i in own} - {None} for name, own in by_task.items()}
     present = [t for t in tasks if by_task[t.name]]
     largest = max(len(by_task[t.name]) for t in present)
     drawn = []
@@ -153,8 +155,9 @@ def epoch_plan(rows: list[dict], tasks: list[Task], seed: int, epoch: int, negat
     for index in rng.permutation(len(drawn)):
         task, row = drawn[index]
         negative = len(present) > 1 and rng.random() < negative_prob
+        others = [t for t in present if t.name != task.name and rows[row].get("image") not in images[t.name]]
+        negative = negative and bool(others)
         if negative:
-            others = [t for t in present if t.name != task.name]
             task = others[rng.integers(len(others))]
         prompts = task.prompts if synonyms else (task.prompt,)
         prompt = prompts[rng.integers(len(prompts))]

@@ -199,6 +199,19 @@ def test_an_epoch_sees_every_image_and_balances_the_tasks():
     assert sorted(counts) == [2, 2, 3]  # 7 drywall samples: two whole passes over 3 images, then one more
 
 
+
+def test_a_negative_pair_never_asks_for_a_task_the_image_has_a_mask_of():
+    """Two tasks over one export (a task table may split its categories): image a is in both, so asking
+    it for the other task is no negative (its target would be zeros where that task has a mask)."""
+    rows = [{"task": "cracks", "image": "a"}, {"task": "cracks", "image": "b"},
+            {"task": "drywall", "image": "a"}, {"task": "drywall", "image": "c"}]
+    plans = [epoch_plan(rows, list(DEFAULT_TASKS.values()), seed, 0, negative_prob=1.0, flip=False) for seed in range(20)]
+    negatives = [(rows[s.row]["image"], s.prompt) for plan in plans for s in plan if s.negative]
+    assert {image for image, _ in negatives} == {"b", "c"}
+    assert all((rows[s.row]["task"] == "cracks") == (s.prompt in DEFAULT_TASKS["cracks"].prompts)
+               for plan in plans for s in plan if rows[s.row]["image"] == "a")  # its own task's prompts
+
+
 # -- the four scripts ---------------------------------------------------------------------------
 
 
