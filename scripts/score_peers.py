@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from defectseg import evaluation  # noqa: E402
 from defectseg.manifest import MANIFEST_FILE, read_manifest  # noqa: E402
-from defectseg.tasks import DEFAULT_TASKS  # noqa: E402
+from defectseg.tasks import prompt_slug  # noqa: E402
 
 
 def main(args: argparse.Namespace) -> None:
@@ -26,8 +26,8 @@ def main(args: argparse.Namespace) -> None:
     print("| masks | task | images | mean IoU | mean Dice | micro IoU | precision | recall | missing |")
     print("|---|---|---|---|---|---|---|---|---|")
     for folder in sorted(p for p in Path(args.peers).iterdir() if p.is_dir()):
-        slugs = {t.slug for t in DEFAULT_TASKS.values() if any(folder.glob(f"*__{t.slug}.png"))}
-        covered = [r for r in rows if DEFAULT_TASKS[r["task"]].slug in slugs]
+        slugs = {slug for slug in {prompt_slug(r["prompt"]) for r in rows} if any(folder.glob(f"*__{slug}.png"))}
+        covered = [r for r in rows if prompt_slug(r["prompt"]) in slugs]  # the manifest's prompts, any task table
         result = evaluation.evaluate_pred_dir(folder, covered, progress=False)
         summary = evaluation.aggregate(result.scores)
         for task, m in summary["tasks"].items():
