@@ -38,6 +38,7 @@ from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_lo
 from defectseg.data import DataError, select_tasks
 from defectseg.data import load_rows as data_rows
 from defectseg.inference import (
+    PRECISION_HELP,
     PRECISIONS,
     Segmenter,
     add_tta_argument,
@@ -70,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int_at_least(1), default=16, help="images per batch (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="autocast precision; auto = bf16/fp16 on CUDA, fp32 elsewhere (default: %(default)s)")
+                        help=PRECISION_HELP + " (default: %(default)s)")
     parser.add_argument("--threshold", type=number_in(0, 1), default=None,
-                        help="use this threshold for every prompt instead of the checkpoint's")
+                        help="use this threshold for every prompt (default: the checkpoint's tuned per-prompt "
+                             "thresholds, else 0.5); the sweep is reported either way")
     add_tta_argument(parser)
     parser.add_argument("--ensemble", action="store_true", help="average the logits over each task's synonyms")
     parser.add_argument("--thresholds-sweep", nargs="+", type=number_in(0, 1), default=None, metavar="T",

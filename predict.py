@@ -36,6 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from defectseg import cli
 from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_logging, stop_if_terminated
 from defectseg.inference import (
+    PRECISION_HELP,
     PRECISIONS,
     LoadedImage,
     Segmenter,
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="images per batch (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto: bf16/fp16 on CUDA, fp32 elsewhere (default: %(default)s)")
+                        help=PRECISION_HELP + " (default: %(default)s)")
     parser.add_argument("--workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),
                         help="processes decoding images while the model runs; 0: in the main process "
                              "(default: %(default)s)")

@@ -3,7 +3,7 @@
 
     python train.py                                  # processed_dataset/ -> runs/<timestamp>/
     python train.py --model models/clipseg-rd64-refined --epochs 10 --out runs/first
-    python train.py --model lite --epochs 14 --lr 2e-3 --patience 0 --out runs/lite   # from scratch, offline
+    python train.py --model lite --low-res-epochs 10 --lr 2e-3 --patience 0 --out runs/lite   # from scratch
     python train.py --resume runs/first --epochs 20  # continue a run (same config, more epochs)
     torchrun --nproc_per_node 2 train.py ...         # data-parallel on 2 GPUs (or CPU processes)
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_logging
 from defectseg.data import DataError
-from defectseg.inference import PRECISIONS, check_device
+from defectseg.inference import PRECISION_HELP, PRECISIONS, check_device
 from defectseg.io import ImageReadError, os_reason, recover_folder
 from defectseg.model import ModelLoadError, resolve_model_arg
 from defectseg.tasks import TaskTableError, load_tasks
@@ -55,7 +55,7 @@ HELP = {
     "weight_decay": "AdamW weight decay",
     "warmup": "fraction of steps with linear warm-up before the cosine decay",
     "grad_clip": "max gradient norm (0: no clipping)",
-    "ema": "EMA decay of the weights, e.g. 0.999 (0: off); validation and best/ use the EMA weights",
+    "ema": "CLIPSeg: EMA decay of the weights, e.g. 0.999 (0: off); validation and best/ use the EMA weights",
     "bce_weight": "weight of the BCE term of the loss",
     "dice_weight": "weight of the soft Dice term of the loss",
     "lovasz_weight": "weight of the Lovasz hinge term of the loss in the --lovasz-epochs",
@@ -66,13 +66,12 @@ HELP = {
     "synonyms": "a random synonym of the task's prompt per sample; off: always the canonical prompt (default: on)",
     "seed": "random seed (same seed, same numbers on CPU)",
     "device": "auto, cpu, cuda, cuda:1, mps",
-    "precision": "auto (bf16/fp16 on CUDA; on CPU fp32, or bf16 for LiteSeg where the CPU has native bf16), "
-                 "fp32, bf16, fp16",
-    "cache": "train from cached vision activations; off: HF's plain forward every step, slow (default: on)",
-    "cache_dir": "feature cache folder (default: <data>/features)",
-    "cache_dtype": "fp16 or fp32 storage of cached activations",
-    "train_vision_layers": "also fine-tune the last K used vision layers (turns the cache off)",
-    "vision_lr_scale": "learning-rate multiplier for the vision layers --train-vision-layers unfreezes",
+    "precision": PRECISION_HELP,
+    "cache": "CLIPSeg: train from cached vision activations; off: HF's plain forward every step, slow (default: on)",
+    "cache_dir": "CLIPSeg: feature cache folder (default: <data>/features)",
+    "cache_dtype": "CLIPSeg: fp16 or fp32 storage of cached activations",
+    "train_vision_layers": "CLIPSeg: also fine-tune the last K used vision layers (turns the cache off)",
+    "vision_lr_scale": "CLIPSeg: learning-rate multiplier for the vision layers --train-vision-layers unfreezes",
     "patience": "early stop after this many epochs without a better validation score (0: never)",
     "val_batch_size": "batch size for validation and cache building",
     "holdout": "fraction of the train photos (grouped by source photo) set aside to pick best/ and tune its "
@@ -114,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = HELP[f.name] if "default" in HELP[f.name] else f"{HELP[f.name]} (default: {default})"
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        help_text = HELP[f.name] if "default" in HELP[f.name] else f"{HELP[f.name]} (default: {shown or 'none'})"
         if isinstance(default, bool):  # --flag and --no-flag
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=HELP[f.name])  # and --no-...
         elif isinstance(default, list):

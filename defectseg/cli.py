@@ -209,8 +209,8 @@ def nonempty(text: str) -> str:
 
 
 def add_tasks_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS),
-                        help="tasks to use, names from the task table (default: %(default)s)")
+    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), metavar="TASK",
+                        help=f"tasks to use, names from the task table (default: {' '.join(DEFAULT_TASKS)})")
     parser.add_argument("--tasks-file", default=None,
                         help="JSON file that adds or overrides tasks, prompts and synonyms (see defectseg/tasks.py)")
 

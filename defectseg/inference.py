@@ -67,7 +67,7 @@ def add_tta_argument(parser) -> None:
     parser.add_argument("--tta", nargs="?", const="flip", default=None, choices=list(TTA_VIEWS),
                         help="average the logits over views of each image: flip (the default of a bare --tta: "
                              "the image and its mirror image, 2x the cost) or d4 (also their 90-degree rotations, "
-                             "8x the cost, for models trained with rotations such as LiteSeg)")
+                             "8x the cost, for models trained with rotations such as LiteSeg); default: off")
 
 
 def undo_view(x: torch.Tensor, view: int) -> torch.Tensor:
@@ -152,6 +152,8 @@ def checkpoint_metadata(model_arg: str) -> tuple[dict[str, Task], dict[str, floa
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what --precision takes, in every script
+PRECISION_HELP = ("autocast precision; auto: bf16 on CUDA GPUs that have it, else fp16; on CPU fp32, or bf16 for "
+                  "LiteSeg where the CPU has native bf16 (AVX512-BF16, AMX)")
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
