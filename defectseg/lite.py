@@ -33,6 +33,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import BatchEncoding
 
+from .tasks import normalize_prompt
+
 MODEL_TYPE = "defectseg-lite"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -249,13 +251,15 @@ class LiteImageProcessor:
 
 
 class ByteTokenizer:
-    """Prompts -> UTF-8 byte ids (byte b is b + 1; 0 pads), like an HF tokenizer's ``__call__``."""
+    """Prompts -> UTF-8 byte ids (byte b is b + 1; 0 pads), like an HF tokenizer's ``__call__``. A prompt
+    is read lowercased with its spaces collapsed (``normalize_prompt``), as prompts are looked up and as
+    CLIP's tokenizer reads them: "SEGMENT  Crack" is "segment crack"."""
 
     def __init__(self, max_length: int):
         self.max_length = max_length
 
     def __call__(self, prompts, padding: bool = True, truncation: bool = True, return_tensors: str = "pt") -> BatchEncoding:
-        encoded = [list(p.encode("utf-8"))[: self.max_length] or [32] for p in prompts]
+        encoded = [list(normalize_prompt(p).encode("utf-8"))[: self.max_length] or [32] for p in prompts]
         length = max(len(e) for e in encoded)
         ids = torch.zeros(len(encoded), length, dtype=torch.long)
         mask = torch.zeros(len(encoded), length, dtype=torch.long)

@@ -204,13 +204,14 @@ def tasks_to_dict(tasks: dict[str, Task]) -> dict[str, dict]:
 
 
 def load_tasks_from_metadata(metadata: dict, source: str = "checkpoint metadata") -> dict[str, Task]:
-    """The task table a checkpoint was trained with (built-ins when it records none). Raises
+    """The task table a checkpoint was trained with: its own tasks only (a model trained on cracks alone
+    was not trained on the built-in drywall task), or the built-ins when it records none. Raises
     TaskTableError starting with ``source`` (the file) when it is malformed."""
     specs = metadata.get("tasks") or {}
     if not isinstance(specs, dict):
         raise TaskTableError(f"{source}: 'tasks' must be an object mapping task names to specs, "
                              f"got {type(specs).__name__}")
-    tasks = dict(DEFAULT_TASKS)
+    tasks = {} if specs else dict(DEFAULT_TASKS)
     for name, spec in specs.items():
         tasks[name] = _task_from_dict(name, spec, source)
     return tasks

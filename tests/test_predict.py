@@ -423,3 +423,22 @@ def test_thresholds_tuned_with_tta_warn_a_run_without_it(tiny_dir: Path, tmp_pat
         assert ("were tuned with --tta d4 (evaluate.py --write-thresholds on valid)" in err) == warned, args
     assert run(tiny_dir, tmp_path / "out", "--image", str(image)) == 0  # nothing recorded: trained thresholds
     assert "were tuned with" not in capsys.readouterr().err
+
+
+def test_a_checkpoint_knows_only_the_tasks_it_was_trained_on(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    """A model trained on a custom table alone (or on --tasks cracks) was not trained on the built-in
+    tasks: their prompts warn, and its own prompt gets its tuned threshold."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    meta = {"tasks": {"spalling": {"prompt": "segment spalling", "synonyms": [], "dirs": ["spalling"]}},
+            "thresholds": {"segment spalling": 0.3}}
+    (model / "defectseg.json").write_text(json.dumps(meta))
+    seg = Segmenter.load(str(model), "cpu")
+    assert list(seg.tasks) == ["spalling"] and seg.trained_on("Segment Spalling")
+    assert not seg.trained_on("segment crack") and seg.threshold("segment spalling") == 0.3
+    image = write_image(tmp_path / "shots" / "a.png", 20, 20)
+    capsys.readouterr()
+    assert run(model, tmp_path / "out", "--image", str(image), prompts=["segment crack", "segment spalling"]) == 0
+    err = capsys.readouterr().err
+    assert "'segment crack' is not one the model was trained on ('segment spalling')" in err
+    assert "'segment spalling' is not one" not in err
