@@ -32,10 +32,10 @@ import numpy as np
 
 import predict
 from defectseg.cli import fail, int_at_least, nonempty, run, setup_logging
-from defectseg.inference import Segmenter, check_device
+from defectseg.inference import Segmenter, check_device, thresholds_mismatch
 from defectseg.io import ImageReadError, load_image, read_mask_png
 from defectseg.manifest import mask_name
-from defectseg.model import MODEL_ENV_VAR, SHIPPED_MODEL, ModelLoadError, resolve_model_arg
+from defectseg.model import MODEL_ENV_VAR, SHIPPED_MODEL, ModelLoadError, read_metadata, resolve_model_arg
 from defectseg.tasks import TaskTableError, prompt_slug
 
 if TYPE_CHECKING:
@@ -270,6 +270,15 @@ def build_ui(inspector: Inspector, model: str) -> gr.Blocks:
     return demo
 
 
+def load_segmenter(model: str, device: str) -> Segmenter:
+    """The model the page serves (without TTA); a warning when its thresholds, the sliders' starting
+    values, were tuned with TTA or the synonym ensemble. Raises ModelLoadError, TaskTableError."""
+    segmenter = Segmenter.load(model, device)
+    if mismatch := thresholds_mismatch(read_metadata(model), model, None, False):
+        log.warning("%s", mismatch)
+    return segmenter
+
+
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.quiet)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own requests to itself
@@ -282,7 +291,7 @@ def main(args: argparse.Namespace) -> int:
         return fail(problem)
     model = resolve_model_arg(args.model, SHIPPED_MODEL)
     try:
-        segmenter = Segmenter.load(model, args.device)
+        segmenter = load_segmenter(model, args.device)
     except (ModelLoadError, TaskTableError) as err:
         return fail(str(err))
     with tempfile.TemporaryDirectory(prefix="defectseg-app-") as workdir:

@@ -206,7 +206,16 @@ class LiteSeg(nn.Module):
         raw = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
         config = LiteConfig(**{k: v for k, v in raw.items() if k in LiteConfig.__dataclass_fields__})
         model = cls(config)
-        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
+        weights = folder / WEIGHTS_FILE
+        try:
+            state = load_file(str(weights))
+        except Exception as exc:  # truncated, not safetensors
+            raise ValueError(f"{weights}: {exc}") from exc
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:  # torch lists the mismatches after a first line naming only the class
+            detail = " ".join(str(exc).split("\n")[1:]).split()
+            raise ValueError(f"{weights} does not fit {folder / CONFIG_FILE}: {' '.join(detail)[:300]}") from exc
         return model.to(memory_format=torch.channels_last)
 
 

@@ -102,11 +102,7 @@ def load_model(
     """
     if isinstance(name_or_path, Path) or _looks_like_local_path(name_or_path):
         path = Path(name_or_path).expanduser()
-        try:
-            recover_folder(path)
-        except OSError as exc:  # e.g. a read-only copy of the runs folder
-            raise ModelLoadError(f"model path {path} is missing and the copy an interrupted save set aside "
-                                 f"cannot be put back ({os_reason(exc)}); rename it to {path.name}") from None
+        _recover(path)
         if not path.exists():
             raise ModelLoadError(f"model path {path} does not exist")
         if path.is_file():
@@ -117,6 +113,15 @@ def load_model(
         model, processor = _load_from_hub(name_or_path)
     model.to(device).eval()
     return model, processor
+
+
+def _recover(path: Path) -> None:
+    """Put back a checkpoint folder that an interrupted save set aside (``recover_folder``)."""
+    try:
+        recover_folder(path)
+    except OSError as exc:  # e.g. a read-only copy of the runs folder
+        raise ModelLoadError(f"model path {path} is missing and the copy an interrupted save set aside "
+                             f"cannot be put back ({os_reason(exc)}); rename it to {path.name}") from None
 
 
 def _looks_like_local_path(name: str) -> bool:
@@ -227,11 +232,15 @@ def _from_pretrained(source: str, **kwargs: Any) -> tuple[CLIPSegForImageSegment
     """``from_pretrained`` for both model and processor; warns if model weights had to be initialized."""
     model, info = CLIPSegForImageSegmentation.from_pretrained(source, output_loading_info=True, **kwargs)
     processor = CLIPSegProcessor.from_pretrained(source, **kwargs)
-    missing = info.get("missing_keys") or []
+    missing = sorted(info.get("missing_keys") or [])  # a list, or a set in transformers 5
     if missing:
         logger.warning(
             "%s: %d weights were missing and randomly initialized (e.g. %s)", source, len(missing), missing[0]
         )
+    ids = processor.tokenizer(["segment crack", "segment taping area"], padding=True)["input_ids"]
+    if ids[0] == ids[1]:  # a folder copied without vocab.json / merges.txt / tokenizer.json
+        raise ValueError("its tokenizer reads different prompts as the same tokens (are vocab.json and "
+                         "merges.txt missing?), so every prompt would give the same mask")
     return model, processor
 
 
@@ -273,16 +282,21 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     Returns {} when there is none (including Hub ids and paths that do not exist).
     """
     path = Path(path).expanduser()
+    if not path.exists() and _looks_like_local_path(str(path)):
+        _recover(path)  # before its metadata is read, not only before its weights
     try:
         if path.is_dir():
             meta_file = path / METADATA_FILE
-            raw, where = (meta_file.read_text(encoding="utf-8") if meta_file.is_file() else None), meta_file
+            raw, where = (meta_file.read_text(encoding="utf-8-sig") if meta_file.is_file() else None), meta_file
         elif path.is_file() and path.suffix == ".safetensors":
             raw, where = _safetensors_header(path).get(_METADATA_KEY), path
         else:
             return {}
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read the metadata ({os_reason(exc)})") from None
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError(f"{path / METADATA_FILE}: metadata is not UTF-8 text ({exc.reason} at byte "
+                             f"{exc.start}); save it as UTF-8") from None
     try:
         meta = json.loads(raw) if raw else {}
     except ValueError as exc:

@@ -149,6 +149,18 @@ def test_a_bad_model_is_one_line_and_exit_1(monkeypatch, tmp_path, capsys):
     assert str(tmp_path / "missing") in line
 
 
+def test_thresholds_tuned_with_tta_warn_the_app_that_runs_without(tmp_path, caplog):
+    from defectseg.evaluation import write_thresholds
+
+    model = tmp_path / "model"
+    shutil.copytree(SHIPPED_MODEL, model, ignore=shutil.ignore_patterns("report", "ablations"))
+    assert app.load_segmenter(str(model), "cpu") and "were tuned with" not in caplog.text
+    write_thresholds(model, {"segment crack": 0.5}, {"split": "valid", "tta": "d4", "ensemble": True})
+    segmenter = app.load_segmenter(str(model), "cpu")
+    assert segmenter.threshold("segment crack") == 0.5
+    assert "were tuned with --tta d4 and --ensemble (evaluate.py --write-thresholds on valid)" in caplog.text
+
+
 # -- the running app: gradio_client and Chromium ------------------------------------------------------
 
 

@@ -441,13 +441,68 @@ def test_interrupted_swap_is_recovered(tiny_dir, tmp_path):
 
 
 def test_corrupt_metadata_is_a_model_load_error(tiny_dir, tmp_path):
-    import shutil
-
     folder = tmp_path / "ckpt"
     shutil.copytree(tiny_dir, folder)
     (folder / "defectseg.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="defectseg.json: metadata is not valid JSON"):
         read_metadata(folder)
+    (folder / "defectseg.json").write_bytes('{"note": "fissure é"}'.encode("cp1252"))  # a Windows editor's save
+    with pytest.raises(ModelLoadError, match="defectseg.json: metadata is not UTF-8 text"):
+        read_metadata(folder)
+    (folder / "defectseg.json").write_bytes('{"note": "é"}'.encode("utf-8-sig"))  # with a BOM: fine
+    assert read_metadata(folder) == {"note": "é"}
+
+
+def test_metadata_of_a_folder_set_aside_by_an_interrupted_save_is_read(tiny_dir, tmp_path):
+    """Its thresholds and tasks, not the defaults: the metadata is read first, so it puts the folder back."""
+    from defectseg.inference import Segmenter
+
+    folder = tmp_path / "best"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "defectseg.json").write_text(json.dumps({"thresholds": {"segment crack": 0.3}}))
+    folder.rename(tmp_path / ".best.old-999999999")
+    assert Segmenter.load(str(folder), "cpu").threshold("segment crack") == 0.3
+
+
+def test_a_clipseg_folder_without_its_vocabulary_is_refused(tiny_dir, tmp_path):
+    """Copied without vocab.json, merges.txt and tokenizer.json, CLIP's tokenizer loads empty: every prompt
+    gave the same mask."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, folder)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="reads different prompts as the same tokens"):
+        load_model(folder)
+
+
+def test_missing_weights_warn_and_load(tiny_dir, tmp_path, caplog):
+    """transformers 5 reports missing keys as a set: the warning used to be a failed load."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    dropped = sorted(k for k in weights if k.startswith("decoder."))[0]
+    save_file({k: v for k, v in weights.items() if k != dropped}, folder / "model.safetensors", {"format": "pt"})
+    model, _ = load_model(folder)
+    assert f"1 weights were missing and randomly initialized (e.g. {dropped})" in caplog.text
+
+
+def test_a_liteseg_whose_weights_do_not_fit_its_config_names_the_mismatch(tmp_path):
+    from defectseg import lite
+
+    folder = tmp_path / "lite"
+    lite.build("lite-tiny", seed=0)[0].save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "text_dim": 8}))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(folder)
+    assert "model.safetensors does not fit" in str(err.value) and "prompt_encoder.embed.weight" in str(err.value)
+    (folder / "config.json").write_text(json.dumps(config))
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="model.safetensors: "):
+        load_model(folder)
 
 
 def test_a_save_stopped_while_flushing_leaves_no_temp_folder(tiny_dir, tmp_path, monkeypatch):
