@@ -16,6 +16,7 @@ SAMPLE = REPO / "sample_data"
 SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 os.environ.pop("MAKELEVEL", None)  # `make test` sets it; messages that name make's variables are tested on purpose
+os.environ.pop("DEFECTSEG_MODEL", None)  # a user's shell setting would replace the shipped model the tests expect
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,6 @@ def test_bench_inference_prints_every_number(tiny_instead_of_rd64, capsys):
                                                        "--workers", "0"])) == 0
     out = capsys.readouterr().out
     assert out.count("2 prompts cost") == 4 and out.count("end to end: predict.py, 3 JPEGs") == 2
-    assert "exit code 0" in out and "LiteSeg, batch 1, 1 prompt" in out
+    assert out.count("exit code 0") == 2 and "LiteSeg, batch 1, 1 prompt" in out
     assert "--tta, batch 1, 1 prompt, ms per image: none " in out and ", flip " in out and ", d4 " in out
     assert "batch norms folded into the convs at load: " in out

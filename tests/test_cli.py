@@ -29,8 +29,16 @@ def test_log_progress_by_update_and_interval(caplog, monkeypatch):
 
 
 def test_progress_off_when_quiet_or_disabled(caplog):
+    """-q (the logger at WARNING) and enabled=False give a silent bar that still iterates; else a live one."""
     caplog.set_level(logging.WARNING, logger="defectseg")
-    assert list(cli.progress(range(3), desc="x")) == [0, 1, 2]
+    quiet = cli.progress(range(3), desc="x")
+    assert isinstance(quiet, cli.tqdm) and quiet.disable and list(quiet) == [0, 1, 2]
+    caplog.set_level(logging.INFO, logger="defectseg")
+    off = cli.progress(range(3), desc="x", enabled=False)
+    assert isinstance(off, cli.tqdm) and off.disable and list(off) == [0, 1, 2]
+    live = cli.progress(range(3), desc="x")
+    assert not live.disable if sys.stderr.isatty() else isinstance(live, cli.LogProgress)
+    live.close()
     assert not caplog.records
 
 

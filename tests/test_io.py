@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,18 +88,52 @@ def test_empty_paths_are_refused():
     assert nonempty("runs/x") == "runs/x"
 
 
-def wait_for_line(proc: subprocess.Popen, marker: str, timeout: float = 120) -> list[str]:
-    """stderr lines of ``proc`` up to the one holding ``marker``."""
-    lines, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if marker in line:
-            return lines
-    proc.kill()
-    raise AssertionError(f"{marker!r} never came: {''.join(lines)}")
+class Stderr:
+    """A process's stderr, read by a thread, so that waiting for a line never blocks past its deadline."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.text, self.lines = proc, [], queue.Queue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.text.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, marker: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            if marker in line:
+                return
+        raise AssertionError(f"{marker!r} never came: {''.join(self.text)}")
+
+    def all(self, timeout: float = 120) -> str:
+        """Everything, once the process has ended."""
+        self.proc.wait(timeout)
+        self.reader.join(timeout)
+        return "".join(self.text)
+
+
+@contextlib.contextmanager
+def started(argv: list[str]):
+    """A script run in its own process group, killed with its workers however the test ends (a failed
+    or timed-out test must not leave them busy on CI's cores)."""
+    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        yield proc, Stderr(proc)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -118,16 +155,12 @@ def test_sigterm_to_the_process_group_is_one_line(tiny_model_dir, many_big_image
     """kill -TERM -PGID (timeout, job schedulers) reaches predict.py and its image-loading workers: one
     line, exit 143, no traceback from the workers, no temp files."""
     out = tmp_path / "pred"
-    proc = subprocess.Popen(
-        [sys.executable, "predict.py", "--model", str(tiny_model_dir), "--image", str(many_big_images),
-         "--prompt", "segment crack", "--out", str(out), "--workers", "2", "--batch-size", "2"],
-        cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    wait_for_line(proc, "images x 1 prompts")
-    time.sleep(1.0)
-    os.killpg(proc.pid, signal.SIGTERM)
-    err = proc.communicate(timeout=120)[1]
+    with started(["predict.py", "--model", str(tiny_model_dir), "--image", str(many_big_images), "--prompt",
+                  "segment crack", "--out", str(out), "--workers", "2", "--batch-size", "2"]) as (proc, stderr):
+        stderr.wait_for("images x 1 prompts")
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGTERM)
+        err = stderr.all()
     assert proc.returncode == 143, err
     assert "terminated (SIGTERM)" in err and "Traceback" not in err and "Error" not in err.replace("ERROR", ""), err
     assert not list(out.glob(".*"))  # no temp file left
@@ -144,15 +177,12 @@ def test_sigterm_leaves_no_half_report(many_big_images, tiny_model_dir, tmp_path
         rows.append({"image": str(image), "mask": str(mask), "task": "cracks", "prompt": "segment crack"})
     write_manifest(data / "valid" / "manifest.csv", rows)
     out = tmp_path / "reports" / "new"
-    proc = subprocess.Popen(
-        [sys.executable, "evaluate.py", "--model", str(tiny_model_dir), "--data", str(data),
-         "--out", str(out), "--save-masks", "--batch-size", "2"],
-        cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    wait_for_line(proc, "scoring")
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    err = proc.communicate(timeout=120)[1]
+    with started(["evaluate.py", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out),
+                  "--save-masks", "--batch-size", "2"]) as (proc, stderr):
+        stderr.wait_for("scoring")
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)  # the main process only
+        err = stderr.all()
     assert proc.returncode == 143, err
     assert "terminated (SIGTERM)" in err and "Traceback" not in err, err
     assert not out.exists() and not list((tmp_path / "reports").iterdir())
@@ -221,10 +251,15 @@ def test_long_names_that_share_their_start_never_share_temp_folders(tmp_path):
 def test_a_swap_cut_between_its_renames_is_repaired_unless_its_writer_still_runs(tmp_path):
     target = tmp_path / "last"
     write_folder(target, "old")
-    os.rename(target, tmp_path / ".last.old-1")  # pid 1 runs: a writer between its two renames
-    recover_folder(target)
-    assert not target.exists()
-    os.rename(tmp_path / ".last.old-1", tmp_path / ".last.old-999999999")  # no such process: a crash
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live process
+    try:
+        os.rename(target, tmp_path / f".last.old-{writer.pid}")  # a writer between its two renames
+        recover_folder(target)
+        assert not target.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    os.rename(tmp_path / f".last.old-{writer.pid}", tmp_path / ".last.old-999999999")  # no such process: a crash
     recover_folder(target)
     assert (target / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 

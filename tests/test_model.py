@@ -433,7 +433,7 @@ def test_interrupted_swap_is_recovered(tiny_dir, tmp_path):
     model, processor = load_model(tiny_dir)
     out = tmp_path / "last"
     save_checkpoint(model, processor, out, {"epoch": 1})
-    out.rename(tmp_path / ".last.old-999999")
+    out.rename(tmp_path / ".last.old-999999999")
     loaded, _ = load_model(out)
     assert out.is_dir() and read_metadata(out) == {"epoch": 1}
     assert not list(tmp_path.glob(".last.old-*"))
@@ -513,7 +513,7 @@ def test_a_save_stopped_while_flushing_leaves_no_temp_folder(tiny_dir, tmp_path,
     model, processor = load_model(tiny_dir)
     out = tmp_path / "last"
     save_checkpoint(model, processor, out, {"epoch": 1})
-    (tmp_path / ".last.old-999999").mkdir()  # a swap killed before it deleted the old folder
+    (tmp_path / ".last.old-999999999").mkdir()  # a swap killed before it deleted the old folder
     calls = []
 
     def interrupted(path):
