@@ -10,10 +10,12 @@
 # Where the machine has no package index and lacks pycocotools, run `bash bench/gpu_wheels.sh` first
 # where pip works and bring .whl/ along: this script installs those wheels into a temp folder.
 # Output is also written to $OUT/gpu.log when OUT is set.
+# Each step has a time limit (the whole script: about 10 minutes at most), so one hang cannot use up a
+# session's GPU time; a step that fails or times out is reported and the next one runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no Hub lookups to wait on
 if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu.log") 2>&1; fi
 
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/gpu.sh: no CUDA device visible to torch')"
@@ -22,14 +24,30 @@ if ! "$PY" -c "import pycocotools" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
+if ! "$PY" -c "import pycocotools" 2>/dev/null; then
+    echo "WARNING: no pycocotools (bring .whl/ from bench/gpu_wheels.sh): the tests that preprocess the sample will error"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__)"
+"$PY" - <<'PYEOF'
+import importlib.util, numpy, torch, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(),
+      "| capability", torch.cuda.get_device_capability(), "| cudnn tf32", torch.backends.cudnn.allow_tf32,
+      "matmul tf32", torch.backends.cuda.matmul.allow_tf32, "| transformers", transformers.__version__,
+      "| numpy", numpy.__version__, "| torchvision", importlib.util.find_spec("torchvision") is not None)
+PYEOF
 
 status=0
-echo "== CUDA tests"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py "tests/test_train.py::test_a_skipped_step_leaves_no_trace" || status=1
-echo "== training benchmark"
-"$PY" bench/bench_train.py --device cuda --hf-steps 10 --cached-steps 100 || status=1
-echo "== inference benchmark"
-"$PY" bench/bench_inference.py --device cuda --iters 10 --images 64 --workers 4 || status=1
+step() {  # step SECONDS NAME COMMAND...: run with a time limit, report a failure or a timeout, go on
+    local limit=$1 name=$2; shift 2
+    echo "== $name"
+    timeout -k 10 "$limit" "$@" || { rc=$?; echo "== $name FAILED (exit $rc; 124: over ${limit} s)"; status=1; }
+}
+pytest_args=(-q -p no:cacheprovider -o faulthandler_timeout=120)
+step 240 "CUDA tests" "$PY" -m pytest "${pytest_args[@]}" tests/test_cuda.py
+step 90 "fused AdamW's on-device skip" "$PY" -m pytest "${pytest_args[@]}" \
+    "tests/test_train.py::test_a_skipped_step_leaves_no_trace"
+step 150 "training benchmark" "$PY" bench/bench_train.py --device cuda --hf-steps 10 --cached-steps 100
+step 150 "inference benchmark" "$PY" bench/bench_inference.py --device cuda --iters 10 --images 64 --workers 4
+echo "== done (status $status)"
+if [ -n "${OUT:-}" ]; then exec >&- 2>&-; wait; fi  # let tee write the log's last lines
 exit $status

@@ -28,6 +28,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 PROMPTS = ["segment crack", "segment taping area"]
 
 
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """fp32 on the GPU as on the CPU: cuDNN computes fp32 convolutions in TF32 by default, about 1e-3 relative,
+    which the tiny random CLIPSeg's logits of a few hundred turn into probability differences of a few
+    hundredths; the comparisons below are of the code, not of TF32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
