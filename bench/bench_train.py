@@ -48,11 +48,11 @@ from defectseg.inference import (  # noqa: E402
     resolve_device,
     resolve_precision,
 )
-from defectseg.io import list_images, load_image  # noqa: E402
+from defectseg.io import list_images, load_image, prefetched  # noqa: E402
 from defectseg.losses import segmentation_loss  # noqa: E402
 from defectseg.model import count_parameters, save_checkpoint, save_decoder  # noqa: E402
 from defectseg.tiny import build_rd64_random  # noqa: E402
-from defectseg.training import TrainForward, _set_trainable  # noqa: E402
+from defectseg.training import TrainForward, _set_trainable, loader_threads  # noqa: E402
 
 PROMPTS = ["segment crack", "segment taping area"]
 
@@ -207,13 +207,18 @@ def bench_lite(args: argparse.Namespace) -> None:
         optimizer.step()
 
     model_s = timed_steps(lambda: step(*fixed), args.lite_steps, device)
-    augment_s = timed_steps(lambda: bank.batch(plan, size, seed=0, epoch=1, start=0), args.lite_steps, device)
+    threads = loader_threads(device, augmented=True)  # as train.py prepares batches on this device
+    start = time.perf_counter()
+    n = max(args.lite_steps, 2 * threads)
+    for _ in prefetched(lambda i: bank.batch(plan, size, seed=0, epoch=1, start=i * b), range(n), threads):
+        pass
+    augment_s = (time.perf_counter() - start) / n
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     epoch = 2 * 2642  # train.py's epoch on the full exports: every crack image once, drywall oversampled to match
     print(f"\nLiteSeg from scratch ({count_parameters(model) / 1e6:.2f} M parameters, {size}px, {precision_name(amp)}, "
           f"batch {b}):")
     print(f"  model step (forward, backward, AdamW): {b / model_s:8.1f} samples/s")
-    print(f"  augmentation on one thread:            {b / augment_s:8.1f} samples/s")
+    print(f"  augmentation on {threads} thread(s) (train.py's): {b / augment_s:8.1f} samples/s")
     print(f"  epoch of {epoch:,} samples (full exports) at the slower of the two rates: "
           f"{epoch * max(model_s, augment_s) / b:,.0f} s" + (f"; peak GPU memory {peak:.2f} GiB" if peak else ""))
 

@@ -416,7 +416,8 @@ def _train_epoch(run: Run, epoch: int) -> EpochStats:
                    segmenter=run.segmenter, bank=run.bank, epoch=epoch * run.world + run.rank,
                    size=partial(train_size, cfg, epoch, run.segmenter.input_size))
     lovasz = lovasz_weight_in(cfg, epoch)
-    for (_, batch), (target, inputs) in cli.progress(prefetched(load, batches), total=len(batches), unit="batch",
+    threads = loader_threads(run.device, run.bank is not None, run.world)
+    for (_, batch), (target, inputs) in cli.progress(prefetched(load, batches, threads), total=len(batches), unit="batch",
                                                      desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=run.main_process):
         stop_if_terminated()
         lr_used = run.optimizer.param_groups[0]["lr"]
@@ -611,6 +612,16 @@ def lovasz_weight_in(cfg: TrainConfig, epoch: int) -> float:
     epochs, else 0. It comes last because it needs a model that already separates defect from wall:
     from random weights it learns slower than BCE + Dice and can drive every logit to 0 or below."""
     return cfg.lovasz_weight if epoch >= cfg.epochs - cfg.lovasz_epochs else 0.0
+
+
+def loader_threads(device: torch.device, augmented: bool, world: int = 1) -> int:
+    """Threads preparing batches ahead of the model: 2 on a CPU, whose cores the model needs; on a GPU,
+    for a model trained from scratch (batches augmented on the CPU, slower than the small model's GPU
+    step), up to 8, sharing the machine's cores with the other DDP processes. The batches' order and
+    augmentations do not depend on it."""
+    if augmented and device.type == "cuda":
+        return max(2, min(8, (os.cpu_count() or 2) // max(1, world)))
+    return 2
 
 
 def _load_batch(item: tuple[int, list[Sample]], cfg: TrainConfig, rows: list[dict], targets: np.ndarray | None,

@@ -913,3 +913,14 @@ def test_fp16_cache_matches_the_inference_path(processed, tiny, tmp_path):
     for task, m in with_cache["tasks"].items():
         assert abs(m["iou"] - without["tasks"][task]["iou"]) <= 0.01, task
         assert abs(m["best_iou"] - without["tasks"][task]["best_iou"]) <= 0.01, task
+
+
+def test_batches_are_prepared_by_more_threads_only_for_augmented_batches_on_a_gpu(monkeypatch):
+    """On a CPU the model needs the cores (2 threads); on a GPU a from-scratch model's augmentation would be
+    the bottleneck, so up to 8 threads, the machine's cores shared between the DDP processes."""
+    from defectseg.training import loader_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert loader_threads(cpu, True) == loader_threads(gpu, False) == 2
+    assert [loader_threads(gpu, True, world) for world in (1, 2, 4, 16)] == [8, 8, 4, 2]
