@@ -46,6 +46,7 @@ from .io import (
     encode_png,
     open_image,
     os_reason,
+    read_json,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -54,6 +55,7 @@ from .tasks import Task, find_task_dir, is_folder_name
 
 log = logging.getLogger(__name__)
 
+PENDING_FILE = ".preprocess-pending.json"  # masks a run rewrites, until its manifests are written
 RASTER_VERSION = "3"  # bump when the rasterization rules change: every mask becomes stale
 # Max Hamming distance (of 256 bits) between 16x16 average hashes, under any flip/rotation, for two
 # images to count as near-duplicates. Checked by eye on the real sets: at <= 3 the pairs are the same
@@ -378,8 +380,10 @@ def plan_jobs(
         log.warning("%s: %d kept row(s) of other tasks or splits lack preprocess's statistics (from a "
                     "manifest of an older version or another tool); summary.json counts them as images only",
                     out, without)
+    stale = _pending(out)
     up_to_date = {} if overwrite else {
-        row["mask"]: row for split in splits for row in previous.get(split, []) if row["task"] in names}
+        row["mask"]: row for split in splits for row in previous.get(split, [])
+        if row["task"] in names and row["mask"] not in stale}
     for task in tasks:
         for split in splits:
             split_dir = task_dirs[task.name] / split
@@ -397,6 +401,8 @@ def plan_jobs(
                     problems += earlier[1]
                 else:
                     jobs.append(Job(task.name, task.prompt, split, str(image), str(mask), entry, key))
+    made = {job.mask for job in jobs} | {str((out / row["_split"] / row["mask"]).resolve()) for row in reused}
+    kept = [row for row in kept if str((out / row["_split"] / row["mask"]).resolve()) not in made]  # a renamed task
     return Plan(jobs, reused, kept, problems, missing)
 
 
@@ -555,21 +561,28 @@ def preprocess(
     if not data_root.is_dir():
         raise CocoError(f"data root {data_root} does not exist or is not a folder")
     check_out(out, splits)
+    out = out.resolve()  # as the masks' paths are: a symlinked --out gives rows relative to one place
     start = time.perf_counter()
     plan = plan_jobs(data_root, out, tasks, splits, overwrite, splits_given)
     if strict and plan.problems:
         raise CocoError(_strict_message(plan.problems))
     if strict:
         plan.jobs = [replace(job, defer=True) for job in plan.jobs]
+    if not strict:
+        _mark_pending(out, plan.jobs)
     rows, problems = run_jobs(plan.jobs, workers)
     made = len(rows)
     problems = plan.problems + problems
     if strict and problems:
         raise CocoError(_strict_message(problems))
+    if strict:
+        _mark_pending(out, plan.jobs)
     for row in rows:
         if "_png" in row:
             write_bytes_atomic(out / row["_split"] / row["mask"], row.pop("_png"), sync=False)
     rows += plan.reused + plan.kept  # the manifests and the summary cover every row under ``out``
+    problems += [p for row in plan.kept  # so do the problem counts: those of kept rows' masks too
+                 for p in decode_problems(row["problems"], str((out / row["_split"] / row["image"]).resolve())) or []]
     seconds = time.perf_counter() - start
     summary = {
         "data_root": str(data_root.resolve()),
@@ -584,7 +597,26 @@ def preprocess(
             # Also with no rows (an export without images): a manifest must not keep rows of a past run.
             write_manifest(out / split / MANIFEST_FILE, split_rows)
     write_json_atomic(out / SUMMARY_FILE, summary)
+    (out / PENDING_FILE).unlink(missing_ok=True)
     return summary
+
+
+def _mark_pending(out: Path, jobs: list[Job]) -> None:
+    """Before masks are rewritten (the manifests, written last, still describe the old ones), list them in
+    ``PENDING_FILE``: if the run is cut short, the next one makes them again, even when an earlier row's key
+    matches again (annotations edited, the run stopped, the edit undone)."""
+    if jobs:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / PENDING_FILE, sorted({job.mask for job in jobs} | _pending(out)))
+
+
+def _pending(out: Path) -> set[str]:
+    """The masks a run that was cut short may have rewritten after its manifests were written (their rows'
+    keys describe the old masks): never reused."""
+    try:
+        return set(read_json(out / PENDING_FILE, "pending-masks file"))
+    except (ValueError, TypeError):
+        return set()
 
 
 def _strict_message(problems: list[Problem]) -> str:

@@ -583,9 +583,12 @@ def test_rerun_over_a_manifest_with_only_the_basic_columns(sample_root, tmp_path
     manifest.write_text("".join(",".join(cells) + "\n" for cells in lines))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
-    monkeypatch.setattr(P, "summarize", lambda *a, **k: 1 / 0)  # a failure this late writes nothing at all
+    monkeypatch.setattr(P, "summarize", lambda *a, **k: 1 / 0)  # a failure this late: no manifest or summary
     with pytest.raises(ZeroDivisionError):
         run("--data-root", str(sample_root), "--out", str(out), "--tasks", "cracks")
+    pending = json.loads((out / P.PENDING_FILE).read_text())  # the masks it rewrote, never to be reused as is
+    assert len(pending) == 4 and all("/valid/masks/" in m and "segment_crack" in m for m in pending)
+    (out / P.PENDING_FILE).unlink()
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     monkeypatch.undo()
 
@@ -704,3 +707,73 @@ def test_atomic_write_of_a_name_near_the_limit(tmp_path):
     target = tmp_path / ("ü" * 125 + ".txt")  # 254 bytes: the temp name must not add to it
     write_text_atomic(target, "ok")
     assert target.read_text() == "ok" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_a_rerun_through_a_symlinked_out_keeps_every_row_valid(sample_root, tmp_path):
+    """Reused rows and new rows are written relative to the same (resolved) folder; a symlinked --out
+    used to give reused rows paths that lead nowhere on every second run."""
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "deep")  # at another depth than the link
+    for _ in range(2):
+        assert run("--data-root", str(sample_root), "--out", str(tmp_path / "link"), "-q") == 0
+        rows = read_manifest(tmp_path / "link" / "valid" / "manifest.csv")
+        assert rows and all(Path(r["image"]).is_file() and Path(r["mask"]).is_file() for r in rows)
+
+
+def test_a_run_cut_short_never_leaves_a_mask_that_a_later_run_takes_as_up_to_date(sample_root, tmp_path,
+                                                                                  monkeypatch):
+    """Annotations edited, a run stopped after rewriting a mask but before its manifest, the edit undone:
+    the old row's key matches again, but the mask on disk is the edited one. The next run makes it again."""
+    import shutil
+
+    import defectseg.preprocess as P
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(sample_root / "cracks", data / "cracks")
+    assert run("--data-root", str(data), "--out", str(out), "--splits", "valid", "--tasks", "cracks", "-q") == 0
+    rows = read_manifest(out / "valid" / "manifest.csv")
+    good = {r["mask"]: Path(r["mask"]).read_bytes() for r in rows}
+    annotations = data / "cracks" / "valid" / "_annotations.coco.json"
+    original = annotations.read_text()
+    coco = json.loads(original)
+    for ann in coco["annotations"]:
+        ann["segmentation"] = []  # every mask becomes its boxes
+    annotations.write_text(json.dumps(coco))
+    monkeypatch.setattr(P, "summarize", lambda *a, **k: 1 / 0)  # stopped after the masks, before the manifests
+    with pytest.raises(ZeroDivisionError):
+        run("--data-root", str(data), "--out", str(out), "--splits", "valid", "--tasks", "cracks", "-q")
+    monkeypatch.undo()
+    assert any(Path(m).read_bytes() != b for m, b in good.items())  # edited masks on disk
+    annotations.write_text(original)
+    assert run("--data-root", str(data), "--out", str(out), "--splits", "valid", "--tasks", "cracks", "-q") == 0
+    assert {m: Path(m).read_bytes() for m in good} == good and not (out / P.PENDING_FILE).exists()
+
+
+def test_a_renamed_task_does_not_list_its_masks_twice(sample_root, tmp_path):
+    """The same prompt under a new task name makes the same mask files: the old name's rows go."""
+    out, tasks_file = tmp_path / "out", tmp_path / "tasks.json"
+    for name in ("fissure", "fis"):
+        tasks_file.write_text(json.dumps({"tasks": {name: {"prompt": "segment fissure", "dirs": ["cracks"]}}}))
+        assert run("--data-root", str(sample_root), "--out", str(out), "--tasks", name, "--tasks-file",
+                   str(tasks_file), "-q") == 0
+    rows = read_manifest(out / "valid" / "manifest.csv")
+    masks = [r["mask"] for r in rows if "segment_fissure" in r["mask"]]
+    assert masks and len(masks) == len(set(masks)) and {r["task"] for r in rows if r["mask"] in masks} == {"fis"}
+    assert "fissure" not in json.loads((out / "summary.json").read_text())["counts"]
+
+
+def test_the_summary_counts_the_problems_of_splits_not_in_the_run(tmp_path):
+    """A rerun of one split keeps the other splits' rows, and their problems stay in summary.json."""
+    data = tmp_path / "data"
+    for split in ("train", "valid"):
+        write_image(data / "cracks" / split / "a.jpg", 8, 8)
+        segmentation = [[1, 1, 6, 1, 6, 6]] if split == "valid" else [[1, 1, 6, 1, 6]]  # odd: a problem
+        (data / "cracks" / split / "_annotations.coco.json").write_text(json.dumps({
+            "images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}], "categories": [],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": segmentation,
+                             "bbox": [1, 1, 5, 5]}]}))
+    out = tmp_path / "out"
+    assert run("--data-root", str(data), "--out", str(out), "--tasks", "cracks", "-q") == 0
+    first = json.loads((out / "summary.json").read_text())["problem_counts"]
+    assert run("--data-root", str(data), "--out", str(out), "--tasks", "cracks", "--splits", "valid", "-q") == 0
+    assert json.loads((out / "summary.json").read_text())["problem_counts"] == first and first
