@@ -119,18 +119,17 @@ def per_image_csv(scores: Sequence[ImageScore]) -> str:
 
 
 def pick_examples(scores: Sequence[ImageScore], n: int) -> list[tuple[str, ImageScore]]:
-    """Up to ``n`` best, ``n`` median and ``n`` worst images by IoU (ties by name), best first; an image
-    is shown once even when the categories overlap (small sets)."""
+    """Up to ``n`` best, ``n`` median and ``n`` worst images by IoU (ties by name), best first. With fewer
+    than 3n images each is shown once, labelled by the third of the ranking it falls in (the lowest
+    scores are never called "best")."""
     order = sorted(scores, key=lambda s: (-s.iou, s.image))
-    total, mid = len(order), len(order) // 2
-    start = max(0, min(mid - n // 2, total - n))
-    picks = ([("best", i) for i in range(min(n, total))]
-             + [("median", i) for i in range(start, min(total, start + n))]
-             + [("worst", i) for i in range(max(0, total - n), total)])
-    chosen: dict[int, str] = {}
-    for label, i in picks:
-        chosen.setdefault(i, label)
-    return [(chosen[i], order[i]) for i in sorted(chosen)]
+    total = len(order)
+    if total <= 3 * n:
+        return [(("best", "median", "worst")[3 * i // total], s) for i, s in enumerate(order)]
+    start = max(n, min(total // 2 - n // 2, total - 2 * n))
+    picks = ([("best", i) for i in range(n)] + [("median", i) for i in range(start, start + n)]
+             + [("worst", i) for i in range(total - n, total)])
+    return [(label, order[i]) for label, i in picks]
 
 
 def _fit(image: np.ndarray, tile: int, interpolation: int) -> np.ndarray:
@@ -281,9 +280,14 @@ def _size(n_bytes: int | None) -> str:
     return f"{n_bytes / 1e6:.2f} MB" if n_bytes >= 1e5 else f"{n_bytes / 1e3:.1f} kB"
 
 
+def _cell(value: Any) -> str:
+    """A table cell: a "|" in a prompt or path (even in a code span) would start a new column."""
+    return " ".join(_num(value).replace("|", "\\|").split("\n"))
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_num(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -319,8 +323,10 @@ def _compare_section(a: dict, b: dict) -> str:
         rows.append(row)
     ms = [x["runtime"].get("ms_per_image_prompt") for x in (a, b)]
     text = [f"A = `{a['model']}`, B = `{b['model']}` (same data, split and options).", "", _table(header, rows)]
-    if all(v is not None for v in ms):
+    if all(v is not None for v in ms) and all(x["runtime"].get("warm") for x in (a, b)):
         text += ["", f"Warm time per image per prompt: A {ms[0]:.2f} ms, B {ms[1]:.2f} ms."]
+    if problems := _problems_section(b):  # B's missing or resized files explain its numbers too
+        text += ["", "Of B:", "", problems]
     return "\n".join(text)
 
 
@@ -436,7 +442,7 @@ def _problems_section(m: dict) -> str:
     def more(info: dict) -> str:
         return " ..." if info["count"] > len(info["first"]) else ""
 
-    if m["n_skipped"]:
+    if m.get("n_skipped"):
         names = ", ".join(f"`{Path(s['image']).name}`" for s in m["skipped"][:FIRST_NAMES])
         lines.append(f"- {m['n_skipped']} image(s) skipped because a file could not be read (not scored): {names}")
     gt = m.get("gt_resized") or {"count": 0}

@@ -116,6 +116,8 @@ def is_folder_name(text: str) -> bool:
 
 
 def _task_from_dict(name: str, spec: dict, source: str) -> Task:
+    if not is_folder_name(name):  # it names files and folders: examples_<task>.png, the task's default folder
+        raise TaskTableError(f"{source}: task name {name!r} must be one folder name (not . or .., no / or \\)")
     if not isinstance(spec, dict) or not isinstance(spec.get("prompt"), str) or not spec["prompt"].strip():
         raise TaskTableError(f"{source}: task {name!r} needs a non-empty string 'prompt'")
     for key in ("synonyms", "dirs", "categories"):

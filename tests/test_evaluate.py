@@ -400,6 +400,52 @@ def test_write_thresholds_refused(processed, tiny_dir, tmp_path, capsys):
     assert code == 1 and "need a model" in log
 
 
+@pytest.mark.parametrize("n_images, n, labels", [
+    (2, 2, ["best", "median"]),  # fewer than 3n: thirds of the ranking, the lower one never "best"
+    (4, 3, ["best", "best", "median", "worst"]),
+    (2, 1, ["best", "median"]),
+    (3, 1, ["best", "median", "worst"]),
+    (7, 2, ["best", "best", "median", "median", "worst", "worst"]),  # ranks 0 1, 2 3, 5 6
+])
+def test_example_picks_are_labelled_by_where_they_rank(n_images, n, labels):
+    scores = [score(f"t{i}", [10 - i, i, 0, 0]) for i in range(n_images)]  # IoU falls with i
+    picks = report.pick_examples(scores, n)
+    assert [label for label, _ in picks] == labels
+    ious = [s.iou for _, s in picks]
+    assert ious == sorted(ious, reverse=True) and len({s.image for _, s in picks}) == len(picks)
+    if n_images == 7:
+        assert [s.image for _, s in picks] == ["t0.jpg", "t1.jpg", "t2.jpg", "t3.jpg", "t5.jpg", "t6.jpg"]
+
+
+def test_a_bar_or_newline_in_a_prompt_or_path_stays_in_its_table_cell():
+    table = report._table(["a", "b"], [["segment crack | fissure", "runs/x|y\nz"]]).splitlines()
+    assert table[2] == "| segment crack \\| fissure | runs/x\\|y z |"
+
+
+def test_a_task_name_that_is_not_one_folder_name_is_refused(tmp_path):
+    from defectseg.tasks import TaskTableError, load_tasks
+
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps({"tasks": {"walls/cracks": {"prompt": "segment wall crack", "dirs": ["walls"]}}}))
+    with pytest.raises(TaskTableError, match="task name 'walls/cracks' must be one folder name"):
+        load_tasks(tasks)
+
+
+def test_compare_shows_b_s_missing_files(processed, valid_rows, tmp_path):
+    """B's missing masks explain its lower numbers: report.md lists them as it does A's."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+        for row in valid_rows:
+            shutil.copy(row["mask"], pred_file(folder, row))
+    pred_file(b, valid_rows[0]).unlink()
+    out = tmp_path / "report"
+    assert run("--pred-dir", str(a), "--compare", str(b), "--data", str(processed), "--out", str(out),
+               "--examples", "0", "-q") == 0
+    text = (out / "report.md").read_text()
+    assert "Of B:" in text and "1 prediction file(s) missing" in text and pred_file(b, valid_rows[0]).name in text
+
+
 def test_compare_adds_side_by_side_columns(processed, tiny_dir, tmp_path):
     other = build_tiny_model(tmp_path / "other", seed=1)
     out = tmp_path / "report"
