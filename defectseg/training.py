@@ -270,7 +270,12 @@ def _load_data(cfg: TrainConfig, tasks: list[Task], main_process: bool) -> tuple
     """(train rows, selection rows, identity): the rows that pick best/ and tune its thresholds are the
     valid split's, or with ``holdout`` train photos set aside (then valid stays a clean report)."""
     train_rows = load_rows(cfg.data, "train", cfg.tasks)
-    valid_rows = load_rows(cfg.data, "valid", cfg.tasks, require_all=False)
+    try:
+        valid_rows = load_rows(cfg.data, "valid", cfg.tasks, require_all=False)
+    except DataError:
+        if cfg.holdout == 0:
+            raise
+        valid_rows = []  # best/ is picked on train photos set aside: a valid split is not needed
     notes = use_table_prompts(train_rows + valid_rows, tasks)
     # What a resumed run must find unchanged: the rows of both splits and the task table.
     identity = {"data": {"train": rows_fingerprint(train_rows), "valid": rows_fingerprint(valid_rows)},

@@ -924,3 +924,13 @@ def test_batches_are_prepared_by_more_threads_only_for_augmented_batches_on_a_gp
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert loader_threads(cpu, True) == loader_threads(gpu, False) == 2
     assert [loader_threads(gpu, True, world) for world in (1, 2, 4, 16)] == [8, 8, 4, 2]
+
+
+def test_holdout_needs_no_valid_split(processed, tiny, tmp_path, capsys):
+    """With --holdout, best/ is picked on train photos: data with a train split only trains; without it the
+    missing valid split is refused as before."""
+    data = tmp_path / "data"
+    write_manifest(data / "train" / "manifest.csv", read_manifest(processed / "train" / "manifest.csv"))
+    assert run_train(*base_args(data, tiny, tmp_path / "run", "--epochs", "1", "--holdout", "0.3")) == 0
+    assert read_metadata(tmp_path / "run" / "best")["selection_split"] == "train-holdout"
+    assert "no manifest at" in run_train_err(capsys, *base_args(data, tiny, tmp_path / "r2", "--epochs", "1"))
