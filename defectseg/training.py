@@ -43,7 +43,7 @@ from .data import (
     rows_fingerprint,
     use_table_prompts,
 )
-from .features import FeatureCache, view_of
+from .features import FeatureCache, model_fingerprint, view_of
 from .inference import Segmenter, autocast, resolve_device, resolve_precision
 from .io import (
     load_image,
@@ -235,6 +235,11 @@ def _set_up(cfg: TrainConfig, resume: bool) -> Run:
     fresh = None if resume else new_model(cfg.model, cfg.seed)
     model, processor = fresh or load_model(out / "last" if resume else cfg.model, device)
     model.to(device)
+    if cfg.train_vision_layers == 0 and not trains_from_scratch(model):  # a decoder on a frozen base model
+        identity["base"] = model_fingerprint(model)  # last/ names its base by path: it must still be that model
+        if state is not None and state.get("base", identity["base"]) != identity["base"]:
+            raise ConfigError(f"{out}: the base model {cfg.model} is not the one this run's decoder was trained on "
+                              "(its vision weights changed since); restore that model or start a new run")
     amp_dtype = resolve_precision(cfg.precision, device, model)
     trainable = _set_trainable(model, cfg.train_vision_layers, cfg.ema)
     segmenter = Segmenter(model, processor, device, amp_dtype, tasks=table)

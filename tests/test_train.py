@@ -934,3 +934,18 @@ def test_holdout_needs_no_valid_split(processed, tiny, tmp_path, capsys):
     assert run_train(*base_args(data, tiny, tmp_path / "run", "--epochs", "1", "--holdout", "0.3")) == 0
     assert read_metadata(tmp_path / "run" / "best")["selection_split"] == "train-holdout"
     assert "no manifest at" in run_train_err(capsys, *base_args(data, tiny, tmp_path / "r2", "--epochs", "1"))
+
+
+def test_resume_refuses_a_base_model_that_changed_under_its_decoder(processed, tmp_path, capsys):
+    """last/ of a decoder-only run names its base by path. Fine-tuned from runs/a/best, then runs/a retrained
+    on another base: resuming used to carry the decoder on over other vision weights, silently."""
+    base = build_tiny_model(tmp_path / "base", seed=0)
+    run = tmp_path / "run"
+    assert run_train(*base_args(processed, base, run, "--epochs", "2", "--stop-after", "1")) == 0
+    config = (run / "config.json").read_text()
+    build_tiny_model(tmp_path / "base", seed=1)  # another model at the same path
+    err = run_train_err(capsys, "--resume", str(run), "-q")
+    assert "is not the one this run's decoder was trained on" in err and len(history(run)) == 1
+    assert (run / "config.json").read_text() == config
+    build_tiny_model(tmp_path / "base", seed=0)  # the same weights again: it resumes
+    assert run_train("--resume", str(run), "-q") == 0 and len(history(run)) == 2
