@@ -221,7 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = build_tiny_model(args.out_dir, seed=args.seed, image_size=args.image_size)
+    try:
+        out = build_tiny_model(args.out_dir, seed=args.seed, image_size=args.image_size)
+    except ValueError as err:  # e.g. an image size that is not a multiple of the patch size
+        parser.error(str(err))
     logger.info("use it with --model %s", out)
 
 

@@ -108,6 +108,13 @@ def test_cli_builds_loadable_model(tmp_path: Path) -> None:
     assert split_logits(model, processor, ["x"], pixels(1, 32)).shape == (1, 32, 32)
 
 
+def test_cli_refuses_a_size_that_is_not_a_multiple_of_the_patch_with_a_usage_line(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        tiny.main([str(tmp_path / "m"), "--image-size", "50"])
+    assert exit_info.value.code == 2 and "not a multiple of patch_size" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 def test_resolve_model_arg(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DEFECTSEG_MODEL", raising=False)
     assert resolve_model_arg(None) == DEFAULT_MODEL
