@@ -55,7 +55,7 @@ from defectseg.io import (
     write_json_atomic,
     write_mask_png,
 )
-from defectseg.manifest import PREDICT_CONFIG_FILE, mask_name, name_stem
+from defectseg.manifest import PREDICT_CONFIG_FILE, mask_name
 from defectseg.metrics import binarize
 from defectseg.model import MODEL_ENV_VAR, SHIPPED_MODEL, ModelLoadError, read_metadata, resolve_model_arg
 from defectseg.report import PREDICTED
@@ -194,21 +194,24 @@ def output_suffixes(overlay: bool, probs: bool) -> list[str]:
     return [""] + [OVERLAY_SUFFIX] * overlay + [PROB_SUFFIX] * probs
 
 
+def written_slugs(out: Path) -> set[str]:
+    """The prompt slugs of every earlier run into ``out``, as its ``predict_config.json`` records them
+    (nothing when there is none or it cannot be read: one generic guard)."""
+    try:
+        record = json.loads((out / PREDICT_CONFIG_FILE).read_text(encoding="utf-8"))
+        return {str(s) for s in record.get("written_slugs", [])} | {prompt_slug(str(p)) for p in record.get("prompts", [])}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return set()
+
+
 def without_own_outputs(paths: list[Path], out: Path, prompts: list[str]) -> list[Path]:
-    """``paths`` less the masks, overlays and probability maps in ``out`` that this run, or an earlier one
-    with any prompt, wrote: those this run would write, and the ``<stem>__*.png`` of an image among the
-    inputs there (a re-run whose --out is one of its input folders must not segment earlier masks)."""
-    endings = tuple(f"__{prompt_slug(p)}{s}.png" for p in prompts for s in output_suffixes(True, True))
+    """``paths`` less the masks, overlays and probability maps in ``out`` that this run or an earlier one
+    (any of its prompts: ``written_slugs``) wrote: a re-run whose --out is one of its input folders must not
+    segment earlier masks."""
+    slugs = {prompt_slug(p) for p in prompts} | written_slugs(out)
+    endings = tuple(f"__{slug}{s}.png" for slug in slugs for s in output_suffixes(True, True))
     out = out.resolve()
-    stems = {name_stem(p.name) for p in paths if p.parent.resolve() == out}
-
-    def earlier_output(p: Path) -> bool:
-        if p.parent.resolve() != out or p.suffix != ".png":
-            return False
-        cuts = [i for i in range(1, len(p.stem)) if p.stem.startswith("__", i)]
-        return p.name.endswith(endings) or any(p.stem[:i] in stems for i in cuts)
-
-    kept = [p for p in paths if not earlier_output(p)]
+    kept = [p for p in paths if not (p.parent.resolve() == out and p.name.endswith(endings))]
     if len(kept) < len(paths):
         log.info("skipping %d earlier outputs of predict.py in %s", len(paths) - len(kept), out)
     return kept
@@ -367,6 +370,7 @@ def main(args: argparse.Namespace) -> int:
 
     settings = {"model": model_record(model), "thresholds": thresholds, "tta": args.tta, "ensemble": args.ensemble}
     warn_if_mixed(out, settings)
+    settings["written_slugs"] = sorted(written_slugs(out) | {prompt_slug(p) for p in prompts})  # every run's
 
     try:
         # Recorded before the first mask is written, so a run stopped half-way still says what made the files.

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
-        help_text = HELP[f.name] if "default" in HELP[f.name] else f"{HELP[f.name]} (default: {shown or 'none'})"
+        shown = "none" if shown in (None, "") else shown
+        help_text = HELP[f.name] if "default" in HELP[f.name] else f"{HELP[f.name]} (default: {shown})"
         if isinstance(default, bool):  # --flag and --no-flag
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=HELP[f.name])  # and --no-...
         elif isinstance(default, list):

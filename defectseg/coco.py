@@ -106,9 +106,10 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
     """Read and check a COCO annotations file.
 
     categories: category names to keep (empty: keep all). Categories are matched by name, so exports
-    whose ids differ need no per-id table. A name also keeps the categories whose ``supercategory`` it
-    is: Roboflow lists the project as an unused category id 0 ("crack") and puts every annotation under
-    its child id 1 ("NewCracks - v2 ...", supercategory "crack"), so "crack" keeps them.
+    whose ids differ need no per-id table. A named category that holds no annotation keeps the categories
+    whose ``supercategory`` it is instead: Roboflow lists the project as an unused category id 0
+    ("crack") and puts every annotation under its children (id 1 "NewCracks - v2 ...", supercategory
+    "crack"), so "crack" keeps them; a class named like its project keeps only itself.
     Raises CocoError for an unreadable file, invalid JSON or a missing ``images`` list; smaller faults
     (bad or duplicate image records, annotations pointing at unknown images, no images at all, ``categories``
     of which the export has none) become Problems.
@@ -123,8 +124,11 @@ def load_coco(json_path: str | Path, categories: tuple[str, ...] = ()) -> CocoEx
     category_records = [c for c in (raw_categories if isinstance(raw_categories, list) else [])
                         if isinstance(c, dict) and _is_id(c.get("id"))]
     category_names = {c["id"]: str(c.get("name", c["id"])) for c in category_records}
-    keep = {c["id"] for c in category_records if not categories
-            or category_names[c["id"]] in categories or c.get("supercategory") in categories}
+    keep = {cid for cid, cname in category_names.items() if not categories or cname in categories}
+    used = Counter(a.get("category_id") for a in raw_annotations if isinstance(a, dict) and _is_id(a.get("category_id")))
+    # A name that holds no annotation (Roboflow's unused project category) keeps its children instead.
+    idle = {n for n in categories if not any(used[cid] for cid, cname in category_names.items() if cname == n)}
+    keep |= {c["id"] for c in category_records if c.get("supercategory") in idle}
     if categories and not keep:
         present = ", ".join(sorted(set(category_names.values()))[:20]) or "none"
         problems.append(Problem(name, "unknown_category", f"none of the task's categories "

@@ -550,19 +550,19 @@ def read_prediction(pred_dir: str | Path, row: dict, shape: tuple[int, int],
     return pred, "ok", values
 
 
-def warn_off_scale(marked: list[tuple[str, int]], pred_threshold: float, pred_dir: str | Path) -> None:
+def warn_off_scale(marked: list[tuple[str, int, bool]], pred_threshold: float, pred_dir: str | Path) -> None:
     """Warn when ``pred_threshold`` is not on the scale of the masks' values (as stored): above the largest
     value of every mask that marks anything ({0, 1} masks at 128: all scored as empty), or at most 1 on
-    masks of larger values (0..255 probabilities at 0.5: every non-zero pixel counts)."""
-    if marked and all(top < pred_threshold for _, top in marked):
-        name, top = max(marked, key=lambda m: m[1])
+    graded masks of larger values (0..255 probabilities at 0.5: every non-zero pixel counts)."""
+    if marked and all(top < pred_threshold for _, top, _ in marked):
+        name, top, _ = max(marked, key=lambda m: m[1])
         log.warning("--pred-threshold %g is above every value of the %d prediction(s) in %s that mark anything "
                     "(the largest: %d, in %s), so all of them score as empty: give V on the masks' own scale",
                     pred_threshold, len(marked), pred_dir, top, name)
-    elif pred_threshold <= 1 and (above := [m for m in marked if m[1] > 1]):
+    elif pred_threshold <= 1 and (above := [m for m in marked if m[1] > 1 and m[2]]):
         log.warning("--pred-threshold %g is a value as stored, but %d prediction(s) in %s hold values up to %d "
                     "(e.g. %s), so every non-zero pixel counts as foreground: for 0..255 probabilities use e.g. 128",
-                    pred_threshold, len(above), pred_dir, max(top for _, top in above), above[0][0])
+                    pred_threshold, len(above), pred_dir, max(top for _, top, _ in above), above[0][0])
 
 
 def evaluate_pred_dir(pred_dir: str | Path, rows: Sequence[dict], *, workers: int = 2,
@@ -575,7 +575,7 @@ def evaluate_pred_dir(pred_dir: str | Path, rows: Sequence[dict], *, workers: in
     result = RunResult(scores=[])
     start = time.perf_counter()
     lists = {"missing": result.missing, "unreadable": result.unreadable, "resized": result.resized}
-    marked: list[tuple[str, int]] = []  # (file, its largest value) of each prediction with a non-zero pixel
+    marked: list[tuple[str, int, bool]] = []  # (file, largest value, graded) of each prediction marking anything
     for batch in cli.progress(iter_rows(rows, 64, load_images=False, workers=workers), desc="score", unit="batch",
                               total=-(-len(rows) // 64), enabled=progress):
         result.skipped += batch.skipped
@@ -588,7 +588,7 @@ def evaluate_pred_dir(pred_dir: str | Path, rows: Sequence[dict], *, workers: in
             if values is not None and is_graded(values):
                 result.graded.append(name)
             if values is not None and values.any():
-                marked.append((name, int(values.max())))
+                marked.append((name, int(values.max()), is_graded(values)))
             if status == "missing":
                 result.missing_by_task[row["task"]] = result.missing_by_task.get(row["task"], 0) + 1
             result.scores.append(ImageScore(image=row["image"], mask=row["mask"], task=row["task"],

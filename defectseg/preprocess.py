@@ -597,7 +597,7 @@ def preprocess(
             # Also with no rows (an export without images): a manifest must not keep rows of a past run.
             write_manifest(out / split / MANIFEST_FILE, split_rows)
     write_json_atomic(out / SUMMARY_FILE, summary)
-    (out / PENDING_FILE).unlink(missing_ok=True)
+    _clear_pending(out, plan.jobs)
     return summary
 
 
@@ -608,6 +608,15 @@ def _mark_pending(out: Path, jobs: list[Job]) -> None:
     if jobs:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / PENDING_FILE, sorted({job.mask for job in jobs} | _pending(out)))
+
+
+def _clear_pending(out: Path, jobs: list[Job]) -> None:
+    """This run's masks are in its manifests now; those of another split's run cut short stay listed."""
+    left = _pending(out) - {job.mask for job in jobs}
+    if left:
+        write_json_atomic(out / PENDING_FILE, sorted(left))
+    else:
+        (out / PENDING_FILE).unlink(missing_ok=True)
 
 
 def _pending(out: Path) -> set[str]:

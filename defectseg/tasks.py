@@ -116,8 +116,6 @@ def is_folder_name(text: str) -> bool:
 
 
 def _task_from_dict(name: str, spec: dict, source: str) -> Task:
-    if not is_folder_name(name):  # it names files and folders: examples_<task>.png, the task's default folder
-        raise TaskTableError(f"{source}: task name {name!r} must be one folder name (not . or .., no / or \\)")
     if not isinstance(spec, dict) or not isinstance(spec.get("prompt"), str) or not spec["prompt"].strip():
         raise TaskTableError(f"{source}: task {name!r} needs a non-empty string 'prompt'")
     for key in ("synonyms", "dirs", "categories"):
@@ -155,6 +153,8 @@ def load_tasks(path: str | Path | None = None) -> dict[str, Task]:
         if name in RESERVED_NAMES:
             raise TaskTableError(f"{path}: task name {name!r} is reserved (training's metrics.csv has "
                                  f"{name}_iou for the mean over tasks); pick another name")
+        if not is_folder_name(name):  # it names files and folders: examples_<task>.png, the task's default folder
+            raise TaskTableError(f"{path}: task name {name!r} must be one folder name (not . or .., no / or \\)")
         tasks[name] = _task_from_dict(name, spec, str(path))
     check_tasks(tasks, str(path))
     return tasks

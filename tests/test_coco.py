@@ -194,7 +194,8 @@ def test_task_categories_missing_from_the_export_are_a_problem(tmp_path):
     assert load_coco(path, categories=("fissure", "NewCracks")).problems == []  # one name found is enough
 
 
-@pytest.mark.parametrize("names, kept", [(("crack",), [1]), (("NewCracks - v2",), [1]), (("crack", "stain"), [1, 2])])
+@pytest.mark.parametrize("names, kept", [(("crack",), [1]), (("NewCracks - v2",), [1]), (("crack", "stain"), [1, 2]),
+                                         (("stain",), [2])])
 def test_a_category_keeps_the_categories_it_is_the_supercategory_of(tmp_path, names, kept):
     """Roboflow's layout (both real exports): the project is an unused category id 0 ("crack") and every
     annotation sits under its child id 1, whose supercategory is "crack". Naming the project keeps them;
@@ -209,6 +210,21 @@ def test_a_category_keeps_the_categories_it_is_the_supercategory_of(tmp_path, na
     path.write_text(json.dumps(coco))
     export = load_coco(path, categories=names)
     assert [a["id"] for a in export.images[0].annotations] == kept and export.problems == []
+
+
+def test_a_class_named_like_its_project_keeps_only_itself(tmp_path):
+    """Roboflow gives every class its project's name as supercategory: a project "crack" with classes
+    "crack" and "spalling". The class "crack" holds annotations, so it does not pull in spalling."""
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
+            "annotations": [{"id": i, "image_id": 1, "category_id": i, "segmentation": [], "bbox": [0, 0, 2, 2]}
+                            for i in (1, 2)],
+            "categories": [{"id": 0, "name": "cracks-project", "supercategory": "none"},
+                           {"id": 1, "name": "crack", "supercategory": "cracks-project"},
+                           {"id": 2, "name": "spalling", "supercategory": "cracks-project"}]}
+    path = tmp_path / "_annotations.coco.json"
+    path.write_text(json.dumps(coco))
+    assert [a["id"] for a in load_coco(path, categories=("crack",)).images[0].annotations] == [1]
+    assert [a["id"] for a in load_coco(path, categories=("cracks-project",)).images[0].annotations] == [1, 2]
 
 
 def test_task_categories_that_hold_no_annotation_are_a_problem(tmp_path):

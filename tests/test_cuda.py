@@ -151,6 +151,8 @@ def test_a_run_saved_on_more_gpus_resumes_on_fewer():
     (torch's set_rng_state_all raised IndexError on the second)."""
     state = _rng_state()
     state["cuda"] = [*state["cuda"], *state["cuda"]] + [state["cuda"][0]]
+    torch.cuda.manual_seed_all(12345)  # moves the generators away from the saved state
+    assert not torch.equal(torch.cuda.get_rng_state(0), state["cuda"][0])
     _set_rng_state(state)
     assert torch.equal(torch.cuda.get_rng_state(0), state["cuda"][0])
 

@@ -423,12 +423,26 @@ def test_a_bar_or_newline_in_a_prompt_or_path_stays_in_its_table_cell():
 
 
 def test_a_task_name_that_is_not_one_folder_name_is_refused(tmp_path):
-    from defectseg.tasks import TaskTableError, load_tasks
+    """In a tasks file; a checkpoint made before the rule still loads."""
+    from defectseg.tasks import TaskTableError, load_tasks, load_tasks_from_metadata
 
+    spec = {"walls/cracks": {"prompt": "segment wall crack", "dirs": ["walls"]}}
     tasks = tmp_path / "tasks.json"
-    tasks.write_text(json.dumps({"tasks": {"walls/cracks": {"prompt": "segment wall crack", "dirs": ["walls"]}}}))
+    tasks.write_text(json.dumps({"tasks": spec}))
     with pytest.raises(TaskTableError, match="task name 'walls/cracks' must be one folder name"):
         load_tasks(tasks)
+    assert list(load_tasks_from_metadata({"tasks": spec})) == ["walls/cracks"]
+
+
+def test_binary_masks_at_a_threshold_below_one_are_not_warned_about(processed, valid_rows, tmp_path, capsys):
+    """{0, 255} masks (what predict.py writes) at --pred-threshold 0.5 score as they are: no warning."""
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for row in valid_rows:
+        shutil.copy(row["mask"], pred_file(preds, row))
+    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out", str(tmp_path / "r"),
+                           "--examples", "0", "--pred-threshold", "0.5")
+    assert code == 0 and "--pred-threshold 0.5" not in log and load_metrics(tmp_path / "r")["overall"]["iou"] == 1.0
 
 
 def test_compare_shows_b_s_missing_files(processed, valid_rows, tmp_path):

@@ -324,11 +324,13 @@ def test_rerun_into_its_input_folder_skips_its_own_masks(tiny_dir: Path, tmp_pat
         assert run(tiny_dir, folder, "--image", str(folder), "--overlay") == 0
     assert sorted(p.name for p in folder.iterdir() if p.suffix == ".png") == sorted(
         ["a.png"] + [f"a__{slug}{s}.png" for slug in SLUGS for s in ("", "_overlay")])
-    # A run with another prompt skips the earlier prompts' outputs too (it used to segment them).
-    write_image(folder / "b__1.png", 20, 20)  # a photo whose name has "__" in it is still a photo
-    assert run(tiny_dir, folder, "--image", str(folder), "--overlay", prompts=["segment stain"]) == 0
-    assert sorted(p.name for p in folder.iterdir() if "stain" in p.name) == [
-        f"{stem}__segment_stain{s}.png" for stem in ("a", "b__1") for s in ("", "_overlay")]
+    # Runs with other prompts skip every earlier prompt's outputs too (predict_config.json lists them).
+    write_image(folder / "a__north.png", 20, 20)  # a photo whose name has "__" in it is still a photo
+    for prompt in ("segment stain", "segment rust"):
+        assert run(tiny_dir, folder, "--image", str(folder), "--overlay", prompts=[prompt]) == 0
+    for slug in ("segment_stain", "segment_rust"):
+        assert sorted(p.name for p in folder.iterdir() if slug in p.name) == sorted(
+            f"{stem}__{slug}{s}.png" for stem in ("a", "a__north") for s in ("", "_overlay"))
 
 
 def test_a_run_into_a_folder_of_other_settings_warns(tiny_dir: Path, tmp_path: Path, capsys) -> None:

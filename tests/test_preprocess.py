@@ -777,3 +777,20 @@ def test_the_summary_counts_the_problems_of_splits_not_in_the_run(tmp_path):
     first = json.loads((out / "summary.json").read_text())["problem_counts"]
     assert run("--data-root", str(data), "--out", str(out), "--tasks", "cracks", "--splits", "valid", "-q") == 0
     assert json.loads((out / "summary.json").read_text())["problem_counts"] == first and first
+
+
+def test_a_run_of_other_splits_keeps_the_masks_a_cut_short_run_left_pending(sample_root, tmp_path):
+    """A train run cut short, then a whole valid run: the train masks stay listed, and the next train run
+    makes them again (the valid run used to drop the list)."""
+    import defectseg.preprocess as P
+
+    out = tmp_path / "out"
+    assert run("--data-root", str(sample_root), "--out", str(out), "-q") == 0
+    mask = Path(read_manifest(out / "train" / "manifest.csv")[0]["mask"])
+    good = mask.read_bytes()
+    cv2.imwrite(str(mask), np.zeros_like(read_png(mask)))  # as a cut-short run may have left it
+    (out / P.PENDING_FILE).write_text(json.dumps([str(mask.resolve())]))
+    assert run("--data-root", str(sample_root), "--out", str(out), "--splits", "valid", "-q") == 0
+    assert json.loads((out / P.PENDING_FILE).read_text()) == [str(mask.resolve())]
+    assert run("--data-root", str(sample_root), "--out", str(out), "--splits", "train", "-q") == 0
+    assert mask.read_bytes() == good and not (out / P.PENDING_FILE).exists()

@@ -949,3 +949,10 @@ def test_resume_refuses_a_base_model_that_changed_under_its_decoder(processed, t
     assert (run / "config.json").read_text() == config
     build_tiny_model(tmp_path / "base", seed=0)  # the same weights again: it resumes
     assert run_train("--resume", str(run), "-q") == 0 and len(history(run)) == 2
+
+
+def test_help_shows_defaults_of_zero_as_zero(capsys):
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "same seed, same numbers on CPU) (default: 0)" in text and "(default: none)" in text  # --tasks-file
