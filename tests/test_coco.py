@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,20 +195,25 @@ def test_task_categories_missing_from_the_export_are_a_problem(tmp_path):
     assert load_coco(path, categories=("fissure", "NewCracks")).problems == []  # one name found is enough
 
 
+def one_image_per_category(tmp_path: Path, categories: list[tuple[str, str]]) -> Path:
+    """An export of one image whose annotation i (i >= 1) is of category i; category 0 holds none."""
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
+            "annotations": [{"id": i, "image_id": 1, "category_id": i, "segmentation": [], "bbox": [0, 0, 2, 2]}
+                            for i in range(1, len(categories))],
+            "categories": [{"id": i, "name": name, "supercategory": parent}
+                           for i, (name, parent) in enumerate(categories)]}
+    path = tmp_path / "_annotations.coco.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
 @pytest.mark.parametrize("names, kept", [(("crack",), [1]), (("NewCracks - v2",), [1]), (("crack", "stain"), [1, 2]),
                                          (("stain",), [2])])
 def test_a_category_keeps_the_categories_it_is_the_supercategory_of(tmp_path, names, kept):
     """Roboflow's layout (both real exports): the project is an unused category id 0 ("crack") and every
     annotation sits under its child id 1, whose supercategory is "crack". Naming the project keeps them;
     it used to keep nothing, silently."""
-    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
-            "annotations": [{"id": i, "image_id": 1, "category_id": i, "segmentation": [], "bbox": [0, 0, 2, 2]}
-                            for i in (1, 2)],
-            "categories": [{"id": 0, "name": "crack", "supercategory": "none"},
-                           {"id": 1, "name": "NewCracks - v2", "supercategory": "crack"},
-                           {"id": 2, "name": "stain", "supercategory": "none"}]}
-    path = tmp_path / "_annotations.coco.json"
-    path.write_text(json.dumps(coco))
+    path = one_image_per_category(tmp_path, [("crack", "none"), ("NewCracks - v2", "crack"), ("stain", "none")])
     export = load_coco(path, categories=names)
     assert [a["id"] for a in export.images[0].annotations] == kept and export.problems == []
 
@@ -215,14 +221,8 @@ def test_a_category_keeps_the_categories_it_is_the_supercategory_of(tmp_path, na
 def test_a_class_named_like_its_project_keeps_only_itself(tmp_path):
     """Roboflow gives every class its project's name as supercategory: a project "crack" with classes
     "crack" and "spalling". The class "crack" holds annotations, so it does not pull in spalling."""
-    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
-            "annotations": [{"id": i, "image_id": 1, "category_id": i, "segmentation": [], "bbox": [0, 0, 2, 2]}
-                            for i in (1, 2)],
-            "categories": [{"id": 0, "name": "cracks-project", "supercategory": "none"},
-                           {"id": 1, "name": "crack", "supercategory": "cracks-project"},
-                           {"id": 2, "name": "spalling", "supercategory": "cracks-project"}]}
-    path = tmp_path / "_annotations.coco.json"
-    path.write_text(json.dumps(coco))
+    path = one_image_per_category(tmp_path, [("cracks-project", "none"), ("crack", "cracks-project"),
+                                             ("spalling", "cracks-project")])
     assert [a["id"] for a in load_coco(path, categories=("crack",)).images[0].annotations] == [1]
     assert [a["id"] for a in load_coco(path, categories=("cracks-project",)).images[0].annotations] == [1, 2]
 
