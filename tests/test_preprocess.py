@@ -640,7 +640,7 @@ def test_task_categories_the_export_lacks_are_warned(sample_root, tmp_path, caps
                  id="dirs-dotdot"),
     pytest.param({"up": {"prompt": "segment up", "dirs": ["ok", "../x"]}}, "'../x' is not one folder name",
                  id="dirs-slash"),
-    pytest.param({"..": {"prompt": "segment up"}}, "task '..': '..' is not one folder name", id="name-as-dir"),
+    pytest.param({"..": {"prompt": "segment up"}}, "task name '..' must be one folder name", id="name-as-dir"),
     pytest.param({"mean": {"prompt": "segment mean"}}, "task name 'mean' is reserved", id="reserved-name"),
 ])
 def test_tasks_file_refuses_names_that_escape_or_collide(tmp_path, capsys, spec, message):
