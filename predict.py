@@ -204,11 +204,10 @@ def written_slugs(out: Path) -> set[str]:
         return set()
 
 
-def without_own_outputs(paths: list[Path], out: Path, prompts: list[str]) -> list[Path]:
-    """``paths`` less the masks, overlays and probability maps in ``out`` that this run or an earlier one
-    (any of its prompts: ``written_slugs``) wrote: a re-run whose --out is one of its input folders must not
-    segment earlier masks."""
-    slugs = {prompt_slug(p) for p in prompts} | written_slugs(out)
+def without_own_outputs(paths: list[Path], out: Path, slugs: set[str]) -> list[Path]:
+    """``paths`` less the masks, overlays and probability maps in ``out`` of the prompt ``slugs`` (this
+    run's and every earlier one's there: ``written_slugs``): a re-run whose --out is one of its input
+    folders must not segment earlier masks."""
     endings = tuple(f"__{slug}{s}.png" for slug in slugs for s in output_suffixes(True, True))
     out = out.resolve()
     kept = [p for p in paths if not (p.parent.resolve() == out and p.name.endswith(endings))]
@@ -327,7 +326,8 @@ def main(args: argparse.Namespace) -> int:
     suffixes = output_suffixes(args.overlay, args.probs)
     try:
         prompts = check_prompts(args.prompt, suffixes)
-        paths = without_own_outputs(collect_images(args.image), Path(args.out), prompts)
+        slugs = {prompt_slug(p) for p in prompts} | written_slugs(Path(args.out))  # this run's and the earlier ones'
+        paths = without_own_outputs(collect_images(args.image), Path(args.out), slugs)
         if not paths:
             raise InputError("no images to predict (only earlier outputs of predict.py in --out)")
         check_unique_outputs(paths, prompts, suffixes)
@@ -370,7 +370,7 @@ def main(args: argparse.Namespace) -> int:
 
     settings = {"model": model_record(model), "thresholds": thresholds, "tta": args.tta, "ensemble": args.ensemble}
     warn_if_mixed(out, settings)
-    settings["written_slugs"] = sorted(written_slugs(out) | {prompt_slug(p) for p in prompts})  # every run's
+    settings["written_slugs"] = sorted(slugs)  # every run's into this folder
 
     try:
         # Recorded before the first mask is written, so a run stopped half-way still says what made the files.

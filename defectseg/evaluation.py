@@ -585,10 +585,11 @@ def evaluate_pred_dir(pred_dir: str | Path, rows: Sequence[dict], *, workers: in
             name = prediction_path(pred_dir, row).name
             if status in lists:
                 lists[status].append(name)
-            if values is not None and is_graded(values):
+            graded = values is not None and is_graded(values)
+            if graded:
                 result.graded.append(name)
             if values is not None and values.any():
-                marked.append((name, int(values.max()), is_graded(values)))
+                marked.append((name, int(values.max()), graded))
             if status == "missing":
                 result.missing_by_task[row["task"]] = result.missing_by_task.get(row["task"], 0) + 1
             result.scores.append(ImageScore(image=row["image"], mask=row["mask"], task=row["task"],

@@ -371,12 +371,12 @@ def plan_jobs(
         except (OSError, ValueError) as err:  # incl. a manifest missing columns, short rows, not UTF-8
             log.warning("%s: unreadable manifest (%s); every mask of this split is redone", manifest, err)
     names = {t.name for t in tasks}
-    kept = [_as_written(row, split, out) for split, rows in previous.items() for row in rows
+    kept = [(split, row) for split, rows in previous.items() for row in rows
             if (split not in splits or row["task"] not in names) and Path(row["mask"]).exists()]
-    for row in kept:  # a row of an older manifest: its problems are not known, so a later run redoes it
+    for _, row in kept:  # a row of an older manifest: its problems are not known, so a later run redoes it
         if row.get("problems") is None:
             row["problems"] = UNKNOWN_PROBLEMS
-    if without := sum(not has_stats(row) for row in kept):
+    if without := sum(not has_stats(row) for _, row in kept):
         log.warning("%s: %d kept row(s) of other tasks or splits lack preprocess's statistics (from a "
                     "manifest of an older version or another tool); summary.json counts them as images only",
                     out, without)
@@ -384,6 +384,7 @@ def plan_jobs(
     up_to_date = {} if overwrite else {
         row["mask"]: row for split in splits for row in previous.get(split, [])
         if row["task"] in names and row["mask"] not in stale}
+    made: set[str] = set()  # every mask this run makes or reuses
     for task in tasks:
         for split in splits:
             split_dir = task_dirs[task.name] / split
@@ -394,6 +395,7 @@ def plan_jobs(
             for entry in _without_mask_name_clashes(export.images, split_dir, task.slug, problems):
                 image = (split_dir / entry.file_name).resolve()
                 mask = (out / split / "masks" / mask_name(entry.file_name, task.slug)).resolve()
+                made.add(str(mask))
                 key = job_key(entry, image, task.prompt)
                 earlier = _reusable(up_to_date.get(str(mask)), key, image, mask)
                 if earlier:
@@ -401,9 +403,8 @@ def plan_jobs(
                     problems += earlier[1]
                 else:
                     jobs.append(Job(task.name, task.prompt, split, str(image), str(mask), entry, key))
-    made = {job.mask for job in jobs} | {str((out / row["_split"] / row["mask"]).resolve()) for row in reused}
-    kept = [row for row in kept if str((out / row["_split"] / row["mask"]).resolve()) not in made]  # a renamed task
-    return Plan(jobs, reused, kept, problems, missing)
+    kept_rows = [_as_written(row, split, out) for split, row in kept if row["mask"] not in made]  # a renamed task
+    return Plan(jobs, reused, kept_rows, problems, missing)
 
 
 def _pool_results(jobs: list[Job], workers: int) -> Iterator[tuple[Job, tuple[dict | None, list[Problem]]]]:

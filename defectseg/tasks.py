@@ -34,8 +34,9 @@ class Task:
     prompt: the canonical prompt ("segment crack"); its slug names mask files.
     synonyms: other phrasings used for prompt augmentation and ensembling.
     dirs: folder names under a data root that hold this task's export (first match wins).
-    categories: COCO category names to keep, with the categories they are the supercategory of; empty
-        means every category of the export (mapped per dataset, never per id: ids differ between exports).
+    categories: COCO category names to keep (one that holds no annotation keeps the categories it is the
+        supercategory of: ``coco.load_coco``); empty means every category of the export (mapped per dataset,
+        never per id: ids differ between exports).
     """
 
     name: str
