@@ -62,7 +62,7 @@ HELP = {
     "lovasz_epochs": "the last N epochs add the Lovasz hinge to the loss, a surrogate of each image's IoU at "
                      "threshold 0.5 (0: never; it needs a model that already separates the classes)",
     "negative_prob": "probability of pairing an image with another task's prompt and an empty target",
-    "flip": "horizontal-flip augmentation, cached as a second view of each image (default: on)",
+    "flip": "flip augmentation (default: on): CLIPSeg caches the mirrored photo as a second view; LiteSeg also flips vertically and turns by quarter turns on the fly, and --no-flip turns all three off",
     "synonyms": "a random synonym of the task's prompt per sample; off: always the canonical prompt (default: on)",
     "seed": "random seed (same seed, same numbers on CPU)",
     "device": "auto, cpu, cuda, cuda:1, mps",

@@ -3,7 +3,7 @@
 A from-scratch model sees each photo many times, so it needs variety the frozen-CLIP decoder does not:
 
 - random scale and crop (half the samples): a crop of 55-100% of each side, resized to the input size;
-  thin cracks then appear at up to twice their usual width, and the model meets each photo at several scales;
+  thin cracks then appear at up to 1.8 times their usual width, and the model meets each photo at several scales;
 - horizontal flip (the plan's ``view``), vertical flip and 90-degree rotations: wall photos have no
   preferred orientation, and cracks run every way (``--no-flip`` turns all three off);
 - photometric jitter (brightness, contrast, per-channel gain): lighting and white balance vary per site.
@@ -87,7 +87,8 @@ def augment(image: np.ndarray, mask: np.ndarray, view: int, size: int, rng: np.r
 
 
 def jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Brightness +-20%, contrast +-20% and a per-channel gain of +-5% around the image's mean, on uint8."""
+    """Contrast +-20% around the image's mean, brightness +-20% (the mean scaled), then a per-channel gain of
+    +-5%, on uint8."""
     x = image.astype(np.float32)
     mean = x.mean()
     contrast = rng.uniform(0.8, 1.2)
