@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import tempfile
+import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ SAMPLES = sorted(REPO.glob("sample_data/*/valid/*.jpg"))
 PREVIEW_SIDE = 1024  # longest side of the pictures the page shows; masks are written at the photo's size
 INSTALL_HINT = "the web app needs gradio: pip install -r requirements-app.txt"
 ZIP_NAME = "masks.zip"
+REQUEST_TTL_S = 3600  # how long a request's masks (and gradio's copies of them) are kept
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +138,15 @@ class Inspector:
         return self.segmenter.threshold(prompt) if prompt.strip() else self.segmenter.default_threshold
 
     def new_folder(self) -> Path:
+        """A folder for one request's masks; the folders of requests older than REQUEST_TTL_S go first,
+        so a server left running does not fill its disk (the page's downloads last as long)."""
+        cutoff = time.time() - REQUEST_TTL_S
+        for old in self.workdir.glob("request-*"):
+            try:
+                if old.stat().st_mtime < cutoff:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:  # removed meanwhile
+                pass
         return Path(tempfile.mkdtemp(prefix="request-", dir=self.workdir))
 
     def segment_files(self, paths: list[Path], thresholds: dict[str, float]) -> tuple[list[MaskResult], list[str]]:
@@ -142,7 +154,8 @@ class Inspector:
         into a new folder; returns the results and one message per photo that could not be read.
         Raises predict.InputError for prompts or photos whose mask files would collide."""
         prompts = predict.check_prompts(list(thresholds), [""])
-        predict.check_unique_outputs(paths, prompts, [""])
+        predict.check_unique_outputs(paths, prompts, [""], remedy="Rename one of them and upload again, or "
+                                     "segment them in separate requests")
         thresholds = {p.strip(): t for p, t in thresholds.items()}
         out = self.new_folder()
         stats = predict.predict_images(self.segmenter, paths, thresholds, out, suffixes=[""], workers=0)
@@ -207,7 +220,7 @@ def build_ui(inspector: Inspector, model: str) -> gr.Blocks:
     """The gradio Blocks: the inspection page, and the one-image form behind the ``/segment`` API."""
     import gradio as gr
 
-    with gr.Blocks(title="defectseg", delete_cache=(3600, 3600)) as demo:
+    with gr.Blocks(title="defectseg", delete_cache=(REQUEST_TTL_S, REQUEST_TTL_S)) as demo:
         gr.Markdown(f"# Defect segmentation\nModel: `{model}`")
         with gr.Tab("Inspect"):
             with gr.Row():

@@ -155,10 +155,11 @@ def collect_images(specs: list[str]) -> list[Path]:
     return list(found.values())
 
 
-def check_unique_outputs(paths: list[Path], prompts: list[str], suffixes: list[str]) -> None:
+def check_unique_outputs(paths: list[Path], prompts: list[str], suffixes: list[str],
+                         remedy: str = "Rename them or predict them into different --out folders") -> None:
     """Refuse inputs whose output files would overwrite each other: the same file stem (x.jpg, x.png), or
     stems and prompts that join into one name ("x" + "_a" and "x_" + "a": x___a.png). Names that differ
-    only in case count as the same (one file on macOS and Windows)."""
+    only in case count as the same (one file on macOS and Windows). ``remedy`` ends the message."""
     endings = [prompt_slug(prompt) + suffix for prompt in prompts for suffix in suffixes]
     writer: dict[str, Path] = {}  # case-folded output name -> the image writing it
     clashes: dict[tuple[Path, Path], str] = {}  # (image, image) -> one file both would write
@@ -174,8 +175,7 @@ def check_unique_outputs(paths: list[Path], prompts: list[str], suffixes: list[s
         more = f" (and {len(pairs) - 5} more)" if len(pairs) > 5 else ""
         same_stem = all(a.stem.casefold() == b.stem.casefold() for a, b in clashes)
         what = "images with the same file stem" if same_stem else "these images and prompts"
-        raise InputError(f"{what} would write the same output files: {shown}{more}. "
-                         "Rename them or predict them into different --out folders")
+        raise InputError(f"{what} would write the same output files: {shown}{more}. {remedy}")
 
 
 # -- predicting ----------------------------------------------------------------------------------------
@@ -194,14 +194,48 @@ def output_suffixes(overlay: bool, probs: bool) -> list[str]:
     return [""] + [OVERLAY_SUFFIX] * overlay + [PROB_SUFFIX] * probs
 
 
-def written_slugs(out: Path) -> set[str]:
-    """The prompt slugs of every earlier run into ``out``, as its ``predict_config.json`` records them
-    (nothing when there is none or it cannot be read: one generic guard)."""
+def earlier_record(out: Path) -> dict:
+    """The ``predict_config.json`` the earlier runs into ``out`` left; {} when there is none or it cannot be
+    read (one generic guard: this run replaces it)."""
     try:
         record = json.loads((out / PREDICT_CONFIG_FILE).read_text(encoding="utf-8"))
-        return {str(s) for s in record.get("written_slugs", [])} | {prompt_slug(str(p)) for p in record.get("prompts", [])}
-    except (OSError, ValueError, AttributeError, TypeError):
-        return set()
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def recorded(record: dict, key: str, kind: type) -> dict | list:
+    """``record[key]`` when it is a ``kind`` (dict or list), else an empty one: a hand-edited record is ignored."""
+    value = record.get(key)
+    return value if isinstance(value, kind) else kind()
+
+
+def written_slugs(record: dict) -> set[str]:
+    """The prompt slugs of every earlier run into a folder, from its record (``earlier_record``)."""
+    return {str(s) for s in recorded(record, "written_slugs", list)} | {
+        prompt_slug(str(p)) for p in recorded(record, "prompts", list)}
+
+
+def check_sources(paths: list[Path], prompts: list[str], out: Path, record: dict) -> dict[str, str]:
+    """Refuse images whose masks would replace masks an earlier run into ``out`` made of another photo with
+    the same name (site-a/IMG_1.jpg, then site-b/IMG_1.jpg). The record's ``sources`` maps each mask file
+    (case-folded name) to the image it was made from; returns it with this run's masks added."""
+    sources = {str(k): str(v) for k, v in recorded(record, "sources", dict).items()}
+    mine: dict[str, str] = {}
+    clashes: list[str] = []
+    for path in paths:
+        source = str(path.resolve())
+        for prompt in prompts:
+            name = mask_name(path.name, prompt_slug(prompt))
+            earlier = sources.get(name.casefold())
+            if earlier not in (None, source) and (out / name).exists():
+                clashes.append(f"{name} (made from {earlier}, now {path})")
+            mine[name.casefold()] = source
+    if clashes:
+        more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
+        raise InputError(f"{out} holds masks of other photos with the same names, which this run would replace: "
+                         f"{'; '.join(clashes[:3])}{more}. Predict into another --out, or delete those masks first")
+    return {**sources, **mine}
 
 
 def without_own_outputs(paths: list[Path], out: Path, slugs: set[str]) -> list[Path]:
@@ -250,7 +284,9 @@ def predict_images(
     """Write the outputs of every image in ``paths`` for every prompt in ``thresholds`` into ``out``.
 
     Per batch: one ``encode`` (the vision encoder), then ``probabilities`` for all prompts. PNG encoding
-    and writing run in threads, overlapping the next batch; at most one batch of writes is pending.
+    and writing run in threads, overlapping the next batch's encoding; at most one batch of writes is
+    pending, and its maps are freed before the next batch's are made (memory: about 4 bytes per pixel per
+    prompt for one batch of images at their own sizes).
     """
     stats = RunStats()
     start = time.perf_counter()
@@ -267,8 +303,8 @@ def predict_images(
             loaded = [item for item in batch if item.error is None]
             if loaded:
                 activations = segmenter.encode(torch.stack([item.pixel_values for item in loaded]))
+                stats.masks += wait_for(pending)  # first: one batch of full-size maps in memory at a time
                 probs = segmenter.probabilities(activations, [item.image.shape[:2] for item in loaded], prompts)
-                stats.masks += wait_for(pending)
                 pending = [
                     writer.submit(write_outputs, out, item, prompt_slug(prompt), prob, thresholds[prompt], suffixes)
                     for prompt in prompts
@@ -307,16 +343,10 @@ def same_settings(a: dict, b: dict) -> bool:
     return all(ta[slug] == tb[slug] for slug in ta.keys() & tb.keys())
 
 
-def warn_if_mixed(out: Path, settings: dict) -> None:
-    """Warn when the last run into ``out`` (its ``predict_config.json``) made masks with other settings:
-    the files this run does not rewrite stay from it. One generic guard: a record that cannot be read is
-    simply replaced."""
-    try:
-        record = json.loads((out / PREDICT_CONFIG_FILE).read_text(encoding="utf-8"))
-        mixed = isinstance(record, dict) and not same_settings(record, settings)
-    except (OSError, ValueError):
-        return
-    if mixed:
+def warn_if_mixed(out: Path, record: dict, settings: dict) -> None:
+    """Warn when the earlier runs into ``out`` (their ``record``) made masks with other settings: the files
+    this run does not rewrite stay from them."""
+    if record and not same_settings(record, settings):
         log.warning("%s holds outputs of an earlier run with other settings (model %s): the files this run does "
                     "not rewrite stay from it; use another --out to keep runs apart", out, record.get("model"))
 
@@ -326,11 +356,13 @@ def main(args: argparse.Namespace) -> int:
     suffixes = output_suffixes(args.overlay, args.probs)
     try:
         prompts = check_prompts(args.prompt, suffixes)
-        slugs = {prompt_slug(p) for p in prompts} | written_slugs(Path(args.out))  # this run's and the earlier ones'
+        record = earlier_record(Path(args.out))
+        slugs = {prompt_slug(p) for p in prompts} | written_slugs(record)  # this run's and the earlier ones'
         paths = without_own_outputs(collect_images(args.image), Path(args.out), slugs)
         if not paths:
             raise InputError("no images to predict (only earlier outputs of predict.py in --out)")
         check_unique_outputs(paths, prompts, suffixes)
+        sources = check_sources(paths, prompts, Path(args.out), record)
     except InputError as err:
         return fail(str(err))
     if problem := check_device(args.device):
@@ -369,8 +401,14 @@ def main(args: argparse.Namespace) -> int:
              " (--threshold)" if args.threshold is not None else "")
 
     settings = {"model": model_record(model), "thresholds": thresholds, "tta": args.tta, "ensemble": args.ensemble}
-    warn_if_mixed(out, settings)
-    settings["written_slugs"] = sorted(slugs)  # every run's into this folder
+    warn_if_mixed(out, record, settings)
+    # What made every mask in the folder, this run's and the earlier ones' it leaves: their prompts'
+    # thresholds, the slugs (for without_own_outputs) and each mask's source image (for check_sources).
+    mine = {prompt_slug(p) for p in prompts}
+    settings["thresholds"] = {**{str(p): t for p, t in recorded(record, "thresholds", dict).items()
+                                 if prompt_slug(str(p)) not in mine}, **thresholds}
+    settings["written_slugs"] = sorted(slugs)
+    settings["sources"] = sources
 
     try:
         # Recorded before the first mask is written, so a run stopped half-way still says what made the files.

@@ -202,10 +202,10 @@ def split_name(text: str) -> str:
 
 def nonempty(text: str) -> str:
     """argparse type for paths: refuses an empty value (an unset shell variable would otherwise mean the
-    current folder)."""
+    current folder) and expands a leading ``~``, which the shell leaves in ``--out=~/x``."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
-    return text
+    return os.path.expanduser(text)
 
 
 def add_tasks_argument(parser: argparse.ArgumentParser) -> None:

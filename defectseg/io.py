@@ -41,10 +41,12 @@ class ImageReadError(OSError):
 
 
 def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
-    """PIL image of any mode -> (H, W, 3) uint8 RGB; 16-bit and float images are scaled, not clipped."""
+    """PIL image of any mode -> (H, W, 3) uint8 RGB; 16-bit and float images are scaled, not clipped (a float
+    image whose values lie in [0, 1] as such, one above 1 as 8-bit values, one above 255 as 16-bit ones)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        top = arr.max(initial=0)
+        hi = 65535.0 if img.mode.startswith("I;16") or top > 255 else 1.0 if img.mode == "F" and top <= 1 else 255.0
         arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(arr[:, :, None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -83,7 +85,9 @@ def open_image(path: str | Path) -> tuple[np.ndarray, tuple[int, int], int]:
     except FileNotFoundError:
         raise ImageReadError(f"{path}: image file not found") from None
     except Image.DecompressionBombError as err:  # a decompression bomb, or just a huge picture
-        raise ImageReadError(f"{path}: image too large to read safely ({err})") from None
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+        raise ImageReadError(f"{path}: image too large to read safely ({err}); images over {limit:.0f} megapixels "
+                             "are refused, downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"{path}: cannot read image ({err})") from None
 

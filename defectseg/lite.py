@@ -239,8 +239,14 @@ def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, C) or (H, W) -> (size, size, ...): area averaging when shrinking, bilinear when enlarging."""
+    """(H, W, C) or (H, W) -> (size, size, ...): area averaging when shrinking, bilinear when enlarging.
+
+    A long strip that shrinks along one side and grows along the other is resized one side at a time
+    (cv2's area mode then samples the shrinking side sparsely, and a thin crack across it can vanish)."""
     h, w = image.shape[:2]
+    if (h - size) * (w - size) < 0:
+        image = cv2.resize(image, (w, size) if h > size else (size, h), interpolation=cv2.INTER_AREA)
+        return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
     shrink = size * size < h * w
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 

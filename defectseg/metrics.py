@@ -185,12 +185,18 @@ def summarize(counts: Any, empty_score: float = 1.0) -> dict[str, float | int]:
 def binarize(prob: Any, threshold: float) -> np.ndarray:
     """Binary mask ``prob >= threshold`` (bool, same shape as ``prob``).
 
-    The comparison is done in float64, so it is exact for float16/float32 probabilities; NaN is
-    never foreground. This is the single threshold rule of the project: ``counts_at_thresholds``
+    Exact for float16/float32/float64 probabilities against the float64 threshold, as if compared in
+    float64, without a float64 copy: a float32 map is compared with the smallest float32 >= threshold.
+    NaN is never foreground. This is the single threshold rule of the project: ``counts_at_thresholds``
     matches it exactly. Multiply by 255 and cast to uint8 to write a PNG mask.
     """
-    p = _to_numpy(prob).astype(np.float64, copy=False)
-    return p >= np.float64(threshold)
+    p = _to_numpy(prob)
+    if p.dtype not in (np.float32, np.float64):
+        p = p.astype(np.float64)
+    t = p.dtype.type(threshold)
+    if t < np.float64(threshold):  # rounded down: p >= threshold <=> p >= the next representable value
+        t = np.nextafter(t, p.dtype.type(np.inf))
+    return p >= t
 
 
 def counts_at_thresholds(prob: Any, target: Any, thresholds: Any) -> np.ndarray:

@@ -116,7 +116,8 @@ def test_bad_uploads_are_messages_and_the_good_ones_are_still_segmented(inspecto
     assert inspector.page([], {PROMPT: 0.5}).messages == ["Upload a photo or pick a sample first."]
     assert inspector.page([PHOTO], {}).messages == ["Tick a prompt or type one."]
     same_stem = [odd_files["gray"], odd_files["gray"].with_suffix(".jpg")]
-    assert "same file stem" in inspector.page(same_stem, {PROMPT: 0.5}).messages[0]
+    message = inspector.page(same_stem, {PROMPT: 0.5}).messages[0]
+    assert "same file stem" in message and "upload again" in message and "--out" not in message
     assert "not a prompt the model was trained on" in inspector.page([PHOTO], {"segment rust": 0.5}).messages[0]
     with pytest.raises(predict.InputError):
         inspector.segment(PHOTO, " ", 0.5)
@@ -260,3 +261,13 @@ def test_in_chromium_a_bad_file_then_a_photo_whose_mask_is_predict_py_mask(serve
     assert saved.name == "2416_jpg.rf.bf2b80646c006685421f2dfd20b1cd06__segment_crack.png"
     assert saved.read_bytes() == reference
     assert (tmp_path / "result.png").stat().st_size > 10_000
+
+
+def test_old_requests_are_deleted_when_a_new_one_comes(inspector: app.Inspector) -> None:
+    """A server left running keeps each request's masks for REQUEST_TTL_S, not until it stops."""
+    old, recent = inspector.new_folder(), inspector.new_folder()
+    (old / "a.png").write_bytes(b"x")
+    stale = time.time() - app.REQUEST_TTL_S - 60
+    os.utime(old, (stale, stale))
+    new = inspector.new_folder()
+    assert not old.exists() and recent.is_dir() and new.is_dir()

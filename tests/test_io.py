@@ -86,6 +86,18 @@ def test_empty_paths_are_refused():
     with pytest.raises(argparse.ArgumentTypeError):
         nonempty("  ")
     assert nonempty("runs/x") == "runs/x"
+    assert nonempty("~/runs/x") == str(Path.home() / "runs" / "x")  # --out=~/runs/x: no shell expands it
+
+
+@pytest.mark.parametrize("values,expected", [
+    ([0.0, 0.5, 1.0], [0, 128, 255]),  # a float image in [0, 1]: scaled by 255
+    ([0.0, 100.0, 255.0], [0, 100, 255]),  # above 1: 8-bit values as floats
+    ([0.0, 1000.0, 65535.0], [0, 4, 255]),  # above 255: 16-bit values as floats
+])
+def test_float_images_are_scaled_by_their_range(tmp_path, values, expected):
+    path = tmp_path / "f.tif"
+    Image.fromarray(np.array([values], dtype=np.float32), "F").save(path)
+    np.testing.assert_array_equal(load_image(path)[0], np.repeat(np.array(expected, np.uint8)[:, None], 3, 1))
 
 
 class Stderr:

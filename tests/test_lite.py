@@ -318,3 +318,27 @@ def test_one_prompt_per_flag_and_a_warning_for_untrained_prompts(processed, samp
     err = capsys.readouterr().err
     assert "'crack' is not one the model was trained on ('segment crack', 'segment taping area')" in err
     assert "'segment wall crack' is not one" not in err  # a synonym from the task table
+
+
+@pytest.mark.parametrize("h,w", [(3000, 400), (400, 3000), (4480, 300)])
+def test_a_thin_line_across_a_long_strip_survives_the_resize(h: int, w: int) -> None:
+    """A strip that shrinks along one side and grows along the other: a 2 px line across the shrinking
+    side stays visible wherever it lies (cv2's area mode alone dropped it at most positions)."""
+    for pos in range(0, max(h, w) - 2, max(h, w) // 40):
+        image = np.zeros((h, w), np.uint8)
+        if h > w:
+            image[pos:pos + 2] = 255  # a horizontal line across a tall strip
+        else:
+            image[:, pos:pos + 2] = 255
+        assert lite.resize_square(image, 448).max() >= 255 * 448 / max(h, w) - 1, pos  # split between 2 cells
+
+
+def test_square_photos_resize_as_before() -> None:
+    """640 px photos (both sides shrink) and small ones (both grow) take one cv2 call, as the shipped model
+    was trained."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for side, mode in ((640, cv2.INTER_AREA), (300, cv2.INTER_LINEAR)):
+        image = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
+        np.testing.assert_array_equal(lite.resize_square(image, 448), cv2.resize(image, (448, 448), interpolation=mode))

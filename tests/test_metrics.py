@@ -178,6 +178,17 @@ def test_binarize_rule_is_greater_or_equal() -> None:
     assert tuple(counts_at_thresholds(prob, np.ones((2, 2), bool), [0.5])[0].tolist()) == (3, 0, 1, 0)
 
 
+@pytest.mark.parametrize("threshold", [0.55, 0.1, 0.5, 1 / 3, 0.0, 1.0, 1.5])
+def test_binarize_float32_is_the_float64_comparison(threshold: float) -> None:
+    """binarize compares a float32 map without a float64 copy, with the same answer: a float32 just below
+    a threshold float32 cannot represent (0.55) is background, the one just above is foreground."""
+    t32 = np.float32(threshold)
+    near = [np.nextafter(t32, np.float32(-1)), t32, np.nextafter(t32, np.float32(2)), np.float32(np.nan)]
+    prob = np.array(near + list(np.random.default_rng(0).random(50)), dtype=np.float32)
+    np.testing.assert_array_equal(binarize(prob, threshold), prob.astype(np.float64) >= threshold)
+    assert binarize(prob, threshold).dtype == np.bool_
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_counts_at_thresholds_matches_binarize(dtype: type, seed: int) -> None:

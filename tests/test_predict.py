@@ -297,7 +297,7 @@ def test_huge_image_is_reported_not_a_traceback(tmp_path: Path, monkeypatch) -> 
 
     path = write_image(tmp_path / "big.png", 64, 64)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses images over twice this
-    with pytest.raises(ImageReadError, match="big.png: image too large to read safely"):
+    with pytest.raises(ImageReadError, match="big.png: image too large to read safely.*downscale it first"):
         load_image(path)
 
 
@@ -444,3 +444,38 @@ def test_a_checkpoint_knows_only_the_tasks_it_was_trained_on(tiny_dir: Path, tmp
     err = capsys.readouterr().err
     assert "'segment crack' is not one the model was trained on ('segment spalling')" in err
     assert "'segment spalling' is not one" not in err
+
+
+def test_a_run_never_replaces_masks_of_another_photo_with_the_same_name(tiny_dir: Path, tmp_path: Path,
+                                                                        capsys) -> None:
+    """site-a/IMG_1.jpg, then site-b/IMG_1.jpg into one --out: the second run would replace the first
+    photo's mask, so it is refused before writing; a rerun of the same photo, or another prompt (another
+    file), is not. The record keeps every mask's source and every prompt's threshold across runs."""
+    site_a = write_image(tmp_path / "site-a" / "IMG_1.png", 20, 20, seed=1)
+    site_b = write_image(tmp_path / "site-b" / "IMG_1.png", 20, 20, seed=2)
+    out = tmp_path / "pred"
+    crack = out / f"IMG_1__{SLUGS[0]}.png"
+    assert run(tiny_dir, out, "--image", str(site_a), "--threshold", "0.3", prompts=PROMPTS[:1]) == 0
+    before = crack.read_bytes()
+    assert run(tiny_dir, out, "--image", str(site_a), "--threshold", "0.3", prompts=PROMPTS[:1]) == 0  # a rerun
+    capsys.readouterr()
+    assert run(tiny_dir, out, "--image", str(site_b), prompts=PROMPTS[:1]) == 1
+    err = capsys.readouterr().err
+    assert f"IMG_1__{SLUGS[0]}.png (made from {site_a.resolve()}, now {site_b})" in err and "another --out" in err
+    assert crack.read_bytes() == before
+    assert run(tiny_dir, out, "--image", str(site_b), prompts=PROMPTS[1:]) == 0  # writes another file
+    record = json.loads((out / predict.PREDICT_CONFIG_FILE).read_text())
+    assert record["sources"] == {f"img_1__{SLUGS[0]}.png": str(site_a.resolve()),
+                                 f"img_1__{SLUGS[1]}.png": str(site_b.resolve())}
+    assert record["thresholds"]["segment crack"] == 0.3 and record["prompts"] == PROMPTS[1:]
+    crack.unlink()  # once its mask is gone, the other photo may take the name
+    assert run(tiny_dir, out, "--image", str(site_b), prompts=PROMPTS[:1]) == 0
+
+
+def test_out_expands_the_home_folder(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """--out=~/x (the shell leaves a ~ after '=') is the home folder's x, as --image and --model are."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    image = write_image(tmp_path / "a.png", 20, 20)
+    argv = ["--model", str(tiny_dir), "--workers", "0", "--image=~/a.png", "--out=~/preds", "--prompt", PROMPTS[0]]
+    assert predict.main(predict.build_parser().parse_args(argv)) == 0
+    assert (tmp_path / "preds" / f"a__{SLUGS[0]}.png").is_file() and image.is_file()
