@@ -198,7 +198,9 @@ def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep:
               else "from the checkpoint")
     if args.threshold is not None:
         segmenter.thresholds, segmenter.default_threshold, source = {}, args.threshold, "--threshold"
-    elif mismatch := thresholds_mismatch(meta, model_arg, args.tta, args.ensemble):
+    elif untuned != sorted({row["prompt"] for row in rows}) and tuned_on(meta.get("thresholds_source"), args):
+        source += ", tuned on the images scored here by evaluate.py --write-thresholds, so these numbers are optimistic"
+    if args.threshold is None and (mismatch := thresholds_mismatch(meta, model_arg, args.tta, args.ensemble)):
         log.warning("%s", mismatch)
     log.info("scoring %s on %d images (%s)", model_arg, len(rows), evaluation.device_name(segmenter.device))
     result = evaluation.evaluate_model(segmenter, rows, batch_size=args.batch_size, thresholds=sweep,
@@ -214,6 +216,14 @@ def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep:
             ": the split scored here, so these numbers are optimistic" if meta.get("selection_split") == args.split
             else "")
     return section, result.scores, segmenter
+
+
+def tuned_on(provenance: object, args: argparse.Namespace) -> bool:
+    """Whether ``--write-thresholds`` (its ``thresholds_source`` record) tuned on the data and split scored now."""
+    if not isinstance(provenance, dict) or provenance.get("split") != args.split:
+        return False
+    data = provenance.get("data")
+    return not isinstance(data, str) or Path(data).resolve() == Path(args.data).resolve()
 
 
 def run_pred_dir(pred_dir: str, args: argparse.Namespace, rows: list[dict]) -> tuple[dict, list]:
@@ -331,7 +341,7 @@ def evaluate(args: argparse.Namespace, model_arg: str, rows: list[dict], task_pr
     except OSError as err:
         raise report.ReportWriteError(f"cannot write the report to {out}: {os_reason(err)}") from None
     if thresholds_written:  # the checkpoint changes only once the report is complete
-        provenance = {"data": str(args.data), "split": args.split, "tta": args.tta, "ensemble": args.ensemble,
+        provenance = {"data": str(Path(args.data).resolve()), "split": args.split, "tta": args.tta, "ensemble": args.ensemble,
                       "created": metrics_["created"]}
         try:
             path = evaluation.write_thresholds(target, thresholds_written["thresholds"], provenance)
