@@ -41,7 +41,7 @@ demo: setup
 
 # The shipped model (models/liteseg) from scratch: the two Roboflow exports in $(RAW) (cracks-3ii36/,
 # drywall-join-detect/), 20 epochs, the first 10 on 320 px images (progressive resizing), about 87 minutes
-# on 2 CPU cores (LITE_LOW_RES_EPOCHS=0: all 20 at 448 px, about 105 minutes, 0.459 / 0.748 instead of
+# on 2 CPU cores (LITE_LOW_RES_EPOCHS=0: all 20 at 448 px, about 116 minutes, 0.459 / 0.748 instead of
 # 0.480 / 0.759). Trains into runs/liteseg, copies its best/ and training record into models/liteseg
 # (replacing the shipped model: `git checkout models/liteseg` restores it), and writes the valid-split report
 # there. The shipped model's cracks train set is this project's 2,642-photo subset (RAW=../shared/data).

@@ -223,7 +223,8 @@ def _dihedral(grid: np.ndarray) -> np.ndarray:
 def leakage_report(rows: list[dict]) -> dict:
     """Per task and non-train split: how many images share a source photo (the name before ``.rf.``),
     identical pixels, or a near-identical picture under any flip/rotation with a train image. ``rows``
-    must hold the hashes (``has_stats``)."""
+    must hold the hashes (``has_stats``). A task without train rows (``--splits valid``) is left out: not
+    measured, rather than 0."""
     report: dict = {}
     by_task_split: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in rows:
@@ -232,6 +233,8 @@ def leakage_report(rows: list[dict]) -> dict:
         if split == "train":
             continue
         train = by_task_split.get((task, "train"), [])
+        if not train:
+            continue
         stems = {r["source_stem"] for r in train}
         pixels = {r["pixel_hash"] for r in train}
         train_bits = _hash_bits([r["ahash"] for r in train]).reshape(len(train), 256).astype(np.float32)

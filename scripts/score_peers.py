@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Score every folder of peer masks against exact COCO ground truth; print a Markdown table.
 
-    python preprocess_masks.py --data-root ../shared/data --out processed_dataset --splits valid
-    python scripts/score_peers.py --peers ../shared/peer-predictions --data processed_dataset
+    python preprocess_masks.py --data-root ../shared/data --out data/full --splits valid
+    python scripts/score_peers.py --peers ../shared/peer-predictions --data data/full
 
 Each folder holds <image_stem>__<prompt_slug>.png masks for the valid split (evaluate.py --pred-dir's
 format). A folder is scored on the tasks it has masks for; a missing mask counts as empty.
@@ -39,6 +39,6 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", default="../shared/peer-predictions", help="folder of mask folders")
-    parser.add_argument("--data", default="processed_dataset", help="preprocess_masks.py output")
+    parser.add_argument("--data", default="data/full", help="preprocess_masks.py output of the full exports (default: %(default)s)")
     parser.add_argument("--split", default="valid")
     main(parser.parse_args())

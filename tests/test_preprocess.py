@@ -278,7 +278,11 @@ def test_rerun_with_fewer_tasks_or_splits_keeps_the_rest(sample_root, tmp_path, 
     assert len(read_manifest(out / "train" / "manifest.csv")) == 16
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"] == full["counts"] and summary["leakage"] == full["leakage"]
+    # Without a train split, leakage is not measured (not "0 of 4 share a source photo").
     capsys.readouterr()
+    assert run("--data-root", str(sample_root), "--out", str(tmp_path / "v"), "--splits", "valid") == 0
+    assert json.loads((tmp_path / "v" / "summary.json").read_text())["leakage"] == {}
+    assert "share a source photo" not in capsys.readouterr().err
     assert run("--data-root", str(sample_root), "--out", str(out), "--splits", "trian") == 1
     assert "split trian exists for none of the tasks cracks, drywall" in capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["counts"] == full["counts"]
