@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from defectseg.data import load_rows  # noqa: E402
-from defectseg.inference import TTA_VIEWS, Segmenter  # noqa: E402
+from defectseg.inference import PRECISION_HELP, PRECISIONS, TTA_VIEWS, Segmenter  # noqa: E402
 from defectseg.io import load_image, read_mask_png  # noqa: E402
 from defectseg.metrics import best_threshold, counts_at_thresholds, default_thresholds  # noqa: E402
 
@@ -42,8 +42,10 @@ def main() -> None:
     parser.add_argument("--split", default="valid", help="split (default: %(default)s)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[384, 448, 512, 576], help="input sizes in pixels")
     parser.add_argument("--tta", default="d4", choices=["none", *TTA_VIEWS], help="views per size (default: %(default)s)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP + " (default: %(default)s)")
     args = parser.parse_args()
-    segmenter = Segmenter.load(args.model, device="cpu", tta=None if args.tta == "none" else args.tta)
+    segmenter = Segmenter.load(args.model, device="cpu", precision=args.precision,
+                               tta=None if args.tta == "none" else args.tta)
     rows = load_rows(args.data, args.split, None)
     thresholds = default_thresholds()
     for task in sorted({r["task"] for r in rows}):
