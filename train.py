@@ -155,6 +155,10 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
         cfg = load_run_config(args.resume)
         recover_folder(Path(args.resume) / "last")  # a save interrupted between its two renames
         if not (Path(args.resume) / "last" / TRAINER_STATE).is_file():
+            if any((Path(args.resume) / name).exists() for name in ("best", "metrics.csv")):
+                raise FileNotFoundError(f"{args.resume}: no last/{TRAINER_STATE} to resume from, though the run "
+                                        f"trained (its best/ and metrics.csv are there): it cannot be continued; start a new "
+                                        f"run from its best/ with --model {args.resume}/best")
             raise FileNotFoundError(f"{args.resume}: no last/{TRAINER_STATE} to resume from (the run ended before "
                                     f"its first epoch did); start it again with --out {args.resume} --overwrite")
         if "out" in given and not _same(given["out"], args.resume):

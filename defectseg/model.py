@@ -186,9 +186,10 @@ def _load_decoder_file(
     try:
         model, processor = load_model(base)
     except ModelLoadError as exc:
+        full = (path.parent / "config.json").is_file()
         raise ModelLoadError(
-            f"decoder file {path} is built on base model {base!r}, which could not be loaded: {exc} "
-            f"(or pass the full checkpoint folder {path.parent} instead of the decoder file)"
+            f"decoder file {path} is built on base model {base!r}, which could not be loaded: {exc}"
+            + (f" (or pass the full checkpoint folder {path.parent} instead of the decoder file)" if full else "")
         ) from exc
     load_decoder(model, path)
     return model, processor
@@ -367,10 +368,13 @@ def trains_from_scratch(model: nn.Module) -> bool:
 
 def base_model_ref(name_or_path: str) -> str:
     """What a decoder file records as its base: a Hub id as is, a local folder as an absolute path (so
-    the file loads from any working directory), and for a decoder file the base that file records."""
+    the file loads from any working directory), and for a decoder file, or a folder holding only one (a
+    CLIPSeg run's last/), the base that file records."""
     if not _looks_like_local_path(name_or_path):
         return name_or_path
     path = Path(name_or_path).expanduser().resolve()
+    if path.is_dir() and not (path / "config.json").is_file() and (path / DECODER_FILE).is_file():
+        path = path / DECODER_FILE
     if path.is_file() and path.suffix == ".safetensors":
         return _safetensors_header(path).get(_BASE_MODEL_KEY) or str(path.parent)
     return str(path)

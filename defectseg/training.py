@@ -44,7 +44,7 @@ from .data import (
     use_table_prompts,
 )
 from .features import FeatureCache, model_fingerprint, view_of
-from .inference import Segmenter, autocast, resolve_device, resolve_precision
+from .inference import Segmenter, autocast, precision_name, resolve_device, resolve_precision
 from .io import (
     load_image,
     prefetched,
@@ -376,6 +376,12 @@ def _restore(run: Run, state: dict) -> None:
     if run.main_process:
         log.info("resumed %s after epoch %d (best %.4f at epoch %d)", run.out, run.start_epoch, run.best["score"],
                  run.best["epoch"])
+        before = {k: run.history[-1].get(k) for k in ("device", "precision")} if run.history else {}
+        now = {"device": run.device.type, "precision": precision_name(run.segmenter.amp_dtype)}
+        if before.get("precision") and before != now:  # rows of older versions record neither
+            log.warning("%s: its last epoch trained on %s in %s, this one trains on %s in %s (--precision %s); "
+                        "the epochs' numbers may differ for that", run.out, before["device"], before["precision"],
+                        now["device"], now["precision"], run.cfg.precision)
 
 
 def _announce(run: Run, resume: bool) -> None:
@@ -385,15 +391,21 @@ def _announce(run: Run, resume: bool) -> None:
     kind = ("cached features" if run.cache is not None else "every weight, images augmented in memory" if run.bank is not None
             else "plain HF forward" if cfg.train_vision_layers == 0
             else f"last {cfg.train_vision_layers} vision layers unfrozen")
-    log.info("training %s parameters of %s (%s) on %s%s, %d train images, %d steps per epoch; best/ picked on %s",
+    log.info("training %s parameters of %s (%s) on %s (%s)%s, %d train images, %d steps per epoch; best/ picked on %s",
              f"{sum(p.numel() for p in run.trainable):,}", f"{count_parameters(run.model):,}", kind, run.device,
+             precision_name(run.segmenter.amp_dtype),
              f" x{run.world} processes" if run.world > 1 else "", len(run.train_rows),
              run.schedule["steps_per_epoch"], selection_split(cfg.holdout, len(run.select_rows)))
     if not resume:  # train.py --overwrite: nothing of the run this one replaces may be mistaken for it
+        replaced = any((out / name).exists() for name in ("best", "last", "metrics.csv"))
         for name in ("best", "last"):  # with the copies its swaps set aside: a later load could restore one
             remove_folder(out / name)
         for name in ("metrics.csv", "curves.png", "summary.json"):
             (out / name).unlink(missing_ok=True)
+        others = sorted(p.name for p in out.iterdir() if p.name != "config.json") if replaced else []
+        if others:  # e.g. report/, predictions/: not removed, they are not train.py's
+            log.warning("%s still holds %s, which train.py did not write: made from the run this one replaces, "
+                        "they describe that run, not this one", out, ", ".join(others))
     write_json_atomic(out / "config.json", asdict(cfg))
 
 
@@ -543,6 +555,7 @@ def _validate_and_save(run: Run, epoch: int, stats: EpochStats, t0: float) -> bo
                        cfg.val_batch_size)
         row = _history_row(epoch + 1, stats.loss, agg, stats.lr, stats.seconds, time.perf_counter() - t0,
                            stats.samples / stats.seconds, stats.skipped, stats.overflowed)
+        row.update(device=run.device.type, precision=precision_name(run.segmenter.amp_dtype))  # what --precision auto chose
         run.history.append(row)
         score = selection_score(agg)
         improved = score > best["score"]
@@ -815,7 +828,8 @@ def _history_row(epoch: int, loss: float, agg: dict, lr: float, train_s: float, 
 def _write_history(out: Path, history: list[dict]) -> None:
     """metrics.csv (a row per epoch) and curves.png."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]), lineterminator="\n")
+    columns = list(dict.fromkeys(key for row in history for key in row))  # rows of older versions lack some
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     write_text_atomic(out / "metrics.csv", buf.getvalue())

@@ -643,10 +643,14 @@ def test_decoder_file_loads_from_any_working_directory(processed, tiny, tmp_path
     assert run_train(*base_args(processed, relative_tiny, tmp_path / "a", "--epochs", "1")) == 0
     assert run_train(*base_args(processed, tmp_path / "a" / "best" / "decoder.safetensors", tmp_path / "b",
                                 "--epochs", "1")) == 0
+    # A CLIPSeg run's last/ holds the decoder alone: a run started from it records that decoder's base too,
+    # not last/ itself (which --overwrite of that run would replace, or a later run removes).
+    assert run_train(*base_args(processed, tmp_path / "a" / "last", tmp_path / "c", "--epochs", "1")) == 0
     monkeypatch.chdir(tmp_path / "b")
-    for run in ("a", "b"):
+    for run in ("a", "b", "c"):
         model, _ = load_model(tmp_path / run / "best" / "decoder.safetensors")
         assert read_metadata(tmp_path / run / "best")["base_model"] == str(tiny.resolve())
+        assert read_metadata(tmp_path / run / "best" / "decoder.safetensors")["base_model"] == str(tiny.resolve())
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -759,6 +763,63 @@ def test_a_run_killed_in_its_first_epoch_is_started_again_with_overwrite(process
     err = run_train_err(capsys, "--resume", str(run))
     assert f"--out {run} --overwrite" in err
     assert run_train(*base_args(processed, tiny, run, "--epochs", "1", "--overwrite")) == 0
+
+
+def test_a_run_whose_last_is_gone_is_not_sent_to_overwrite(processed, tiny, tmp_path, capsys):
+    """A run that trained but lost last/ cannot be resumed; --overwrite would delete its best/, so the
+    message points at a new run from best/ instead."""
+    run = tmp_path / "run"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "1")) == 0
+    shutil.rmtree(run / "last")
+    err = run_train_err(capsys, "--resume", str(run))
+    assert "cannot be continued" in err and f"--model {run}/best" in err and "--overwrite" not in err
+
+
+def test_metrics_record_precision_and_overwrite_names_what_it_leaves(processed, tiny, tmp_path, capsys):
+    """Each metrics.csv row says where and in what precision the epoch trained (--precision auto resolved);
+    rows of older versions without those columns are written out blank. --overwrite removes train.py's
+    own files of the run it replaces and names the others (a report made from it) in a warning."""
+    from defectseg.training import _write_history
+
+    run = tmp_path / "run"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "1")) == 0
+    row = history(run)[0]
+    assert row["device"] == "cpu" and row["precision"] == "fp32"  # CLIPSeg on a CPU: fp32
+    (run / "report").mkdir()
+    capsys.readouterr()
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "1", "--overwrite")) == 0
+    assert "still holds report, which train.py did not write" in capsys.readouterr().err
+    [new] = torch.load(run / "last" / "trainer_state.pt", weights_only=False)["history"]
+    old = {k: v for k, v in new.items() if k not in ("device", "precision", "overflow_steps")}  # an older version's
+    (tmp_path / "h").mkdir()
+    _write_history(tmp_path / "h", [old, {**new, "epoch": 2}])
+    with open(tmp_path / "h" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(old) + ["overflow_steps", "device", "precision"]
+    assert [(r["device"], r["precision"], r["overflow_steps"]) for r in rows] == [("", "", ""), ("cpu", "fp32", "0")]
+
+
+def test_resume_in_another_precision_warns_and_a_lost_base_gets_no_wrong_advice(processed, tiny, tmp_path, capsys):
+    """A run resumed where --precision auto resolves otherwise says so; a decoder file whose base model is
+    gone suggests its full checkpoint folder only where there is one (best/, not the decoder-only last/)."""
+    from defectseg.model import ModelLoadError
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny, base)
+    run = tmp_path / "run"
+    assert run_train(*base_args(processed, base, run, "--epochs", "2", "--stop-after", "1")) == 0
+    state_file = run / "last" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    state["history"][-1]["precision"] = "bf16"
+    torch.save(state, state_file)
+    capsys.readouterr()
+    assert run_train("--resume", str(run), "-q") == 0
+    assert "its last epoch trained on cpu in bf16, this one trains on cpu in fp32" in capsys.readouterr().err
+    shutil.rmtree(base)
+    for folder, advice in (("best", True), ("last", False)):
+        with pytest.raises(ModelLoadError) as err:
+            load_model(run / folder / "decoder.safetensors")
+        assert ("full checkpoint folder" in str(err.value)) == advice, str(err.value)
 
 
 def test_low_res_epochs_are_refused_for_clipseg(processed, tiny, tmp_path, capsys):
