@@ -193,15 +193,17 @@ def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep:
             log.warning("%s was trained to answer %r for task %s; the manifest asks %r, which is what is scored",
                         model_arg, trained.prompt, task, prompt)
     untuned = sorted({row["prompt"] for row in rows if segmenter.tuned_threshold(row["prompt"]) is None})
-    source = ("default" if len(untuned) == len({row["prompt"] for row in rows}) else
+    none_tuned = len(untuned) == len({row["prompt"] for row in rows})
+    source = ("default" if none_tuned else
               f"from the checkpoint; default {segmenter.default_threshold:g} for {', '.join(untuned)}" if untuned
               else "from the checkpoint")
     if args.threshold is not None:
         segmenter.thresholds, segmenter.default_threshold, source = {}, args.threshold, "--threshold"
-    elif untuned != sorted({row["prompt"] for row in rows}) and tuned_on(meta.get("thresholds_source"), args):
-        source += ", tuned on the images scored here by evaluate.py --write-thresholds, so these numbers are optimistic"
-    if args.threshold is None and (mismatch := thresholds_mismatch(meta, model_arg, args.tta, args.ensemble)):
-        log.warning("%s", mismatch)
+    else:
+        if not none_tuned and tuned_on(meta.get("thresholds_source"), args):
+            source += ", tuned on the images scored here by evaluate.py --write-thresholds, so these numbers are optimistic"
+        if mismatch := thresholds_mismatch(meta, model_arg, args.tta, args.ensemble):
+            log.warning("%s", mismatch)
     log.info("scoring %s on %d images (%s)", model_arg, len(rows), evaluation.device_name(segmenter.device))
     result = evaluation.evaluate_model(segmenter, rows, batch_size=args.batch_size, thresholds=sweep,
                                        other_prompts=other_prompts, mask_dir=mask_dir, workers=args.workers,

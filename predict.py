@@ -354,20 +354,21 @@ def warn_if_mixed(out: Path, record: dict, settings: dict) -> None:
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.quiet)
     suffixes = output_suffixes(args.overlay, args.probs)
+    out = Path(args.out)
     try:
         prompts = check_prompts(args.prompt, suffixes)
-        record = earlier_record(Path(args.out))
-        slugs = {prompt_slug(p) for p in prompts} | written_slugs(record)  # this run's and the earlier ones'
-        paths = without_own_outputs(collect_images(args.image), Path(args.out), slugs)
+        record = earlier_record(out)
+        mine = {prompt_slug(p) for p in prompts}
+        slugs = mine | written_slugs(record)  # this run's and the earlier ones'
+        paths = without_own_outputs(collect_images(args.image), out, slugs)
         if not paths:
             raise InputError("no images to predict (only earlier outputs of predict.py in --out)")
         check_unique_outputs(paths, prompts, suffixes)
-        sources = check_sources(paths, prompts, Path(args.out), record)
+        sources = check_sources(paths, prompts, out, record)
     except InputError as err:
         return fail(str(err))
     if problem := check_device(args.device):
         return fail(problem)
-    out = Path(args.out)
     made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)  # before the model loads: a bad --out fails fast
@@ -404,7 +405,6 @@ def main(args: argparse.Namespace) -> int:
     warn_if_mixed(out, record, settings)
     # What made every mask in the folder, this run's and the earlier ones' it leaves: their prompts'
     # thresholds, the slugs (for without_own_outputs) and each mask's source image (for check_sources).
-    mine = {prompt_slug(p) for p in prompts}
     settings["thresholds"] = {**{str(p): t for p, t in recorded(record, "thresholds", dict).items()
                                  if prompt_slug(str(p)) not in mine}, **thresholds}
     settings["written_slugs"] = sorted(slugs)

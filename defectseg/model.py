@@ -136,13 +136,19 @@ def _looks_like_local_path(name: str) -> bool:
     return not _HUB_ID.fullmatch(name)
 
 
+def _decoder_only(folder: Path) -> Path | None:
+    """The decoder file of a folder that holds only one (a decoder-only run's last/: no config.json)."""
+    decoder = folder / DECODER_FILE
+    return decoder if not (folder / "config.json").is_file() and decoder.is_file() else None
+
+
 def _load_local_dir(path: Path) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
     """Load model + processor from a ``save_pretrained`` folder, after checking it is a CLIPSeg one."""
     config_file = path / "config.json"
     if (path / "best").is_dir() or (path / "last").is_dir():
         raise ModelLoadError(f"{path} is a training run folder; pass its checkpoint: {path / 'best'} (or {path / 'last'})")
-    if not config_file.is_file() and (path / DECODER_FILE).is_file():  # a decoder-only run's last/
-        return _load_decoder_file(path / DECODER_FILE, None)
+    if decoder := _decoder_only(path):
+        return _load_decoder_file(decoder, None)
     if not config_file.is_file():
         raise ModelLoadError(
             f"{path} is not a CLIPSeg checkpoint folder (no config.json); expected a folder written by "
@@ -178,15 +184,15 @@ def _load_decoder_file(
         )
     header = _safetensors_header(path)
     base = base_model or header.get(_BASE_MODEL_KEY)
+    full = (path.parent / "config.json").is_file()  # beside a full checkpoint (best/), not in a decoder-only last/
     if not base:
-        hint = f"pass its folder {path.parent}" if (path.parent / "config.json").is_file() else "pass a checkpoint folder"
+        hint = f"pass its folder {path.parent}" if full else "pass a checkpoint folder"
         raise ModelLoadError(f"{path} is not a decoder file written by training (it records no base model); {hint}")
     if base.endswith(".safetensors"):
         raise ModelLoadError(f"decoder file {path}: its base model {base!r} must be a Hub id or a folder")
     try:
         model, processor = load_model(base)
     except ModelLoadError as exc:
-        full = (path.parent / "config.json").is_file()
         raise ModelLoadError(
             f"decoder file {path} is built on base model {base!r}, which could not be loaded: {exc}"
             + (f" (or pass the full checkpoint folder {path.parent} instead of the decoder file)" if full else "")
@@ -373,8 +379,8 @@ def base_model_ref(name_or_path: str) -> str:
     if not _looks_like_local_path(name_or_path):
         return name_or_path
     path = Path(name_or_path).expanduser().resolve()
-    if path.is_dir() and not (path / "config.json").is_file() and (path / DECODER_FILE).is_file():
-        path = path / DECODER_FILE
+    if path.is_dir() and (decoder := _decoder_only(path)):
+        path = decoder
     if path.is_file() and path.suffix == ".safetensors":
         return _safetensors_header(path).get(_BASE_MODEL_KEY) or str(path.parent)
     return str(path)

@@ -377,11 +377,16 @@ def _restore(run: Run, state: dict) -> None:
         log.info("resumed %s after epoch %d (best %.4f at epoch %d)", run.out, run.start_epoch, run.best["score"],
                  run.best["epoch"])
         before = {k: run.history[-1].get(k) for k in ("device", "precision")} if run.history else {}
-        now = {"device": run.device.type, "precision": precision_name(run.segmenter.amp_dtype)}
+        now = _where(run)
         if before.get("precision") and before != now:  # rows of older versions record neither
             log.warning("%s: its last epoch trained on %s in %s, this one trains on %s in %s (--precision %s); "
                         "the epochs' numbers may differ for that", run.out, before["device"], before["precision"],
                         now["device"], now["precision"], run.cfg.precision)
+
+
+def _where(run: Run) -> dict[str, str]:
+    """The device type and the precision ``--precision`` resolved to, as metrics.csv records them per epoch."""
+    return {"device": run.device.type, "precision": precision_name(run.segmenter.amp_dtype)}
 
 
 def _announce(run: Run, resume: bool) -> None:
@@ -393,7 +398,7 @@ def _announce(run: Run, resume: bool) -> None:
             else f"last {cfg.train_vision_layers} vision layers unfrozen")
     log.info("training %s parameters of %s (%s) on %s (%s)%s, %d train images, %d steps per epoch; best/ picked on %s",
              f"{sum(p.numel() for p in run.trainable):,}", f"{count_parameters(run.model):,}", kind, run.device,
-             precision_name(run.segmenter.amp_dtype),
+             _where(run)["precision"],
              f" x{run.world} processes" if run.world > 1 else "", len(run.train_rows),
              run.schedule["steps_per_epoch"], selection_split(cfg.holdout, len(run.select_rows)))
     if not resume:  # train.py --overwrite: nothing of the run this one replaces may be mistaken for it
@@ -555,7 +560,7 @@ def _validate_and_save(run: Run, epoch: int, stats: EpochStats, t0: float) -> bo
                        cfg.val_batch_size)
         row = _history_row(epoch + 1, stats.loss, agg, stats.lr, stats.seconds, time.perf_counter() - t0,
                            stats.samples / stats.seconds, stats.skipped, stats.overflowed)
-        row.update(device=run.device.type, precision=precision_name(run.segmenter.amp_dtype))  # what --precision auto chose
+        row.update(_where(run))
         run.history.append(row)
         score = selection_score(agg)
         improved = score > best["score"]
