@@ -3,6 +3,7 @@ checkpoint's regression floor."""
 
 from __future__ import annotations
 
+import bisect
 import json
 from pathlib import Path
 
@@ -146,13 +147,20 @@ def test_the_lovasz_term_joins_the_loss_in_the_last_epochs(processed, tmp_path):
 
 @pytest.fixture
 def batch_sides(monkeypatch) -> list[int]:
-    """The image side of every training batch the in-memory bank builds, in order."""
-    sizes = []
+    """The image side of every training batch the in-memory bank builds, in the batches' order (epoch, then
+    position): the loader's prefetch threads may build two batches in either order. Emptying the list
+    starts a new record."""
+    sizes: list[int] = []
+    keys: list[tuple[int, int]] = []  # (epoch, start) of each entry of sizes
     bank_batch = ImageBank.batch
 
-    def spy(self, samples, size, *args):
-        sizes.append(size)
-        return bank_batch(self, samples, size, *args)
+    def spy(self, samples, size, seed, epoch, start):
+        if not sizes:
+            keys.clear()
+        at = bisect.bisect(keys, (epoch, start))
+        keys.insert(at, (epoch, start))
+        sizes.insert(at, size)
+        return bank_batch(self, samples, size, seed, epoch, start)
 
     monkeypatch.setattr(ImageBank, "batch", spy)
     return sizes
