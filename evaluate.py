@@ -240,7 +240,8 @@ def log_summary(section: dict) -> None:
         best = (f", best threshold {t['best_threshold']:.2f} -> {t['best_iou']:.4f}"
                 if "best_threshold" in t else "")
         text = f", other prompt IoU {t['text_iou']:.4f}" if "text_iou" in t else ""
-        log.info("%-8s mean IoU %.4f  mean Dice %.4f  micro IoU %.4f  (%d images)%s%s", name, t["iou"],
+        ci = " (95% interval {:.4f} to {:.4f})".format(*t["iou_ci"]) if "iou_ci" in t else ""
+        log.info("%-8s mean IoU %.4f%s  mean Dice %.4f  micro IoU %.4f  (%d images)%s%s", name, t["iou"], ci,
                  t["dice"], t["micro_iou"], t["n_images"], best, text)
 
 
@@ -286,6 +287,8 @@ def metrics_json(args: argparse.Namespace, out: Path, model_arg: str, section: d
                                "foreground iff pixel value > 0" if args.pred_threshold is None else
                                f"foreground iff pixel value >= {args.pred_threshold:g}"),
             "overall": "mean over tasks",
+            "iou_ci": "95% interval of the mean IoU, by " + evaluation.CI_RULE + ": it covers which images were drawn, not another "
+                      "training run or a threshold tuned on these images",
         },
         **section,
         "pred_threshold": args.pred_threshold,
@@ -309,7 +312,7 @@ def evaluate(args: argparse.Namespace, model_arg: str, rows: list[dict], task_pr
     if args.compare and not args.pred_dir:
         # the model to compare with first, one model in memory at a time: a --compare that cannot be
         # loaded fails before the long part
-        compare = run_model(args.compare, args, rows, sweep, other_prompts, None)[0]
+        compare, compare_scores = run_model(args.compare, args, rows, sweep, other_prompts, None)[:2]
     try:
         if args.pred_dir:
             if args.tta or args.ensemble or args.threshold is not None:
@@ -317,13 +320,16 @@ def evaluate(args: argparse.Namespace, model_arg: str, rows: list[dict], task_pr
             section, scores = run_pred_dir(args.pred_dir, args, rows)
             loader = partial(evaluation.pred_dir_example, args.pred_dir, pred_threshold=args.pred_threshold)
             if args.compare:
-                compare = run_pred_dir(args.compare, args, rows)[0]
+                compare, compare_scores = run_pred_dir(args.compare, args, rows)
         else:
             mask_dir = stage / report.MASKS_DIR if args.save_masks else None
             section, scores, segmenter = run_model(model_arg, args, rows, sweep, other_prompts, mask_dir)
             loader = partial(evaluation.model_example, segmenter)
         if not scores:
             return fail(f"no image of {args.data}/{args.split} could be read; nothing scored")
+        if compare is not None:
+            compare["paired"] = evaluation.paired_difference(evaluation.iou_by_image(scores),
+                                                             evaluation.iou_by_image(compare_scores))
         examples = report.write_examples(stage, scores, loader, args.examples) if args.examples else []
     except ImageReadError as err:  # a ground truth that went away after scoring, for the examples
         return fail(str(err))

@@ -28,7 +28,7 @@ import logging
 import platform
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,9 @@ METRICS = {
     "precision": "precision", "recall": "recall", "best_iou": "mean IoU at best threshold",
     "text_iou": "other-prompt IoU", "text_dice": "other-prompt Dice", "text_area": "other-prompt area",
 }
+# how aggregate's iou_ci is made (metrics.bootstrap_ci's defaults), in the words of reports
+CI_RULE = (f"percentile bootstrap over the images ({metrics.BOOTSTRAP_RESAMPLES:,} resamples, seed 0; overall: "
+           "each task resampled on its own)")
 RESULT_KEYS = ("iou", "dice", "micro_iou", "micro_dice", "precision", "recall")  # report.md's results table
 MEAN_KEYS = tuple(METRICS)
 SUM_KEYS = ("n_images", "n_empty_gt", "n_empty_both")
@@ -274,9 +277,11 @@ def aggregate(scores: Sequence[ImageScore], thresholds: Sequence[float] | np.nda
     ``recall`` (from summed counts), ``n_images``, ``n_empty_gt``, ``n_empty_both`` (scored 1.0),
     ``threshold`` (the one used), and when every image has a sweep ``best_threshold``/``best_iou``
     (``metrics.best_threshold``) and ``sweep_iou``/``sweep_dice`` (mean over images per threshold);
-    with text sensitivity ``text_prompt``, ``text_iou``, ``text_dice`` (low is good).
+    with text sensitivity ``text_prompt``, ``text_iou``, ``text_dice`` (low is good); ``iou_ci``, the 95%
+    bootstrap interval of the mean IoU over images (``metrics.bootstrap_ci``).
     ``overall``: the mean over tasks of every score (each task weighs the same), the sum of the counts,
-    and the mean sweep curve. ``thresholds`` lists the sweep (or is absent).
+    the mean sweep curve, and ``iou_ci`` (each task resampled on its own). ``thresholds`` lists the sweep
+    (or is absent).
     """
     thr = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)
     groups: dict[str, list[ImageScore]] = defaultdict(list)
@@ -293,10 +298,42 @@ def aggregate(scores: Sequence[ImageScore], thresholds: Sequence[float] | np.nda
     for key in ("sweep_iou", "sweep_dice"):
         if tasks and all(key in t for t in tasks.values()):
             overall[key] = [float(v) for v in np.mean([t[key] for t in tasks.values()], axis=0)]
+    per_image = [metrics.iou_from_counts(np.stack([s.counts for s in groups[name]]), EMPTY_SCORE) for name in tasks]
+    for t, values in zip(tasks.values(), per_image):
+        t["iou_ci"] = list(metrics.bootstrap_ci(values))
+    if per_image:
+        overall["iou_ci"] = list(metrics.bootstrap_ci(per_image))
     out: dict[str, Any] = {"tasks": tasks, "overall": overall}
     if thr is not None:
         out["thresholds"] = [float(v) for v in thr]
     return out
+
+
+def iou_by_image(scores: Sequence[ImageScore]) -> dict[tuple[str, str], float]:
+    """(task, image file name) -> IoU: what ``paired_difference`` pairs on (a name, not a path, so a
+    report made on another machine pairs too; names are unique within one task's split)."""
+    return {(s.task, Path(s.image).name): s.iou for s in scores}
+
+
+def paired_difference(a: Mapping[tuple[str, str], float], b: Mapping[tuple[str, str], float]) -> dict[str, Any]:
+    """B's mean IoU minus A's on the images both scored (``iou_by_image``'s keys), per task and overall (mean
+    of tasks), each with the 95% bootstrap interval of the per-image differences (a paired comparison: the
+    images' own difficulty cancels, so it is far narrower than either score's interval).
+
+    Returns ``{"tasks": {name: {"n_images", "iou_diff", "iou_diff_ci"}}, "overall": {...}}``; tasks with no
+    image in common are left out, and "overall" is empty when no task is left.
+    """
+    diffs: dict[str, list[float]] = defaultdict(list)
+    for key in sorted(a.keys() & b.keys()):
+        diffs[key[0]].append(b[key] - a[key])
+    groups = {name: np.array(d) for name, d in diffs.items()}
+    tasks = {name: {"n_images": len(d), "iou_diff": float(d.mean()), "iou_diff_ci": list(metrics.bootstrap_ci(d))}
+             for name, d in groups.items()}
+    overall = {} if not groups else {
+        "n_images": sum(len(d) for d in groups.values()),
+        "iou_diff": float(np.mean([d.mean() for d in groups.values()])),
+        "iou_diff_ci": list(metrics.bootstrap_ci(list(groups.values())))}
+    return {"tasks": tasks, "overall": overall}
 
 
 # --------------------------------------------------------------------------------------------------

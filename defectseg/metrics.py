@@ -35,6 +35,7 @@ import numpy as np
 __all__ = [
     "best_threshold",
     "binarize",
+    "bootstrap_ci",
     "confusion",
     "counts_at_thresholds",
     "default_thresholds",
@@ -274,3 +275,44 @@ def best_threshold(per_image_counts: Any, thresholds: Any, empty_score: float = 
 def default_thresholds() -> np.ndarray:
     """The standard sweep: 0.05, 0.10, ..., 0.95 (19 float64 values, rounded to 2 decimals)."""
     return np.round(np.arange(0.05, 0.951, 0.05), 2)
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_ci(groups: Any, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of a mean of per-image scores: how much it would move had other images
+    of the same kind been drawn (not how much another training run or threshold would move it).
+
+    Args:
+        groups: one 1-D array of per-image values (N,), or a sequence of such arrays (one per task):
+            the statistic is then the mean over groups of each group's mean (``aggregate``'s "overall"),
+            and each group is resampled on its own (a stratified bootstrap). For a paired comparison of
+            two models on the same images, pass the per-image differences.
+        level: coverage of the interval, in (0, 1).
+        resamples: number of resamples; each redraws every group's N values with replacement.
+        seed: the resampling's seed, so a report gives the same interval on every run.
+
+    Returns:
+        ``(low, high)``, the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled
+        statistic, as Python floats. A group of one value, or of equal values, contributes no spread.
+
+    Raises:
+        ValueError: if a group is empty or not 1-D, or ``level`` is not in (0, 1).
+    """
+    single = isinstance(groups, np.ndarray) or len(groups) == 0 or np.ndim(groups[0]) == 0
+    arrays = [_to_numpy(g).astype(np.float64) for g in ([groups] if single else groups)]
+    if any(a.ndim != 1 or a.size == 0 for a in arrays):
+        raise ValueError(f"bootstrap_ci needs non-empty 1-D groups; got shapes {[a.shape for a in arrays]}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1); got {level}")
+    rng = np.random.default_rng(seed)
+    stat = np.zeros(resamples)
+    for values in arrays:
+        chunk = max(1, 2**22 // values.size)  # resamples per draw: indices stay under ~32 MB
+        for start in range(0, resamples, chunk):
+            n = min(chunk, resamples - start)
+            stat[start:start + n] += values[rng.integers(values.size, size=(n, values.size))].mean(axis=1)
+    stat /= len(arrays)
+    low, high = np.quantile(stat, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)

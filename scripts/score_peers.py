@@ -5,7 +5,9 @@
     python scripts/score_peers.py --peers ../shared/peer-predictions --data data/full
 
 Each folder holds <image_stem>__<prompt_slug>.png masks for the valid split (evaluate.py --pred-dir's
-format). A folder is scored on the tasks it has masks for; a missing mask counts as empty.
+format). A folder is scored on the tasks it has masks for; a missing mask counts as empty. Beside each
+mean IoU: its 95% bootstrap interval over the images, and the paired difference of our model's report
+(--ours, default the shipped model's) minus the peer, on the same images, with its own interval.
 """
 
 from __future__ import annotations
@@ -16,24 +18,42 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from defectseg import evaluation  # noqa: E402
+from defectseg import evaluation, report  # noqa: E402
 from defectseg.manifest import MANIFEST_FILE, read_manifest  # noqa: E402
 from defectseg.tasks import prompt_slug  # noqa: E402
 
 
-def main(args: argparse.Namespace) -> None:
+def interval(ci: list[float], signed: bool = False) -> str:
+    return " to ".join(f"{v:+.3f}" if signed else f"{v:.3f}" for v in ci)
+
+
+def main(args: argparse.Namespace) -> int:
     rows = read_manifest(Path(args.data) / args.split / MANIFEST_FILE)
-    print("| masks | task | images | mean IoU | mean Dice | micro IoU | precision | recall | missing |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    try:
+        ours = report.read_per_image_iou(args.ours) if args.ours else None
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    header = ["masks", "task", "images", "mean IoU", "95% interval", "mean Dice", "micro IoU", "precision",
+              "recall", "missing"] + (["ours - them (paired)", "95% interval"] if ours else [])
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     for folder in sorted(p for p in Path(args.peers).iterdir() if p.is_dir()):
         slugs = {slug for slug in {prompt_slug(r["prompt"]) for r in rows} if any(folder.glob(f"*__{slug}.png"))}
         covered = [r for r in rows if prompt_slug(r["prompt"]) in slugs]  # the manifest's prompts, any task table
         result = evaluation.evaluate_pred_dir(folder, covered, progress=False)
         summary = evaluation.aggregate(result.scores)
+        paired = evaluation.paired_difference(evaluation.iou_by_image(result.scores), ours)["tasks"] if ours else {}
         for task, m in summary["tasks"].items():
-            print(f"| {folder.name} | {task} | {m['n_images']} | {m['iou']:.4f} | {m['dice']:.4f} | "
-                  f"{m['micro_iou']:.4f} | {m['precision']:.4f} | {m['recall']:.4f} | "
-                  f"{result.missing_by_task.get(task, 0)} |")
+            cells = [folder.name, task, m["n_images"], f"{m['iou']:.4f}", interval(m["iou_ci"]), f"{m['dice']:.4f}",
+                     f"{m['micro_iou']:.4f}", f"{m['precision']:.4f}", f"{m['recall']:.4f}",
+                     result.missing_by_task.get(task, 0)]
+            if ours:
+                d = paired.get(task)
+                cells += [f"{d['iou_diff']:+.4f} ({d['n_images']} images)", interval(d["iou_diff_ci"], signed=True)
+                          ] if d else ["", ""]
+            print("| " + " | ".join(map(str, cells)) + " |")
+    return 0
 
 
 if __name__ == "__main__":
@@ -41,4 +61,7 @@ if __name__ == "__main__":
     parser.add_argument("--peers", default="../shared/peer-predictions", help="folder of mask folders")
     parser.add_argument("--data", default="data/full", help="preprocess_masks.py output of the full exports (default: %(default)s)")
     parser.add_argument("--split", default="valid")
-    main(parser.parse_args())
+    parser.add_argument("--ours", default="models/liteseg/report",
+                        help="evaluate.py report (folder or per_image.csv) to pair with each peer on the same "
+                             "images; '' for none (default: %(default)s)")
+    sys.exit(main(parser.parse_args()))

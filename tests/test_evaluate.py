@@ -287,6 +287,40 @@ def test_aggregate_overall_is_mean_of_tasks():
     assert "best_threshold" not in aggregate(scores)["tasks"]["a"]
 
 
+def test_aggregate_intervals_cover_each_task_and_overall():
+    """iou_ci per task from its images' IoUs, overall from each task resampled on its own."""
+    scores = [score("a", [1, 0, 0, 3]), score("a", [0, 1, 1, 2]),  # IoU 1 and 0
+              score("b", [1, 1, 2, 12]), score("b", [1, 1, 2, 12])]  # IoU 0.25 twice
+    agg = aggregate(scores)
+    assert agg["tasks"]["a"]["iou_ci"] == [0.0, 1.0]  # metrics.bootstrap_ci's hand-made case
+    assert agg["tasks"]["b"]["iou_ci"] == [0.25, 0.25]
+    assert agg["overall"]["iou_ci"] == [0.125, 0.625]  # (0, 0.5 or 1 + 0.25) / 2
+    assert aggregate([])["overall"] == {"n_images": 0, "n_empty_gt": 0, "n_empty_both": 0}
+
+
+def test_paired_difference_hand_made():
+    """B - A on the images both scored; an image only one of them scored is left out."""
+    def at(image: str, task: str, iou_counts: list[int]) -> ImageScore:
+        return ImageScore(image=image, mask="m.png", task=task, prompt="p", counts=np.array(iou_counts, np.int64))
+
+    a = [at("1.jpg", "a", [1, 1, 0, 2]), at("2.jpg", "a", [1, 0, 0, 3]), at("3.jpg", "b", [2, 0, 0, 2]),
+         at("only_a.jpg", "b", [0, 1, 0, 3])]
+    b = [at("1.jpg", "a", [1, 0, 0, 3]), at("2.jpg", "a", [1, 0, 0, 3]), at("3.jpg", "b", [1, 0, 1, 2]),
+         at("only_b.jpg", "a", [0, 1, 0, 3]), at("1.jpg", "b", [0, 1, 0, 3])]  # 1.jpg: no task b in A
+    paired = evaluation.paired_difference(evaluation.iou_by_image(a), evaluation.iou_by_image(b))
+    ta, tb = paired["tasks"]["a"], paired["tasks"]["b"]
+    assert (ta["n_images"], ta["iou_diff"], ta["iou_diff_ci"]) == (2, 0.25, [0.0, 0.5])  # +0.5 and 0
+    assert (tb["n_images"], tb["iou_diff"], tb["iou_diff_ci"]) == (1, -0.5, [-0.5, -0.5])
+    assert paired["overall"]["n_images"] == 3 and paired["overall"]["iou_diff"] == pytest.approx(-0.125)
+    same = evaluation.paired_difference(evaluation.iou_by_image(a), evaluation.iou_by_image(a))["overall"]
+    assert (same["iou_diff"], same["iou_diff_ci"]) == (0.0, [0.0, 0.0])
+    assert evaluation.paired_difference(evaluation.iou_by_image(a), {}) == {"tasks": {}, "overall": {}}
+    # paired by file name: a report made where the data lay elsewhere pairs too
+    moved = [ImageScore(image="/elsewhere/" + s.image, mask=s.mask, task=s.task, prompt=s.prompt, counts=s.counts)
+             for s in b]
+    assert evaluation.paired_difference(evaluation.iou_by_image(a), evaluation.iou_by_image(moved)) == paired
+
+
 def test_text_sensitivity_scores_the_right_behaviour_best():
     """The other prompt marking nothing on an image without foreground is right and must not count as
     IoU 1.0: IoU and Dice over images with foreground only, the marked area over every image."""
@@ -477,6 +511,14 @@ def test_compare_adds_side_by_side_columns(processed, tiny_dir, tmp_path):
     assert "## Comparison" in text and "mean IoU: A" in text and "B - A" in text and str(other) in text
     diff = m["compare"]["tasks"]["cracks"]["iou"] - m["tasks"]["cracks"]["iou"]
     assert f"{diff:.4f}" in text
+    paired = m["compare"]["paired"]["tasks"]["cracks"]  # same images: the paired mean is the difference
+    assert paired["n_images"] == m["tasks"]["cracks"]["n_images"] and paired["iou_diff"] == pytest.approx(diff)
+    low, high = paired["iou_diff_ci"]
+    assert low <= paired["iou_diff"] <= high and f"| cracks | {paired['n_images']} | {diff:+.4f} |" in text
+    for t in [*m["tasks"].values(), m["overall"]]:
+        assert t["iou_ci"][0] <= t["iou"] <= t["iou_ci"][1]
+    assert "| cracks | segment crack | {} | {:.4f} | {:.4f} to {:.4f} |".format(
+        m["tasks"]["cracks"]["n_images"], m["tasks"]["cracks"]["iou"], *m["tasks"]["cracks"]["iou_ci"]) in text
 
 
 def test_decoder_file_is_found_for_the_footprint(tiny_dir, tmp_path):

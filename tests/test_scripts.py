@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from conftest import REPO
+
+from defectseg import report
 
 
 def test_scale_tta_at_the_model_size_is_evaluate_py_score(processed: Path, tmp_path: Path) -> None:
@@ -43,9 +46,50 @@ def test_score_peers_scores_each_folder_on_the_prompts_it_has_masks_for(processe
     for r in rows:
         if r["task"] == "cracks":
             (peer / f"{Path(r['image']).stem}__segment_hairline_crack.png").write_bytes(Path(r["mask"]).read_bytes())
-    proc = subprocess.run([sys.executable, "scripts/score_peers.py", "--peers", str(peer.parent), "--data", str(data)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    table = [line for line in proc.stdout.splitlines() if line.startswith("| gt-copy")]
+    def table(*extra: str) -> list[str]:
+        proc = subprocess.run([sys.executable, "scripts/score_peers.py", "--peers", str(peer.parent), "--data",
+                               str(data), *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return [line for line in proc.stdout.splitlines() if line.startswith("| gt-copy")]
+
     n = sum(r["task"] == "cracks" for r in rows)
-    assert table == [f"| gt-copy | cracks | {n} | 1.0000 | 1.0000 | 1.0000 | 1.0000 | 1.0000 | 0 |"]
+    scores = f"| gt-copy | cracks | {n} | 1.0000 | 1.000 to 1.000 | 1.0000 | 1.0000 | 1.0000 | 1.0000 | 0 |"
+    assert table("--ours", "") == [scores]
+    # paired with the shipped model's report, by file name: the sample's valid photos are in it
+    shipped = report.read_per_image_iou(REPO / "models" / "liteseg" / "report")
+    ious = [shipped["cracks", Path(r["image"]).name] for r in rows if r["task"] == "cracks"]
+    [line] = table()
+    assert line.startswith(f"{scores} {np.mean(ious) - 1:+.4f} ({n} images) | ")
+
+
+def test_score_peers_names_an_unreadable_report(processed: Path, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "scripts/score_peers.py", "--peers", str(tmp_path), "--data",
+                           str(processed), "--ours", "README.md"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: cannot read per-image scores from README.md: not an evaluate.py "
+                                   "per_image.csv ('task')")
+
+
+def test_compare_reports_pairs_images_by_task_and_name(tmp_path: Path) -> None:
+    """Hand-made per_image.csv files: B - A over the images both scored, whatever folder they lay in."""
+    def write(name: str, rows: list[tuple[str, str, float]]) -> Path:
+        path = tmp_path / name
+        lines = ["image,task,prompt,iou"] + [f"{image},{task},p,{iou}" for image, task, iou in rows]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    a = write("a.csv", [("/x/1.jpg", "cracks", 0.5), ("/x/2.jpg", "cracks", 0.7), ("/x/1.jpg", "drywall", 0.9)])
+    b = write("b.csv", [("/y/1.jpg", "cracks", 0.6), ("/y/2.jpg", "cracks", 0.7), ("/y/3.jpg", "cracks", 0.1)])
+    proc = subprocess.run([sys.executable, "scripts/compare_reports.py", str(a), str(b)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    # differences +0.1 and 0: a resample's mean is 0, 0.05 or 0.1
+    assert f"| {b} | cracks | 2 | 0.6000 | 0.6500 | +0.0500 | +0.0000 to +0.1000 |" in proc.stdout.splitlines()
+    assert "drywall" not in proc.stdout
+
+    c = write("c.csv", [("/y/9.jpg", "cracks", 0.6)])
+    for argv, message in (([a, c], f"error: {c} has no image in common with {a}"),
+                          ([a, tmp_path / "nope.csv"], "error: cannot read per-image scores from")):
+        proc = subprocess.run([sys.executable, "scripts/compare_reports.py", *map(str, argv)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and proc.stderr.startswith(message), proc.stderr
