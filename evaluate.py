@@ -287,8 +287,7 @@ def metrics_json(args: argparse.Namespace, out: Path, model_arg: str, section: d
                                "foreground iff pixel value > 0" if args.pred_threshold is None else
                                f"foreground iff pixel value >= {args.pred_threshold:g}"),
             "overall": "mean over tasks",
-            "iou_ci": "95% interval of the mean IoU, by " + evaluation.CI_RULE + ": it covers which images were drawn, not another "
-                      "training run or a threshold tuned on these images",
+            "iou_ci": f"95% interval of the mean IoU, by {evaluation.CI_RULE}: {evaluation.CI_COVERS}",
         },
         **section,
         "pred_threshold": args.pred_threshold,
@@ -328,8 +327,11 @@ def evaluate(args: argparse.Namespace, model_arg: str, rows: list[dict], task_pr
         if not scores:
             return fail(f"no image of {args.data}/{args.split} could be read; nothing scored")
         if compare is not None:
-            compare["paired"] = evaluation.paired_difference(evaluation.iou_by_image(scores),
-                                                             evaluation.iou_by_image(compare_scores))
+            try:
+                compare["paired"] = evaluation.paired_difference(
+                    evaluation.iou_by_image(scores, f"{args.data}/{args.split}"), evaluation.iou_by_image(compare_scores))
+            except ValueError as err:
+                log.warning("%s: no paired comparison", err)
         examples = report.write_examples(stage, scores, loader, args.examples) if args.examples else []
     except ImageReadError as err:  # a ground truth that went away after scoring, for the examples
         return fail(str(err))

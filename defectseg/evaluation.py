@@ -63,9 +63,13 @@ METRICS = {
     "precision": "precision", "recall": "recall", "best_iou": "mean IoU at best threshold",
     "text_iou": "other-prompt IoU", "text_dice": "other-prompt Dice", "text_area": "other-prompt area",
 }
-# how aggregate's iou_ci is made (metrics.bootstrap_ci's defaults), in the words of reports
+# aggregate's iou_ci, in the words of reports: how it is made (metrics.bootstrap_ci's defaults) and what it covers.
+# Below CI_MIN_IMAGES images per task a percentile bootstrap covers too little, so no interval is given.
+CI_MIN_IMAGES = 10
 CI_RULE = (f"percentile bootstrap over the images ({metrics.BOOTSTRAP_RESAMPLES:,} resamples, seed 0; overall: "
-           "each task resampled on its own)")
+           f"each task resampled on its own; none below {CI_MIN_IMAGES} images)")
+CI_COVERS = ("how far the score could move had other images of the same kind been drawn; it does not cover "
+             "another training run, or a threshold or checkpoint chosen on these same images")
 RESULT_KEYS = ("iou", "dice", "micro_iou", "micro_dice", "precision", "recall")  # report.md's results table
 MEAN_KEYS = tuple(METRICS)
 SUM_KEYS = ("n_images", "n_empty_gt", "n_empty_both")
@@ -298,21 +302,36 @@ def aggregate(scores: Sequence[ImageScore], thresholds: Sequence[float] | np.nda
     for key in ("sweep_iou", "sweep_dice"):
         if tasks and all(key in t for t in tasks.values()):
             overall[key] = [float(v) for v in np.mean([t[key] for t in tasks.values()], axis=0)]
-    per_image = [metrics.iou_from_counts(np.stack([s.counts for s in groups[name]]), EMPTY_SCORE) for name in tasks]
-    for t, values in zip(tasks.values(), per_image):
-        t["iou_ci"] = list(metrics.bootstrap_ci(values))
-    if per_image:
-        overall["iou_ci"] = list(metrics.bootstrap_ci(per_image))
+    if (intervals := iou_intervals([[s.iou for s in groups[name]] for name in tasks])) is not None:
+        for t, ci in zip(tasks.values(), intervals[0]):
+            t["iou_ci"] = ci
+        overall["iou_ci"] = intervals[1]
     out: dict[str, Any] = {"tasks": tasks, "overall": overall}
     if thr is not None:
         out["thresholds"] = [float(v) for v in thr]
     return out
 
 
-def iou_by_image(scores: Sequence[ImageScore]) -> dict[tuple[str, str], float]:
-    """(task, image file name) -> IoU: what ``paired_difference`` pairs on (a name, not a path, so a
-    report made on another machine pairs too; names are unique within one task's split)."""
-    return {(s.task, Path(s.image).name): s.iou for s in scores}
+def iou_intervals(groups: Sequence[Sequence[float]]) -> tuple[list[list[float]], list[float]] | None:
+    """(each group's 95% interval, the interval of the mean of the groups' means) of per-image values, one group
+    per task (``metrics.bootstrap_ci``); None when there is no group or one has fewer than ``CI_MIN_IMAGES``."""
+    if not groups or min(map(len, groups)) < CI_MIN_IMAGES:
+        return None
+    arrays = [np.asarray(g, dtype=np.float64) for g in groups]
+    return [list(metrics.bootstrap_ci(a)) for a in arrays], list(metrics.bootstrap_ci(arrays))
+
+
+def iou_by_image(scores: Sequence[ImageScore], source: str = "the scores") -> dict[tuple[str, str], float]:
+    """(task, image file name) -> IoU: what ``paired_difference`` pairs on (a name, not a path, so a report
+    made on another machine pairs too). Raises ValueError, naming ``source``, when two images of one task share
+    a file name (preprocess_masks.py never writes such a manifest)."""
+    out: dict[tuple[str, str], float] = {}
+    for s in scores:
+        key = (s.task, Path(s.image).name)
+        if key in out:
+            raise ValueError(f"{source}: two images of task {s.task} are named {key[1]}; they cannot be paired by name")
+        out[key] = s.iou
+    return out
 
 
 def paired_difference(a: Mapping[tuple[str, str], float], b: Mapping[tuple[str, str], float]) -> dict[str, Any]:
@@ -320,20 +339,25 @@ def paired_difference(a: Mapping[tuple[str, str], float], b: Mapping[tuple[str, 
     of tasks), each with the 95% bootstrap interval of the per-image differences (a paired comparison: the
     images' own difficulty cancels, so it is far narrower than either score's interval).
 
-    Returns ``{"tasks": {name: {"n_images", "iou_diff", "iou_diff_ci"}}, "overall": {...}}``; tasks with no
-    image in common are left out, and "overall" is empty when no task is left.
+    Returns ``{"tasks": {name: {"n_images", "iou_a", "iou_b", "iou_diff", "iou_diff_ci"}}, "overall": {...}}``
+    (``iou_a``, ``iou_b``: the two means on those images; ``iou_diff_ci`` None below ``CI_MIN_IMAGES``); tasks
+    with no image in common are left out, and "overall" is empty when no task is left.
     """
-    diffs: dict[str, list[float]] = defaultdict(list)
+    pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for key in sorted(a.keys() & b.keys()):
-        diffs[key[0]].append(b[key] - a[key])
-    groups = {name: np.array(d) for name, d in diffs.items()}
-    tasks = {name: {"n_images": len(d), "iou_diff": float(d.mean()), "iou_diff_ci": list(metrics.bootstrap_ci(d))}
-             for name, d in groups.items()}
-    overall = {} if not groups else {
-        "n_images": sum(len(d) for d in groups.values()),
-        "iou_diff": float(np.mean([d.mean() for d in groups.values()])),
-        "iou_diff_ci": list(metrics.bootstrap_ci(list(groups.values())))}
-    return {"tasks": tasks, "overall": overall}
+        pairs[key[0]].append((a[key], b[key]))
+    groups = {name: np.array(p) for name, p in pairs.items()}  # (N, 2): A's, B's
+    intervals = iou_intervals([p[:, 1] - p[:, 0] for p in groups.values()])
+    summaries = [{"n_images": len(p), "iou_a": float(p[:, 0].mean()), "iou_b": float(p[:, 1].mean()),
+                  "iou_diff": float((p[:, 1] - p[:, 0]).mean())} for p in groups.values()]
+    if not summaries:
+        return {"tasks": {}, "overall": {}}
+    overall = {"n_images": sum(t["n_images"] for t in summaries),
+               **{k: float(np.mean([t[k] for t in summaries])) for k in ("iou_a", "iou_b", "iou_diff")}}
+    cis = [*intervals[0], intervals[1]] if intervals else [None] * (len(summaries) + 1)
+    for t, ci in zip([*summaries, overall], cis):
+        t["iou_diff_ci"] = ci
+    return {"tasks": dict(zip(groups, summaries)), "overall": overall}
 
 
 # --------------------------------------------------------------------------------------------------

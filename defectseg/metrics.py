@@ -298,12 +298,14 @@ def bootstrap_ci(groups: Any, level: float = 0.95, resamples: int = BOOTSTRAP_RE
         statistic, as Python floats. A group of one value, or of equal values, contributes no spread.
 
     Raises:
-        ValueError: if a group is empty or not 1-D, or ``level`` is not in (0, 1).
+        ValueError: if a group is empty, not 1-D or holds a non-finite value, or ``level`` is not in (0, 1).
     """
-    single = isinstance(groups, np.ndarray) or len(groups) == 0 or np.ndim(groups[0]) == 0
-    arrays = [_to_numpy(g).astype(np.float64) for g in ([groups] if single else groups)]
+    several = isinstance(groups, (list, tuple)) and len(groups) > 0 and np.ndim(groups[0]) == 1
+    arrays = [_to_numpy(g).astype(np.float64) for g in (groups if several else [groups])]
     if any(a.ndim != 1 or a.size == 0 for a in arrays):
         raise ValueError(f"bootstrap_ci needs non-empty 1-D groups; got shapes {[a.shape for a in arrays]}")
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise ValueError("bootstrap_ci needs finite values; got NaN or infinity")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1); got {level}")
     rng = np.random.default_rng(seed)

@@ -22,7 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .evaluation import CI_RULE, EMPTY_SCORE, METRICS, RESULT_KEYS, ImageScore, RunResult
+from .evaluation import CI_COVERS, CI_RULE, EMPTY_SCORE, METRICS, RESULT_KEYS, ImageScore, RunResult
 from .io import (
     encode_png,
     os_reason,
@@ -115,17 +115,22 @@ def per_image_csv(scores: Sequence[ImageScore]) -> str:
     return buf.getvalue()
 
 
-def read_per_image_iou(path: str | Path) -> dict[tuple[str, str], float]:
-    """``evaluation.iou_by_image`` of a saved report: its per_image.csv, or the report folder holding one.
-    Raises ValueError naming the file when it cannot be read as one."""
+def read_per_image_iou(path: str | Path, column: str = "iou") -> dict[tuple[str, str], float]:
+    """``evaluation.iou_by_image`` of a saved report: its per_image.csv, or the report folder holding one
+    (``column``: another number of it, e.g. "fg_fraction"). Raises ValueError naming the file when it cannot
+    be read as one."""
     path = Path(path) / PER_IMAGE_FILE if Path(path).is_dir() else Path(path)
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            return {(r["task"], Path(r["image"]).name): float(r["iou"]) for r in csv.DictReader(f)}
-    except (OSError, KeyError, ValueError, TypeError) as err:
-        raise ValueError(f"cannot read per-image scores from {path}: "
-                         f"{os_reason(err) if isinstance(err, OSError) else f'not an evaluate.py per_image.csv ({err})'}"
-                         ) from None
+            rows = [(r["task"], Path(r["image"]).name, float(r[column])) for r in csv.DictReader(f)]
+    except OSError as err:
+        raise ValueError(f"cannot read per-image scores from {path}: {os_reason(err)}") from None
+    except (KeyError, ValueError, TypeError, csv.Error) as err:
+        raise ValueError(f"cannot read per-image scores from {path}: not an evaluate.py per_image.csv ({err})") from None
+    scores = {(task, name): iou for task, name, iou in rows}
+    if len(scores) < len(rows):
+        raise ValueError(f"{path}: two images of one task share a file name; they cannot be paired by name")
+    return scores
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,17 +314,16 @@ def _rows_with_overall(m: dict) -> list[tuple[str, dict]]:
     return [(name, t) for name, t in m["tasks"].items()] + [("**overall** (mean of tasks)", m["overall"])]
 
 
-def _interval(ci: Sequence[float] | None, signed: bool = False) -> str:
+def interval_text(ci: Sequence[float] | None, digits: int = 4, signed: bool = False) -> str:
     """A bootstrap interval as "0.4536 to 0.5052" ("" when absent)."""
     if not ci:
         return ""
-    fmt = "{:+.4f}" if signed else "{:.4f}"
-    return f"{fmt.format(ci[0])} to {fmt.format(ci[1])}"
+    return " to ".join(f"{v:{'+' if signed else ''}.{digits}f}" for v in ci)
 
 
 def _results_section(m: dict) -> str:
     header = ["task", "prompt", "images", METRICS["iou"], "95% interval", *(METRICS[k] for k in RESULT_KEYS[1:])]
-    rows = [[name, t.get("prompt", ""), t["n_images"], t.get("iou"), _interval(t.get("iou_ci")),
+    rows = [[name, t.get("prompt", ""), t["n_images"], t.get("iou"), interval_text(t.get("iou_ci")),
              *(t.get(k) for k in RESULT_KEYS[1:])] for name, t in _rows_with_overall(m)]
     if m["kind"] == "model":
         header.append("threshold")
@@ -346,7 +350,7 @@ def _compare_section(a: dict, b: dict) -> str:
     ms = [x["runtime"].get("ms_per_image_prompt") for x in (a, b)]
     text = [f"A = `{a['model']}`, B = `{b['model']}` (same data, split and options).", "", _table(header, rows)]
     if paired := b.get("paired"):
-        rows = [[name, t["n_images"], f"{t['iou_diff']:+.4f}", _interval(t["iou_diff_ci"], signed=True)]
+        rows = [[name, t["n_images"], f"{t['iou_diff']:+.4f}", interval_text(t["iou_diff_ci"], signed=True)]
                 for name, t in [*paired["tasks"].items(), ("**overall** (mean of tasks)", paired["overall"])] if t]
         text += ["", "Paired: B's per-image IoU minus A's on the same images, averaged, with its 95% bootstrap "
                  "interval. The images' own difficulty cancels, so an interval that excludes 0 is a difference "
@@ -509,9 +513,7 @@ def _definitions(m: dict) -> str:
         "truth); exactly one of them empty scores 0.",
         "- **micro IoU / micro Dice**: from TP, FP, FN summed over every pixel of the split (large defects "
         "weigh more).",
-        f"- **95% interval** of the mean IoU, by {CI_RULE}: how far the score could move had other images of the "
-        "same kind been drawn. It does not cover another training run, or a threshold or checkpoint chosen on "
-        "these same images.",
+        f"- **95% interval** of the mean IoU, by {CI_RULE}: {CI_COVERS}.",
         "- **precision / recall**: TP / (TP + FP) and TP / (TP + FN) from the summed counts.",
         threshold,
         "- **overall**: the mean over tasks of each per-task number (each task weighs the same); image "

@@ -2,10 +2,12 @@
 """Paired comparison of saved evaluate.py reports: each one's mean IoU minus the first's, on the images both
 scored, with the 95% bootstrap interval of the per-image differences; prints a Markdown table.
 
-    python scripts/compare_reports.py models/liteseg/report runs/other/report [more reports ...]
+    python scripts/compare_reports.py models/liteseg/report runs/other/report [more reports ...] [--fg-split 0.03]
 
 A report is its folder or its per_image.csv (images are paired by task and file name, so reports made where
-the data lay elsewhere pair too). The images' own difficulty cancels in a paired difference, so its interval
+the data lay elsewhere pair too). With several tasks, a last row per report gives their mean; below 10 images per task
+no interval is given. --fg-split F adds the same rows for the images whose ground truth covers less than F
+of the photo and for the rest (the fraction is read from the first report's per_image.csv). The images' own difficulty cancels in a paired difference, so its interval
 is far narrower than either score's: an interval that excludes 0 is a difference the choice of images does
 not explain. It does not cover another training run of the same recipe (another seed may differ more).
 evaluate.py --compare gives the same numbers for two models it runs itself.
@@ -17,8 +19,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from defectseg import evaluation, report  # noqa: E402
@@ -27,23 +27,27 @@ from defectseg import evaluation, report  # noqa: E402
 def main(args: argparse.Namespace) -> int:
     try:
         base, *others = [report.read_per_image_iou(path) for path in args.reports]
+        fg = report.read_per_image_iou(args.reports[0], "fg_fraction") if args.fg_split is not None else None
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    subsets = {"": base}
+    if fg is not None:
+        subsets[f", foreground < {args.fg_split:g}"] = {k: v for k, v in base.items() if fg[k] < args.fg_split}
+        subsets[f", foreground >= {args.fg_split:g}"] = {k: v for k, v in base.items() if fg[k] >= args.fg_split}
     print(f"A = {args.reports[0]}\n")
     print("| B | task | images | A | B | B - A | 95% interval |")
     print("|---|---|---|---|---|---|---|")
     for path, other in zip(args.reports[1:], others):
-        paired = evaluation.paired_difference(base, other)
-        if not paired["tasks"]:
+        if not evaluation.paired_difference(base, other)["tasks"]:
             print(f"error: {path} has no image in common with {args.reports[0]}", file=sys.stderr)
             return 1
-        for task, d in paired["tasks"].items():
-            common = [key for key in base.keys() & other.keys() if key[0] == task]
-            a, b = (np.mean([scores[key] for key in common]) for scores in (base, other))
-            low, high = d["iou_diff_ci"]
-            print(f"| {path} | {task} | {d['n_images']} | {a:.4f} | {b:.4f} | {d['iou_diff']:+.4f} | "
-                  f"{low:+.4f} to {high:+.4f} |")
+        for label, subset in subsets.items():
+            paired = evaluation.paired_difference(subset, other)
+            overall = [("overall (mean of tasks)", paired["overall"])] if len(paired["tasks"]) > 1 else []
+            for task, d in [*paired["tasks"].items(), *overall]:
+                print(f"| {path} | {task}{label} | {d['n_images']} | {d['iou_a']:.4f} | {d['iou_b']:.4f} | "
+                      f"{d['iou_diff']:+.4f} | {report.interval_text(d['iou_diff_ci'], signed=True)} |")
     return 0
 
 
@@ -51,6 +55,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", nargs="+", metavar="REPORT",
                         help="evaluate.py report folders or per_image.csv files; the first is A")
+    parser.add_argument("--fg-split", type=float, default=None, metavar="F",
+                        help="also compare the images whose ground truth covers less than F of the photo, and the rest")
     parsed = parser.parse_args()
     if len(parsed.reports) < 2:
         parser.error("give at least two reports: the first is compared with each other one")

@@ -23,10 +23,6 @@ from defectseg.manifest import MANIFEST_FILE, read_manifest  # noqa: E402
 from defectseg.tasks import prompt_slug  # noqa: E402
 
 
-def interval(ci: list[float], signed: bool = False) -> str:
-    return " to ".join(f"{v:+.3f}" if signed else f"{v:.3f}" for v in ci)
-
-
 def main(args: argparse.Namespace) -> int:
     rows = read_manifest(Path(args.data) / args.split / MANIFEST_FILE)
     try:
@@ -43,14 +39,17 @@ def main(args: argparse.Namespace) -> int:
         covered = [r for r in rows if prompt_slug(r["prompt"]) in slugs]  # the manifest's prompts, any task table
         result = evaluation.evaluate_pred_dir(folder, covered, progress=False)
         summary = evaluation.aggregate(result.scores)
-        paired = evaluation.paired_difference(evaluation.iou_by_image(result.scores), ours)["tasks"] if ours else {}
+        paired = evaluation.paired_difference(evaluation.iou_by_image(result.scores, str(folder)), ours)["tasks"] \
+            if ours else {}
+        if ours and not paired:
+            print(f"warning: {folder.name} has no image in common with {args.ours}", file=sys.stderr)
         for task, m in summary["tasks"].items():
-            cells = [folder.name, task, m["n_images"], f"{m['iou']:.4f}", interval(m["iou_ci"]), f"{m['dice']:.4f}",
+            cells = [folder.name, task, m["n_images"], f"{m['iou']:.4f}", report.interval_text(m.get("iou_ci"), 3), f"{m['dice']:.4f}",
                      f"{m['micro_iou']:.4f}", f"{m['precision']:.4f}", f"{m['recall']:.4f}",
                      result.missing_by_task.get(task, 0)]
             if ours:
                 d = paired.get(task)
-                cells += [f"{d['iou_diff']:+.4f} ({d['n_images']} images)", interval(d["iou_diff_ci"], signed=True)
+                cells += [f"{d['iou_diff']:+.4f} ({d['n_images']} images)", report.interval_text(d["iou_diff_ci"], 3, signed=True)
                           ] if d else ["", ""]
             print("| " + " | ".join(map(str, cells)) + " |")
     return 0

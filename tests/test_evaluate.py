@@ -18,7 +18,7 @@ from conftest import REPO, SAMPLE, SHARED_DATA
 import evaluate
 import predict
 import preprocess_masks
-from defectseg import evaluation, report
+from defectseg import evaluation, metrics, report
 from defectseg.evaluation import ImageScore, aggregate, prompt_probabilities, score_batch, text_sensitivity
 from defectseg.inference import Segmenter
 from defectseg.io import load_image, read_mask_png, write_mask_png
@@ -288,37 +288,62 @@ def test_aggregate_overall_is_mean_of_tasks():
 
 
 def test_aggregate_intervals_cover_each_task_and_overall():
-    """iou_ci per task from its images' IoUs, overall from each task resampled on its own."""
-    scores = [score("a", [1, 0, 0, 3]), score("a", [0, 1, 1, 2]),  # IoU 1 and 0
-              score("b", [1, 1, 2, 12]), score("b", [1, 1, 2, 12])]  # IoU 0.25 twice
-    agg = aggregate(scores)
-    assert agg["tasks"]["a"]["iou_ci"] == [0.0, 1.0]  # metrics.bootstrap_ci's hand-made case
+    """iou_ci per task from its images' IoUs, overall from each task resampled on its own (metrics.bootstrap_ci,
+    tested on hand-made cases); none when a task has fewer than CI_MIN_IMAGES images."""
+    n = evaluation.CI_MIN_IMAGES
+    a = [score("a", [1, 0, 0, 3]), score("a", [0, 1, 1, 2])] * (n // 2)  # IoU 1 and 0, n images
+    b = [score("b", [1, 1, 2, 12])] * n  # IoU 0.25
+    agg = aggregate(a + b)
+    ious_a = [1.0, 0.0] * (n // 2)
+    assert agg["tasks"]["a"]["iou_ci"] == list(metrics.bootstrap_ci(ious_a))
     assert agg["tasks"]["b"]["iou_ci"] == [0.25, 0.25]
-    assert agg["overall"]["iou_ci"] == [0.125, 0.625]  # (0, 0.5 or 1 + 0.25) / 2
+    assert agg["overall"]["iou_ci"] == list(metrics.bootstrap_ci([np.array(ious_a), np.full(n, 0.25)]))
+    few = aggregate(a + b[1:])  # task b one image short: no interval anywhere
+    assert "iou_ci" not in few["tasks"]["a"] and "iou_ci" not in few["tasks"]["b"] and "iou_ci" not in few["overall"]
     assert aggregate([])["overall"] == {"n_images": 0, "n_empty_gt": 0, "n_empty_both": 0}
+    table = report._results_section({"kind": "pred_dir", **agg})
+    assert "| a | segment a | 10 | 0.5000 | {} |".format(report.interval_text(agg["tasks"]["a"]["iou_ci"])) in table
+    assert "| b | segment b | 10 | 0.2500 | 0.2500 to 0.2500 |" in table
+    assert "| b | segment b | 9 | 0.2500 |  |" in report._results_section({"kind": "pred_dir", **few})
+
+
+def at(image: str, task: str, counts: list[int]) -> ImageScore:
+    return ImageScore(image=image, mask="m.png", task=task, prompt="p", counts=np.array(counts, np.int64))
 
 
 def test_paired_difference_hand_made():
     """B - A on the images both scored; an image only one of them scored is left out."""
-    def at(image: str, task: str, iou_counts: list[int]) -> ImageScore:
-        return ImageScore(image=image, mask="m.png", task=task, prompt="p", counts=np.array(iou_counts, np.int64))
-
     a = [at("1.jpg", "a", [1, 1, 0, 2]), at("2.jpg", "a", [1, 0, 0, 3]), at("3.jpg", "b", [2, 0, 0, 2]),
          at("only_a.jpg", "b", [0, 1, 0, 3])]
     b = [at("1.jpg", "a", [1, 0, 0, 3]), at("2.jpg", "a", [1, 0, 0, 3]), at("3.jpg", "b", [1, 0, 1, 2]),
          at("only_b.jpg", "a", [0, 1, 0, 3]), at("1.jpg", "b", [0, 1, 0, 3])]  # 1.jpg: no task b in A
     paired = evaluation.paired_difference(evaluation.iou_by_image(a), evaluation.iou_by_image(b))
-    ta, tb = paired["tasks"]["a"], paired["tasks"]["b"]
-    assert (ta["n_images"], ta["iou_diff"], ta["iou_diff_ci"]) == (2, 0.25, [0.0, 0.5])  # +0.5 and 0
-    assert (tb["n_images"], tb["iou_diff"], tb["iou_diff_ci"]) == (1, -0.5, [-0.5, -0.5])
-    assert paired["overall"]["n_images"] == 3 and paired["overall"]["iou_diff"] == pytest.approx(-0.125)
-    same = evaluation.paired_difference(evaluation.iou_by_image(a), evaluation.iou_by_image(a))["overall"]
-    assert (same["iou_diff"], same["iou_diff_ci"]) == (0.0, [0.0, 0.0])
+    ta, tb, overall = paired["tasks"]["a"], paired["tasks"]["b"], paired["overall"]
+    assert ta == {"n_images": 2, "iou_a": 0.75, "iou_b": 1.0, "iou_diff": 0.25, "iou_diff_ci": None}  # +0.5 and 0
+    assert tb == {"n_images": 1, "iou_a": 1.0, "iou_b": 0.5, "iou_diff": -0.5, "iou_diff_ci": None}
+    assert overall == {"n_images": 3, "iou_a": 0.875, "iou_b": 0.75, "iou_diff": -0.125, "iou_diff_ci": None}
     assert evaluation.paired_difference(evaluation.iou_by_image(a), {}) == {"tasks": {}, "overall": {}}
     # paired by file name: a report made where the data lay elsewhere pairs too
-    moved = [ImageScore(image="/elsewhere/" + s.image, mask=s.mask, task=s.task, prompt=s.prompt, counts=s.counts)
-             for s in b]
+    moved = [at("/elsewhere/" + s.image, s.task, list(s.counts)) for s in b]
     assert evaluation.paired_difference(evaluation.iou_by_image(a), evaluation.iou_by_image(moved)) == paired
+
+
+def test_paired_difference_intervals_from_ten_images():
+    many_a = [at(f"{i}.jpg", "a", [1, 1, 0, 2]) for i in range(10)]  # IoU 0.5
+    many_b = [at(f"{i}.jpg", "a", [1, 0, 0, 3] if i % 2 else [1, 1, 0, 2]) for i in range(10)]  # 1.0 or 0.5
+    paired = evaluation.paired_difference(evaluation.iou_by_image(many_a), evaluation.iou_by_image(many_b))
+    diffs = [0.5 if i % 2 else 0.0 for i in range(10)]
+    assert paired["tasks"]["a"]["iou_diff_ci"] == list(metrics.bootstrap_ci(diffs))
+    assert paired["overall"]["iou_diff_ci"] == list(metrics.bootstrap_ci([np.array(diffs)]))
+    same = evaluation.paired_difference(evaluation.iou_by_image(many_a), evaluation.iou_by_image(many_a))["overall"]
+    assert (same["iou_diff"], same["iou_diff_ci"]) == (0.0, [0.0, 0.0])
+
+
+def test_images_sharing_a_name_are_not_paired():
+    twins = [at("/x/1.jpg", "a", [1, 0, 0, 3]), at("/y/1.jpg", "a", [0, 1, 0, 3]), at("/y/1.jpg", "b", [1, 0, 0, 3])]
+    with pytest.raises(ValueError, match="run A: two images of task a are named 1.jpg"):
+        evaluation.iou_by_image(twins, "run A")
+    assert len(evaluation.iou_by_image(twins[1:])) == 2  # one name in two tasks is fine
 
 
 def test_text_sensitivity_scores_the_right_behaviour_best():
@@ -513,12 +538,11 @@ def test_compare_adds_side_by_side_columns(processed, tiny_dir, tmp_path):
     assert f"{diff:.4f}" in text
     paired = m["compare"]["paired"]["tasks"]["cracks"]  # same images: the paired mean is the difference
     assert paired["n_images"] == m["tasks"]["cracks"]["n_images"] and paired["iou_diff"] == pytest.approx(diff)
-    low, high = paired["iou_diff_ci"]
-    assert low <= paired["iou_diff"] <= high and f"| cracks | {paired['n_images']} | {diff:+.4f} |" in text
-    for t in [*m["tasks"].values(), m["overall"]]:
-        assert t["iou_ci"][0] <= t["iou"] <= t["iou_ci"][1]
-    assert "| cracks | segment crack | {} | {:.4f} | {:.4f} to {:.4f} |".format(
-        m["tasks"]["cracks"]["n_images"], m["tasks"]["cracks"]["iou"], *m["tasks"]["cracks"]["iou_ci"]) in text
+    assert paired["iou_a"] == pytest.approx(m["tasks"]["cracks"]["iou"])
+    # the sample's few valid images: no interval (a percentile bootstrap on 4 images covers too little)
+    assert paired["n_images"] < evaluation.CI_MIN_IMAGES and paired["iou_diff_ci"] is None
+    assert f"| cracks | {paired['n_images']} | {paired['iou_diff']:+.4f} |  |" in text
+    assert "iou_ci" not in m["tasks"]["cracks"] and f"none below {evaluation.CI_MIN_IMAGES} images" in text
 
 
 def test_decoder_file_is_found_for_the_footprint(tiny_dir, tmp_path):

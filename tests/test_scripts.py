@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from conftest import REPO
 
-from defectseg import report
+from defectseg import metrics, report
 
 
 def test_scale_tta_at_the_model_size_is_evaluate_py_score(processed: Path, tmp_path: Path) -> None:
@@ -53,7 +53,7 @@ def test_score_peers_scores_each_folder_on_the_prompts_it_has_masks_for(processe
         return [line for line in proc.stdout.splitlines() if line.startswith("| gt-copy")]
 
     n = sum(r["task"] == "cracks" for r in rows)
-    scores = f"| gt-copy | cracks | {n} | 1.0000 | 1.000 to 1.000 | 1.0000 | 1.0000 | 1.0000 | 1.0000 | 0 |"
+    scores = f"| gt-copy | cracks | {n} | 1.0000 |  | 1.0000 | 1.0000 | 1.0000 | 1.0000 | 0 |"  # no interval: 4 images
     assert table("--ours", "") == [scores]
     # paired with the shipped model's report, by file name: the sample's valid photos are in it
     shipped = report.read_per_image_iou(REPO / "models" / "liteseg" / "report")
@@ -84,8 +84,28 @@ def test_compare_reports_pairs_images_by_task_and_name(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     # differences +0.1 and 0: a resample's mean is 0, 0.05 or 0.1
-    assert f"| {b} | cracks | 2 | 0.6000 | 0.6500 | +0.0500 | +0.0000 to +0.1000 |" in proc.stdout.splitlines()
-    assert "drywall" not in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert f"| {b} | cracks | 2 | 0.6000 | 0.6500 | +0.0500 |  |" in lines  # no interval below 10 images
+    assert "drywall" not in proc.stdout and "overall" not in proc.stdout  # one task in common: no mean of tasks
+    # ten images, differences +0.1 and 0 in turn: the interval is bootstrap_ci's of those differences
+    ten_a = write("ten_a.csv", [(f"{i}.jpg", "cracks", 0.5) for i in range(10)])
+    ten_b = write("ten_b.csv", [(f"{i}.jpg", "cracks", 0.6 if i % 2 else 0.5) for i in range(10)])
+    proc = subprocess.run([sys.executable, "scripts/compare_reports.py", str(ten_a), str(ten_b)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    ci = report.interval_text(metrics.bootstrap_ci([0.1 if i % 2 else 0.0 for i in range(10)]), signed=True)
+    assert f"| {ten_b} | cracks | 10 | 0.5000 | 0.5500 | +0.0500 | {ci} |" in proc.stdout.splitlines()
+
+    # --fg-split: the rows again for the images under and over a foreground fraction (read from A's file)
+    a_fg = tmp_path / "a_fg.csv"
+    a_fg.write_text("image,task,prompt,iou,fg_fraction\n/x/1.jpg,cracks,p,0.5,0.01\n/x/2.jpg,cracks,p,0.7,0.2\n")
+    proc = subprocess.run([sys.executable, "scripts/compare_reports.py", str(a_fg), str(b), "--fg-split", "0.03"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = proc.stdout.splitlines()
+    assert f"| {b} | cracks, foreground < 0.03 | 1 | 0.5000 | 0.6000 | +0.1000 |  |" in lines
+    assert f"| {b} | cracks, foreground >= 0.03 | 1 | 0.7000 | 0.7000 | +0.0000 |  |" in lines
+    proc = subprocess.run([sys.executable, "scripts/compare_reports.py", str(a), str(b), "--fg-split", "0.03"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "not an evaluate.py per_image.csv ('fg_fraction')" in proc.stderr
 
     c = write("c.csv", [("/y/9.jpg", "cracks", 0.6)])
     for argv, message in (([a, c], f"error: {c} has no image in common with {a}"),
