@@ -45,7 +45,7 @@ log = logging.getLogger("train")
 HELP = {
     "data": "preprocessed dataset folder (preprocess_masks.py --out)",
     "out": "run folder (default: runs/<timestamp>)",
-    "model": "base model: hub id or local folder, or lite / lite-wide / lite-tiny for a small model trained from scratch "
+    "model": "base model: hub id or local folder, or lite / lite-wide / lite-ctx / lite-tiny for a small model trained from scratch "
              "(default: $DEFECTSEG_MODEL or CIDAS/clipseg-rd64-refined)",
     "tasks": "tasks to train on",
     "tasks_file": "JSON file extending the task table",

@@ -56,6 +56,7 @@ class LiteConfig:
     text_dim: int = 64
     cond_dim: int = 128
     max_prompt_bytes: int = 64
+    context: list[int] = field(default_factory=list)  # pyramid pooling bins at stride 32 (empty: none)
     model_type: str = MODEL_TYPE
 
 
@@ -65,6 +66,9 @@ ARCHS = {
     # Twice the parameters (3.48 M), at strides 8 to 32: trained by the same recipe it scores as "lite" does
     # (models/liteseg/README.md, "What limits it"), so capacity is not what holds the shipped model back.
     "lite-wide": LiteConfig(enc=[16, 32, 80, 160, 256], depth=[0, 1, 2, 4, 3], dec=[160, 80, 32, 16]),
+    # The same with a pyramid context block at stride 32 (PyramidContext): the whole photo's context at every
+    # position, for the larger cracks this model loses to pretrained peers (models/liteseg/README.md).
+    "lite-ctx": LiteConfig(context=[1, 2, 3, 6]),
     "lite-tiny": LiteConfig(image_size=96, enc=[8, 16, 16, 32, 32], depth=[0, 0, 0, 0, 0], dec=[32, 16, 16, 8],
                             expand=2, text_dim=16, cond_dim=16),
 }
@@ -115,6 +119,28 @@ class DecoderBlock(nn.Module):
         return x + self.conv2(x)
 
 
+class PyramidContext(nn.Module):
+    """PSPNet's pyramid pooling as a residual: the features averaged over ``bins`` x ``bins`` cells for each
+    bin count, projected to a quarter of the width, upsampled and projected back, added to the input. It
+    hands every position the whole photo's context (a large crack seen as one structure, not as pieces). The
+    last projection starts at zero, so the block starts as the identity (an existing model gains it without
+    changing its output). No batch norm: 1 x 1 cells of a one-image batch would break it."""
+
+    def __init__(self, c: int, bins: list[int]):
+        super().__init__()
+        self.bins = list(bins)
+        self.branches = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c // 4, 1), nn.ReLU(inplace=True)) for _ in bins)
+        self.project = nn.Conv2d(len(bins) * (c // 4), c, 1)
+        nn.init.zeros_(self.project.weight)
+        nn.init.zeros_(self.project.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        pooled = [F.interpolate(branch(F.adaptive_avg_pool2d(x, b)), size=size, mode="bilinear", align_corners=False)
+                  for b, branch in zip(self.bins, self.branches)]
+        return x + self.project(torch.cat(pooled, dim=1))
+
+
 class PromptEncoder(nn.Module):
     """UTF-8 bytes -> (B, cond_dim): byte embeddings, two 1-d convs, masked mean and max pooling, MLP."""
 
@@ -150,6 +176,7 @@ class LiteSeg(nn.Module):
                                             *[InvertedResidual(cout, cout, 1, config.expand) for _ in range(depth)]))
             cin = cout
         self.encoder = nn.ModuleList(stages)
+        self.context = PyramidContext(enc[-1], config.context) if config.context else None
         self.prompt_encoder = PromptEncoder(config.text_dim, config.cond_dim)
         self.bottleneck_film = nn.Linear(config.cond_dim, 2 * enc[-1])
         skips = enc[-2::-1]  # strides 16, 8, 4, 2
@@ -167,6 +194,8 @@ class LiteSeg(nn.Module):
         for stage in self.encoder:
             x = stage(x)
             feats.append(x)
+        if self.context is not None:
+            feats[-1] = self.context(feats[-1])
         return feats
 
     def encode_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

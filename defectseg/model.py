@@ -363,7 +363,7 @@ def _quiet_hf_progress():
 
 def new_model(name: str, seed: int = 0) -> tuple[lite.LiteSeg, lite.LiteProcessor] | None:
     """A fresh, randomly initialized model when ``name`` names a from-scratch architecture
-    (``lite.ARCHS``: "lite", "lite-wide", "lite-tiny"), else None (``name`` is then a model to load)."""
+    (``lite.ARCHS``: "lite", "lite-wide", "lite-ctx", "lite-tiny"), else None (``name`` is then a model to load)."""
     return lite.build(name, seed) if name in lite.ARCHS else None
 
 

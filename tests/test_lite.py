@@ -102,6 +102,31 @@ def test_save_and_load_round_trip_through_load_model(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
 
 
+def test_pyramid_context_starts_as_the_identity_and_round_trips(tmp_path):
+    """A model given the context block (LiteConfig.context) computes what it computed without it until the
+    block's last projection moves; the block needs no batch statistics (a batch of one 64 px image trains);
+    its bins survive save and load."""
+    plain, processor = lite.build("lite-tiny", seed=0)
+    config = lite.LiteConfig(**{**plain.config.__dict__, "context": [1, 2, 6]})
+    model = lite.LiteSeg(config)
+    assert model.load_state_dict(plain.state_dict(), strict=False).unexpected_keys == []
+    tokens = processor.tokenizer(["segment crack", "segment taping area"])
+    pixels = torch.randn(2, 3, config.image_size, config.image_size)
+    plain.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**tokens, pixel_values=pixels).logits,
+                                   plain(**tokens, pixel_values=pixels).logits, rtol=0, atol=0)
+        torch.nn.init.normal_(model.context.project.weight)
+        assert not torch.equal(model(**tokens, pixel_values=pixels).logits, plain(**tokens, pixel_values=pixels).logits)
+    model.train()
+    model(**processor.tokenizer(["segment crack"]), pixel_values=torch.randn(1, 3, 64, 64)).logits.sum().backward()
+    model.save_pretrained(tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.config.context == [1, 2, 6]
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
+
+
 def test_augment_keeps_image_and_mask_aligned():
     """A mask painted as a bright square on a dark image stays under that square through every crop,
     flip, rotation and jitter."""

@@ -113,3 +113,33 @@ def test_compare_reports_pairs_images_by_task_and_name(tmp_path: Path) -> None:
         proc = subprocess.run([sys.executable, "scripts/compare_reports.py", *map(str, argv)], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and proc.stderr.startswith(message), proc.stderr
+
+
+def test_add_context_keeps_the_model_s_answers(tmp_path: Path) -> None:
+    """scripts/add_context.py: the new folder loads through load_model, holds the block, and answers as the
+    old one did (the block starts as the identity); a second pass or an existing folder is refused."""
+    import torch
+
+    from defectseg import lite
+    from defectseg.model import load_model
+
+    model, processor = lite.build("lite-tiny", seed=0)
+    model.save_pretrained(tmp_path / "old")
+    (tmp_path / "old" / "defectseg.json").write_text('{"thresholds": {"segment crack": 0.4}}')
+
+    def add(*argv: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "scripts/add_context.py", *map(str, argv)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    assert add(tmp_path / "old", tmp_path / "new", "--bins", "1", "2").returncode == 0
+    new, _ = load_model(tmp_path / "new")
+    assert new.config.context == [1, 2] and (tmp_path / "new" / "defectseg.json").read_text().startswith('{"thresh')
+    tokens = processor.tokenizer(["segment crack"])
+    pixels = torch.randn(1, 3, model.config.image_size, model.config.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(new.eval()(**tokens, pixel_values=pixels).logits,
+                                   model.eval()(**tokens, pixel_values=pixels).logits, rtol=0, atol=0)
+    again = add(tmp_path / "new", tmp_path / "newer")
+    assert again.returncode == 1 and "already has a context block" in again.stderr
+    exists = add(tmp_path / "old", tmp_path / "new")
+    assert exists.returncode == 1 and "exists" in exists.stderr
