@@ -240,7 +240,7 @@ def log_summary(section: dict) -> None:
         best = (f", best threshold {t['best_threshold']:.2f} -> {t['best_iou']:.4f}"
                 if "best_threshold" in t else "")
         text = f", other prompt IoU {t['text_iou']:.4f}" if "text_iou" in t else ""
-        ci = " (95% interval {:.4f} to {:.4f})".format(*t["iou_ci"]) if "iou_ci" in t else ""
+        ci = f" (95% interval {report.interval_text(t['iou_ci'])})" if "iou_ci" in t else ""
         log.info("%-8s mean IoU %.4f%s  mean Dice %.4f  micro IoU %.4f  (%d images)%s%s", name, t["iou"], ci,
                  t["dice"], t["micro_iou"], t["n_images"], best, text)
 

@@ -347,9 +347,10 @@ def paired_difference(a: Mapping[tuple[str, str], float], b: Mapping[tuple[str, 
     for key in sorted(a.keys() & b.keys()):
         pairs[key[0]].append((a[key], b[key]))
     groups = {name: np.array(p) for name, p in pairs.items()}  # (N, 2): A's, B's
-    intervals = iou_intervals([p[:, 1] - p[:, 0] for p in groups.values()])
+    diffs = [p[:, 1] - p[:, 0] for p in groups.values()]
+    intervals = iou_intervals(diffs)
     summaries = [{"n_images": len(p), "iou_a": float(p[:, 0].mean()), "iou_b": float(p[:, 1].mean()),
-                  "iou_diff": float((p[:, 1] - p[:, 0]).mean())} for p in groups.values()]
+                  "iou_diff": float(d.mean())} for p, d in zip(groups.values(), diffs)]
     if not summaries:
         return {"tasks": {}, "overall": {}}
     overall = {"n_images": sum(t["n_images"] for t in summaries),

@@ -351,7 +351,7 @@ def _compare_section(a: dict, b: dict) -> str:
     text = [f"A = `{a['model']}`, B = `{b['model']}` (same data, split and options).", "", _table(header, rows)]
     if paired := b.get("paired"):
         rows = [[name, t["n_images"], f"{t['iou_diff']:+.4f}", interval_text(t["iou_diff_ci"], signed=True)]
-                for name, t in [*paired["tasks"].items(), ("**overall** (mean of tasks)", paired["overall"])] if t]
+                for name, t in _rows_with_overall(paired) if t]
         text += ["", "Paired: B's per-image IoU minus A's on the same images, averaged, with its 95% bootstrap "
                  "interval. The images' own difficulty cancels, so an interval that excludes 0 is a difference "
                  "that the choice of images does not explain (another training run may still differ).", "",

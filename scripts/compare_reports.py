@@ -5,11 +5,13 @@ scored, with the 95% bootstrap interval of the per-image differences; prints a M
     python scripts/compare_reports.py models/liteseg/report runs/other/report [more reports ...] [--fg-split 0.03]
 
 A report is its folder or its per_image.csv (images are paired by task and file name, so reports made where
-the data lay elsewhere pair too). With several tasks, a last row per report gives their mean; below 10 images per task
-no interval is given. --fg-split F adds the same rows for the images whose ground truth covers less than F
-of the photo and for the rest (the fraction is read from the first report's per_image.csv). The images' own difficulty cancels in a paired difference, so its interval
-is far narrower than either score's: an interval that excludes 0 is a difference the choice of images does
-not explain. It does not cover another training run of the same recipe (another seed may differ more).
+the data lay elsewhere pair too). With several tasks, a last row per report gives their mean; below 10 images
+per task no interval is given. --fg-split F adds the same rows for the images whose ground truth covers less
+than F of the photo and for the rest (the fraction is read from the first report's per_image.csv).
+
+The images' own difficulty cancels in a paired difference, so its interval is far narrower than either
+score's: an interval that excludes 0 is a difference the choice of images does not explain. It does not cover
+another training run of the same recipe (another seed may differ more).
 evaluate.py --compare gives the same numbers for two models it runs itself.
 """
 
@@ -39,11 +41,11 @@ def main(args: argparse.Namespace) -> int:
     print("| B | task | images | A | B | B - A | 95% interval |")
     print("|---|---|---|---|---|---|---|")
     for path, other in zip(args.reports[1:], others):
-        if not evaluation.paired_difference(base, other)["tasks"]:
-            print(f"error: {path} has no image in common with {args.reports[0]}", file=sys.stderr)
-            return 1
         for label, subset in subsets.items():
             paired = evaluation.paired_difference(subset, other)
+            if not label and not paired["tasks"]:
+                print(f"error: {path} has no image in common with {args.reports[0]}", file=sys.stderr)
+                return 1
             overall = [("overall (mean of tasks)", paired["overall"])] if len(paired["tasks"]) > 1 else []
             for task, d in [*paired["tasks"].items(), *overall]:
                 print(f"| {path} | {task}{label} | {d['n_images']} | {d['iou_a']:.4f} | {d['iou_b']:.4f} | "
