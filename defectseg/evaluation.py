@@ -28,7 +28,7 @@ import logging
 import platform
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -321,17 +321,23 @@ def iou_intervals(groups: Sequence[Sequence[float]]) -> tuple[list[list[float]],
     return [list(metrics.bootstrap_ci(a)) for a in arrays], list(metrics.bootstrap_ci(arrays))
 
 
-def iou_by_image(scores: Sequence[ImageScore], source: str = "the scores") -> dict[tuple[str, str], float]:
-    """(task, image file name) -> IoU: what ``paired_difference`` pairs on (a name, not a path, so a report
-    made on another machine pairs too). Raises ValueError, naming ``source``, when two images of one task share
-    a file name (preprocess_masks.py never writes such a manifest)."""
+def by_image(values: Iterable[tuple[str, str, float]], source: str = "the scores") -> dict[tuple[str, str], float]:
+    """(task, image file name) -> value, from (task, image path or name, value) triples: what
+    ``paired_difference`` pairs on (a name, not a path, so a report made on another machine pairs too). Raises
+    ValueError, naming ``source``, when two images of one task share a file name (preprocess_masks.py never
+    writes such a manifest)."""
     out: dict[tuple[str, str], float] = {}
-    for s in scores:
-        key = (s.task, Path(s.image).name)
+    for task, image, value in values:
+        key = (task, Path(image).name)
         if key in out:
-            raise ValueError(f"{source}: two images of task {s.task} are named {key[1]}; they cannot be paired by name")
-        out[key] = s.iou
+            raise ValueError(f"{source}: two images of task {task} are named {key[1]}; they cannot be paired by name")
+        out[key] = value
     return out
+
+
+def iou_by_image(scores: Sequence[ImageScore], source: str = "the scores") -> dict[tuple[str, str], float]:
+    """``by_image`` of the scores' IoUs."""
+    return by_image(((s.task, s.image, s.iou) for s in scores), source)
 
 
 def paired_difference(a: Mapping[tuple[str, str], float], b: Mapping[tuple[str, str], float]) -> dict[str, Any]:

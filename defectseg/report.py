@@ -22,7 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .evaluation import CI_COVERS, CI_RULE, EMPTY_SCORE, METRICS, RESULT_KEYS, ImageScore, RunResult
+from .evaluation import CI_COVERS, CI_RULE, EMPTY_SCORE, METRICS, RESULT_KEYS, ImageScore, RunResult, by_image
 from .io import (
     encode_png,
     os_reason,
@@ -116,21 +116,18 @@ def per_image_csv(scores: Sequence[ImageScore]) -> str:
 
 
 def read_per_image_iou(path: str | Path, column: str = "iou") -> dict[tuple[str, str], float]:
-    """``evaluation.iou_by_image`` of a saved report: its per_image.csv, or the report folder holding one
+    """``evaluation.by_image`` of a saved report: its per_image.csv, or the report folder holding one
     (``column``: another number of it, e.g. "fg_fraction"). Raises ValueError naming the file when it cannot
     be read as one."""
     path = Path(path) / PER_IMAGE_FILE if Path(path).is_dir() else Path(path)
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            rows = [(r["task"], Path(r["image"]).name, float(r[column])) for r in csv.DictReader(f)]
+            rows = [(r["task"], r["image"], float(r[column])) for r in csv.DictReader(f)]
     except OSError as err:
         raise ValueError(f"cannot read per-image scores from {path}: {os_reason(err)}") from None
     except (KeyError, ValueError, TypeError, csv.Error) as err:
         raise ValueError(f"cannot read per-image scores from {path}: not an evaluate.py per_image.csv ({err})") from None
-    scores = {(task, name): iou for task, name, iou in rows}
-    if len(scores) < len(rows):
-        raise ValueError(f"{path}: two images of one task share a file name; they cannot be paired by name")
-    return scores
+    return by_image(rows, str(path))
 
 
 # --------------------------------------------------------------------------------------------------

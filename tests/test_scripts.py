@@ -108,7 +108,9 @@ def test_compare_reports_pairs_images_by_task_and_name(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "not an evaluate.py per_image.csv ('fg_fraction')" in proc.stderr
 
     c = write("c.csv", [("/y/9.jpg", "cracks", 0.6)])
+    twins = write("twins.csv", [("/x/1.jpg", "cracks", 0.5), ("/y/1.jpg", "cracks", 0.6)])
     for argv, message in (([a, c], f"error: {c} has no image in common with {a}"),
+                          ([a, twins], f"error: {twins}: two images of task cracks are named 1.jpg"),
                           ([a, tmp_path / "nope.csv"], "error: cannot read per-image scores from")):
         proc = subprocess.run([sys.executable, "scripts/compare_reports.py", *map(str, argv)], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
