@@ -37,6 +37,7 @@ from defectseg.training import (
     ConfigError,
     TrainConfig,
     load_run_config,
+    moved_away,
     train,
 )
 
@@ -163,9 +164,10 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
                                     f"its first epoch did); start it again with --out {args.resume} --overwrite")
         if "out" in given and not _same(given["out"], args.resume):
             raise ConfigError(f"--resume {args.resume} continues that run in its own folder; leave out --out {given['out']}")
-        # --data may name a moved copy when the old folder is gone; train() checks that its rows are the same.
-        moved = "data" in given and not Path(cfg.data).exists()
-        fixed = [k for k in FIXED_ON_RESUME if not (k == "data" and moved)]
+        # --data and --model may name a moved copy when the old local folder is gone; train() checks that the
+        # rows are the same, and loading a decoder that its base's weights are.
+        moved = {k for k in ("data", "model") if k in given and moved_away(getattr(cfg, k))}
+        fixed = [k for k in FIXED_ON_RESUME if k not in moved]
         if changed := [k for k in fixed if k in given and not _same(given[k], getattr(cfg, k))]:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ConfigError(f"{args.resume}: {flags} cannot change when resuming (the run has "

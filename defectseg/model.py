@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import inspect
 import json
 import logging
@@ -58,6 +59,7 @@ DECODER_FILE = "decoder.safetensors"  # the decoder alone, inside a training che
 _BASE_MODEL_KEY = "base_model"
 _METADATA_KEY = "defectseg"
 _DECODER_PREFIX = "decoder."
+_BASE_FINGERPRINT_KEY = "base_fingerprint"
 _WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -95,8 +97,9 @@ def load_model(
     ``name_or_path`` is one of:
       - a Hub id (``"CIDAS/clipseg-rd64-refined"``): the local HF cache is tried first, then the Hub;
       - a local folder written by ``save_pretrained`` / ``save_checkpoint`` / ``hf download``;
-      - a decoder-only ``*.safetensors`` file from ``save_decoder``: its base model (recorded in the
-        file, or ``base_model`` if given) is loaded first, then the decoder weights on top.
+      - a decoder-only ``*.safetensors`` file from ``save_decoder``, or a folder holding only one (a CLIPSeg
+        run's ``last/``): its base model (recorded in the file, or ``base_model`` if given: a moved copy,
+        checked against the file's fingerprint) is loaded first, then the decoder weights on top.
 
     Raises ``ModelLoadError`` with a user-facing message on any failure.
     """
@@ -108,7 +111,7 @@ def load_model(
         if path.is_file():
             model, processor = _load_decoder_file(path, base_model)
         else:
-            model, processor = _load_local_dir(path)
+            model, processor = _load_local_dir(path, base_model)
     else:
         model, processor = _load_from_hub(name_or_path)
     model.to(device).eval()
@@ -142,13 +145,14 @@ def _decoder_only(folder: Path) -> Path | None:
     return decoder if not (folder / "config.json").is_file() and decoder.is_file() else None
 
 
-def _load_local_dir(path: Path) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
-    """Load model + processor from a ``save_pretrained`` folder, after checking it is a CLIPSeg one."""
+def _load_local_dir(path: Path, base_model: str | None = None) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
+    """Load model + processor from a ``save_pretrained`` folder, after checking it is a CLIPSeg one (or
+    from a folder holding only a decoder file, on ``base_model`` if given)."""
     config_file = path / "config.json"
     if (path / "best").is_dir() or (path / "last").is_dir():
         raise ModelLoadError(f"{path} is a training run folder; pass its checkpoint: {path / 'best'} (or {path / 'last'})")
     if decoder := _decoder_only(path):
-        return _load_decoder_file(decoder, None)
+        return _load_decoder_file(decoder, base_model)
     if not config_file.is_file():
         raise ModelLoadError(
             f"{path} is not a CLIPSeg checkpoint folder (no config.json); expected a folder written by "
@@ -197,6 +201,13 @@ def _load_decoder_file(
             f"decoder file {path} is built on base model {base!r}, which could not be loaded: {exc}"
             + (f" (or pass the full checkpoint folder {path.parent} instead of the decoder file)" if full else "")
         ) from exc
+    recorded = header.get(_BASE_FINGERPRINT_KEY)  # files from before it was recorded: not checked
+    if recorded and recorded != base_fingerprint(model):
+        raise ModelLoadError(
+            f"decoder file {path} was trained on base model {base!r} as it was then; its weights have changed "
+            "since, so the decoder would answer for another model: restore that model"
+            + (f" or pass the full checkpoint folder {path.parent}" if full else "")
+        )
     load_decoder(model, path)
     return model, processor
 
@@ -386,6 +397,17 @@ def base_model_ref(name_or_path: str) -> str:
     return str(path)
 
 
+def base_fingerprint(model: nn.Module) -> str:
+    """Hash of the weights a decoder file is trained on top of: every parameter outside the decoder (16 hex).
+    Each tensor is hashed alone and the hashes sorted, so renamed or reordered keys (another transformers
+    version) leave it unchanged, while any changed value changes it."""
+    digests = sorted(
+        hashlib.blake2b(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+        for name, p in model.named_parameters() if not name.startswith(_DECODER_PREFIX)
+    )
+    return hashlib.blake2b("".join(digests).encode(), digest_size=8).hexdigest()
+
+
 def save_decoder(
     model: CLIPSegForImageSegmentation,
     path: str | Path,
@@ -394,8 +416,9 @@ def save_decoder(
 ) -> None:
     """Write only the decoder weights (keys ``decoder.*``) to a small ``.safetensors`` file, atomically.
 
-    The header records ``base_model`` (what ``load_model(path)`` loads underneath) and ``metadata``
-    (JSON, read back by ``read_metadata``). Written to a temp file then ``os.replace``-d into place.
+    The header records ``base_model`` (what ``load_model(path)`` loads underneath), its ``base_fingerprint``
+    (loading refuses a base whose weights changed since) and ``metadata`` (JSON, read back by
+    ``read_metadata``). Written to a temp file then ``os.replace``-d into place.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -407,6 +430,7 @@ def save_decoder(
     }
     header = {
         _BASE_MODEL_KEY: str(base_model),
+        _BASE_FINGERPRINT_KEY: base_fingerprint(model),
         _METADATA_KEY: json.dumps(metadata, default=str),
         "format": "pt",
     }

@@ -84,6 +84,12 @@ SIZE_STREAM = 1  # keeps the per-batch size draw apart from the per-sample augme
 FIXED_ON_RESUME = ("data", "model", "tasks", "train_vision_layers", "batch_size", "holdout")
 
 
+def moved_away(path: object) -> bool:
+    """Whether a run's stored local path (absolute, see ``train.py``) is gone: --resume may then name a moved
+    copy (of the data, or of a base model), checked by content rather than by path."""
+    return isinstance(path, str) and Path(path).is_absolute() and not Path(path).exists()
+
+
 class ConfigError(ValueError):
     """A training setting that cannot work with this model or data."""
 
@@ -233,10 +239,14 @@ def _set_up(cfg: TrainConfig, resume: bool) -> Run:
     if state is not None:
         _check_same_run(state, identity, cfg, out)
     fresh = None if resume else new_model(cfg.model, cfg.seed)
-    model, processor = fresh or load_model(out / "last" if resume else cfg.model, device)
+    # on resume a decoder-only last/ goes on cfg.model's base: the one it records, or a moved copy (--model)
+    model, processor = fresh or (load_model(out / "last", device, base_model=base_model_ref(cfg.model)) if resume
+                                 else load_model(cfg.model, device))
     model.to(device)
     if cfg.train_vision_layers == 0 and not trains_from_scratch(model):  # a decoder on a frozen base model
-        identity["base"] = model_fingerprint(model)  # last/ names its base by path: it must still be that model
+        # last/ names its base by path: it must still be that model (load_model checks it too, for decoder
+        # files that record base_fingerprint)
+        identity["base"] = model_fingerprint(model)
         if state is not None and state.get("base", identity["base"]) != identity["base"]:
             raise ConfigError(f"{out}: the base model {cfg.model} is not the one this run's decoder was trained on "
                               "(its vision weights changed since); restore that model or start a new run")
@@ -598,7 +608,7 @@ def _check_same_run(state: dict, identity: dict, cfg: TrainConfig, out: Path) ->
         raise ConfigError(f"{out}: the task table (prompts, synonyms) differs from the run's; resume with the "
                           f"tasks file it was started with ({cfg.tasks_file or 'none'}) or start a new run")
     for key, value in state.get("config", {}).items():
-        if identity["config"].get(key) != value:
+        if identity["config"].get(key) != value and not (key == "model" and moved_away(value)):
             raise ConfigError(f"{out}: config.json says {key} = {identity['config'].get(key)!r}, but the run was "
                               f"trained with {value!r}; restore config.json from last/defectseg.json's train_config")
 

@@ -406,6 +406,27 @@ def test_save_decoder_base_model_override(tiny_dir: Path, tmp_path: Path) -> Non
     assert isinstance(loaded, CLIPSegForImageSegmentation)
 
 
+def test_decoder_file_refuses_a_base_whose_weights_changed(tiny_dir: Path, tmp_path: Path) -> None:
+    """The decoder file names its base by path or Hub id; another model saved there since (a retrained
+    runs/a/best, an edited folder) must not silently carry a decoder trained on other features."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    model, processor = load_model(base)
+    path = tmp_path / "decoder.safetensors"
+    save_decoder(model, path, {}, base_model=str(base))
+    moved = tmp_path / "moved"
+    shutil.copytree(base, moved)
+    assert isinstance(load_model(path, base_model=str(moved))[0], CLIPSegForImageSegmentation)  # same weights
+    with torch.no_grad():
+        model.clip.text_model.final_layer_norm.weight.add_(0.01)  # the decoder reads the text tower too
+    model.save_pretrained(base)
+    for arg in ({}, {"base_model": str(base)}):
+        with pytest.raises(ModelLoadError, match=f"decoder file {path} was trained on base model .* weights have changed"):
+            load_model(path, **arg)
+
+
 def test_load_decoder_rejects_mismatched_file(tiny_dir: Path, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

@@ -1006,10 +1006,28 @@ def test_resume_refuses_a_base_model_that_changed_under_its_decoder(processed, t
     config = (run / "config.json").read_text()
     build_tiny_model(tmp_path / "base", seed=1)  # another model at the same path
     err = run_train_err(capsys, "--resume", str(run), "-q")
-    assert "is not the one this run's decoder was trained on" in err and len(history(run)) == 1
+    assert "its weights have changed since" in err and len(history(run)) == 1
     assert (run / "config.json").read_text() == config
     build_tiny_model(tmp_path / "base", seed=0)  # the same weights again: it resumes
     assert run_train("--resume", str(run), "-q") == 0 and len(history(run)) == 2
+
+
+def test_resume_takes_a_moved_copy_of_the_base_model(processed, tmp_path, capsys):
+    """A decoder-only run's base folder moved: --resume RUN --model NEW continues when NEW holds the same
+    weights, and is refused when it holds another model; --model stays fixed while the old folder is there."""
+    import shutil
+
+    base = build_tiny_model(tmp_path / "base", seed=0)
+    run = tmp_path / "run"
+    assert run_train(*base_args(processed, base, run, "--epochs", "2", "--stop-after", "1")) == 0
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    assert "--model cannot change when resuming" in run_train_err(capsys, "--resume", str(run), "--model", str(other), "-q")
+    shutil.move(base, tmp_path / "moved")
+    assert "does not exist" in run_train_err(capsys, "--resume", str(run), "-q")
+    assert "its weights have changed since" in run_train_err(capsys, "--resume", str(run), "--model", str(other), "-q")
+    assert len(history(run)) == 1
+    assert run_train("--resume", str(run), "--model", str(tmp_path / "moved"), "-q") == 0 and len(history(run)) == 2
+    assert read_metadata(run / "best")["base_model"] == str(tmp_path / "moved")
 
 
 def test_help_shows_defaults_of_zero_as_zero(capsys):
