@@ -145,3 +145,36 @@ def test_add_context_keeps_the_model_s_answers(tmp_path: Path) -> None:
     assert again.returncode == 1 and "already has a context block" in again.stderr
     exists = add(tmp_path / "old", tmp_path / "new")
     assert exists.returncode == 1 and "exists" in exists.stderr
+
+
+def test_error_anatomy_post_processing(processed: Path, tmp_path: Path) -> None:
+    """The shape operations on hand-made masks, then the script on the bundled sample: its "none" row is
+    evaluate.py's best-threshold score of the same sweep."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import error_anatomy as ea
+
+    ring = np.zeros((7, 7), bool)
+    ring[1:6, 1:6] = True
+    ring[3, 3] = False  # a hole
+    notch = ring.copy()
+    notch[3, 0:4] = False  # open to the border: not a hole
+    assert ea.fill_holes(ring).sum() == 25 and ea.fill_holes(notch).sum() == notch.sum()
+    parts = np.zeros((5, 9), bool)
+    parts[0:2, 0:2] = True  # 4 px
+    parts[4, 4] = True  # 1 px
+    parts[0:3, 6:9] = True  # 9 px
+    assert ea.keep_parts(parts, largest=1).sum() == 9 and ea.keep_parts(parts, largest=2).sum() == 13
+    assert ea.keep_parts(parts, min_area=4).sum() == 13 and ea.keep_parts(parts, min_area=10).sum() == 0
+    dot = np.zeros((9, 9), bool)
+    dot[4, 4] = True
+    assert ea.POSTPROCESS["dilate 2 px"](dot).sum() == ea._disk(2).sum() == 17
+    centred = np.pad(ring, 7)  # 7 px from the border: cv2's closing runs to an edge within its radius
+    assert ea.POSTPROCESS["close 4 px"](centred).sum() == 25  # it fills the 1 px hole
+
+    for argv in (["evaluate.py", "--out", str(tmp_path / "report"), "--examples", "0"], ["scripts/error_anatomy.py"]):
+        proc = subprocess.run([sys.executable, *argv, "--model", "models/liteseg", "--data", str(processed),
+                               "--precision", "fp32"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    tasks = json.loads((tmp_path / "report" / "metrics.json").read_text())["tasks"]
+    nones = re.findall(r"post-processing, mean IoU at its best threshold: none ([\d.]+); dilate", proc.stdout)
+    assert nones == [f"{tasks[t]['best_iou']:.4f}" for t in sorted(tasks)], proc.stdout
