@@ -17,7 +17,9 @@ Prints, in one run:
 6. the time to save one checkpoint as train.py does after every epoch (last/, and best/ when the score
    improves): the full save_pretrained folder plus the decoder file, flushed to disk, in --save-dir;
 and the parameter counts and the size of the decoder-only file train.py writes;
-7. LiteSeg from scratch (``bench_lite``): samples/s of the model step and of the augmentation.
+7. LiteSeg from scratch (``bench_lite``): samples/s of the model step and of the augmentation, and from the
+   slower of the two at 448 and 320 px, how long the shipped recipe's training steps take (issue budget:
+   90 minutes on a 2-core CPU, 5 on one H100/H200).
 Images are the bundled real samples; the model is built by ``defectseg.tiny.build_rd64_random``.
 """
 
@@ -52,9 +54,10 @@ from defectseg.io import list_images, load_image, prefetched  # noqa: E402
 from defectseg.losses import segmentation_loss  # noqa: E402
 from defectseg.model import count_parameters, save_checkpoint, save_decoder  # noqa: E402
 from defectseg.tiny import build_rd64_random  # noqa: E402
-from defectseg.training import TrainForward, _set_trainable, loader_threads  # noqa: E402
+from defectseg.training import TrainConfig, TrainForward, _set_trainable, loader_threads  # noqa: E402
 
 PROMPTS = ["segment crack", "segment taping area"]
+RECIPE_EPOCHS, RECIPE_LOW_RES_EPOCHS = 20, 10  # the Makefile's LITE_EPOCHS and LITE_LOW_RES_EPOCHS
 
 
 def sync(device: torch.device) -> None:
@@ -193,7 +196,7 @@ def bench_lite(args: argparse.Namespace) -> None:
     b, size = args.batch_size, processor.image_processor.size["height"]
     plan = [Sample(i % len(images), i % 2, PROMPTS[i % 2], i % 5 == 0) for i in range(b)]
     tokens = {k: v.to(device) for k, v in processor.tokenizer([s.prompt for s in plan]).items()}
-    fixed = [t.to(device) for t in bank.batch(plan, size, seed=0, epoch=0, start=0)]
+    threads = loader_threads(device, augmented=True)  # as train.py prepares batches on this device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -206,22 +209,31 @@ def bench_lite(args: argparse.Namespace) -> None:
         loss.backward()
         optimizer.step()
 
-    model_s = timed_steps(lambda: step(*fixed), args.lite_steps, device)
-    threads = loader_threads(device, augmented=True)  # as train.py prepares batches on this device
-    start = time.perf_counter()
-    n = max(args.lite_steps, 2 * threads)
-    for _ in prefetched(lambda i: bank.batch(plan, size, seed=0, epoch=1, start=i * b), range(n), threads):
-        pass
-    augment_s = (time.perf_counter() - start) / n
+    def seconds_per_batch(side: int) -> tuple[float, float]:
+        """(model step, augmentation on train.py's threads) for one batch at ``side`` px."""
+        fixed = [t.to(device) for t in bank.batch(plan, side, seed=0, epoch=0, start=0)]
+        model_s = timed_steps(lambda: step(*fixed), args.lite_steps, device)
+        start = time.perf_counter()
+        n = max(args.lite_steps, 2 * threads)
+        for _ in prefetched(lambda i: bank.batch(plan, side, seed=0, epoch=1, start=i * b), range(n), threads):
+            pass
+        return model_s, (time.perf_counter() - start) / n
+
+    model_s, augment_s = seconds_per_batch(size)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     epoch = 2 * 2642  # train.py's epoch on the full exports: every crack image once, drywall oversampled to match
+    low = TrainConfig.low_res_size
+    epoch_s = {side: epoch * max(rates) / b for side, rates in ((size, (model_s, augment_s)), (low, seconds_per_batch(low)))}
+    recipe_s = RECIPE_EPOCHS * epoch_s[size] + RECIPE_LOW_RES_EPOCHS * (epoch_s[low] - epoch_s[size])
     print(f"\nLiteSeg from scratch ({count_parameters(model) / 1e6:.2f} M parameters, {size}px, {precision_name(amp)}, "
           f"batch {b}):")
     print(f"  model step (forward, backward, AdamW): {b / model_s:8.1f} samples/s")
     print(f"  augmentation on {threads} thread(s) (train.py's): {b / augment_s:8.1f} samples/s")
     print(f"  epoch of {epoch:,} samples (full exports) at the slower of the two rates: "
-          f"{epoch * max(model_s, augment_s) / b:,.0f} s" + (f"; peak GPU memory {peak:.2f} GiB" if peak else ""))
-
+          f"{epoch_s[size]:,.0f} s at {size} px, {epoch_s[low]:,.0f} s at {low} px"
+          + (f"; peak GPU memory {peak:.2f} GiB" if peak else ""))
+    print(f"  the shipped recipe (make train-lite: {RECIPE_EPOCHS} epochs, the first {RECIPE_LOW_RES_EPOCHS} at {low} px), "
+          f"its training steps alone (validation not counted): {recipe_s / 60:,.1f} min")
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
