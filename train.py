@@ -29,7 +29,7 @@ from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_lo
 from defectseg.data import DataError
 from defectseg.inference import PRECISION_HELP, PRECISIONS, check_device
 from defectseg.io import ImageReadError, os_reason, recover_folder
-from defectseg.model import ModelLoadError, resolve_model_arg
+from defectseg.model import ModelLoadError, decoder_only_file, resolve_model_arg
 from defectseg.tasks import TaskTableError, load_tasks
 from defectseg.training import (
     FIXED_ON_RESUME,
@@ -165,8 +165,11 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
         if "out" in given and not _same(given["out"], args.resume):
             raise ConfigError(f"--resume {args.resume} continues that run in its own folder; leave out --out {given['out']}")
         # --data and --model may name a moved copy when the old local folder is gone; train() checks that the
-        # rows are the same, and loading a decoder that its base's weights are.
+        # rows are the same, and loading a decoder-only last/ that its base's weights are (other runs' last/
+        # holds the whole model: their --model is only a record, kept as it was).
         moved = {k for k in ("data", "model") if k in given and moved_away(getattr(cfg, k))}
+        if not decoder_only_file(Path(args.resume) / "last"):
+            moved.discard("model")
         fixed = [k for k in FIXED_ON_RESUME if k not in moved]
         if changed := [k for k in fixed if k in given and not _same(given[k], getattr(cfg, k))]:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)

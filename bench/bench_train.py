@@ -52,7 +52,7 @@ from defectseg.inference import (  # noqa: E402
 )
 from defectseg.io import list_images, load_image, prefetched  # noqa: E402
 from defectseg.losses import segmentation_loss  # noqa: E402
-from defectseg.model import count_parameters, save_checkpoint, save_decoder  # noqa: E402
+from defectseg.model import base_fingerprint, count_parameters, save_checkpoint, save_decoder  # noqa: E402
 from defectseg.tiny import build_rd64_random  # noqa: E402
 from defectseg.training import TrainConfig, TrainForward, _set_trainable, loader_threads  # noqa: E402
 
@@ -149,9 +149,11 @@ def main(args: argparse.Namespace) -> None:
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
         with tempfile.TemporaryDirectory(dir=args.save_dir) as save_dir:
+            fingerprint = base_fingerprint(model)  # once per run, as train.py does
+
             def save() -> None:
                 save_checkpoint(model, seg.processor, Path(save_dir) / "last", {}, extra=lambda folder: save_decoder(
-                    model, folder / "decoder.safetensors", {}, base_model="rd64-random"))
+                    model, folder / "decoder.safetensors", {}, base_model="rd64-random", fingerprint=fingerprint))
 
             save_times = []
             for _ in range(3):

@@ -139,7 +139,7 @@ def _looks_like_local_path(name: str) -> bool:
     return not _HUB_ID.fullmatch(name)
 
 
-def _decoder_only(folder: Path) -> Path | None:
+def decoder_only_file(folder: Path) -> Path | None:
     """The decoder file of a folder that holds only one (a decoder-only run's last/: no config.json)."""
     decoder = folder / DECODER_FILE
     return decoder if not (folder / "config.json").is_file() and decoder.is_file() else None
@@ -151,7 +151,7 @@ def _load_local_dir(path: Path, base_model: str | None = None) -> tuple[CLIPSegF
     config_file = path / "config.json"
     if (path / "best").is_dir() or (path / "last").is_dir():
         raise ModelLoadError(f"{path} is a training run folder; pass its checkpoint: {path / 'best'} (or {path / 'last'})")
-    if decoder := _decoder_only(path):
+    if decoder := decoder_only_file(path):
         return _load_decoder_file(decoder, base_model)
     if not config_file.is_file():
         raise ModelLoadError(
@@ -203,6 +203,9 @@ def _load_decoder_file(
         ) from exc
     recorded = header.get(_BASE_FINGERPRINT_KEY)  # files from before it was recorded: not checked
     if recorded and recorded != base_fingerprint(model):
+        if base != header.get(_BASE_MODEL_KEY):  # base_model given: not the copy it was meant to be
+            raise ModelLoadError(f"{base} holds other weights than the base model decoder file {path} was trained "
+                                 f"on ({header.get(_BASE_MODEL_KEY)!r})")
         raise ModelLoadError(
             f"decoder file {path} was trained on base model {base!r} as it was then; its weights have changed "
             "since, so the decoder would answer for another model: restore that model"
@@ -390,7 +393,7 @@ def base_model_ref(name_or_path: str) -> str:
     if not _looks_like_local_path(name_or_path):
         return name_or_path
     path = Path(name_or_path).expanduser().resolve()
-    if path.is_dir() and (decoder := _decoder_only(path)):
+    if path.is_dir() and (decoder := decoder_only_file(path)):
         path = decoder
     if path.is_file() and path.suffix == ".safetensors":
         return _safetensors_header(path).get(_BASE_MODEL_KEY) or str(path.parent)
@@ -400,7 +403,7 @@ def base_model_ref(name_or_path: str) -> str:
 def base_fingerprint(model: nn.Module) -> str:
     """Hash of the weights a decoder file is trained on top of: every parameter outside the decoder (16 hex).
     Each tensor is hashed alone and the hashes sorted, so renamed or reordered keys (another transformers
-    version) leave it unchanged, while any changed value changes it."""
+    version) leave it unchanged, while a changed value changes it (two same-shaped tensors swapped would not)."""
     digests = sorted(
         hashlib.blake2b(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), digest_size=16).hexdigest()
         for name, p in model.named_parameters() if not name.startswith(_DECODER_PREFIX)
@@ -413,11 +416,13 @@ def save_decoder(
     path: str | Path,
     metadata: dict[str, Any],
     base_model: str,
+    fingerprint: str | None = None,
 ) -> None:
     """Write only the decoder weights (keys ``decoder.*``) to a small ``.safetensors`` file, atomically.
 
     The header records ``base_model`` (what ``load_model(path)`` loads underneath), its ``base_fingerprint``
-    (loading refuses a base whose weights changed since) and ``metadata`` (JSON, read back by
+    (``fingerprint`` when given, computed once by a caller that saves often; loading refuses a base whose weights
+    changed since) and ``metadata`` (JSON, read back by
     ``read_metadata``). Written to a temp file then ``os.replace``-d into place.
     """
     path = Path(path)
@@ -430,7 +435,7 @@ def save_decoder(
     }
     header = {
         _BASE_MODEL_KEY: str(base_model),
-        _BASE_FINGERPRINT_KEY: base_fingerprint(model),
+        _BASE_FINGERPRINT_KEY: fingerprint or base_fingerprint(model),
         _METADATA_KEY: json.dumps(metadata, default=str),
         "format": "pt",
     }

@@ -59,12 +59,15 @@ from .metrics import default_thresholds
 from .model import (
     DECODER_FILE,
     METADATA_FILE,
+    base_fingerprint,
     base_model_ref,
     count_parameters,
     decode,
+    decoder_only_file,
     encode_images,
     load_model,
     new_model,
+    read_metadata,
     save_checkpoint,
     save_decoder,
     trains_from_scratch,
@@ -181,6 +184,8 @@ class Run:
     scaler: torch.amp.GradScaler
     schedule: dict
     ema: list[torch.Tensor] | None = None
+    base: str = ""  # the base model its checkpoints record (``_run_base``)
+    base_fingerprint: str | None = None  # a decoder-only run's, for its decoder files (the base is frozen)
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"score": -1.0, "epoch": 0, "bad_epochs": 0})
     start_epoch: int = 0
@@ -239,11 +244,12 @@ def _set_up(cfg: TrainConfig, resume: bool) -> Run:
     if state is not None:
         _check_same_run(state, identity, cfg, out)
     fresh = None if resume else new_model(cfg.model, cfg.seed)
-    # on resume a decoder-only last/ goes on cfg.model's base: the one it records, or a moved copy (--model)
-    model, processor = fresh or (load_model(out / "last", device, base_model=base_model_ref(cfg.model)) if resume
+    base = _run_base(cfg, out, state)
+    model, processor = fresh or (load_model(out / "last", device, base_model=base) if resume
                                  else load_model(cfg.model, device))
     model.to(device)
-    if cfg.train_vision_layers == 0 and not trains_from_scratch(model):  # a decoder on a frozen base model
+    decoder_only = cfg.train_vision_layers == 0 and not trains_from_scratch(model)  # a decoder on a frozen base
+    if decoder_only:
         # last/ names its base by path: it must still be that model (load_model checks it too, for decoder
         # files that record base_fingerprint)
         identity["base"] = model_fingerprint(model)
@@ -273,7 +279,8 @@ def _set_up(cfg: TrainConfig, resume: bool) -> Run:
               model=model, processor=processor, segmenter=segmenter, trainable=trainable, cond_table=cond_table,
               cache=cache, bank=bank, targets=targets, forward=forward, optimizer=optimizer, scheduler=scheduler,
               scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), schedule=schedule,
-              ema=[p.detach().clone() for p in trainable] if cfg.ema > 0 else None)
+              ema=[p.detach().clone() for p in trainable] if cfg.ema > 0 else None, base=base,
+              base_fingerprint=base_fingerprint(model) if decoder_only else None)
     if state is not None:
         _restore(run, state)
     if run.main_process:
@@ -576,10 +583,10 @@ def _validate_and_save(run: Run, epoch: int, stats: EpochStats, t0: float) -> bo
         improved = score > best["score"]
         if improved:
             best.update(score=score, epoch=epoch + 1, bad_epochs=0)
-            _save(run.model, run.processor, run.out / "best", cfg, run.tasks, agg, epoch + 1, state=None)
+            _save(run, run.out / "best", agg, epoch + 1, state=None)
         else:
             best["bad_epochs"] += 1
-        _save(run.model, run.processor, run.out / "last", cfg, run.tasks, agg, epoch + 1, state={
+        _save(run, run.out / "last", agg, epoch + 1, state={
             "epoch": epoch + 1, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(), "ema": run.ema, "live": live, "history": run.history, "best": best,
             "rng": _rng_state(), "schedule": run.schedule, **run.identity})
@@ -592,6 +599,20 @@ def _validate_and_save(run: Run, epoch: int, stats: EpochStats, t0: float) -> bo
         log.info("early stop: no better validation score for %d epochs", cfg.patience)
         return True
     return False
+
+
+def _run_base(cfg: TrainConfig, out: Path, state: dict | None) -> str:
+    """The base model a run's checkpoints record: --model's at the start; on resume the one last/ records
+    (--model may name another run's checkpoint, retrained since), or the moved copy --model names when the
+    run's own is gone (train.py allows that change only then). Raises ConfigError, with that way out, when a
+    decoder-only run's base is gone."""
+    if state is None or state.get("config", {}).get("model", cfg.model) != cfg.model:
+        return base_model_ref(cfg.model)
+    base = read_metadata(out / "last").get("base_model") or base_model_ref(cfg.model)
+    if decoder_only_file(out / "last") and moved_away(base):
+        raise ConfigError(f"{out}: the base model {base} its decoder was trained on is gone; if it moved, resume "
+                          "with --model <its new place>")
+    return base
 
 
 def _check_same_run(state: dict, identity: dict, cfg: TrainConfig, out: Path) -> None:
@@ -771,13 +792,12 @@ class _swapped:
                     p.copy_(live)
 
 
-def _save(model, processor, folder: Path, cfg: TrainConfig, tasks: list[Task], agg: dict, epoch: int,
-          state: dict | None) -> None:
+def _save(run: Run, folder: Path, agg: dict, epoch: int, state: dict | None) -> None:
     """A checkpoint folder: save_pretrained weights + processor, defectseg.json metadata (task table,
     tuned per-prompt thresholds, config, metrics), the decoder alone, and (last/) the trainer state."""
-    base = base_model_ref(cfg.model)
+    model, cfg, tasks = run.model, run.cfg, run.tasks
     metadata = {
-        "base_model": base,
+        "base_model": run.base,
         "epoch": epoch,
         "tasks": tasks_to_dict({t.name: t for t in tasks}),
         "thresholds": {t.prompt: agg["tasks"][t.name]["best_threshold"] for t in tasks if t.name in agg["tasks"]},
@@ -789,11 +809,11 @@ def _save(model, processor, folder: Path, cfg: TrainConfig, tasks: list[Task], a
     }
 
     # A decoder trained on a frozen base: its weights alone, on top of that base, are the model.
-    decoder_only = cfg.train_vision_layers == 0 and not trains_from_scratch(model)
+    decoder_only = run.base_fingerprint is not None
 
     def extra(tmp: Path) -> None:
         if decoder_only:
-            save_decoder(model, tmp / DECODER_FILE, metadata, base_model=base)
+            save_decoder(model, tmp / DECODER_FILE, metadata, base_model=run.base, fingerprint=run.base_fingerprint)
         if state is not None:
             buf = io.BytesIO()
             torch.save(state, buf)
@@ -801,7 +821,7 @@ def _save(model, processor, folder: Path, cfg: TrainConfig, tasks: list[Task], a
 
     # best/ is what users hand on: a whole save_pretrained folder. last/ only serves --resume: for a
     # decoder-only run the decoder file (naming its base model) and the trainer state are enough.
-    save_checkpoint(model, processor, folder, metadata, extra=extra, full=state is None or not decoder_only)
+    save_checkpoint(model, run.processor, folder, metadata, extra=extra, full=state is None or not decoder_only)
 
 
 def selection_split(holdout: float, n_images: int | None = None) -> str:

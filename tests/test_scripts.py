@@ -168,7 +168,7 @@ def test_error_anatomy_post_processing(processed: Path, tmp_path: Path) -> None:
     dot = np.zeros((9, 9), bool)
     dot[4, 4] = True
     assert ea.POSTPROCESS["dilate 2 px"](dot).sum() == ea._disk(2).sum() == 17
-    centred = np.pad(ring, 7)  # 7 px from the border: cv2's closing runs to an edge within its radius
+    centred = np.pad(ring, 7)  # cv2's closing fills up to the image edge from a part within its radius of it
     assert ea.POSTPROCESS["close 4 px"](centred).sum() == 25  # it fills the 1 px hole
 
     for argv in (["evaluate.py", "--out", str(tmp_path / "report"), "--examples", "0"], ["scripts/error_anatomy.py"]):

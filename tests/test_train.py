@@ -1023,11 +1023,26 @@ def test_resume_takes_a_moved_copy_of_the_base_model(processed, tmp_path, capsys
     other = build_tiny_model(tmp_path / "other", seed=1)
     assert "--model cannot change when resuming" in run_train_err(capsys, "--resume", str(run), "--model", str(other), "-q")
     shutil.move(base, tmp_path / "moved")
-    assert "does not exist" in run_train_err(capsys, "--resume", str(run), "-q")
-    assert "its weights have changed since" in run_train_err(capsys, "--resume", str(run), "--model", str(other), "-q")
+    assert f"the base model {base} its decoder was trained on is gone; if it moved, resume with --model" in \
+        run_train_err(capsys, "--resume", str(run), "-q")
+    assert f"{other} holds other weights than the base model decoder file" in \
+        run_train_err(capsys, "--resume", str(run), "--model", str(other), "-q")
     assert len(history(run)) == 1
     assert run_train("--resume", str(run), "--model", str(tmp_path / "moved"), "-q") == 0 and len(history(run)) == 2
     assert read_metadata(run / "best")["base_model"] == str(tmp_path / "moved")
+
+
+def test_a_run_started_from_another_run_s_decoder_resumes_on_its_own_base(processed, tmp_path):
+    """Run b fine-tunes run a's decoder-only last/; a is then retrained on another base with --overwrite.
+    b's checkpoints record the base they were trained on, so b resumes on it (not on a's new one)."""
+    base = build_tiny_model(tmp_path / "base", seed=0)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_train(*base_args(processed, base, a, "--epochs", "1")) == 0
+    assert run_train(*base_args(processed, a / "last", b, "--epochs", "2", "--stop-after", "1")) == 0
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    assert run_train(*base_args(processed, other, a, "--epochs", "1", "--overwrite")) == 0
+    assert run_train("--resume", str(b), "-q") == 0 and len(history(b)) == 2
+    assert read_metadata(b / "best")["base_model"] == read_metadata(b / "last")["base_model"] == str(base)
 
 
 def test_help_shows_defaults_of_zero_as_zero(capsys):
