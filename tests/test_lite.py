@@ -375,3 +375,34 @@ def test_square_photos_resize_as_before() -> None:
     for side, mode in ((640, cv2.INTER_AREA), (300, cv2.INTER_LINEAR)):
         image = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
         np.testing.assert_array_equal(lite.resize_square(image, 448), cv2.resize(image, (448, 448), interpolation=mode))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_decoder_block_is_upsample_concatenate_and_mix(mode: str) -> None:
+    """DecoderBlock mixes its input at the lower resolution and upsamples the result: the same function as
+    upsampling, concatenating the skip and mixing both with its 1x1 conv (the block's definition), for a
+    skip of any size (odd ones too), with the same gradients to the mixing weights."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    block = lite.DecoderBlock(cin=12, skip=6, cout=8, cond_dim=5, plain=False)
+    torch.nn.init.normal_(block.film.weight)
+    getattr(block, mode)()
+    x, skip, cond = torch.randn(2, 12, 7, 9), torch.randn(2, 6, 15, 17), torch.randn(2, 5)
+
+    def reference() -> torch.Tensor:
+        up = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        y = block.conv1(block.fuse(torch.cat([up, skip], dim=1)))
+        gamma, beta = block.film(cond)[:, :, None, None].chunk(2, dim=1)
+        y = y * (1 + gamma) + beta
+        return y + block.conv2(y)
+
+    outputs, grads = [], []
+    for fn in (lambda: block(x, skip, cond), reference):
+        block.zero_grad()
+        out = fn()
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append(block.fuse[0].weight.grad.clone())
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
