@@ -225,7 +225,7 @@ def bench_lite(args: argparse.Namespace) -> None:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     epoch = 2 * 2642  # train.py's epoch on the full exports: every crack image once, drywall oversampled to match
     low = TrainConfig.low_res_size
-    epoch_s = {side: epoch * max(rates) / b for side, rates in ((size, (model_s, augment_s)), (low, seconds_per_batch(low)))}
+    epoch_s = {size: epoch * max(model_s, augment_s) / b, low: epoch * max(seconds_per_batch(low)) / b}
     recipe_s = RECIPE_EPOCHS * epoch_s[size] + RECIPE_LOW_RES_EPOCHS * (epoch_s[low] - epoch_s[size])
     print(f"\nLiteSeg from scratch ({count_parameters(model) / 1e6:.2f} M parameters, {size}px, {precision_name(amp)}, "
           f"batch {b}):")
@@ -236,6 +236,7 @@ def bench_lite(args: argparse.Namespace) -> None:
           + (f"; peak GPU memory {peak:.2f} GiB" if peak else ""))
     print(f"  the shipped recipe (make train-lite: {RECIPE_EPOCHS} epochs, the first {RECIPE_LOW_RES_EPOCHS} at {low} px), "
           f"its training steps alone (validation not counted): {recipe_s / 60:,.1f} min")
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

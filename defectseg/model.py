@@ -421,9 +421,9 @@ def save_decoder(
     """Write only the decoder weights (keys ``decoder.*``) to a small ``.safetensors`` file, atomically.
 
     The header records ``base_model`` (what ``load_model(path)`` loads underneath), its ``base_fingerprint``
-    (``fingerprint`` when given, computed once by a caller that saves often; loading refuses a base whose weights
-    changed since) and ``metadata`` (JSON, read back by
-    ``read_metadata``). Written to a temp file then ``os.replace``-d into place.
+    (``fingerprint`` when given, computed once by a caller that saves often; loading refuses a base whose
+    weights changed since) and ``metadata`` (JSON, read back by ``read_metadata``). Written to a temp file
+    then ``os.replace``-d into place.
     """
     path = Path(path)
     if path.suffix != ".safetensors":

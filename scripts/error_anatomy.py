@@ -67,7 +67,7 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 def keep_parts(mask: np.ndarray, min_area: int = 0, largest: int | None = None) -> np.ndarray:
     """``mask``'s 8-connected parts of at least ``min_area`` pixels, or (``largest``) its largest ones."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     areas = stats[1:, cv2.CC_STAT_AREA]
     keep = np.argsort(-areas, kind="stable")[:largest] + 1 if largest else np.flatnonzero(areas >= min_area) + 1
     return np.isin(labels, keep) & mask
