@@ -254,7 +254,7 @@ def _set_up(cfg: TrainConfig, resume: bool) -> Run:
         # files that record base_fingerprint)
         identity["base"] = model_fingerprint(model)
         if state is not None and state.get("base", identity["base"]) != identity["base"]:
-            raise ConfigError(f"{out}: the base model {cfg.model} is not the one this run's decoder was trained on "
+            raise ConfigError(f"{out}: the base model {base} is not the one this run's decoder was trained on "
                               "(its vision weights changed since); restore that model or start a new run")
     amp_dtype = resolve_precision(cfg.precision, device, model)
     trainable = _set_trainable(model, cfg.train_vision_layers, cfg.ema)

@@ -1012,6 +1012,26 @@ def test_resume_refuses_a_base_model_that_changed_under_its_decoder(processed, t
     assert run_train("--resume", str(run), "-q") == 0 and len(history(run)) == 2
 
 
+def test_resume_checks_the_base_of_a_decoder_file_without_fingerprint(processed, tmp_path, capsys):
+    """Decoder files written before base_fingerprint existed carry none; the run's own record of its base
+    (trainer state) still refuses a base whose weights changed, and names that base."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base = build_tiny_model(tmp_path / "base", seed=0)
+    run = tmp_path / "run"
+    assert run_train(*base_args(processed, base, run, "--epochs", "2", "--stop-after", "1")) == 0
+    decoder = run / "last" / "decoder.safetensors"
+    with safe_open(str(decoder), "pt") as f:
+        header = {k: v for k, v in f.metadata().items() if k != "base_fingerprint"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(decoder), metadata=header)  # as an older version wrote it
+    build_tiny_model(tmp_path / "base", seed=1)
+    err = run_train_err(capsys, "--resume", str(run), "-q")
+    assert f"the base model {base} is not the one this run's decoder was trained on" in err
+    assert len(history(run)) == 1
+
+
 def test_resume_takes_a_moved_copy_of_the_base_model(processed, tmp_path, capsys):
     """A decoder-only run's base folder moved: --resume RUN --model NEW continues when NEW holds the same
     weights, and is refused when it holds another model; --model stays fixed while the old folder is there."""
