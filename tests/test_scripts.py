@@ -178,3 +178,30 @@ def test_error_anatomy_post_processing(processed: Path, tmp_path: Path) -> None:
     tasks = json.loads((tmp_path / "report" / "metrics.json").read_text())["tasks"]
     nones = re.findall(r"post-processing, mean IoU at its best threshold: none ([\d.]+); dilate", proc.stdout)
     assert nones == [f"{tasks[t]['best_iou']:.4f}" for t in sorted(tasks)], proc.stdout
+
+
+def test_learned_threshold_picks_from_the_nearest_train_photos(processed: Path) -> None:
+    """knn_pick on hand-made curves, then the script on the bundled sample: with k at least the number of
+    train photos every photo gets the one threshold tuned on train, so the two rows agree."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import learned_threshold as lt
+
+    train_x = np.array([[0.0], [1.0], [10.0], [11.0]])
+    curves = np.array([[0.9, 0.1], [0.8, 0.3], [0.1, 0.7], [0.2, 0.9]])  # best: 0, 0, 1, 1
+    assert lt.knn_pick(train_x, curves, np.array([[0.4], [10.6]]), k=2).tolist() == [0, 1]
+    assert lt.knn_pick(train_x, curves, train_x, k=1, leave_one_out=True).tolist() == [0, 0, 1, 1]
+    # 5.4 is nearest row 1 (best: 0), then row 2: their mean curve (0.45, 0.5) is best at 1
+    assert lt.knn_pick(train_x, curves, np.array([[5.4]]), k=1).tolist() == [0]
+    assert lt.knn_pick(train_x, curves, np.array([[5.4]]), k=2).tolist() == [1]
+    assert lt.summarize(np.full((4, 4), 0.25)).tolist() == [0.25] * 9 + [1, 1, 0, 0, 0, 0, 0, 0, 0, 0.25]
+
+    proc = subprocess.run([sys.executable, "scripts/learned_threshold.py", "--model", "models/liteseg", "--data",
+                           str(processed), "--train-stride", "1", "--k", "1000", "--precision", "fp32"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    on_train = re.findall(r"one threshold tuned on train [\d.]+: ([\d.]+)", proc.stdout)
+    on_valid = re.findall(r"one threshold tuned on valid [\d.]+: ([\d.]+)", proc.stdout)
+    learned = re.findall(r"learned on train \(k=1000\): ([\d.]+)", proc.stdout)
+    oracle = re.findall(r"oracle \(each photo's best threshold\): ([\d.]+)", proc.stdout)
+    assert len(on_train) == 2 and learned == on_train, proc.stdout
+    assert all(float(t) <= float(v) <= float(o) for t, v, o in zip(on_train, on_valid, oracle)), proc.stdout
