@@ -26,7 +26,7 @@ from defectseg.inference import Segmenter
 from defectseg.io import load_image, read_mask_png
 from defectseg.losses import segmentation_loss
 from defectseg.manifest import read_manifest, write_manifest
-from defectseg.model import load_model, read_metadata, used_vision_layers
+from defectseg.model import DECODER_FILE, load_model, read_metadata, used_vision_layers
 from defectseg.tasks import DEFAULT_TASKS
 from defectseg.tiny import build_tiny_model
 from defectseg.training import TrainForward, at_target_size, ema_decay
@@ -1021,7 +1021,7 @@ def test_resume_checks_the_base_of_a_decoder_file_without_fingerprint(processed,
     base = build_tiny_model(tmp_path / "base", seed=0)
     run = tmp_path / "run"
     assert run_train(*base_args(processed, base, run, "--epochs", "2", "--stop-after", "1")) == 0
-    decoder = run / "last" / "decoder.safetensors"
+    decoder = run / "last" / DECODER_FILE
     with safe_open(str(decoder), "pt") as f:
         header = {k: v for k, v in f.metadata().items() if k != "base_fingerprint"}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
