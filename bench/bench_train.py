@@ -187,7 +187,7 @@ def bench_lite(args: argparse.Namespace) -> None:
     """LiteSeg from scratch as train.py trains it: augmented batches from images in memory, the whole
     model forward and backward, AdamW step; samples/s with and without the augmentation in the loop."""
     torch.manual_seed(0)
-    model, processor = lite.build("lite")
+    model, processor = lite.build(args.lite_arch)
     device = resolve_device(args.device)
     model.to(device).train()
     amp = resolve_precision(args.precision, device, model)
@@ -227,7 +227,7 @@ def bench_lite(args: argparse.Namespace) -> None:
     low = TrainConfig.low_res_size
     epoch_s = {size: epoch * max(model_s, augment_s) / b, low: epoch * max(seconds_per_batch(low)) / b}
     recipe_s = RECIPE_EPOCHS * epoch_s[size] + RECIPE_LOW_RES_EPOCHS * (epoch_s[low] - epoch_s[size])
-    print(f"\nLiteSeg from scratch ({count_parameters(model) / 1e6:.2f} M parameters, {size}px, {precision_name(amp)}, "
+    print(f"\nLiteSeg from scratch ({args.lite_arch}, {count_parameters(model) / 1e6:.2f} M parameters, {size}px, {precision_name(amp)}, "
           f"batch {b}):")
     print(f"  model step (forward, backward, AdamW): {b / model_s:8.1f} samples/s")
     print(f"  augmentation on {threads} thread(s) (train.py's): {b / augment_s:8.1f} samples/s")
@@ -251,6 +251,8 @@ if __name__ == "__main__":
                         help="where to time checkpoint saves (default: the system's temp folder; pick the disk "
                              "your runs/ are on)")
     parser.add_argument("--lite-steps", type=int, default=5, help="timed LiteSeg steps (default: %(default)s)")
+    parser.add_argument("--lite-arch", default="lite", choices=sorted(lite.ARCHS),
+                        help="the LiteSeg preset to time, as train.py --model (default: %(default)s)")
     parser.add_argument("--no-clipseg", dest="clipseg", action="store_false", help="only the LiteSeg part")
     args = parser.parse_args()
     if args.clipseg:
