@@ -3,6 +3,7 @@
 nothing downloaded) and LiteSeg (the shipped checkpoint, models/liteseg), in the same run.
 
     python bench/bench_inference.py [--device auto] [--precision auto] [--iters 3] [--images 32]
+        [--lite-model DIR] [--no-clipseg]
 
 The model has CIDAS/clipseg-rd64-refined's architecture (ViT-B/16 vision tower, 12-layer text tower,
 rd64 decoder with the refined head, 352x352 input, 150.7M parameters) and random weights: speed does not
@@ -63,6 +64,13 @@ SAMPLE = REPO / "sample_data"
 TARGET_RATIO = 1.2  # 2 prompts may cost at most this much more than 1 (Segmenter path)
 LITE_TARGET_MS = 25.0  # LiteSeg, batch 1, one prompt, RGB array to full-size mask, on a CPU
 
+def checkpoint_folder(text: str) -> Path:
+    """--lite-model's type: a folder with a config.json, else a one-line usage error."""
+    if not (Path(text) / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text}: not a checkpoint folder (no config.json in it)")
+    return Path(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
@@ -74,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JPEGs for the end-to-end run (default: %(default)s)")
     parser.add_argument("--workers", type=int_at_least(0), default=predict.build_parser().get_default("workers"),
                         help="predict.py --workers for the end-to-end run (default: %(default)s, as predict.py)")
+    parser.add_argument("--lite-model", type=checkpoint_folder, default=None,
+                        help="the LiteSeg checkpoint folder to time (default: the shipped models/liteseg)")
+    parser.add_argument("--no-clipseg", dest="clipseg", action="store_false", help="only the LiteSeg part")
     return parser
 
 
@@ -239,11 +250,12 @@ def main(args: argparse.Namespace) -> int:
     print(f"device: {device} ({device_name(device)}), torch {torch.__version__} with {torch.get_num_threads()} "
           f"threads, transformers {transformers.__version__}")
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
-        bench_model("CLIPSeg, rd64-refined architecture, random weights", tiny.build_rd64_random(Path(tmp) / "rd64-random"),
-                    Path(tmp), args, TARGET_RATIO)
-        model_dir = lite_model(Path(tmp) / "liteseg-random")
-        ms = bench_model(f"LiteSeg ({'shipped' if model_dir == SHIPPED_MODEL else 'random weights'})", model_dir,
-                         Path(tmp), args)
+        if args.clipseg:
+            bench_model("CLIPSeg, rd64-refined architecture, random weights",
+                        tiny.build_rd64_random(Path(tmp) / "rd64-random"), Path(tmp), args, TARGET_RATIO)
+        model_dir = args.lite_model or lite_model(Path(tmp) / "liteseg-random")
+        name = args.lite_model or ("shipped" if model_dir == SHIPPED_MODEL else "random weights")
+        ms = bench_model(f"LiteSeg ({name})", model_dir, Path(tmp), args)
         bench_variants(model_dir, args)
         verdict = "meets" if ms["segmenter 1"] <= LITE_TARGET_MS else "MISSES"
         print(f"LiteSeg, batch 1, 1 prompt: {ms['segmenter 1']:.1f} ms per image from RGB array to full-size mask "

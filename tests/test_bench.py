@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from defectseg import tiny
+from defectseg import lite, tiny
 
 
 def load_script(name: str):
@@ -51,3 +51,23 @@ def test_bench_inference_prints_every_number(tiny_instead_of_rd64, capsys):
     assert out.count("exit code 0") == 2 and "LiteSeg, batch 1, 1 prompt" in out
     assert "--tta, batch 1, 1 prompt, ms per image: none " in out and ", flip " in out and ", d4 " in out
     assert "batch norms folded into the convs at load: " in out
+
+
+def test_bench_inference_times_another_liteseg_alone(tmp_path, capsys):
+    """--lite-model times that checkpoint (here a tiny one) and --no-clipseg leaves CLIPSeg out."""
+    model, _ = lite.build("lite-tiny", seed=0)
+    model.save_pretrained(tmp_path / "tiny-lite")
+    bench = load_script("bench_inference")
+    assert bench.main(bench.build_parser().parse_args(["--device", "cpu", "--iters", "1", "--images", "2",
+                                                       "--workers", "0", "--no-clipseg",
+                                                       "--lite-model", str(tmp_path / "tiny-lite")])) == 0
+    out = capsys.readouterr().out
+    assert "CLIPSeg" not in out and f"LiteSeg ({tmp_path / 'tiny-lite'})" in out
+    assert out.count("end to end: predict.py, 2 JPEGs") == 1 and "LiteSeg, batch 1, 1 prompt" in out
+
+
+def test_bench_inference_refuses_a_folder_without_a_checkpoint(tmp_path, capsys):
+    bench = load_script("bench_inference")
+    with pytest.raises(SystemExit) as exc:
+        bench.build_parser().parse_args(["--lite-model", str(tmp_path)])
+    assert exc.value.code == 2 and f"{tmp_path}: not a checkpoint folder" in capsys.readouterr().err
