@@ -57,7 +57,7 @@ from defectseg.inference import (  # noqa: E402
 )
 from defectseg.io import list_images, load_image  # noqa: E402
 from defectseg.metrics import binarize  # noqa: E402
-from defectseg.model import SHIPPED_MODEL, load_model  # noqa: E402
+from defectseg.model import SHIPPED_MODEL, ModelLoadError, load_model  # noqa: E402
 
 PROMPTS = ["segment crack", "segment taping area"]
 SAMPLE = REPO / "sample_data"
@@ -65,9 +65,13 @@ TARGET_RATIO = 1.2  # 2 prompts may cost at most this much more than 1 (Segmente
 LITE_TARGET_MS = 25.0  # LiteSeg, batch 1, one prompt, RGB array to full-size mask, on a CPU
 
 def checkpoint_folder(text: str) -> Path:
-    """--lite-model's type: a folder with a config.json, else a one-line usage error."""
-    if not (Path(text) / "config.json").is_file():
-        raise argparse.ArgumentTypeError(f"{text}: not a checkpoint folder (no config.json in it)")
+    """--lite-model's type: a folder load_model reads as a LiteSeg, else a one-line usage error."""
+    try:
+        model, _ = load_model(text)
+    except ModelLoadError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not isinstance(model, lite.LiteSeg):
+        raise argparse.ArgumentTypeError(f"{text}: not a LiteSeg checkpoint ({type(model).__name__})")
     return Path(text)
 
 

@@ -66,8 +66,14 @@ def test_bench_inference_times_another_liteseg_alone(tmp_path, capsys):
     assert out.count("end to end: predict.py, 2 JPEGs") == 1 and "LiteSeg, batch 1, 1 prompt" in out
 
 
-def test_bench_inference_refuses_a_folder_without_a_checkpoint(tmp_path, capsys):
+def test_bench_inference_refuses_what_is_not_a_liteseg_checkpoint(tmp_path, capsys):
+    """A run folder (its config.json is the training config) gets load_model's hint; a CLIPSeg is refused."""
+    run = tmp_path / "run"
+    lite.build("lite-tiny", seed=0)[0].save_pretrained(run / "best")
+    (run / "config.json").write_text('{"epochs": 1}')
     bench = load_script("bench_inference")
-    with pytest.raises(SystemExit) as exc:
-        bench.build_parser().parse_args(["--lite-model", str(tmp_path)])
-    assert exc.value.code == 2 and f"{tmp_path}: not a checkpoint folder" in capsys.readouterr().err
+    for folder, message in [(run, "best"), (tiny.build_tiny_model(tmp_path / "clipseg"), "not a LiteSeg checkpoint")]:
+        with pytest.raises(SystemExit) as exc:
+            bench.build_parser().parse_args(["--lite-model", str(folder)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and str(folder) in err and message in err and "Traceback" not in err
