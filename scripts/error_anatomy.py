@@ -110,9 +110,7 @@ def main() -> None:
         counts = np.zeros(2 + 2 * len(args.bands), dtype=np.int64)
         post = []
         for row in task_rows:
-            image, gt = load_image(row["image"]), read_mask_png(row["mask"])
-            prob = segmenter.probabilities(segmenter.encode(segmenter.pixel_values([image])), [gt.shape],
-                                           [prompt])[prompt][0]
+            gt, prob = read_mask_png(row["mask"]), segmenter.probability_map(load_image(row["image"]), prompt)
             scores["tuned"].append(iou(prob >= threshold, gt))
             scores["area-matched"].append(iou(area_matched(prob), gt))
             scores["oracle"].append(float(iou_from_counts(counts_at_thresholds(prob, gt, default_thresholds())).max()))

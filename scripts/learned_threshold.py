@@ -39,8 +39,7 @@ def features_and_curves(segmenter: Segmenter, rows: list[dict], prompt: str) -> 
     """(N, 19) features and (N, len(default_thresholds())) per-image IoU curves of ``rows``."""
     feats, curves = [], []
     for row in rows:
-        image, gt = load_image(row["image"]), read_mask_png(row["mask"])
-        prob = segmenter.probabilities(segmenter.encode(segmenter.pixel_values([image])), [gt.shape], [prompt])[prompt][0]
+        gt, prob = read_mask_png(row["mask"]), segmenter.probability_map(load_image(row["image"]), prompt)
         feats.append(summarize(prob))
         curves.append(iou_from_counts(counts_at_thresholds(prob, gt, default_thresholds()), 1.0))
     return np.array(feats), np.array(curves)

@@ -151,3 +151,12 @@ def test_an_image_worker_is_quiet_only_about_a_main_process_that_hung_up(error, 
     except error:
         _quiet_if_peer_gone(*sys.exc_info())
     assert ("Traceback" in capsys.readouterr().err) == printed
+
+
+def test_probability_map_is_the_map_predict_thresholds(lite_dir):
+    image = load_image(sorted((SAMPLE / "cracks" / "valid").glob("*.jpg"))[0])[:, :500]  # not square
+    seg = Segmenter.load(str(lite_dir), device="cpu", precision="fp32")
+    prob = seg.probability_map(image, "segment crack")
+    assert prob.shape == image.shape[:2] and prob.dtype == np.float32
+    mask = seg.predict([image], ["segment crack"])["segment crack"][0]
+    np.testing.assert_array_equal(prob >= np.float32(seg.threshold("segment crack")), mask)
