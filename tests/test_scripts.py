@@ -205,3 +205,70 @@ def test_learned_threshold_picks_from_the_nearest_train_photos(processed: Path) 
     oracle = re.findall(r"oracle \(each photo's best threshold\): ([\d.]+)", proc.stdout)
     assert len(on_train) == 2 and learned == on_train, proc.stdout
     assert all(float(t) <= float(v) <= float(o) for t, v, o in zip(on_train, on_valid, oracle)), proc.stdout
+
+
+def test_average_checkpoints_means_the_weights(tmp_path: Path) -> None:
+    """scripts/average_checkpoints.py: every float tensor (weights and batch-norm statistics) is the mean,
+    integer buffers come from the last folder, the metadata keeps the task table and thresholds but not
+    the epoch's metrics; a model averaged with itself answers as it did; other architectures, CLIPSeg, one
+    folder or an existing --out are refused."""
+    from dataclasses import asdict
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import average_checkpoints as ac
+
+    from defectseg import lite
+    from defectseg.model import load_model, read_metadata
+    from defectseg.tiny import build_tiny_model
+
+    hand = ac.average_state_dicts([{"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)},
+                                   {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}])
+    assert hand["w"].tolist() == [2.0, 4.0] and hand["n"].item() == 5
+
+    meta = {"thresholds": {"segment crack": 0.4}, "epoch": 3, "metrics": {"overall": {"iou": 0.5}}}
+    for seed in (0, 1):
+        model, processor = lite.build("lite-tiny", seed=seed)
+        with torch.no_grad():  # distinct batch-norm statistics too
+            for name, buf in model.named_buffers():
+                if buf.is_floating_point():
+                    buf.uniform_(0.5, 1.5)
+                elif "num_batches_tracked" in name:
+                    buf.fill_(seed + 7)
+        model.save_pretrained(tmp_path / f"s{seed}")
+        (tmp_path / f"s{seed}" / "defectseg.json").write_text(json.dumps(meta))
+    other = lite.LiteSeg(lite.LiteConfig(**{**asdict(model.config), "context": [1]}))
+    other.save_pretrained(tmp_path / "ctx")
+
+    def average(*argv) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "scripts/average_checkpoints.py", *map(str, argv)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    proc = average(tmp_path / "s0", tmp_path / "s1", "--out", tmp_path / "avg")
+    assert proc.returncode == 0, proc.stderr
+    avg, _ = load_model(tmp_path / "avg")
+    s0, s1 = (load_model(tmp_path / f"s{seed}")[0].state_dict() for seed in (0, 1))
+    for key, value in avg.state_dict().items():
+        expected = (s0[key] + s1[key]) / 2 if value.is_floating_point() else s1[key]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+    assert s1["encoder.0.0.1.num_batches_tracked"].item() == 8
+    saved = read_metadata(tmp_path / "avg")
+    assert saved["thresholds"] == meta["thresholds"] and "epoch" not in saved and "metrics" not in saved
+    assert saved["averaged_from"] == [str(tmp_path / "s0"), str(tmp_path / "s1")]
+
+    assert average(tmp_path / "s0", tmp_path / "s0", "--out", tmp_path / "same").returncode == 0
+    same, s0_model = load_model(tmp_path / "same")[0], load_model(tmp_path / "s0")[0]
+    tokens = processor.tokenizer(["segment crack"], return_tensors="pt")
+    pixels = torch.randn(1, 3, model.config.image_size, model.config.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(same(**tokens, pixel_values=pixels).logits,
+                                   s0_model(**tokens, pixel_values=pixels).logits, rtol=0, atol=0)
+
+    for argv, message in ([(tmp_path / "s0", tmp_path / "ctx"), "another architecture"],
+                          [(tmp_path / "s0", build_tiny_model(tmp_path / "clipseg")), "not a LiteSeg checkpoint"],
+                          [(tmp_path / "s0", tmp_path / "s1", "--out", tmp_path / "avg"), "exists"]):
+        proc = average(*argv) if "--out" in argv else average(*argv, "--out", tmp_path / "refused")
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    proc = average(tmp_path / "s0", "--out", tmp_path / "one")
+    assert proc.returncode == 2 and "two or more" in proc.stderr
