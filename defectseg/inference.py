@@ -344,9 +344,10 @@ class Segmenter:
         """prompt -> list of (H_i, W_i) float32 probability maps, one per image of the batch."""
         return {p: self.upsample(self.logits(activations, p), sizes) for p in prompts}
 
-    def probability_map(self, image: np.ndarray, prompt: str) -> np.ndarray:
-        """(H, W) float32 probabilities of ``prompt`` for one (H, W, 3) uint8 RGB image, at its size."""
-        return self.probabilities(self.encode(self.pixel_values([image])), [image.shape[:2]], [prompt])[prompt][0]
+    def probability_map(self, image: np.ndarray, prompt: str, size: tuple[int, int] | None = None) -> np.ndarray:
+        """float32 probabilities of ``prompt`` for one (H, W, 3) uint8 RGB image, at ``size`` (default: the
+        image's (H, W); a ground-truth mask's shape to score against it, as evaluate.py does)."""
+        return self.probabilities(self.encode(self.pixel_values([image])), [size or image.shape[:2]], [prompt])[prompt][0]
 
     def predict(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, list[np.ndarray]]:
         """Convenience: RGB images -> prompt -> list of (H, W) bool masks at each image's size."""

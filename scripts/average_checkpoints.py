@@ -1,22 +1,28 @@
 #!/usr/bin/env python
 """Average the weights of several checkpoints of one LiteSeg run (e.g. its last epochs) into one folder.
 
+train.py keeps only best/ and last/ (rewritten each epoch), so copy last/ aside after each epoch you want
+to average (e.g. to runs/snaps/ep18), then:
+
     python scripts/average_checkpoints.py runs/snaps/ep18 runs/snaps/ep19 runs/snaps/ep20 --out runs/avg-18-20
-    python evaluate.py --model runs/avg-18-20 --data data/full --split valid
+    python evaluate.py --model runs/avg-18-20 --data data/full --split valid --write-thresholds
 
 Every floating-point tensor of the state dict is the plain mean over the checkpoints: the weights and the
 batch norms' running statistics alike, which is close to re-estimating the statistics when the
 checkpoints lie near each other (the last epochs of a cosine schedule take small steps). Integer buffers
-(batch counters) come from the last checkpoint. The folders must share one architecture (config.json).
+(batch counters) come from the last checkpoint. The folders must share one architecture (config.json)
+and one task table.
 
-The new folder gets the last checkpoint's ``defectseg.json`` (task table, thresholds, training config)
-without its epoch and validation metrics, which described other weights, and with ``averaged_from``
-listing the sources; ``evaluate.py`` tunes thresholds for the averaged weights.
+The new folder gets the last checkpoint's ``defectseg.json`` (task table, epoch, training config) without
+its validation metrics and best-epoch selection, which described other weights, and with
+``averaged_from`` listing the sources. Its thresholds stay the last checkpoint's until ``evaluate.py
+--write-thresholds`` tunes them for the averaged weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -40,28 +46,45 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
     return out
 
 
+def _load(folder: str) -> tuple[lite.LiteSeg, lite.LiteProcessor, dict]:
+    """A LiteSeg checkpoint folder's model, processor and metadata; ``ValueError`` with a one-line reason."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    try:
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{folder} is not a checkpoint folder: cannot read its config.json ({err})") from None
+    if model_type != lite.MODEL_TYPE:
+        raise ValueError(f"{folder} is not a LiteSeg checkpoint (model_type {model_type!r}); averaging is for LiteSeg runs")
+    try:
+        model, processor = load_model(path)
+        return model, processor, read_metadata(path)
+    except ModelLoadError as err:
+        raise ValueError(str(err)) from None
+
+
 def main(args: argparse.Namespace) -> int:
     if Path(args.out).exists():
         print(f"error: {args.out} exists; pick a new folder", file=sys.stderr)
         return 1
-    models = []
+    models, metas = [], []
     for folder in args.checkpoints:
         try:
-            model, processor = load_model(folder)
-        except ModelLoadError as err:
+            model, processor, meta = _load(folder)
+        except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-        if not isinstance(model, lite.LiteSeg):
-            print(f"error: {folder} is not a LiteSeg checkpoint (averaging is for LiteSeg runs)", file=sys.stderr)
-            return 1
-        if models and model.config != models[0].config:
-            print(f"error: {folder} has another architecture than {args.checkpoints[0]} (config.json differs)",
-                  file=sys.stderr)
-            return 1
+        for what, differs in (("architecture (config.json)", models and model.config != models[0].config),
+                              ("task table (defectseg.json)", metas and meta.get("tasks") != metas[0].get("tasks"))):
+            if differs:
+                print(f"error: {folder} has another {what} than {args.checkpoints[0]}: not the same run", file=sys.stderr)
+                return 1
         models.append(model)
+        metas.append(meta)
     model.load_state_dict(average_state_dicts([m.state_dict() for m in models]))
-    meta = {k: v for k, v in read_metadata(args.checkpoints[-1]).items() if k not in ("epoch", "metrics")}
-    meta["averaged_from"] = [str(folder) for folder in args.checkpoints]
+    meta = {k: v for k, v in metas[-1].items() if k not in ("metrics", "selection", "selection_split")}
+    meta["averaged_from"] = [str(Path(folder).resolve()) for folder in args.checkpoints]
     try:
         save_checkpoint(model, processor, args.out, meta)
     except OSError as err:

@@ -110,7 +110,8 @@ def main() -> None:
         counts = np.zeros(2 + 2 * len(args.bands), dtype=np.int64)
         post = []
         for row in task_rows:
-            gt, prob = read_mask_png(row["mask"]), segmenter.probability_map(load_image(row["image"]), prompt)
+            gt = read_mask_png(row["mask"])
+            prob = segmenter.probability_map(load_image(row["image"]), prompt, gt.shape)
             scores["tuned"].append(iou(prob >= threshold, gt))
             scores["area-matched"].append(iou(area_matched(prob), gt))
             scores["oracle"].append(float(iou_from_counts(counts_at_thresholds(prob, gt, default_thresholds())).max()))

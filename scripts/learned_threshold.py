@@ -39,7 +39,8 @@ def features_and_curves(segmenter: Segmenter, rows: list[dict], prompt: str) -> 
     """(N, 19) features and (N, len(default_thresholds())) per-image IoU curves of ``rows``."""
     feats, curves = [], []
     for row in rows:
-        gt, prob = read_mask_png(row["mask"]), segmenter.probability_map(load_image(row["image"]), prompt)
+        gt = read_mask_png(row["mask"])
+        prob = segmenter.probability_map(load_image(row["image"]), prompt, gt.shape)
         feats.append(summarize(prob))
         curves.append(iou_from_counts(counts_at_thresholds(prob, gt, default_thresholds()), 1.0))
     return np.array(feats), np.array(curves)

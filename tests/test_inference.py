@@ -153,10 +153,18 @@ def test_an_image_worker_is_quiet_only_about_a_main_process_that_hung_up(error, 
     assert ("Traceback" in capsys.readouterr().err) == printed
 
 
-def test_probability_map_is_the_map_predict_thresholds(lite_dir):
+def test_probability_map_is_the_sigmoid_of_the_resized_logits(lite_dir):
+    """One photo's map at its own size (the one predict thresholds) or at a given one (a mask's), each the
+    sigmoid of the model's logits resized bilinearly."""
+    import torch.nn.functional as F
+
     image = load_image(sorted((SAMPLE / "cracks" / "valid").glob("*.jpg"))[0])[:, :500]  # not square
     seg = Segmenter.load(str(lite_dir), device="cpu", precision="fp32")
-    prob = seg.probability_map(image, "segment crack")
-    assert prob.shape == image.shape[:2] and prob.dtype == np.float32
+    logits = seg.logits(seg.encode(seg.pixel_values([image])), "segment crack")
+    for size in (image.shape[:2], (37, 53)):
+        prob = seg.probability_map(image, "segment crack", None if size == image.shape[:2] else size)
+        expected = torch.sigmoid(F.interpolate(logits[:, None].float(), size=size, mode="bilinear", align_corners=False))
+        assert prob.shape == size and prob.dtype == np.float32
+        np.testing.assert_allclose(prob, expected[0, 0].numpy(), rtol=0, atol=1e-6)
     mask = seg.predict([image], ["segment crack"])["segment crack"][0]
-    np.testing.assert_array_equal(prob >= np.float32(seg.threshold("segment crack")), mask)
+    np.testing.assert_array_equal(seg.probability_map(image, "segment crack") >= np.float32(seg.threshold("segment crack")), mask)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -209,9 +210,10 @@ def test_learned_threshold_picks_from_the_nearest_train_photos(processed: Path) 
 
 def test_average_checkpoints_means_the_weights(tmp_path: Path) -> None:
     """scripts/average_checkpoints.py: every float tensor (weights and batch-norm statistics) is the mean,
-    integer buffers come from the last folder, the metadata keeps the task table and thresholds but not
-    the epoch's metrics; a model averaged with itself answers as it did; other architectures, CLIPSeg, one
-    folder or an existing --out are refused."""
+    integer buffers come from the last folder, the metadata keeps the last folder's task table, thresholds,
+    epoch and training config but not its metrics; a model averaged with itself answers as it did; another
+    architecture or task table, a CLIPSeg, a missing path, a folder that is no checkpoint, one folder or an
+    existing --out are refused."""
     from dataclasses import asdict
 
     import torch
@@ -227,7 +229,8 @@ def test_average_checkpoints_means_the_weights(tmp_path: Path) -> None:
                                    {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}])
     assert hand["w"].tolist() == [2.0, 4.0] and hand["n"].item() == 5
 
-    meta = {"thresholds": {"segment crack": 0.4}, "epoch": 3, "metrics": {"overall": {"iou": 0.5}}}
+    meta = {"tasks": {"cracks": {"prompt": "segment crack"}}, "thresholds": {"segment crack": 0.4}, "epoch": 3,
+            "train_config": {"seed": 0}, "metrics": {"overall": {"iou": 0.5}}, "selection": "best mean IoU"}
     for seed in (0, 1):
         model, processor = lite.build("lite-tiny", seed=seed)
         with torch.no_grad():  # distinct batch-norm statistics too
@@ -254,8 +257,8 @@ def test_average_checkpoints_means_the_weights(tmp_path: Path) -> None:
         torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
     assert s1["encoder.0.0.1.num_batches_tracked"].item() == 8
     saved = read_metadata(tmp_path / "avg")
-    assert saved["thresholds"] == meta["thresholds"] and "epoch" not in saved and "metrics" not in saved
-    assert saved["averaged_from"] == [str(tmp_path / "s0"), str(tmp_path / "s1")]
+    assert saved == {**{k: meta[k] for k in ("tasks", "thresholds", "epoch", "train_config")},
+                     "averaged_from": [str(tmp_path / "s0"), str(tmp_path / "s1")]}
 
     assert average(tmp_path / "s0", tmp_path / "s0", "--out", tmp_path / "same").returncode == 0
     same, s0_model = load_model(tmp_path / "same")[0], load_model(tmp_path / "s0")[0]
@@ -265,7 +268,13 @@ def test_average_checkpoints_means_the_weights(tmp_path: Path) -> None:
         torch.testing.assert_close(same(**tokens, pixel_values=pixels).logits,
                                    s0_model(**tokens, pixel_values=pixels).logits, rtol=0, atol=0)
 
+    (tmp_path / "ctx" / "defectseg.json").write_text(json.dumps(meta))
+    shutil.copytree(tmp_path / "s1", tmp_path / "other-tasks")
+    (tmp_path / "other-tasks" / "defectseg.json").write_text(json.dumps({**meta, "tasks": {}}))
     for argv, message in ([(tmp_path / "s0", tmp_path / "ctx"), "another architecture"],
+                          [(tmp_path / "s0", tmp_path / "other-tasks"), "another task table"],
+                          [(tmp_path / "s0", tmp_path / "nowhere"), "is not a folder"],
+                          [(tmp_path / "s0", tmp_path), "cannot read its config.json"],
                           [(tmp_path / "s0", build_tiny_model(tmp_path / "clipseg")), "not a LiteSeg checkpoint"],
                           [(tmp_path / "s0", tmp_path / "s1", "--out", tmp_path / "avg"), "exists"]):
         proc = average(*argv) if "--out" in argv else average(*argv, "--out", tmp_path / "refused")
