@@ -56,7 +56,7 @@ HELP = {
     "weight_decay": "AdamW weight decay",
     "warmup": "fraction of steps with linear warm-up before the cosine decay",
     "grad_clip": "max gradient norm (0: no clipping)",
-    "ema": "CLIPSeg: EMA decay of the weights, e.g. 0.999 (0: off); validation and best/ use the EMA weights",
+    "ema": "EMA decay of the weights (and LiteSeg's batch-norm statistics), e.g. 0.999 (0: off); validation, best/ and last/ use them",
     "bce_weight": "weight of the BCE term of the loss",
     "dice_weight": "weight of the soft Dice term of the loss",
     "lovasz_weight": "weight of the Lovasz hinge term of the loss in the --lovasz-epochs",

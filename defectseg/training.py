@@ -188,6 +188,13 @@ class Run:
     base_fingerprint: str | None = None  # a decoder-only run's, for its decoder files (the base is frozen)
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"score": -1.0, "epoch": 0, "bad_epochs": 0})
+
+    @property
+    def averaged(self) -> list[torch.Tensor]:
+        """What --ema averages: the trainable weights and the float buffers (LiteSeg's batch-norm running
+        statistics, which the forward passes update; CLIPSeg has none), so the EMA weights come with
+        statistics that match them."""
+        return [*self.trainable, *(b for b in self.model.buffers() if b.is_floating_point())]
     start_epoch: int = 0
 
     @property
@@ -257,7 +264,7 @@ def _set_up(cfg: TrainConfig, resume: bool) -> Run:
             raise ConfigError(f"{out}: the base model {base} is not the one this run's decoder was trained on "
                               "(its vision weights changed since); restore that model or start a new run")
     amp_dtype = resolve_precision(cfg.precision, device, model)
-    trainable = _set_trainable(model, cfg.train_vision_layers, cfg.ema)
+    trainable = _set_trainable(model, cfg.train_vision_layers)
     segmenter = Segmenter(model, processor, device, amp_dtype, tasks=table)
     prompts = sorted({p for t in tasks for p in t.prompts})
     # a frozen text encoder's answers, computed once (LiteSeg trains its prompt encoder: it reads input_ids)
@@ -279,8 +286,10 @@ def _set_up(cfg: TrainConfig, resume: bool) -> Run:
               model=model, processor=processor, segmenter=segmenter, trainable=trainable, cond_table=cond_table,
               cache=cache, bank=bank, targets=targets, forward=forward, optimizer=optimizer, scheduler=scheduler,
               scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), schedule=schedule,
-              ema=[p.detach().clone() for p in trainable] if cfg.ema > 0 else None, base=base,
+              base=base,
               base_fingerprint=base_fingerprint(model) if decoder_only else None)
+    if cfg.ema > 0:
+        run.ema = [t.detach().clone() for t in run.averaged]
     if state is not None:
         _restore(run, state)
     if run.main_process:
@@ -380,10 +389,13 @@ def _restore(run: Run, state: dict) -> None:
     if run.scaler.is_enabled() and state["scaler"]:
         run.scaler.load_state_dict(state["scaler"])  # else the run changed precision: fp16 gets a fresh scaler
     if run.ema is not None and state.get("ema") is not None:
+        if len(state["ema"]) != len(run.ema):
+            raise ConfigError(f"{run.out}: its EMA state holds {len(state['ema'])} tensors, this model averages "
+                              f"{len(run.ema)}; resume it with the version of train.py that started it")
         run.ema = [t.to(run.device) for t in state["ema"]]
     if state.get("live") is not None:  # last/ holds the EMA weights; training goes on from the live ones
         with torch.no_grad():
-            for p, live in zip(run.trainable, state["live"]):
+            for p, live in zip(run.averaged, state["live"]):
                 p.copy_(live.to(run.device))
     run.history, run.best, run.start_epoch = state["history"], state["best"], state["epoch"]
     if run.start_epoch > run.cfg.epochs:
@@ -543,7 +555,7 @@ def _step(run: Run, batch: list[Sample], target: torch.Tensor, inputs: dict,
         decay = ema_decay(cfg.ema, run.scheduler.last_epoch)
         with torch.no_grad():
             weight = (1 - decay) * (~bad).float()  # a skipped step leaves the average alone
-            for shadow, p in zip(run.ema, run.trainable):
+            for shadow, p in zip(run.ema, run.averaged):
                 shadow.lerp_(p.detach(), weight)
     overflow = bad & finite_loss if run.scaler.is_enabled() else torch.zeros_like(bad)
     return loss.detach(), bad & ~overflow, overflow
@@ -571,8 +583,8 @@ def _validate_and_save(run: Run, epoch: int, stats: EpochStats, t0: float) -> bo
     EMA ones with --ema), so a checkpoint's metadata describes the weights beside it; last/ also keeps
     the live weights in its trainer state. Returns whether --patience ends the run."""
     cfg, best = run.cfg, run.best
-    live = [p.detach().clone() for p in run.trainable] if run.ema is not None else None
-    with _swapped(run.trainable, run.ema):
+    live = [t.detach().clone() for t in run.averaged] if run.ema is not None else None
+    with _swapped(run.averaged, run.ema):
         agg = validate(run.segmenter, run.select_rows, run.select_masks, run.cache, run.other_prompts,
                        cfg.val_batch_size)
         row = _history_row(epoch + 1, stats.loss, agg, stats.lr, stats.seconds, time.perf_counter() - t0,
@@ -724,15 +736,12 @@ def _param_groups(model: nn.Module, trainable: list[nn.Parameter], cfg: TrainCon
             for (is_vision, no_decay), params in sorted(groups.items())]
 
 
-def _set_trainable(model: nn.Module, vision_layers: int, ema: float = 0.0) -> list[nn.Parameter]:
+def _set_trainable(model: nn.Module, vision_layers: int) -> list[nn.Parameter]:
     """Freeze everything but the decoder (and the last ``vision_layers`` used vision layers); a model
     trained from scratch trains every weight."""
     if trains_from_scratch(model):
         if vision_layers:
             raise ConfigError(f"--train-vision-layers {vision_layers}: a model trained from scratch trains all its layers")
-        if ema:
-            raise ConfigError("--ema averages weights but not batch-norm statistics, which a model trained from scratch "
-                              "has: they would not match; leave --ema off (the cosine schedule ends on small steps)")
         return list(model.requires_grad_(True).parameters())
     model.requires_grad_(False)
     model.decoder.requires_grad_(True)

@@ -17,7 +17,7 @@ import evaluate
 import predict
 from defectseg import lite
 from defectseg.augment import ImageBank, augment
-from defectseg.data import epoch_length, epoch_plan
+from defectseg.data import epoch_length, epoch_plan, load_rows
 from defectseg.inference import Segmenter
 from defectseg.io import load_image, read_mask_png
 from defectseg.model import SHIPPED_MODEL, decode, encode_images, encode_prompts, load_model, read_metadata
@@ -153,10 +153,31 @@ def test_no_flip_keeps_the_orientation():
         assert len(ys) == 0 or (ys.mean() < 24 and xs.mean() < 24), seed
 
 
-def test_ema_is_refused_for_a_model_with_batch_norm(processed, tmp_path, capsys):
-    assert run_train(*tiny_run(processed, tmp_path / "run", "--epochs", "1", "--ema", "0.9")) == 1
-    assert "batch-norm statistics" in capsys.readouterr().err
-    assert not (tmp_path / "run" / "best").exists()
+def test_ema_averages_the_weights_and_the_batch_norm_statistics(processed, tmp_path):
+    """--ema on LiteSeg: last/ holds the EMA of the weights and of the batch norms' running statistics,
+    not the live ones its trainer state keeps, and best/'s stored metrics are those of the weights beside
+    them (statistics that did not match the averaged weights would score otherwise)."""
+    from defectseg import evaluation
+    from defectseg.training import TRAINER_STATE
+
+    run = tmp_path / "ema"
+    assert run_train(*tiny_run(processed, run, "--epochs", "2", "--ema", "0.5", "--lr", "3e-2")) == 0
+    state = torch.load(run / "last" / TRAINER_STATE, weights_only=False)
+    model, _ = load_model(run / "last")
+    params, buffers = list(model.parameters()), [b for b in model.buffers() if b.is_floating_point()]
+    assert len(params) + len(buffers) == len(state["ema"]) == len(state["live"]) and buffers  # the running stats
+    for saved, ema in zip([*params, *buffers], state["ema"]):
+        torch.testing.assert_close(saved, ema, rtol=0, atol=0)
+    assert not any(torch.equal(ema, live) for ema, live in zip(state["ema"][len(params):], state["live"][len(params):]))
+
+    meta = read_metadata(run / "best")
+    segmenter = Segmenter.load(str(run / "best"), device="cpu", precision="fp32")
+    segmenter.thresholds = {}  # the stored metrics are at threshold 0.5
+    rows = load_rows(processed, "valid")
+    acts = segmenter.encode(segmenter.pixel_values([load_image(r["image"]) for r in rows]))
+    agg = evaluation.aggregate(evaluation.score_batch(segmenter, acts, rows, [read_mask_png(r["mask"]) for r in rows]))
+    for task, m in agg["tasks"].items():
+        assert m["iou"] == pytest.approx(meta["metrics"]["tasks"][task]["iou"], abs=2e-3), task
 
 
 def test_the_lovasz_term_joins_the_loss_in_the_last_epochs(processed, tmp_path):
@@ -293,12 +314,13 @@ def test_tiny_lite_through_all_four_scripts_and_resume(processed, sample_root, t
 
 
 @pytest.mark.slow
-def test_same_seed_same_numbers_and_resume_equals_straight_run(processed, tmp_path):
+@pytest.mark.parametrize("flags", [(), ("--ema", "0.9")], ids=["plain", "ema"])
+def test_same_seed_same_numbers_and_resume_equals_straight_run(processed, tmp_path, flags):
     straight, again, resumed = tmp_path / "straight", tmp_path / "again", tmp_path / "resumed"
-    assert run_train(*tiny_run(processed, straight, "--epochs", "2")) == 0
-    assert run_train(*tiny_run(processed, again, "--epochs", "2")) == 0
+    assert run_train(*tiny_run(processed, straight, "--epochs", "2", *flags)) == 0
+    assert run_train(*tiny_run(processed, again, "--epochs", "2", *flags)) == 0
     assert history(straight) == history(again)
-    assert run_train(*tiny_run(processed, resumed, "--epochs", "2", "--stop-after", "1")) == 0
+    assert run_train(*tiny_run(processed, resumed, "--epochs", "2", "--stop-after", "1", *flags)) == 0
     assert run_train("--resume", str(resumed), "-q") == 0
     assert history(resumed) == history(straight)
     a, _ = load_model(straight / "last")
