@@ -46,14 +46,16 @@ demo: setup
 # (replacing the shipped model: `git checkout models/liteseg` restores it), and writes the valid-split report
 # there. The shipped model's cracks train set is this project's 2,642-photo subset (RAW=../shared/data).
 # LITE_MODEL=lite-ctx: the same recipe with a pyramid context block (0.495 / 0.763 in one run; not shipped yet).
+# LITE_FLAGS: more train.py flags, e.g. LITE_FLAGS="--seed 1 --ema 0.999".
 RAW ?= data/raw
 LITE_EPOCHS ?= 20
 LITE_LOW_RES_EPOCHS ?= 10
 LITE_MODEL ?= lite
+LITE_FLAGS ?=
 train-lite: setup
 	$(PY) preprocess_masks.py --data-root $(RAW) --out data/full
 	$(PY) train.py --data data/full --model $(LITE_MODEL) --out runs/liteseg --epochs $(LITE_EPOCHS) --batch-size 16 --lr 2e-3 \
-		--low-res-epochs $(LITE_LOW_RES_EPOCHS) --patience 0 --overwrite
+		--low-res-epochs $(LITE_LOW_RES_EPOCHS) --patience 0 --overwrite $(LITE_FLAGS)
 	mkdir -p models/liteseg
 	cp runs/liteseg/best/config.json runs/liteseg/best/model.safetensors runs/liteseg/best/defectseg.json \
 		runs/liteseg/metrics.csv runs/liteseg/curves.png models/liteseg/
