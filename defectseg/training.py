@@ -188,18 +188,19 @@ class Run:
     base_fingerprint: str | None = None  # a decoder-only run's, for its decoder files (the base is frozen)
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"score": -1.0, "epoch": 0, "bad_epochs": 0})
-
-    @property
-    def averaged(self) -> list[torch.Tensor]:
-        """What --ema averages: the trainable weights and the float buffers (LiteSeg's batch-norm running
-        statistics, which the forward passes update; CLIPSeg has none), so the EMA weights come with
-        statistics that match them."""
-        return [*self.trainable, *(b for b in self.model.buffers() if b.is_floating_point())]
     start_epoch: int = 0
 
     @property
     def main_process(self) -> bool:
         return self.rank == 0
+
+    @property
+    def averaged(self) -> list[torch.Tensor]:
+        """What --ema averages: the trainable weights and the float buffers (LiteSeg's batch-norm running
+        statistics, which the forward passes update; CLIPSeg has none), so the EMA weights come with
+        statistics that approximately match them (their average, not statistics recomputed for the
+        averaged weights)."""
+        return [*self.trainable, *(b for b in self.model.buffers() if b.is_floating_point())]
 
 
 @dataclass
@@ -388,14 +389,16 @@ def _restore(run: Run, state: dict) -> None:
                     "step %d of the new one", run.schedule, state["schedule"], scheduler.last_epoch)
     if run.scaler.is_enabled() and state["scaler"]:
         run.scaler.load_state_dict(state["scaler"])  # else the run changed precision: fp16 gets a fresh scaler
+    averaged = run.averaged
+    for key in ("ema", "live"):
+        if state.get(key) is not None and len(state[key]) != len(averaged):
+            raise ConfigError(f"{run.out}: its EMA state ({key}) holds {len(state[key])} tensors, this model "
+                              f"averages {len(averaged)}; resume it with the version of train.py that started it")
     if run.ema is not None and state.get("ema") is not None:
-        if len(state["ema"]) != len(run.ema):
-            raise ConfigError(f"{run.out}: its EMA state holds {len(state['ema'])} tensors, this model averages "
-                              f"{len(run.ema)}; resume it with the version of train.py that started it")
         run.ema = [t.to(run.device) for t in state["ema"]]
     if state.get("live") is not None:  # last/ holds the EMA weights; training goes on from the live ones
         with torch.no_grad():
-            for p, live in zip(run.averaged, state["live"]):
+            for p, live in zip(averaged, state["live"]):
                 p.copy_(live.to(run.device))
     run.history, run.best, run.start_epoch = state["history"], state["best"], state["epoch"]
     if run.start_epoch > run.cfg.epochs:
@@ -489,7 +492,7 @@ def _train_epoch(run: Run, epoch: int) -> EpochStats:
     _check_skips(skipped, len(batches), epoch, done=True)
     seconds = time.perf_counter() - t0
     steps, overflowed = counts.tolist()
-    if not all(torch.isfinite(p).all() for p in run.trainable):  # every process: DDP keeps them identical
+    if not all(torch.isfinite(t).all() for t in [*run.averaged, *(run.ema or [])]):  # DDP keeps them identical
         raise FloatingPointError(f"epoch {epoch + 1}: the weights became non-finite (a step with a finite loss "
                                  "can still overflow them); lower --lr or use --precision fp32. best/ and "
                                  "last/ keep the previous epoch's")
@@ -552,11 +555,7 @@ def _step(run: Run, batch: list[Sample], target: torch.Tensor, inputs: dict,
     run.scaler.update()
     run.scheduler.step()
     if run.ema is not None:
-        decay = ema_decay(cfg.ema, run.scheduler.last_epoch)
-        with torch.no_grad():
-            weight = (1 - decay) * (~bad).float()  # a skipped step leaves the average alone
-            for shadow, p in zip(run.ema, run.averaged):
-                shadow.lerp_(p.detach(), weight)
+        ema_update(run.ema, run.averaged, ema_decay(cfg.ema, run.scheduler.last_epoch), bad)
     overflow = bad & finite_loss if run.scaler.is_enabled() else torch.zeros_like(bad)
     return loss.detach(), bad & ~overflow, overflow
 
@@ -767,6 +766,15 @@ def ema_decay(decay: float, step: int) -> float:
     so the average forgets the initial weights within the first hundred steps instead of holding ~80%
     of them through epoch 1 (0.999 ** 200)."""
     return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: list[torch.Tensor], current: list[torch.Tensor], decay: float, skip: torch.Tensor) -> None:
+    """``ema = decay * ema + (1 - decay) * current`` in place, tensor by tensor, unless the 0-d bool ``skip``
+    is set (decided on the device, no sync): then ``ema`` stays as it was, even where ``current`` holds
+    NaN or inf (a skipped step's forward pass can leave them in the batch-norm statistics)."""
+    for shadow, value in zip(ema, current):
+        shadow.copy_(torch.where(skip, shadow, shadow.lerp(value.detach(), 1 - decay)))
 
 
 def _warmup_cosine(warmup: float, total_steps: int):

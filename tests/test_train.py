@@ -29,7 +29,7 @@ from defectseg.manifest import read_manifest, write_manifest
 from defectseg.model import DECODER_FILE, load_model, read_metadata, used_vision_layers
 from defectseg.tasks import DEFAULT_TASKS
 from defectseg.tiny import build_tiny_model
-from defectseg.training import TrainForward, at_target_size, ema_decay
+from defectseg.training import TrainForward, at_target_size, ema_decay, ema_update
 
 TIMING_COLUMNS = {"train_seconds", "seconds", "samples_per_s"}
 
@@ -1070,3 +1070,11 @@ def test_help_shows_defaults_of_zero_as_zero(capsys):
         train.build_parser().parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "same seed, same numbers on CPU) (default: 0)" in text and "(default: none)" in text  # --tasks-file
+
+
+def test_ema_update_moves_towards_the_weights_and_a_skipped_step_changes_nothing():
+    ema, current = [torch.tensor([1.0, 2.0]), torch.tensor([0.0])], [torch.tensor([3.0, 6.0]), torch.tensor([4.0])]
+    ema_update(ema, current, 0.75, torch.tensor(False))
+    assert ema[0].tolist() == [1.5, 3.0] and ema[1].tolist() == [1.0]  # 0.75 * old + 0.25 * new
+    ema_update(ema, [torch.tensor([float("nan"), float("inf")]), torch.tensor([float("nan")])], 0.75, torch.tensor(True))
+    assert ema[0].tolist() == [1.5, 3.0] and ema[1].tolist() == [1.0]
