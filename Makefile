@@ -45,7 +45,7 @@ demo: setup
 # 0.480 / 0.759). Trains into runs/liteseg, copies its best/ and training record into models/liteseg
 # (replacing the shipped model: `git checkout models/liteseg` restores it), and writes the valid-split report
 # there. The shipped model's cracks train set is this project's 2,642-photo subset (RAW=../shared/data).
-# LITE_MODEL=lite-ctx: the same recipe with a pyramid context block (0.495 / 0.763 in one run; not shipped yet).
+# LITE_MODEL=lite-ctx: the same recipe with a pyramid context block (0.495 / 0.763 and 0.497 / 0.754 in two runs; not shipped yet).
 # LITE_FLAGS: more train.py flags, e.g. LITE_FLAGS="--seed 1 --ema 0.999".
 RAW ?= data/raw
 LITE_EPOCHS ?= 20
