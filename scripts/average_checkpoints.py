@@ -22,7 +22,6 @@ its validation metrics and best-epoch selection, which described other weights, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -47,21 +46,18 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
 
 
 def _load(folder: str) -> tuple[lite.LiteSeg, lite.LiteProcessor, dict]:
-    """A LiteSeg checkpoint folder's model, processor and metadata; ``ValueError`` with a one-line reason."""
-    path = Path(folder)
-    if not path.is_dir():
+    """A LiteSeg checkpoint folder's model, processor and metadata; ``ValueError`` with a one-line reason
+    (a folder first: a mistyped path would otherwise be looked up on the Hub)."""
+    if not Path(folder).is_dir():
         raise ValueError(f"{folder} is not a folder")
     try:
-        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError) as err:
-        raise ValueError(f"{folder} is not a checkpoint folder: cannot read its config.json ({err})") from None
-    if model_type != lite.MODEL_TYPE:
-        raise ValueError(f"{folder} is not a LiteSeg checkpoint (model_type {model_type!r}); averaging is for LiteSeg runs")
-    try:
-        model, processor = load_model(path)
-        return model, processor, read_metadata(path)
+        model, processor = load_model(Path(folder))
+        meta = read_metadata(folder)
     except ModelLoadError as err:
         raise ValueError(str(err)) from None
+    if not isinstance(model, lite.LiteSeg):
+        raise ValueError(f"{folder} is not a LiteSeg checkpoint ({type(model).__name__}); averaging is for LiteSeg runs")
+    return model, processor, meta
 
 
 def main(args: argparse.Namespace) -> int:
