@@ -40,22 +40,25 @@ demo: setup
 	$(PY) evaluate.py --model $(EVAL_MODEL) --data $(OUT) --split valid --out $(RUN)/report
 
 # The shipped model (models/liteseg) from scratch: the two Roboflow exports in $(RAW) (cracks-3ii36/,
-# drywall-join-detect/), 20 epochs, the first 10 on 320 px images (progressive resizing), about 87 minutes
-# on 2 CPU cores (LITE_LOW_RES_EPOCHS=0: all 20 at 448 px, about 116 minutes, 0.459 / 0.748 instead of
-# 0.480 / 0.759). Trains into runs/liteseg, copies its best/ and training record into models/liteseg
+# drywall-join-detect/), LiteSeg with its pyramid context block (lite-ctx), 24 epochs, the first 14 on 256 px
+# images (progressive resizing), about the cost of 20 epochs with 10 at 320 px: 110 minutes on a 2-core CPU
+# whose bench/bench_train.py rate was 14 samples/s, about 88 on one at 20 (models/liteseg/README.md).
+# Earlier recipes: LITE_MODEL=lite LITE_EPOCHS=20 LITE_LOW_RES_EPOCHS=10 LITE_LOW_RES_SIZE=320 (the previous
+# model, 0.480 / 0.759), the same with LITE_MODEL=lite-ctx (0.495 / 0.763 and 0.497 / 0.754 in two runs).
+# Trains into runs/liteseg, copies its best/ and training record into models/liteseg
 # (replacing the shipped model: `git checkout models/liteseg` restores it), and writes the valid-split report
 # there. The shipped model's cracks train set is this project's 2,642-photo subset (RAW=../shared/data).
-# LITE_MODEL=lite-ctx: the same recipe with a pyramid context block (0.495 / 0.763 and 0.497 / 0.754 in two runs; not shipped yet).
 # LITE_FLAGS: more train.py flags, e.g. LITE_FLAGS="--seed 1 --ema 0.999".
 RAW ?= data/raw
-LITE_EPOCHS ?= 20
-LITE_LOW_RES_EPOCHS ?= 10
-LITE_MODEL ?= lite
+LITE_EPOCHS ?= 24
+LITE_LOW_RES_EPOCHS ?= 14
+LITE_LOW_RES_SIZE ?= 256
+LITE_MODEL ?= lite-ctx
 LITE_FLAGS ?=
 train-lite: setup
 	$(PY) preprocess_masks.py --data-root $(RAW) --out data/full
 	$(PY) train.py --data data/full --model $(LITE_MODEL) --out runs/liteseg --epochs $(LITE_EPOCHS) --batch-size 16 --lr 2e-3 \
-		--low-res-epochs $(LITE_LOW_RES_EPOCHS) --patience 0 --overwrite $(LITE_FLAGS)
+		--low-res-epochs $(LITE_LOW_RES_EPOCHS) --low-res-size $(LITE_LOW_RES_SIZE) --patience 0 --overwrite $(LITE_FLAGS)
 	mkdir -p models/liteseg
 	cp runs/liteseg/best/config.json runs/liteseg/best/model.safetensors runs/liteseg/best/defectseg.json \
 		runs/liteseg/metrics.csv runs/liteseg/curves.png models/liteseg/
