@@ -18,7 +18,7 @@ Prints, in one run:
    improves): the full save_pretrained folder plus the decoder file, flushed to disk, in --save-dir;
 and the parameter counts and the size of the decoder-only file train.py writes;
 7. LiteSeg from scratch (``bench_lite``): samples/s of the model step and of the augmentation, and from the
-   slower of the two at 448 and 320 px, how long the shipped recipe's training steps take (issue budget:
+   slower of the two at 448 and 256 px, how long the shipped recipe's training steps take (issue budget:
    90 minutes on a 2-core CPU, 5 on one H100/H200; measured at --batch-size, while the recipe trains at 16).
 Images are the bundled real samples; the model is built by ``defectseg.tiny.build_rd64_random``.
 """
@@ -54,10 +54,11 @@ from defectseg.io import list_images, load_image, prefetched  # noqa: E402
 from defectseg.losses import segmentation_loss  # noqa: E402
 from defectseg.model import base_fingerprint, count_parameters, save_checkpoint, save_decoder  # noqa: E402
 from defectseg.tiny import build_rd64_random  # noqa: E402
-from defectseg.training import TrainConfig, TrainForward, _set_trainable, loader_threads  # noqa: E402
+from defectseg.training import TrainForward, _set_trainable, loader_threads  # noqa: E402
 
 PROMPTS = ["segment crack", "segment taping area"]
-RECIPE_EPOCHS, RECIPE_LOW_RES_EPOCHS = 20, 10  # the Makefile's LITE_EPOCHS and LITE_LOW_RES_EPOCHS
+# the Makefile's LITE_EPOCHS, LITE_LOW_RES_EPOCHS and LITE_LOW_RES_SIZE (its LITE_MODEL: --lite-arch's default)
+RECIPE_EPOCHS, RECIPE_LOW_RES_EPOCHS, RECIPE_LOW_RES_SIZE = 24, 14, 256
 
 
 def sync(device: torch.device) -> None:
@@ -224,7 +225,7 @@ def bench_lite(args: argparse.Namespace) -> None:
     model_s, augment_s = seconds_per_batch(size)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     epoch = 2 * 2642  # train.py's epoch on the full exports: every crack image once, drywall oversampled to match
-    low = TrainConfig.low_res_size
+    low = RECIPE_LOW_RES_SIZE
     epoch_s = {size: epoch * max(model_s, augment_s) / b, low: epoch * max(seconds_per_batch(low)) / b}
     recipe_s = RECIPE_EPOCHS * epoch_s[size] + RECIPE_LOW_RES_EPOCHS * (epoch_s[low] - epoch_s[size])
     print(f"\nLiteSeg from scratch ({args.lite_arch}, {count_parameters(model) / 1e6:.2f} M parameters, {size}px, {precision_name(amp)}, "
@@ -251,7 +252,7 @@ if __name__ == "__main__":
                         help="where to time checkpoint saves (default: the system's temp folder; pick the disk "
                              "your runs/ are on)")
     parser.add_argument("--lite-steps", type=int, default=5, help="timed LiteSeg steps (default: %(default)s)")
-    parser.add_argument("--lite-arch", default="lite", choices=sorted(lite.ARCHS),
+    parser.add_argument("--lite-arch", default="lite-ctx", choices=sorted(lite.ARCHS),
                         help="the LiteSeg preset to time, as train.py --model (default: %(default)s)")
     parser.add_argument("--no-clipseg", dest="clipseg", action="store_false", help="only the LiteSeg part")
     args = parser.parse_args()

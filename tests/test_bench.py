@@ -38,7 +38,7 @@ def test_bench_train_prints_every_number(tiny_instead_of_rd64, monkeypatch, tmp_
     bench.bench_lite(argparse.Namespace(device="cpu", precision="auto", batch_size=2, lite_steps=1, lite_arch="lite-tiny"))
     out = capsys.readouterr().out
     for line in ("seed-style loop", "cached-feature loop", "speed-up", "cache build", "epoch over 100 images",
-                 "cache on disk", "checkpoint save", "LiteSeg from scratch (lite-tiny, ", "model step", "augmentation", "at 320 px", "the shipped recipe"):
+                 "cache on disk", "checkpoint save", "LiteSeg from scratch (lite-tiny, ", "model step", "augmentation", "at 256 px", "the shipped recipe"):
         assert line in out, line
 
 
