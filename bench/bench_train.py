@@ -203,9 +203,11 @@ def bench_lite(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    forward = torch.compile(TrainForward(model)) if args.compile else TrainForward(model)
+
     def step(pixel_values: torch.Tensor, target: torch.Tensor) -> None:
         with autocast(device, amp):
-            logits = TrainForward(model)(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+            logits = forward(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
                                          pixel_values=pixel_values)
         loss = segmentation_loss(logits, target).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -229,7 +231,7 @@ def bench_lite(args: argparse.Namespace) -> None:
     epoch_s = {size: epoch * max(model_s, augment_s) / b, low: epoch * max(seconds_per_batch(low)) / b}
     recipe_s = RECIPE_EPOCHS * epoch_s[size] + RECIPE_LOW_RES_EPOCHS * (epoch_s[low] - epoch_s[size])
     print(f"\nLiteSeg from scratch ({args.lite_arch}, {count_parameters(model) / 1e6:.2f} M parameters, {size}px, {precision_name(amp)}, "
-          f"batch {b}):")
+          f"batch {b}{', torch.compile' if args.compile else ''}):")
     print(f"  model step (forward, backward, AdamW): {b / model_s:8.1f} samples/s")
     print(f"  augmentation on {threads} thread(s) (train.py's): {b / augment_s:8.1f} samples/s")
     print(f"  epoch of {epoch:,} samples (full exports) at the slower of the two rates: "
@@ -254,6 +256,9 @@ if __name__ == "__main__":
     parser.add_argument("--lite-steps", type=int, default=5, help="timed LiteSeg steps (default: %(default)s)")
     parser.add_argument("--lite-arch", default="lite-ctx", choices=sorted(lite.ARCHS),
                         help="the LiteSeg preset to time, as train.py --model (default: %(default)s)")
+    parser.add_argument("--compile", action="store_true",
+                        help="time LiteSeg's step under torch.compile (train.py does not compile; the first step "
+                             "at each size, compilation included, is not timed)")
     parser.add_argument("--no-clipseg", dest="clipseg", action="store_false", help="only the LiteSeg part")
     args = parser.parse_args()
     if args.clipseg:
