@@ -18,7 +18,8 @@ Prints, in one run:
    improves): the full save_pretrained folder plus the decoder file, flushed to disk, in --save-dir;
 and the parameter counts and the size of the decoder-only file train.py writes;
 7. LiteSeg from scratch (``bench_lite``): samples/s of the model step and of the augmentation, and from the
-   slower of the two at 448 and 256 px, how long the shipped recipe's training steps take (issue budget:
+   two at 448 and 256 px, how long the shipped recipe's training steps take (their sum where train.py makes
+   batches between steps, as on a CPU; the slower where threads make them ahead, as on a GPU) (issue budget:
    90 minutes on a 2-core CPU, 5 on one H100/H200; measured at --batch-size, while the recipe trains at 16).
 Images are the bundled real samples; the model is built by ``defectseg.tiny.build_rd64_random``.
 """
@@ -199,7 +200,7 @@ def bench_lite(args: argparse.Namespace) -> None:
     b, size = args.batch_size, processor.image_processor.size["height"]
     plan = [Sample(i % len(images), i % 2, PROMPTS[i % 2], i % 5 == 0) for i in range(b)]
     tokens = {k: v.to(device) for k, v in processor.tokenizer([s.prompt for s in plan]).items()}
-    threads = loader_threads(device, augmented=True)  # as train.py prepares batches on this device
+    threads = loader_threads(device, augmented=True) if args.loader_threads is None else args.loader_threads
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -215,7 +216,7 @@ def bench_lite(args: argparse.Namespace) -> None:
         optimizer.step()
 
     def seconds_per_batch(side: int) -> tuple[float, float]:
-        """(model step, augmentation on train.py's threads) for one batch at ``side`` px."""
+        """Seconds per batch at ``side`` px: (model step, augmentation as train.py makes batches here)."""
         fixed = [t.to(device) for t in bank.batch(plan, side, seed=0, epoch=0, start=0)]
         model_s = timed_steps(lambda: step(*fixed), args.lite_steps, device)
         start = time.perf_counter()
@@ -228,13 +229,16 @@ def bench_lite(args: argparse.Namespace) -> None:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     epoch = 2 * 2642  # train.py's epoch on the full exports: every crack image once, drywall oversampled to match
     low = RECIPE_LOW_RES_SIZE
-    epoch_s = {size: epoch * max(model_s, augment_s) / b, low: epoch * max(seconds_per_batch(low)) / b}
+    combine = max if threads else sum  # made ahead in threads, overlapping the step; or between steps
+    epoch_s = {size: epoch * combine((model_s, augment_s)) / b, low: epoch * combine(seconds_per_batch(low)) / b}
     recipe_s = RECIPE_EPOCHS * epoch_s[size] + RECIPE_LOW_RES_EPOCHS * (epoch_s[low] - epoch_s[size])
     print(f"\nLiteSeg from scratch ({args.lite_arch}, {count_parameters(model) / 1e6:.2f} M parameters, {size}px, {precision_name(amp)}, "
           f"batch {b}{', torch.compile' if args.compile else ''}):")
     print(f"  model step (forward, backward, AdamW): {b / model_s:8.1f} samples/s")
-    print(f"  augmentation on {threads} thread(s) (train.py's): {b / augment_s:8.1f} samples/s")
-    print(f"  epoch of {epoch:,} samples (full exports) at the slower of the two rates: "
+    how = f"on {threads} threads ahead of the step" if threads else "between steps"
+    print(f"  augmentation {how}{' (as train.py here)' if args.loader_threads is None else ''}: "
+          f"{b / augment_s:8.1f} samples/s")
+    print(f"  epoch of {epoch:,} samples (full exports), {'the slower of the two' if threads else 'the two in turn'}: "
           f"{epoch_s[size]:,.0f} s at {size} px, {epoch_s[low]:,.0f} s at {low} px"
           + (f"; peak GPU memory {peak:.2f} GiB" if peak else ""))
     print(f"  the shipped recipe (make train-lite: {RECIPE_EPOCHS} epochs, the first {RECIPE_LOW_RES_EPOCHS} at {low} px), "
@@ -256,6 +260,9 @@ if __name__ == "__main__":
     parser.add_argument("--lite-steps", type=int, default=5, help="timed LiteSeg steps (default: %(default)s)")
     parser.add_argument("--lite-arch", default="lite-ctx", choices=sorted(lite.ARCHS),
                         help="the LiteSeg preset to time, as train.py --model (default: %(default)s)")
+    parser.add_argument("--loader-threads", type=int, default=None,
+                        help="threads that make LiteSeg's augmented batches ahead of the step (default: train.py's "
+                             "choice on this device: 0 on a CPU, batches made between steps)")
     parser.add_argument("--compile", action="store_true",
                         help="time LiteSeg's step under torch.compile (train.py does not compile; the first step "
                              "at each size, compilation included, is not timed)")

@@ -228,7 +228,11 @@ def apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
 
 def prefetched(fn: Callable, items: Sequence, depth: int = 2) -> Iterator[tuple]:
     """Yield (item, fn(item)) in order, computing up to ``depth`` items ahead in ``depth`` threads, so
-    reading files (cached activations, images, masks) overlaps the model's work."""
+    reading files (cached activations, images, masks) overlaps the model's work; ``depth=0``: each in
+    turn, in the caller's thread."""
+    if depth == 0:
+        yield from ((item, fn(item)) for item in items)
+        return
     with ThreadPoolExecutor(max_workers=depth) as pool:
         pending = deque(pool.submit(fn, item) for item in items[:depth])
         for i, item in enumerate(items):

@@ -685,12 +685,14 @@ def lovasz_weight_in(cfg: TrainConfig, epoch: int) -> float:
 
 
 def loader_threads(device: torch.device, augmented: bool, world: int = 1) -> int:
-    """Threads preparing batches ahead of the model: 2 on a CPU, whose cores the model needs; on a GPU,
-    for a model trained from scratch (batches augmented on the CPU, slower than the small model's GPU
-    step), up to 8, sharing the machine's cores with the other DDP processes. The batches' order and
-    augmentations do not depend on it."""
-    if augmented and device.type == "cuda":
-        return max(2, min(8, (os.cpu_count() or 2) // max(1, world)))
+    """Threads preparing batches ahead of the model. Reading files (cached activations): 2. Batches
+    augmented on the CPU for a model trained from scratch: on a GPU, up to 8 threads, sharing the
+    machine's cores with the other DDP processes (augmentation is slower than the small model's GPU
+    step); on a CPU, none: they are made between steps, as threads that augment beside the model's
+    would take its cores (on 2 cores a step plus its batch took 12 to 16% longer with 2 threads, at
+    256 and 448 px: docs/performance.md). The batches' order and augmentations do not depend on it."""
+    if augmented:
+        return max(2, min(8, (os.cpu_count() or 2) // max(1, world))) if device.type == "cuda" else 0
     return 2
 
 

@@ -142,6 +142,25 @@ def test_augment_keeps_image_and_mask_aligned():
             assert (bright == (target > 0.5)).mean() > 0.97, seed
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_jitter_is_the_per_pixel_formula(seed):
+    """The lookup-table jitter gives the same bytes as its formula applied to every pixel in float32:
+    contrast around the image's mean, brightness (the mean scaled), a per-channel gain, clipped to uint8."""
+    from defectseg.augment import jitter
+
+    image = load_image(sorted(SAMPLE.glob("*/valid/*.jpg"))[seed])
+    rng = np.random.default_rng(seed)
+    contrast = rng.uniform(0.8, 1.2)
+    gain = rng.uniform(0.95, 1.05, size=3).astype(np.float32)
+    brightness = rng.uniform(0.8, 1.2)
+    x = image.astype(np.float32)
+    expected = np.clip(((x - x.mean()) * contrast + x.mean() * brightness) * gain, 0, 255).astype(np.uint8)
+    out = jitter(image, np.random.default_rng(seed))
+    assert out.dtype == np.uint8 and out.shape == image.shape
+    np.testing.assert_array_equal(out, expected)
+    assert not np.array_equal(out, image)
+
+
 def test_no_flip_keeps_the_orientation():
     """With flips off (train.py --no-flip), crops and jitter still vary, but what is top-left stays top-left."""
     image = np.zeros((120, 120, 3), np.uint8)

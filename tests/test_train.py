@@ -983,7 +983,8 @@ def test_batches_are_prepared_by_more_threads_only_for_augmented_batches_on_a_gp
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert loader_threads(cpu, True) == loader_threads(gpu, False) == 2
+    assert loader_threads(cpu, False) == loader_threads(gpu, False) == 2
+    assert loader_threads(cpu, True) == 0  # augmented between steps: threads would take the model's cores
     assert [loader_threads(gpu, True, world) for world in (1, 2, 4, 16)] == [8, 8, 4, 2]
 
 
