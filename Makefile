@@ -41,8 +41,8 @@ demo: setup
 
 # The shipped model (models/liteseg) from scratch: the two Roboflow exports in $(RAW) (cracks-3ii36/,
 # drywall-join-detect/), LiteSeg with its pyramid context block (lite-ctx), 24 epochs, the first 14 on 256 px
-# images (progressive resizing), about the cost of 20 epochs with 10 at 320 px: 113 minutes on a 2-core CPU
-# whose bench/bench_train.py rate was 14 samples/s, an estimated 80 to 88 on one at 20 (models/liteseg/README.md).
+# images (progressive resizing), about the cost of 20 epochs with 10 at 320 px: 97 minutes on a 2-core Intel
+# Xeon with AMX since batches are augmented between steps (113 before; models/liteseg/README.md).
 # Earlier recipes: LITE_MODEL=lite LITE_EPOCHS=20 LITE_LOW_RES_EPOCHS=10 LITE_LOW_RES_SIZE=320 (the previous
 # model, 0.480 / 0.759), the same with LITE_MODEL=lite-ctx (0.495 / 0.763 and 0.497 / 0.754 in two runs).
 # Trains into runs/liteseg, copies its best/ and training record into models/liteseg
