@@ -689,8 +689,8 @@ def loader_threads(device: torch.device, augmented: bool, world: int = 1) -> int
     augmented on the CPU for a model trained from scratch: on a GPU, up to 8 threads, sharing the
     machine's cores with the other DDP processes (augmentation is slower than the small model's GPU
     step); on a CPU, none: they are made between steps, as threads that augment beside the model's
-    would take its cores (on 2 cores a step plus its batch took 12 to 16% longer with 2 threads, at
-    256 and 448 px: docs/performance.md). The batches' order and augmentations do not depend on it."""
+    would take its cores (on a 2-core CPU, the shipped recipe's epochs took 8 to 23% less time without
+    them: docs/performance.md). The batches' order and augmentations do not depend on it."""
     if augmented:
         return max(2, min(8, (os.cpu_count() or 2) // max(1, world))) if device.type == "cuda" else 0
     return 2

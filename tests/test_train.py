@@ -977,8 +977,9 @@ def test_fp16_cache_matches_the_inference_path(processed, tiny, tmp_path):
 
 
 def test_batches_are_prepared_by_more_threads_only_for_augmented_batches_on_a_gpu(monkeypatch):
-    """On a CPU the model needs the cores (2 threads); on a GPU a from-scratch model's augmentation would be
-    the bottleneck, so up to 8 threads, the machine's cores shared between the DDP processes."""
+    """Reading files: 2 threads. Augmented batches: on a CPU none (made between steps, as threads would take
+    the model's cores); on a GPU a from-scratch model's augmentation would be the bottleneck, so up to 8
+    threads, the machine's cores shared between the DDP processes."""
     from defectseg.training import loader_threads
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
