@@ -64,6 +64,7 @@ HELP = {
     "lovasz_epochs": "the last N epochs add the Lovasz hinge to the loss, a surrogate of each image's IoU at "
                      "threshold 0.5 (0: never; it needs a model that already separates the classes)",
     "negative_prob": "probability of pairing an image with another task's prompt and an empty target",
+    "cuda_graphs": "LiteSeg on one GPU in bf16 or fp32 (default: off, an experiment): each step shape is recorded once as a CUDA graph and replayed instead of launching its many small kernels one by one; about 3x faster 256 px epochs on an H200 (docs/performance.md)",
     "flip": "flip augmentation (default: on): CLIPSeg caches the mirrored photo as a second view; LiteSeg also flips vertically and turns by quarter turns on the fly, and --no-flip turns all three off",
     "synonyms": "a random synonym of the task's prompt per sample; off: always the canonical prompt (default: on)",
     "seed": "random seed (same seed, same numbers on CPU)",

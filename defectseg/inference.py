@@ -180,11 +180,12 @@ def resolve_precision(precision: str, device: torch.device, model: torch.nn.Modu
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast context for ``dtype`` on ``device``; a no-op for fp32."""
+def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
+    """Autocast context for ``dtype`` on ``device``; a no-op for fp32. ``cache=False`` recasts a weight at
+    each use (what recording a CUDA graph requires)."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 @dataclass

@@ -44,6 +44,7 @@ from .data import (
     use_table_prompts,
 )
 from .features import FeatureCache, model_fingerprint, view_of
+from .graphs import StepGraphs
 from .inference import Segmenter, autocast, precision_name, resolve_device, resolve_precision
 from .io import (
     load_image,
@@ -133,6 +134,7 @@ class TrainConfig:
     low_res_size: int = 320
     train_sizes: list[int] = field(default_factory=list)  # from scratch: each batch's side drawn from these (after the low-res epochs)
     val_batch_size: int = 16
+    cuda_graphs: bool = False  # a model trained from scratch on one GPU (not fp16): each step shape recorded once, replayed
 
 
 class TrainForward(nn.Module):
@@ -184,6 +186,8 @@ class Run:
     scaler: torch.amp.GradScaler
     schedule: dict
     ema: list[torch.Tensor] | None = None
+    graphs: StepGraphs | None = None  # --cuda-graphs where it applies (``_uses_graphs``)
+    lrs: list[torch.Tensor] = field(default_factory=list)  # with graphs: each group's learning rate on the device
     base: str = ""  # the base model its checkpoints record (``_run_base``)
     base_fingerprint: str | None = None  # a decoder-only run's, for its decoder files (the base is frozen)
     history: list[dict] = field(default_factory=list)
@@ -276,7 +280,9 @@ def _set_up(cfg: TrainConfig, resume: bool) -> Run:
     if world > 1:
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(_param_groups(model, trainable, cfg), fused=device.type == "cuda" or None)
+    graphs = _uses_graphs(cfg, device, world, amp_dtype, bank is not None)
+    optimizer = torch.optim.AdamW(_param_groups(model, trainable, cfg), fused=device.type == "cuda" or None,
+                                  capturable=graphs)
     steps_per_epoch = math.ceil(math.ceil(epoch_length(train_rows, tasks) / world) / cfg.batch_size)
     schedule = {"epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch, "lr": cfg.lr, "warmup": cfg.warmup,
                 "vision_lr_scale": cfg.vision_lr_scale, "weight_decay": cfg.weight_decay}
@@ -291,6 +297,9 @@ def _set_up(cfg: TrainConfig, resume: bool) -> Run:
               base_fingerprint=base_fingerprint(model) if decoder_only else None)
     if cfg.ema > 0:
         run.ema = [t.detach().clone() for t in run.averaged]
+    if graphs:
+        run.graphs = StepGraphs()
+        _lrs_on_device(run)
     if state is not None:
         _restore(run, state)
     if run.main_process:
@@ -371,7 +380,7 @@ def _restore(run: Run, state: dict) -> None:
     # This invocation's base LRs: a group's "lr" already holds the schedule's first factor (1 / warm-up steps)
     settings = [(lr, g["weight_decay"]) for lr, g in zip(run.scheduler.base_lrs, run.optimizer.param_groups)]
     for group in state["optimizer"]["param_groups"]:  # the implementation is this device's (fused on CUDA)
-        group.update(fused=run.optimizer.defaults["fused"], foreach=run.optimizer.defaults["foreach"])
+        group.update({k: run.optimizer.defaults[k] for k in ("fused", "foreach", "capturable")})
     try:
         run.optimizer.load_state_dict(state["optimizer"])
     except ValueError as err:  # other parameter groups: --train-vision-layers changed, or an older run
@@ -384,6 +393,8 @@ def _restore(run: Run, state: dict) -> None:
     scheduler.base_lrs = [lr for lr, _ in settings]
     for group, (lr, decay) in zip(run.optimizer.param_groups, settings):
         group.update(initial_lr=lr, weight_decay=decay, lr=lr * lr_factor(scheduler.last_epoch))
+    if run.graphs is not None:
+        _lrs_on_device(run)
     if run.main_process and state.get("schedule", run.schedule) != run.schedule:
         log.warning("resuming with another schedule (%s, was %s): the learning rate continues from "
                     "step %d of the new one", run.schedule, state["schedule"], scheduler.last_epoch)
@@ -428,9 +439,9 @@ def _announce(run: Run, resume: bool) -> None:
     kind = ("cached features" if run.cache is not None else "every weight, images augmented in memory" if run.bank is not None
             else "plain HF forward" if cfg.train_vision_layers == 0
             else f"last {cfg.train_vision_layers} vision layers unfrozen")
-    log.info("training %s parameters of %s (%s) on %s (%s)%s, %d train images, %d steps per epoch; best/ picked on %s",
+    log.info("training %s parameters of %s (%s) on %s (%s%s)%s, %d train images, %d steps per epoch; best/ picked on %s",
              f"{sum(p.numel() for p in run.trainable):,}", f"{count_parameters(run.model):,}", kind, run.device,
-             _where(run)["precision"],
+             _where(run)["precision"], ", CUDA graphs" if run.graphs is not None else "",
              f" x{run.world} processes" if run.world > 1 else "", len(run.train_rows),
              run.schedule["steps_per_epoch"], selection_split(cfg.holdout, len(run.select_rows)))
     if not resume:  # train.py --overwrite: nothing of the run this one replaces may be mistaken for it
@@ -469,7 +480,7 @@ def _train_epoch(run: Run, epoch: int) -> EpochStats:
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     counts = torch.zeros(2, dtype=torch.int64, device=run.device)  # steps taken, fp16 overflows (skips: _report_skips)
     pending: list[tuple[list[Sample], torch.Tensor, torch.Tensor]] = []  # (batch, loss, skipped) since the last read
-    skipped, lr_used = 0, run.optimizer.param_groups[0]["lr"]
+    skipped, lr_used = 0, _current_lr(run)
     batches = [(i, plan[i:i + cfg.batch_size]) for i in range(0, len(plan), cfg.batch_size)]
     load = partial(_load_batch, cfg=cfg, rows=run.train_rows, targets=run.targets, cache=run.cache,
                    segmenter=run.segmenter, bank=run.bank, epoch=epoch * run.world + run.rank,
@@ -479,7 +490,7 @@ def _train_epoch(run: Run, epoch: int) -> EpochStats:
     for (_, batch), (target, inputs) in cli.progress(prefetched(load, batches, threads), total=len(batches), unit="batch",
                                                      desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=run.main_process):
         stop_if_terminated()
-        lr_used = run.optimizer.param_groups[0]["lr"]
+        lr_used = _current_lr(run)
         loss, skip, overflow = _step(run, batch, target, inputs, lovasz_weight=lovasz)
         loss_sum += torch.where(skip, 0.0, loss.double())
         counts += torch.stack([~skip, overflow]).long()
@@ -524,24 +535,44 @@ def _report_skips(run: Run, epoch: int, pending: list[tuple[list[Sample], torch.
 
 def _step(run: Run, batch: list[Sample], target: torch.Tensor, inputs: dict,
           lovasz_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step on a batch: forward, loss (with the Lovasz term at ``lovasz_weight``), backward,
-    clip, step, schedule, EMA, with no read of a device value. Returns 0-d device tensors: the loss;
+    """One optimizer step on a batch (``_update``, replayed as a CUDA graph with ``run.graphs``), then
+    the schedule and the EMA, with no read of a device value. Returns 0-d device tensors: the loss;
     whether the step was skipped for a non-finite loss (on any process) or non-finite gradients; whether
     it was skipped for fp16's overflow instead (a finite loss: the scaler lowers its scale and training
-    goes on).
-
-    The skip is decided on the gradient norm, which DistributedDataParallel makes identical on every
-    process, and on the loss being finite on every process (an all-reduce queued on the device), so all
-    skip together. Fused AdamW (CUDA) skips on the device, given the flag as ``found_inf``
-    as GradScaler does; elsewhere the flag is read, which on a CPU waits for nothing. The learning-rate
-    schedule counts batches, skipped or not."""
-    cfg, device = run.cfg, run.device
+    goes on). The learning-rate schedule counts batches, skipped or not."""
+    device = run.device
     target = target.to(device, non_blocking=True)
     inputs = {k: [t.to(device, non_blocking=True) for t in v] if isinstance(v, list)
               else v.to(device, non_blocking=True) for k, v in inputs.items()}
     if "input_ids" not in inputs:
         inputs["cond"] = torch.stack([run.cond_table[s.prompt] for s in batch]).to(device)
-    with autocast(device, run.segmenter.amp_dtype):
+    update = partial(_update, run, lovasz_weight=lovasz_weight)
+    if run.graphs is not None:  # one graph per image size: prompts padded to one length (padding changes nothing)
+        inputs = _padded_prompts(inputs, run.processor.tokenizer.max_length)
+        key = (lovasz_weight, tuple(target.shape), *(tuple(t.shape) for t in inputs.values()))
+        loss, bad, overflow = run.graphs(key, update, target=target, **inputs)
+    else:
+        loss, bad, overflow = update(target=target, **inputs)
+    run.scaler.update()
+    run.scheduler.step()
+    if run.graphs is not None:
+        _lrs_on_device(run)
+    if run.ema is not None:
+        ema_update(run.ema, run.averaged, ema_decay(run.cfg.ema, run.scheduler.last_epoch), bad | overflow)
+    return loss, bad, overflow
+
+
+def _update(run: Run, target: torch.Tensor, lovasz_weight: float = 0.0,
+            **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward, loss (with the Lovasz term at ``lovasz_weight``), backward, clip and optimizer step on
+    device tensors, reading nothing back (so it can be recorded as a CUDA graph): ``_step``'s returns.
+
+    The skip is decided on the gradient norm, which DistributedDataParallel makes identical on every
+    process, and on the loss being finite on every process (an all-reduce queued on the device), so all
+    skip together. Fused AdamW (CUDA) skips on the device, given the flag as ``found_inf``
+    as GradScaler does; elsewhere the flag is read, which on a CPU waits for nothing."""
+    cfg = run.cfg
+    with autocast(run.device, run.segmenter.amp_dtype, cache=run.graphs is None):
         logits = run.forward(**inputs)
     loss = segmentation_loss(at_target_size(logits, target), target, cfg.bce_weight, cfg.dice_weight,
                              lovasz_weight, lovasz_pool=LOVASZ_POOL).mean()
@@ -552,12 +583,43 @@ def _step(run: Run, batch: list[Sample], target: torch.Tensor, inputs: dict,
     finite_loss = _all_finite(loss.detach(), run.world)
     bad = ~torch.isfinite(norm) | ~finite_loss
     _step_unless(run.optimizer, bad)
-    run.scaler.update()
-    run.scheduler.step()
-    if run.ema is not None:
-        ema_update(run.ema, run.averaged, ema_decay(cfg.ema, run.scheduler.last_epoch), bad)
     overflow = bad & finite_loss if run.scaler.is_enabled() else torch.zeros_like(bad)
     return loss.detach(), bad & ~overflow, overflow
+
+
+def _uses_graphs(cfg: TrainConfig, device: torch.device, world: int, amp_dtype: torch.dtype | None,
+                 scratch: bool) -> bool:
+    """Whether the training step is replayed as a CUDA graph (``StepGraphs``): ``--cuda-graphs`` (off by
+    default until tests/test_cuda.py's single-step check has passed on a GPU), a model trained from scratch
+    (its small kernels cost less to run than to launch one by one), one process on a GPU, and no fp16 (its
+    loss scaler decides on the host)."""
+    return cfg.cuda_graphs and scratch and device.type == "cuda" and world == 1 and amp_dtype != torch.float16
+
+
+def _lrs_on_device(run: Run) -> None:
+    """Each group's learning rate in a 0-d tensor on the device (``run.lrs``, the same tensors for the
+    whole run), so a recorded optimizer step reads the current rate: recent torch schedulers fill such a
+    tensor in place; where one puts a float in its place, its value is copied in and the tensor put back."""
+    if not run.lrs:
+        run.lrs = [torch.zeros((), device=run.device) for _ in run.optimizer.param_groups]
+    for group, tensor in zip(run.optimizer.param_groups, run.lrs):
+        if group["lr"] is not tensor:
+            tensor.fill_(group["lr"])
+            group["lr"] = tensor
+
+
+def _padded_prompts(inputs: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` padded with zeros to ``length`` tokens: LiteSeg's prompt
+    encoder zeroes padded positions after each layer and pools over the mask, so it gives the same values."""
+    pad = length - inputs["input_ids"].shape[1]
+    if pad <= 0:
+        return inputs
+    return {k: F.pad(v, (0, pad)) if k in ("input_ids", "attention_mask") else v for k, v in inputs.items()}
+
+
+def _current_lr(run: Run) -> float:
+    """The first group's learning rate now (the schedule's, read without touching the device)."""
+    return run.scheduler.base_lrs[0] * run.scheduler.lr_lambdas[0](run.scheduler.last_epoch)
 
 
 def _step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:

@@ -157,27 +157,110 @@ def test_a_run_saved_on_more_gpus_resumes_on_fewer():
     assert torch.equal(torch.cuda.get_rng_state(0), state["cuda"][0])
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_a_training_step_reads_nothing_back_from_the_gpu(processed, tmp_path, precision):
-    """_step (forward, loss, backward, unscale, clip, fused AdamW's skip on the device, schedule) makes no
-    synchronizing call, so the GPU never waits for the host between steps (the epoch reads its losses
-    and skip flags every CHECK_EVERY steps)."""
-    from defectseg.training import TrainConfig, _load_batch, _set_up, _step
+def _lite_steps(processed, out: Path, n: int, sizes=(64,), **settings):
+    """A lite-tiny run set up as train.py does, and its first ``n`` batches on the GPU (image side cycling
+    through ``sizes``), as (batch, target, inputs)."""
+    from defectseg.training import TrainConfig, _load_batch, _set_up
 
-    cfg = TrainConfig(data=str(processed), model="lite-tiny", out=str(tmp_path / "run"), batch_size=4,
-                      device="cuda", precision=precision)
+    cfg = TrainConfig(data=str(processed), model="lite-tiny", out=str(out), batch_size=4, device="cuda", **settings)
     run = _set_up(cfg, resume=False)
     plan = epoch_plan(run.train_rows, run.tasks, cfg.seed, 0, cfg.negative_prob, cfg.flip, cfg.synonyms)
-    batches = [plan[i:i + 4] for i in range(0, 12, 4)]
-    loaded = [_load_batch((0, b), cfg, run.train_rows, run.targets, run.cache, run.segmenter, run.bank, 0,
-                          lambda start: run.segmenter.input_size) for b in batches]
-    on_gpu = [(t.cuda(), {k: v.cuda() for k, v in inputs.items()}) for t, inputs in loaded]
-    _step(run, batches[0], *on_gpu[0])  # first step: lazy state (optimizer moments, scaler) is created
+    steps = []
+    for i in range(n):
+        batch = [plan[(4 * i + j) % len(plan)] for j in range(4)]
+        target, inputs = _load_batch((4 * i, batch), cfg, run.train_rows, run.targets, run.cache, run.segmenter,
+                                     run.bank, 0, lambda start, i=i: sizes[i % len(sizes)])
+        steps.append((batch, target.cuda(), {k: v.cuda() for k, v in inputs.items()}))
+    return run, steps
+
+
+@pytest.mark.parametrize("precision,graphs", [("bf16", True), ("bf16", False), ("fp16", False)])
+def test_a_training_step_reads_nothing_back_from_the_gpu(processed, tmp_path, precision, graphs):
+    """_step (forward, loss, backward, unscale, clip, fused AdamW's skip on the device, schedule; or the
+    replay of its CUDA graph) makes no synchronizing call, so the GPU never waits for the host between
+    steps (the epoch reads its losses and skip flags every CHECK_EVERY steps)."""
+    from defectseg.graphs import WARMUP
+    from defectseg.training import _step
+
+    run, steps = _lite_steps(processed, tmp_path / "run", 6, precision=precision, cuda_graphs=graphs)
+    assert (run.graphs is not None) == graphs
+    first = WARMUP + 1 if graphs else 1  # lazy state (optimizer moments, scaler); with graphs, the recording
+    for step in steps[:first]:
+        _step(run, *step)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for batch, (target, inputs) in zip(batches[1:], on_gpu[1:]):
-            _step(run, batch, target, inputs)
+        for step in steps[first:]:
+            _step(run, *step)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert run.scheduler.last_epoch == 3
+    assert run.scheduler.last_epoch == 6
+    assert len(run.graphs.graphs) == 1 if graphs else run.graphs is None
+
+
+def test_a_replayed_step_is_the_eager_step(processed, tmp_path):
+    """A step replayed from its CUDA graph equals the same step launched one by one from the same state:
+    same loss and batch-norm statistics (this batch's inputs, not the recorded one's), same AdamW moments
+    (same gradients, clipped alike); and its weights are AdamW's update at the learning rate of that step
+    (the schedule's, which rose since the recording). Whole runs are not compared: two runs that differ
+    in rounding alone drift apart by about 1% in loss within 12 steps of this tiny model (the CPU and the
+    GPU do), so only a single step from one state can be held to a tight tolerance."""
+    from defectseg.graphs import WARMUP
+    from defectseg.training import _padded_prompts, _step, _update
+
+    run, steps = _lite_steps(processed, tmp_path / "run", WARMUP + 5, precision="fp32", cuda_graphs=True,
+                             warmup=0.5, epochs=40)
+    for step in steps[:-1]:  # warm-up, recording, replays
+        _step(run, *step)
+    assert len(run.graphs.graphs) == 1
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    moments = [run.optimizer.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]
+    stats = [b for b in run.model.buffers() if b.is_floating_point()]
+    state = [*params, *moments, *stats, *(run.optimizer.state[p]["step"] for p in params)]
+    before = [t.detach().clone() for t in state]
+    lrs = [float(group["lr"]) for group in run.optimizer.param_groups]
+    assert lrs[0] > 1.5 * run.scheduler.base_lrs[0] * run.scheduler.lr_lambdas[0](WARMUP)  # rose since the recording
+
+    batch, target, inputs = steps[-1]
+    eager_loss = _update(run, target, **_padded_prompts(inputs, run.processor.tokenizer.max_length))[0]
+    eager = [t.detach().clone() for t in state]
+    with torch.no_grad():
+        for t, saved in zip(state, before):
+            t.copy_(saved)
+    graph_loss = _step(run, batch, target, inputs)[0]
+
+    torch.testing.assert_close(graph_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    n, k = len(params), len(moments)
+    for i in range(n, n + k, 2):  # AdamW's moments; rounding noise where a gradient should be 0 (a bias before a batch norm)
+        torch.testing.assert_close(state[i], eager[i], rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(state[i + 1], eager[i + 1], rtol=1e-2, atol=1e-10)
+    for i in range(n + k, n + k + len(stats)):
+        torch.testing.assert_close(state[i], eager[i], rtol=1e-4, atol=1e-6)
+    old = iter(before)
+    for group, lr in zip(run.optimizer.param_groups, lrs):
+        (beta1, beta2), eps, decay = group["betas"], group["eps"], group["weight_decay"]
+        for p in group["params"]:
+            s, previous = run.optimizer.state[p], next(old)
+            t = float(s["step"])
+            m_hat, v_hat = s["exp_avg"] / (1 - beta1 ** t), s["exp_avg_sq"] / (1 - beta2 ** t)
+            torch.testing.assert_close(p.detach(), previous * (1 - lr * decay) - lr * m_hat / (v_hat.sqrt() + eps),
+                                       rtol=1e-5, atol=1e-7)
+
+
+def test_cuda_graph_run_resumes_and_serves_predict(processed, tmp_path):
+    """train.py with LiteSeg on the GPU with --cuda-graphs, stopped and resumed on the GPU, then resumed
+    from the GPU-trained state on the CPU; its checkpoint serves predict.py."""
+    run = tmp_path / "run"
+    common = ["--data", str(processed), "--model", "lite-tiny", "--out", str(run), "--epochs", "3",
+              "--batch-size", "4", "--low-res-epochs", "1", "--low-res-size", "64", "--cuda-graphs", "-q"]
+    assert train.main(train.build_parser().parse_args([*common, "--device", "cuda", "--stop-after", "1"])) == 0
+    assert train.main(train.build_parser().parse_args(["--resume", str(run), "--stop-after", "1", "-q"])) == 0
+    assert train.main(train.build_parser().parse_args(["--resume", str(run), "--device", "cpu", "-q"])) == 0
+    with open(run / "metrics.csv") as f:
+        history = list(csv.DictReader(f))
+    assert [(r["epoch"], r["device"]) for r in history] == [("1", "cuda"), ("2", "cuda"), ("3", "cpu")]
+    assert all(math.isfinite(float(r["train_loss"])) and int(r["skipped_steps"]) == 0 for r in history)
+    image = next((SAMPLE / "cracks" / "valid").glob("*.jpg"))
+    assert predict.main(predict.build_parser().parse_args(
+        ["--model", str(run / "best"), "--image", str(image), "--prompt", "segment crack", "--out",
+         str(tmp_path / "pred"), "--device", "cuda", "-q"])) == 0
