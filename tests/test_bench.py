@@ -81,3 +81,38 @@ def test_bench_inference_refuses_what_is_not_a_liteseg_checkpoint(tmp_path, caps
             bench.build_parser().parse_args(["--lite-model", str(folder)])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and str(folder) in err and message in err and "Traceback" not in err
+
+
+def test_standin_photos_fill_a_machine_without_the_photos(processed, tmp_path, capsys):
+    """bench/standin_photos.py puts a bundled photo of each row's task at every image path the manifests
+    name, and refuses where the photos exist (never overwriting a real one)."""
+    import csv
+    import shutil
+
+    from conftest import SAMPLE
+
+    from defectseg.io import load_image
+    from defectseg.manifest import read_manifest
+
+    standin = load_script("standin_photos")
+    data = tmp_path / "data"
+    shutil.copytree(processed, data)
+    assert standin.main(argparse.Namespace(data=str(data), photos=str(SAMPLE))) == 1  # the sample's photos are there
+    assert "exists" in capsys.readouterr().err
+    for split in ("train", "valid"):  # as on a GPU machine: the manifests name photos that are not there
+        path = data / split / "manifest.csv"
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            r["image"] = str(tmp_path / "elsewhere" / split / Path(r["image"]).name)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    assert standin.main(argparse.Namespace(data=str(data), photos=str(SAMPLE))) == 0
+    samples = {p.read_bytes(): task for task in ("cracks", "drywall") for p in (SAMPLE / task).glob("*/*.jpg")}
+    for split in ("train", "valid"):
+        for r in read_manifest(data / split / "manifest.csv"):
+            assert samples[Path(r["image"]).read_bytes()] == r["task"]
+            assert load_image(r["image"]).shape == (640, 640, 3)
+    assert standin.main(argparse.Namespace(data=str(data), photos=str(SAMPLE))) == 1
