@@ -219,7 +219,8 @@ def test_counts_at_thresholds_matches_binarize(dtype: type, seed: int) -> None:
 def test_counts_at_thresholds_edge_cases() -> None:
     prob = np.array([[0.0, 0.2, np.nan], [0.7, 1.0, np.nan]], dtype=np.float32)
     target = np.array([[0, 0, 1], [1, 1, 0]], dtype=np.uint8) * 255
-    thresholds = [0.9, 0.0, 1.5, 0.2, np.nextafter(np.float32(0.7), np.float32(1.0))]  # unsorted is fine
+    # unsorted, repeated and NaN thresholds are fine (nothing is >= NaN)
+    thresholds = [0.9, 0.0, 1.5, 0.2, np.nextafter(np.float32(0.7), np.float32(1.0)), 0.2, np.nan, -np.inf]
     counts = counts_at_thresholds(prob, target, thresholds)
     for i, t in enumerate(thresholds):
         np.testing.assert_array_equal(counts[i], confusion(binarize(prob, t), target))
