@@ -170,6 +170,7 @@ class Run:
     train_rows: list[dict]
     select_rows: list[dict]
     select_masks: list[np.ndarray]
+    select_images: list[np.ndarray] | None  # a model trained from scratch: decoded once, not every epoch
     other_prompts: dict[str, str] | None  # task -> the prompt scored on its images for text sensitivity
     identity: dict  # what a resumed run must find unchanged (``_check_same_run``)
     model: nn.Module
@@ -289,6 +290,7 @@ def _set_up(cfg: TrainConfig, resume: bool) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup, steps_per_epoch * cfg.epochs))
     run = Run(cfg=cfg, out=out, rank=rank, world=world, device=device, tasks=tasks, train_rows=train_rows,
               select_rows=select_rows, select_masks=[read_mask_png(r["mask"]) for r in select_rows],
+              select_images=[load_image(r["image"]) for r in select_rows] if bank is not None else None,
               other_prompts=evaluation.other_task_prompts({t.name: t.prompt for t in tasks}), identity=identity,
               model=model, processor=processor, segmenter=segmenter, trainable=trainable, cond_table=cond_table,
               cache=cache, bank=bank, targets=targets, forward=forward, optimizer=optimizer, scheduler=scheduler,
@@ -647,7 +649,7 @@ def _validate_and_save(run: Run, epoch: int, stats: EpochStats, t0: float) -> bo
     live = [t.detach().clone() for t in run.averaged] if run.ema is not None else None
     with _swapped(run.averaged, run.ema):
         agg = validate(run.segmenter, run.select_rows, run.select_masks, run.cache, run.other_prompts,
-                       cfg.val_batch_size)
+                       cfg.val_batch_size, run.select_images)
         row = _history_row(epoch + 1, stats.loss, agg, stats.lr, stats.seconds, time.perf_counter() - t0,
                            stats.samples / stats.seconds, stats.skipped, stats.overflowed)
         row.update(_where(run))
@@ -708,9 +710,10 @@ def _check_same_run(state: dict, identity: dict, cfg: TrainConfig, out: Path) ->
 
 
 def validate(segmenter: Segmenter, rows: list[dict], masks: list[np.ndarray], cache: FeatureCache | None,
-             other_prompts: dict[str, str] | None, batch_size: int) -> dict:
+             other_prompts: dict[str, str] | None, batch_size: int, images: list[np.ndarray] | None = None) -> dict:
     """Scores on the selection rows (valid, or a hold-out of train) through the inference path, with the
-    threshold sweep; cached activations when available."""
+    threshold sweep; cached activations when available, else ``images`` (the rows' photos, decoded)
+    or the photos read from disk."""
     segmenter.model.eval()
     segmenter.forget_prompts()  # conditioning from this epoch's weights, not the first epoch's
     thresholds = default_thresholds()
@@ -720,7 +723,8 @@ def validate(segmenter: Segmenter, rows: list[dict], masks: list[np.ndarray], ca
         if cache is not None:
             acts = cache.load([(r["image"], 0) for r in chunk])
         else:
-            acts = segmenter.encode(segmenter.pixel_values([load_image(r["image"]) for r in chunk]))
+            photos = images[start:start + batch_size] if images is not None else [load_image(r["image"]) for r in chunk]
+            acts = segmenter.encode(segmenter.pixel_values(photos))
         scores += evaluation.score_batch(segmenter, acts, chunk, masks[start:start + batch_size], thresholds,
                                          other_prompts)
     return evaluation.aggregate(scores, thresholds)

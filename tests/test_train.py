@@ -946,6 +946,20 @@ def test_a_head_that_does_not_restore_the_input_size_trains(processed, tmp_path)
     assert (run / "best" / "model.safetensors").is_file()
 
 
+def test_a_scratch_run_decodes_its_selection_photos_once(processed, tmp_path):
+    """LiteSeg keeps the validation photos decoded in memory for the whole run, and validating from them
+    scores exactly as reading them from disk does."""
+    from defectseg.training import TrainConfig, _set_up, validate
+
+    run = _set_up(TrainConfig(data=str(processed), model="lite-tiny", out=str(tmp_path / "run"), device="cpu"),
+                  resume=False)
+    assert len(run.select_images) == len(run.select_rows) > 0
+    for image, row in zip(run.select_images, run.select_rows):
+        np.testing.assert_array_equal(image, load_image(row["image"]))
+    common = (run.segmenter, run.select_rows, run.select_masks, None, run.other_prompts, 4)
+    assert validate(*common, run.select_images) == validate(*common)
+
+
 def test_fp16_cache_matches_the_inference_path(processed, tiny, tmp_path):
     """Training reads fp16-rounded activations, validation and predict.py compute fresh fp32 ones. Stated
     tolerance (docs/training.md): loss within 0.1% relative, each task's mean IoU within 0.01, for a
