@@ -170,7 +170,7 @@ class Run:
     train_rows: list[dict]
     select_rows: list[dict]
     select_masks: list[np.ndarray]
-    select_images: list[np.ndarray] | None  # a model trained from scratch: decoded once, not every epoch
+    select_images: list[np.ndarray] | None  # from scratch, in the process that validates: decoded once, not every epoch
     other_prompts: dict[str, str] | None  # task -> the prompt scored on its images for text sensitivity
     identity: dict  # what a resumed run must find unchanged (``_check_same_run``)
     model: nn.Module
@@ -290,7 +290,7 @@ def _set_up(cfg: TrainConfig, resume: bool) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup, steps_per_epoch * cfg.epochs))
     run = Run(cfg=cfg, out=out, rank=rank, world=world, device=device, tasks=tasks, train_rows=train_rows,
               select_rows=select_rows, select_masks=[read_mask_png(r["mask"]) for r in select_rows],
-              select_images=[load_image(r["image"]) for r in select_rows] if bank is not None else None,
+              select_images=[load_image(r["image"]) for r in select_rows] if bank is not None and rank == 0 else None,
               other_prompts=evaluation.other_task_prompts({t.name: t.prompt for t in tasks}), identity=identity,
               model=model, processor=processor, segmenter=segmenter, trainable=trainable, cond_table=cond_table,
               cache=cache, bank=bank, targets=targets, forward=forward, optimizer=optimizer, scheduler=scheduler,
