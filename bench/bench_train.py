@@ -20,7 +20,8 @@ and the parameter counts and the size of the decoder-only file train.py writes;
 7. LiteSeg from scratch (``bench_lite``): samples/s of the model step and of the augmentation, and from the
    two at 448 and 256 px, how long the shipped recipe's training steps take (their sum where train.py makes
    batches between steps, as on a CPU; the slower where threads make them ahead, as on a GPU) (issue budget:
-   90 minutes on a 2-core CPU, 5 on one H100/H200; measured at --batch-size, while the recipe trains at 16).
+   90 minutes on a 2-core CPU, 5 on one H100/H200; measured at --batch-size, while the recipe trains at 16);
+   on a CPU in bf16, what its stride-2 depthwise convs cost per batch in fp32 (as train.py runs them) and bf16.
 Images are the bundled real samples; the model is built by ``defectseg.tiny.build_rd64_random``.
 """
 
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -185,6 +187,31 @@ def main(args: argparse.Namespace) -> None:
           "when it improves")
 
 
+def strided_depthwise_ms(model: lite.LiteSeg, batch: int, side: int) -> tuple[float, float]:
+    """Milliseconds per training step that LiteSeg's stride-2 depthwise convs take, forward and backward, on
+    a batch of ``side`` px images under bf16 autocast on this CPU: (as train.py runs them, in fp32 by
+    ``lite.StridedDepthwise``; as plain bf16 convs would run)."""
+    shapes: list[tuple[nn.Conv2d, torch.Size]] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append((m, i[0].shape)))
+             for m in model.modules() if isinstance(m, lite.StridedDepthwise)]
+    with torch.no_grad():
+        model.encode_images(torch.zeros(1, 3, side, side))
+    for hook in hooks:
+        hook.remove()
+    inputs = [torch.randn(batch, *shape[1:], dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+              .requires_grad_() for _, shape in shapes]
+
+    def ms(forward) -> float:
+        def step() -> None:
+            for (conv, _), x in zip(shapes, inputs):
+                with autocast(torch.device("cpu"), torch.bfloat16):
+                    y = forward(conv, x)
+                y.float().sum().backward()
+        return 1e3 * timed_steps(step, 3, torch.device("cpu"))
+
+    return ms(lite.StridedDepthwise.forward), ms(nn.Conv2d.forward)
+
+
 def bench_lite(args: argparse.Namespace) -> None:
     """LiteSeg from scratch as train.py trains it: augmented batches from images in memory, the whole
     model forward and backward, AdamW step; samples/s with and without the augmentation in the loop."""
@@ -243,6 +270,11 @@ def bench_lite(args: argparse.Namespace) -> None:
           + (f"; peak GPU memory {peak:.2f} GiB" if peak else ""))
     print(f"  the shipped recipe (make train-lite: {RECIPE_EPOCHS} epochs, the first {RECIPE_LOW_RES_EPOCHS} at {low} px), "
           f"its training steps alone (validation not counted): {recipe_s / 60:,.1f} min")
+    if device.type == "cpu" and amp == torch.bfloat16:
+        for side in (size, low):
+            fp32_ms, bf16_ms = strided_depthwise_ms(model, b, side)
+            print(f"  its stride-2 depthwise convs, forward and backward, per {side} px batch: {fp32_ms:.0f} ms in fp32 "
+                  f"(lite.StridedDepthwise, as train.py runs them here), {bf16_ms:.0f} ms in bf16")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,14 @@ def test_bench_train_prints_every_number(tiny_instead_of_rd64, monkeypatch, tmp_
     assert "augmentation on 2 threads ahead of the step" in out and "the slower of the two" in out
 
 
+def test_bench_train_times_the_strided_depthwise_convs_both_ways():
+    """The numbers behind lite.StridedDepthwise's claim: its convs' step time in fp32 and in bf16."""
+    bench = load_script("bench_train")
+    model, _ = lite.build("lite-tiny", seed=0)
+    fp32_ms, bf16_ms = bench.strided_depthwise_ms(model, batch=2, side=64)
+    assert fp32_ms > 0 and bf16_ms > 0
+
+
 def test_bench_inference_prints_every_number(tiny_instead_of_rd64, capsys):
     bench = load_script("bench_inference")
     assert bench.main(bench.build_parser().parse_args(["--device", "cpu", "--iters", "1", "--images", "3",
