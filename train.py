@@ -80,8 +80,11 @@ HELP = {
     "holdout": "fraction of the train photos (grouped by source photo) set aside to pick best/ and tune its "
                "thresholds, so the valid split stays a clean report; 0: the valid split picks and tunes",
     "low_res_epochs": "a model trained from scratch: train the first N epochs at --low-res-size (progressive "
-                      "resizing: cheaper epochs early; validation stays at the model's input size)",
+                      "resizing: cheaper epochs early; validated at the model's input size with --validate-low-res)",
     "low_res_size": "image side of the --low-res-epochs epochs, in pixels",
+    "validate_low_res": "also validate the --low-res-epochs (default: off: only the epochs at the model's input "
+                        "size and the last are validated, since low-res epochs score far below them and never "
+                        "pick best/; last/ is saved after every epoch either way)",
     "train_sizes": "a model trained from scratch: after the --low-res-epochs, draw each batch's image side from "
                    "these pixel sizes, e.g. 320 384 448 512 (multi-scale training; default: the model's input size)",
 }

@@ -36,11 +36,12 @@ class ImageBank:
         self.images, self.masks, self.flips = images, masks, flips
 
     @classmethod
-    def from_rows(cls, rows: Sequence[dict], flips: bool = True, progress: bool = True) -> ImageBank:
-        """The images and masks of manifest rows, decoded once, in up to 8 threads (decoding releases
-        Python's lock), in the rows' order."""
+    def from_rows(cls, rows: Sequence[dict], flips: bool = True, progress: bool = True, world: int = 1) -> ImageBank:
+        """The images and masks of manifest rows, decoded once, in the rows' order, in up to 8 threads
+        (decoding releases Python's lock) sharing the machine's cores with the other ``world - 1``
+        processes of a multi-GPU run, which decode at the same time."""
         images, masks = [], []
-        threads = min(8, os.cpu_count() or 1)
+        threads = max(1, min(8, (os.cpu_count() or 1) // max(1, world)))
         for _, (image, mask) in cli.progress(prefetched(_decode, rows, threads), total=len(rows),
                                              desc="decoding train images", unit="img", enabled=progress):
             images.append(image)

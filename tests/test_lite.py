@@ -54,6 +54,22 @@ def test_split_forward_equals_forward_and_shapes():
     torch.testing.assert_close(split, whole)
 
 
+def test_strided_depthwise_trains_in_fp32_on_a_cpu_and_is_a_plain_conv_otherwise():
+    """Under CPU bf16 autocast with gradients on, the stride-2 depthwise conv is the fp32 conv rounded once
+    to bf16 (and its gradients flow as usual); without gradients it is the plain bf16 conv."""
+    conv = lite.StridedDepthwise(8, 8, 3, 2, 1, groups=8, bias=False)
+    x = torch.randn(2, 8, 16, 16).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    expected = torch.nn.functional.conv2d(x.detach().float(), conv.weight, stride=2, padding=1, groups=8)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected.bfloat16())
+    y.float().sum().backward()
+    assert conv.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(conv(x), torch.nn.Conv2d.forward(conv, x))
+    assert sum(isinstance(m, lite.StridedDepthwise) for m in lite.build("lite-ctx")[0].modules()) == 2
+
+
 def test_logits_come_back_at_the_size_the_images_went_in():
     """Progressive resizing (train.py --low-res-epochs) feeds smaller images than config.image_size."""
     model, processor = lite.build("lite-tiny", seed=0)
@@ -161,6 +177,17 @@ def test_jitter_is_the_per_pixel_formula(seed):
     assert not np.array_equal(out, image)
 
 
+@pytest.mark.parametrize("world", [1, 64])
+def test_the_bank_holds_the_rows_decoded_in_order_however_many_threads(processed, world):
+    """ImageBank.from_rows decodes in threads (1 for each of 64 processes): the rows' own pixels, in order."""
+    rows = load_rows(processed, "train")
+    bank = ImageBank.from_rows(rows, progress=False, world=world)
+    assert len(bank.images) == len(bank.masks) == len(rows)
+    for row, image, mask in zip(rows, bank.images, bank.masks):
+        np.testing.assert_array_equal(image, load_image(row["image"]))
+        np.testing.assert_array_equal(mask, read_mask_png(row["mask"]))
+
+
 def test_no_flip_keeps_the_orientation():
     """With flips off (train.py --no-flip), crops and jitter still vary, but what is top-left stays top-left."""
     image = np.zeros((120, 120, 3), np.uint8)
@@ -241,7 +268,28 @@ def test_low_res_epochs_train_smaller_images_then_the_input_size(processed, tmp_
     steps = len(batch_sides) // 2
     assert batch_sides == [64] * steps + [96] * steps
     assert json.loads((run / "config.json").read_text())["low_res_epochs"] == 1
-    assert all(float(r["mean_iou"]) >= 0 for r in history(run))
+    first, second = history(run)
+    assert first["mean_iou"] == "" and float(second["mean_iou"]) >= 0  # the low-res epoch is not validated
+
+
+@pytest.mark.slow
+def test_low_res_epochs_are_validated_only_when_asked_and_last_is_saved_every_epoch(processed, tmp_path):
+    """By default a low-res epoch is not validated: its metrics.csv row has no scores, and last/ is saved
+    (no thresholds, no metrics) so the run resumes from it; best/ comes from the first epoch at the input
+    size. --validate-low-res scores every epoch, and the training is the same either way."""
+    flags = ("--epochs", "3", "--low-res-epochs", "2", "--low-res-size", "64", "--precision", "fp32")
+    run = tmp_path / "run"
+    assert run_train(*tiny_run(processed, run, *flags, "--stop-after", "1")) == 0
+    meta = read_metadata(run / "last")
+    assert (meta["epoch"], meta["thresholds"], meta["metrics"]) == (1, {}, None) and not (run / "best").exists()
+    assert run_train("--resume", str(run), "-q") == 0
+    rows = history(run)
+    assert [r["mean_iou"] != "" for r in rows] == [False, False, True]
+    assert read_metadata(run / "best")["epoch"] == 3 and (run / "curves.png").stat().st_size > 0
+    every = tmp_path / "every"
+    assert run_train(*tiny_run(processed, every, *flags, "--validate-low-res")) == 0
+    assert all(r["mean_iou"] != "" for r in history(every))
+    assert [r["train_loss"] for r in history(every)] == [r["train_loss"] for r in rows]
 
 
 @pytest.mark.slow

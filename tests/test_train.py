@@ -848,6 +848,16 @@ def test_train_size_is_the_low_res_size_then_the_input_size_or_a_per_batch_draw(
     assert draws != [train_size(mixed, 2, 448, s) for s in range(0, 1600, 16)]  # a new draw each epoch
 
 
+def test_validated_epochs_are_those_at_the_input_size_and_the_last():
+    """validated(cfg, epoch): low-res epochs only with validate_low_res, except a run's last epoch."""
+    from defectseg.training import TrainConfig, validated
+
+    assert [validated(TrainConfig(epochs=4, low_res_epochs=2), e) for e in range(4)] == [False, False, True, True]
+    assert [validated(TrainConfig(epochs=2, low_res_epochs=2), e) for e in range(2)] == [False, True]
+    assert all(validated(TrainConfig(epochs=4, low_res_epochs=2, validate_low_res=True), e) for e in range(4))
+    assert all(validated(TrainConfig(epochs=3), e) for e in range(3))
+
+
 def test_tasks_named_twice_count_once():
     cfg = train.make_config(train.build_parser().parse_args(["--tasks", "cracks", "cracks", "drywall"]))
     assert cfg.tasks == ["cracks", "drywall"]
