@@ -64,6 +64,9 @@ HELP = {
     "lovasz_epochs": "the last N epochs add the Lovasz hinge to the loss, a surrogate of each image's IoU at "
                      "threshold 0.5 (0: never; it needs a model that already separates the classes)",
     "negative_prob": "probability of pairing an image with another task's prompt and an empty target",
+    "augment_workers": "a model trained from scratch: augment the batches in N forked processes instead of threads "
+                       "(0: up to 8 threads ahead of the step on a GPU, which hold Python's lock, or between steps "
+                       "on a CPU); same batches either way (default: 0)",
     "cuda_graphs": "LiteSeg on one GPU in bf16 or fp32 (default: off, an experiment): each step shape is recorded once as a CUDA graph and replayed instead of launching its many small kernels one by one; about 3x faster 256 px epochs on an H200 (docs/performance.md)",
     "flip": "flip augmentation (default: on): CLIPSeg caches the mirrored photo as a second view; LiteSeg also flips vertically and turns by quarter turns on the fly, and --no-flip turns all three off",
     "synonyms": "a random synonym of the task's prompt per sample; off: always the canonical prompt (default: on)",
@@ -96,7 +99,7 @@ POSITIVE, NON_NEGATIVE, FRACTION = number_in(0, math.inf, low_open=True), number
 TYPES = {
     "epochs": int_at_least(1), "batch_size": int_at_least(1), "val_batch_size": int_at_least(1),
     "train_vision_layers": int_at_least(0), "patience": int_at_least(0), "low_res_epochs": int_at_least(0),
-    "lovasz_epochs": int_at_least(0),
+    "lovasz_epochs": int_at_least(0), "augment_workers": int_at_least(0),
     "low_res_size": int_at_least(32), "train_sizes": int_at_least(32), "seed": int_at_least(0, below=2**32),
     "lr": POSITIVE, "vision_lr_scale": POSITIVE, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
     "bce_weight": NON_NEGATIVE, "dice_weight": NON_NEGATIVE, "lovasz_weight": NON_NEGATIVE,

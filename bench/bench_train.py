@@ -53,7 +53,7 @@ from defectseg.inference import (  # noqa: E402
     resolve_device,
     resolve_precision,
 )
-from defectseg.io import list_images, load_image, prefetched  # noqa: E402
+from defectseg.io import in_processes, list_images, load_image, prefetched  # noqa: E402
 from defectseg.losses import segmentation_loss  # noqa: E402
 from defectseg.model import base_fingerprint, count_parameters, save_checkpoint, save_decoder  # noqa: E402
 from defectseg.tiny import build_rd64_random  # noqa: E402
@@ -228,6 +228,8 @@ def bench_lite(args: argparse.Namespace) -> None:
     plan = [Sample(i % len(images), i % 2, PROMPTS[i % 2], i % 5 == 0) for i in range(b)]
     tokens = {k: v.to(device) for k, v in processor.tokenizer([s.prompt for s in plan]).items()}
     threads = loader_threads(device, augmented=True) if args.loader_threads is None else args.loader_threads
+    workers = args.augment_workers
+    ahead = workers or threads  # batches made ahead of the step, by processes or threads
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -247,8 +249,12 @@ def bench_lite(args: argparse.Namespace) -> None:
         fixed = [t.to(device) for t in bank.batch(plan, side, seed=0, epoch=0, start=0)]
         model_s = timed_steps(lambda: step(*fixed), args.lite_steps, device)
         start = time.perf_counter()
-        n = max(args.lite_steps, 2 * threads)
-        for _ in prefetched(lambda i: bank.batch(plan, side, seed=0, epoch=1, start=i * b), range(n), threads):
+        n = max(args.lite_steps, 2 * ahead)
+
+        def make(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return bank.batch(plan, side, seed=0, epoch=1, start=i * b)
+
+        for _ in in_processes(make, range(n), workers) if workers else prefetched(make, range(n), threads):
             pass
         return model_s, (time.perf_counter() - start) / n
 
@@ -256,16 +262,17 @@ def bench_lite(args: argparse.Namespace) -> None:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     epoch = 2 * 2642  # train.py's epoch on the full exports: every crack image once, drywall oversampled to match
     low = RECIPE_LOW_RES_SIZE
-    combine = max if threads else sum  # made ahead in threads, overlapping the step; or between steps
+    combine = max if ahead else sum  # made ahead, overlapping the step; or between steps
     epoch_s = {size: epoch * combine((model_s, augment_s)) / b, low: epoch * combine(seconds_per_batch(low)) / b}
     recipe_s = RECIPE_EPOCHS * epoch_s[size] + RECIPE_LOW_RES_EPOCHS * (epoch_s[low] - epoch_s[size])
     print(f"\nLiteSeg from scratch ({args.lite_arch}, {count_parameters(model) / 1e6:.2f} M parameters, {size}px, {precision_name(amp)}, "
           f"batch {b}{', torch.compile' if args.compile else ''}):")
     print(f"  model step (forward, backward, AdamW): {b / model_s:8.1f} samples/s")
-    how = f"on {threads} threads ahead of the step" if threads else "between steps"
-    print(f"  augmentation {how}{' (as train.py here)' if args.loader_threads is None else ''}: "
+    how = (f"in {workers} worker processes ahead of the step (--augment-workers)" if workers
+           else f"on {threads} threads ahead of the step" if threads else "between steps")
+    print(f"  augmentation {how}{' (as train.py here)' if args.loader_threads is None and not workers else ''}: "
           f"{b / augment_s:8.1f} samples/s")
-    print(f"  epoch of {epoch:,} samples (full exports), {'the slower of the two' if threads else 'the two in turn'}: "
+    print(f"  epoch of {epoch:,} samples (full exports), {'the slower of the two' if ahead else 'the two in turn'}: "
           f"{epoch_s[size]:,.0f} s at {size} px, {epoch_s[low]:,.0f} s at {low} px"
           + (f"; peak GPU memory {peak:.2f} GiB" if peak else ""))
     print(f"  the shipped recipe (make train-lite: {RECIPE_EPOCHS} epochs, the first {RECIPE_LOW_RES_EPOCHS} at {low} px), "
@@ -295,6 +302,9 @@ if __name__ == "__main__":
     parser.add_argument("--loader-threads", type=int, default=None,
                         help="threads that make LiteSeg's augmented batches ahead of the step (default: train.py's "
                              "choice on this device: 0 on a CPU, batches made between steps)")
+    parser.add_argument("--augment-workers", type=int, default=0,
+                        help="make LiteSeg's augmented batches in N forked processes, as train.py --augment-workers "
+                             "(default: 0, threads or between steps as --loader-threads says)")
     parser.add_argument("--compile", action="store_true",
                         help="time LiteSeg's step under torch.compile (train.py does not compile; the first step "
                              "at each size, compilation included, is not timed)")

@@ -242,6 +242,38 @@ def prefetched(fn: Callable, items: Sequence, depth: int = 2) -> Iterator[tuple]
             yield item, result
 
 
+class _Calls:
+    """``fn`` over ``items`` as a map-style dataset: element i is fn(items[i])."""
+
+    def __init__(self, fn: Callable, items: Sequence):
+        self.fn, self.items = fn, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.fn(self.items[i])
+
+
+def _single_threaded_opencv(_: int) -> None:
+    """A forked worker inherits OpenCV's thread pool without its threads (a known cause of hangs after a
+    fork): it runs OpenCV single-threaded instead; its parallelism is the workers."""
+    cv2.setNumThreads(0)
+
+
+def in_processes(fn: Callable, items: Sequence, workers: int, depth: int = 2) -> Iterator[tuple]:
+    """As ``prefetched``, with ``fn`` run in ``workers`` forked processes, up to ``depth`` items ahead each:
+    for CPU-bound work that holds Python's lock (augmentation), which threads cannot spread over cores.
+    ``fn`` and what it references (e.g. the decoded images) are inherited by the fork, not copied; results
+    come back pickled (tensors through shared memory), in order. Needs the fork start method (Linux, macOS)."""
+    import torch.utils.data
+
+    loader = torch.utils.data.DataLoader(_Calls(fn, items), batch_size=None, num_workers=workers,
+                                         prefetch_factor=depth, multiprocessing_context="fork",
+                                         worker_init_fn=_single_threaded_opencv)
+    yield from zip(items, loader)
+
+
 def read_json(path: str | Path, what: str, error: type[Exception] = ValueError):
     """A JSON file's content (a UTF-8 byte-order mark is allowed, as Roboflow and Windows editors write
     one). Raises ``error`` with one line naming the file and the problem: not found, a folder, unreadable,

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import time
@@ -47,6 +48,7 @@ from .features import FeatureCache, model_fingerprint, view_of
 from .graphs import StepGraphs
 from .inference import Segmenter, autocast, precision_name, resolve_device, resolve_precision
 from .io import (
+    in_processes,
     load_image,
     prefetched,
     read_mask_png,
@@ -135,6 +137,7 @@ class TrainConfig:
     train_sizes: list[int] = field(default_factory=list)  # from scratch: each batch's side drawn from these (after the low-res epochs)
     val_batch_size: int = 16
     validate_low_res: bool = False  # also validate the low_res_epochs (off: only epochs at the input size, and the last)
+    augment_workers: int = 0  # from scratch: augment batches in N forked processes (0: threads on a GPU, between steps on a CPU)
     cuda_graphs: bool = False  # a model trained from scratch on one GPU (not fp16): each step shape recorded once, replayed
 
 
@@ -357,6 +360,11 @@ def _training_inputs(cfg: TrainConfig, segmenter: Segmenter, train_rows: list[di
     if cfg.low_res_epochs and (cfg.low_res_size % 32 or not 64 <= cfg.low_res_size < segmenter.input_size):
         raise ConfigError(f"--low-res-size {cfg.low_res_size}: must be a multiple of 32, from 64 to below the "
                           f"model's input size ({segmenter.input_size})")
+    if cfg.augment_workers and not scratch:
+        raise ConfigError("--augment-workers: only a model trained from scratch (--model lite ...) augments its "
+                          "batches; CLIPSeg's come from the feature cache")
+    if cfg.augment_workers and "fork" not in multiprocessing.get_all_start_methods():
+        raise ConfigError("--augment-workers needs the fork start method (Linux, macOS); leave it at 0 here")
     if any(size % 32 or size < 64 for size in cfg.train_sizes):
         raise ConfigError(f"--train-sizes {' '.join(map(str, cfg.train_sizes))}: each must be a multiple of 32, "
                           "at least 64")
@@ -489,8 +497,11 @@ def _train_epoch(run: Run, epoch: int) -> EpochStats:
                    segmenter=run.segmenter, bank=run.bank, epoch=epoch * run.world + run.rank,
                    size=partial(train_size, cfg, epoch, run.segmenter.input_size))
     lovasz = lovasz_weight_in(cfg, epoch)
-    threads = loader_threads(run.device, run.bank is not None, run.world)
-    for (_, batch), (target, inputs) in cli.progress(prefetched(load, batches, threads), total=len(batches), unit="batch",
+    if cfg.augment_workers:
+        source = in_processes(load, batches, cfg.augment_workers)
+    else:
+        source = prefetched(load, batches, loader_threads(run.device, run.bank is not None, run.world))
+    for (_, batch), (target, inputs) in cli.progress(source, total=len(batches), unit="batch",
                                                      desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=run.main_process):
         stop_if_terminated()
         lr_used = _current_lr(run)

@@ -35,15 +35,18 @@ def test_bench_train_prints_every_number(tiny_instead_of_rd64, monkeypatch, tmp_
     args = argparse.Namespace(device="cpu", precision="fp32", batch_size=4, hf_steps=1, cached_steps=2,
                               dataset_images=100, save_dir=str(tmp_path))
     bench.main(args)
-    for threads in (None, 2):  # train.py's choice on a CPU (between steps), then 2 threads ahead of the step
+    # train.py's choice on a CPU (between steps), then 2 threads ahead of the step, then 2 worker processes
+    for threads, workers in ((None, 0), (2, 0), (None, 2)):
         bench.bench_lite(argparse.Namespace(device="cpu", precision="auto", batch_size=2, lite_steps=1,
-                                            lite_arch="lite-tiny", compile=False, loader_threads=threads))
+                                            lite_arch="lite-tiny", compile=False, loader_threads=threads,
+                                            augment_workers=workers))
     out = capsys.readouterr().out
     for line in ("seed-style loop", "cached-feature loop", "speed-up", "cache build", "epoch over 100 images",
                  "cache on disk", "checkpoint save", "LiteSeg from scratch (lite-tiny, ", "model step", "augmentation", "at 256 px", "the shipped recipe"):
         assert line in out, line
     assert "augmentation between steps (as train.py here)" in out and "the two in turn" in out
     assert "augmentation on 2 threads ahead of the step" in out and "the slower of the two" in out
+    assert "augmentation in 2 worker processes ahead of the step (--augment-workers)" in out
 
 
 def test_bench_train_times_the_strided_depthwise_convs_both_ways():

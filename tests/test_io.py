@@ -291,3 +291,25 @@ def test_two_processes_repairing_one_swap_both_succeed(tmp_path, monkeypatch):
     monkeypatch.setattr(io_module, "pid_alive", other_rank_wins)
     recover_folder(target)
     assert (target / "a.txt").read_text() == "old"
+
+
+def test_in_processes_gives_prefetched_results_in_order_after_the_parent_used_opencv_threads():
+    """Augmentation in forked workers (train.py --augment-workers): each item's own result, in order, and no
+    hang when the parent had already spun up OpenCV's thread pool (a fork inherits it without its threads).
+    Run in a subprocess with a time limit, so a hang fails the test instead of stalling the suite."""
+    code = (
+        "import cv2, numpy as np\n"
+        "from defectseg.io import in_processes, prefetched\n"
+        "cv2.setNumThreads(2)\n"
+        "big = np.random.default_rng(0).integers(0, 255, (2000, 2000, 3), dtype=np.uint8)\n"
+        "cv2.resize(big, (1000, 1000))  # the parent's thread pool is up\n"
+        "fn = lambda i: cv2.resize(np.roll(big, i, axis=0), (300 + i, 200), interpolation=cv2.INTER_AREA)\n"
+        "items = list(range(7))\n"
+        "got = list(in_processes(fn, items, workers=2))\n"
+        "want = list(prefetched(fn, items, 0))\n"
+        "assert [i for i, _ in got] == items\n"
+        "assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, want))\n"
+        "print('same')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr[-2000:]

@@ -397,6 +397,19 @@ def test_same_seed_same_numbers_and_resume_equals_straight_run(processed, tmp_pa
         torch.testing.assert_close(b.state_dict()[name], tensor, rtol=0, atol=0)
 
 
+@pytest.mark.slow
+def test_batches_augmented_in_worker_processes_train_the_same_model(processed, tmp_path):
+    """--augment-workers 2 makes the same batches as the default path, so the same numbers and weights."""
+    threads, workers = tmp_path / "threads", tmp_path / "workers"
+    assert run_train(*tiny_run(processed, threads, "--epochs", "2")) == 0
+    assert run_train(*tiny_run(processed, workers, "--epochs", "2", "--augment-workers", "2")) == 0
+    assert history(workers) == history(threads)
+    a, _ = load_model(threads / "last")
+    b, _ = load_model(workers / "last")
+    for name, tensor in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], tensor, rtol=0, atol=0)
+
+
 # -- the shipped model --------------------------------------------------------------------------
 
 

@@ -834,6 +834,12 @@ def test_train_sizes_are_refused_for_clipseg(processed, tiny, tmp_path, capsys):
     assert not (tmp_path / "run" / "best").exists()
 
 
+def test_augment_workers_are_refused_for_clipseg(processed, tiny, tmp_path, capsys):
+    assert run_train(*base_args(processed, tiny, tmp_path / "run", "--epochs", "1", "--augment-workers", "2")) == 1
+    assert "--augment-workers: only a model trained from scratch" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "best").exists()
+
+
 def test_train_size_is_the_low_res_size_then_the_input_size_or_a_per_batch_draw():
     """train_size(cfg, epoch, input_size, start): a pure function of the config and the batch's place."""
     from defectseg.training import TrainConfig, train_size
