@@ -668,11 +668,12 @@ def _validate_and_save(run: Run, epoch: int, stats: EpochStats, t0: float) -> bo
                            stats.samples / stats.seconds, stats.skipped, stats.overflowed)
         row.update(_where(run))
         run.history.append(row)
-        improved = agg is not None and selection_score(agg) > best["score"]
+        score = selection_score(agg) if agg is not None else None
+        improved = score is not None and score > best["score"]
         if improved:
-            best.update(score=selection_score(agg), epoch=epoch + 1, bad_epochs=0)
+            best.update(score=score, epoch=epoch + 1, bad_epochs=0)
             _save(run, run.out / "best", agg, epoch + 1, state=None)
-        elif agg is not None:
+        elif score is not None:
             best["bad_epochs"] += 1
         _save(run, run.out / "last", agg, epoch + 1, state={
             "epoch": epoch + 1, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
@@ -680,13 +681,13 @@ def _validate_and_save(run: Run, epoch: int, stats: EpochStats, t0: float) -> bo
             "rng": _rng_state(), "schedule": run.schedule, **run.identity})
     _write_history(run.out, run.history)
     _write_summary(run.out, best, run.history)
-    if agg is None:
+    if score is None:
         log.info("epoch %d/%d  loss %.4f  (%.1f s, %.0f samples/s; a low-res epoch: not validated, last/ saved)",
                  epoch + 1, cfg.epochs, stats.loss, row["seconds"], row["samples_per_s"])
     else:
         log.info("epoch %d/%d  loss %.4f  tuned IoU %s  mean %.4f%s  (%.1f s, %.0f samples/s)", epoch + 1, cfg.epochs,
                  stats.loss, "  ".join(f"{name} {m.get('best_iou', m['iou']):.4f}" for name, m in agg["tasks"].items()),
-                 selection_score(agg), "  *best*" if improved else "", row["seconds"], row["samples_per_s"])
+                 score, "  *best*" if improved else "", row["seconds"], row["samples_per_s"])
     if cfg.patience > 0 and best["bad_epochs"] >= cfg.patience:
         log.info("early stop: no better validation score for %d epochs", cfg.patience)
         return True
