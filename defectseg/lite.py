@@ -77,8 +77,9 @@ ARCHS = {
 class StridedDepthwise(nn.Conv2d):
     """A grouped conv with stride > 1 (the depthwise conv that halves the resolution in an inverted residual).
     While training on a CPU under bf16 autocast it runs in fp32, its output cast back: oneDNN's bf16 backward
-    of this conv is 4 to 17 times slower than its fp32 one (a 448 px batch of 16: 117 against 33 ms at 256
-    channels, 59 against 7 ms at 512), while the forward costs about the same. Elsewhere (inference, GPUs,
+    of this conv is slow (LiteSeg's two, forward and backward on a batch of 16: 127 to 134 ms in bf16 against
+    30 to 35 ms in fp32 at 448 px, 60 against 10 ms at 256 px; ``bench/bench_train.py --no-clipseg``), while
+    the forward costs about the same. Elsewhere (inference, GPUs,
     fp32) it is a plain ``nn.Conv2d``; the weights are the same either way."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
