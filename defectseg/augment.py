@@ -14,7 +14,6 @@ augmentation depends only on where it sits in the run (a resumed run sees exactl
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import cv2
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from . import cli
-from .io import load_image, prefetched, read_mask_png
+from .io import cores_per_process, load_image, prefetched, read_mask_png
 from .lite import normalize, resize_square
 
 CROP_PROB = 0.5
@@ -41,8 +40,7 @@ class ImageBank:
         (decoding releases Python's lock) sharing the machine's cores with the other ``world - 1``
         processes of a multi-GPU run, which decode at the same time."""
         images, masks = [], []
-        threads = max(1, min(8, (os.cpu_count() or 1) // max(1, world)))
-        for _, (image, mask) in cli.progress(prefetched(_decode, rows, threads), total=len(rows),
+        for _, (image, mask) in cli.progress(prefetched(_decode, rows, cores_per_process(world)), total=len(rows),
                                              desc="decoding train images", unit="img", enabled=progress):
             images.append(image)
             masks.append(mask)

@@ -226,6 +226,12 @@ def apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
     return np.asarray(Image.fromarray(array).transpose(method))
 
 
+def cores_per_process(world: int = 1, most: int = 8) -> int:
+    """This machine's cores shared out among the ``world`` processes of a multi-GPU run (at least 1, at
+    most ``most``): how many threads one process may give to work that runs beside the others'."""
+    return max(1, min(most, (os.cpu_count() or 1) // max(1, world)))
+
+
 def prefetched(fn: Callable, items: Sequence, depth: int = 2) -> Iterator[tuple]:
     """Yield (item, fn(item)) in order, computing up to ``depth`` items ahead in ``depth`` threads, so
     reading files (cached activations, images, masks) overlaps the model's work; ``depth=0``: each in

@@ -48,6 +48,7 @@ from .features import FeatureCache, model_fingerprint, view_of
 from .graphs import StepGraphs
 from .inference import Segmenter, autocast, precision_name, resolve_device, resolve_precision
 from .io import (
+    cores_per_process,
     in_processes,
     load_image,
     prefetched,
@@ -293,8 +294,8 @@ def _set_up(cfg: TrainConfig, resume: bool) -> Run:
                 "vision_lr_scale": cfg.vision_lr_scale, "weight_decay": cfg.weight_decay}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup, steps_per_epoch * cfg.epochs))
     run = Run(cfg=cfg, out=out, rank=rank, world=world, device=device, tasks=tasks, train_rows=train_rows,
-              select_rows=select_rows, select_masks=[read_mask_png(r["mask"]) for r in select_rows],
-              select_images=[load_image(r["image"]) for r in select_rows] if bank is not None and rank == 0 else None,
+              select_rows=select_rows, select_masks=_read_all(read_mask_png, select_rows, "mask", world),
+              select_images=_read_all(load_image, select_rows, "image", world) if bank is not None and rank == 0 else None,
               other_prompts=evaluation.other_task_prompts({t.name: t.prompt for t in tasks}), identity=identity,
               model=model, processor=processor, segmenter=segmenter, trainable=trainable, cond_table=cond_table,
               cache=cache, bank=bank, targets=targets, forward=forward, optimizer=optimizer, scheduler=scheduler,
@@ -777,6 +778,12 @@ def lovasz_weight_in(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lovasz_weight if epoch >= cfg.epochs - cfg.lovasz_epochs else 0.0
 
 
+def _read_all(read: Callable, rows: list[dict], column: str, world: int) -> list[np.ndarray]:
+    """``read(row[column])`` for every row, in order, in this process's share of the cores (decoding
+    releases Python's lock)."""
+    return [array for _, array in prefetched(read, [r[column] for r in rows], cores_per_process(world))]
+
+
 def loader_threads(device: torch.device, augmented: bool, world: int = 1) -> int:
     """Threads preparing batches ahead of the model. Reading files (cached activations): 2. Batches
     augmented on the CPU for a model trained from scratch: on a GPU, up to 8 threads, sharing the
@@ -785,7 +792,7 @@ def loader_threads(device: torch.device, augmented: bool, world: int = 1) -> int
     would take its cores (on a 2-core CPU, the shipped recipe's epochs took 8 to 23% less time without
     them: docs/performance.md). The batches' order and augmentations do not depend on it."""
     if augmented:
-        return max(2, min(8, (os.cpu_count() or 2) // max(1, world))) if device.type == "cuda" else 0
+        return max(2, cores_per_process(world)) if device.type == "cuda" else 0
     return 2
 
 

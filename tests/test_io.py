@@ -313,3 +313,12 @@ def test_in_processes_gives_prefetched_results_in_order_after_the_parent_used_op
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("cores, world, expected", [(16, 1, 8), (16, 2, 8), (16, 4, 4), (16, 32, 1), (2, 1, 2),
+                                                    (None, 1, 1)])
+def test_cores_are_shared_out_among_the_processes_of_a_run(monkeypatch, cores, world, expected):
+    """Decoding and augmenting threads: the machine's cores divided by the processes of a multi-GPU run,
+    at least 1 (also where Python cannot count the cores), at most 8."""
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert io_module.cores_per_process(world) == expected
