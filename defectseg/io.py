@@ -226,10 +226,10 @@ def apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
     return np.asarray(Image.fromarray(array).transpose(method))
 
 
-def cores_per_process(world: int = 1, most: int = 8) -> int:
+def cores_per_process(world: int = 1) -> int:
     """This machine's cores shared out among the ``world`` processes of a multi-GPU run (at least 1, at
-    most ``most``): how many threads one process may give to work that runs beside the others'."""
-    return max(1, min(most, (os.cpu_count() or 1) // max(1, world)))
+    most 8): how many threads one process may give to work that runs beside the others'."""
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, world)))
 
 
 def prefetched(fn: Callable, items: Sequence, depth: int = 2) -> Iterator[tuple]:
