@@ -41,10 +41,11 @@ demo: setup
 
 # The shipped model (models/liteseg) from scratch: the two Roboflow exports in $(RAW) (cracks-3ii36/,
 # drywall-join-detect/), LiteSeg with its pyramid context block (lite-ctx), 24 epochs, the first 14 on 256 px
-# images (progressive resizing), about the cost of 20 epochs with 10 at 320 px: 97 minutes on a 2-core Intel
-# Xeon with AMX since batches are augmented between steps (113 before; models/liteseg/README.md).
-# Earlier recipes: LITE_MODEL=lite LITE_EPOCHS=20 LITE_LOW_RES_EPOCHS=10 LITE_LOW_RES_SIZE=320 (the previous
-# model, 0.480 / 0.759), the same with LITE_MODEL=lite-ctx (0.495 / 0.763 and 0.497 / 0.754 in two runs).
+# images and the last 10 on 384 px ones (progressive resizing; validated and used at the model's 448 px):
+# 74.9 minutes on a 2-core AMD EPYC with AVX512-BF16 (models/liteseg/README.md).
+# LITE_TRAIN_SIZES= (empty) trains the last 10 epochs at 448 px: the recipe shipped until 2026-12-05
+# (0.508 / 0.762, 88.5 to 90.4 minutes). Earlier: LITE_MODEL=lite LITE_EPOCHS=20 LITE_LOW_RES_EPOCHS=10
+# LITE_LOW_RES_SIZE=320 LITE_TRAIN_SIZES= (0.480 / 0.759), the same with LITE_MODEL=lite-ctx (0.495 / 0.763).
 # Trains into runs/liteseg, copies its best/ and training record into models/liteseg
 # (replacing the shipped model: `git checkout models/liteseg` restores it), and writes the valid-split report
 # there. The shipped model's cracks train set is this project's 2,642-photo subset (RAW=../shared/data).
@@ -53,12 +54,14 @@ RAW ?= data/raw
 LITE_EPOCHS ?= 24
 LITE_LOW_RES_EPOCHS ?= 14
 LITE_LOW_RES_SIZE ?= 256
+LITE_TRAIN_SIZES ?= 384
 LITE_MODEL ?= lite-ctx
 LITE_FLAGS ?=
 train-lite: setup
 	$(PY) preprocess_masks.py --data-root $(RAW) --out data/full
 	$(PY) train.py --data data/full --model $(LITE_MODEL) --out runs/liteseg --epochs $(LITE_EPOCHS) --batch-size 16 --lr 2e-3 \
-		--low-res-epochs $(LITE_LOW_RES_EPOCHS) --low-res-size $(LITE_LOW_RES_SIZE) --patience 0 --overwrite $(LITE_FLAGS)
+		--low-res-epochs $(LITE_LOW_RES_EPOCHS) --low-res-size $(LITE_LOW_RES_SIZE) \
+		$(if $(LITE_TRAIN_SIZES),--train-sizes $(LITE_TRAIN_SIZES)) --patience 0 --overwrite $(LITE_FLAGS)
 	mkdir -p models/liteseg
 	cp runs/liteseg/best/config.json runs/liteseg/best/model.safetensors runs/liteseg/best/defectseg.json \
 		runs/liteseg/metrics.csv runs/liteseg/curves.png models/liteseg/

@@ -60,8 +60,9 @@ from defectseg.tiny import build_rd64_random  # noqa: E402
 from defectseg.training import TrainForward, _set_trainable, loader_threads  # noqa: E402
 
 PROMPTS = ["segment crack", "segment taping area"]
-# the Makefile's LITE_EPOCHS, LITE_LOW_RES_EPOCHS and LITE_LOW_RES_SIZE (its LITE_MODEL: --lite-arch's default)
-RECIPE_EPOCHS, RECIPE_LOW_RES_EPOCHS, RECIPE_LOW_RES_SIZE = 24, 14, 256
+# the Makefile's LITE_EPOCHS, LITE_LOW_RES_EPOCHS, LITE_LOW_RES_SIZE and LITE_TRAIN_SIZES (its LITE_MODEL:
+# --lite-arch's default): the first 14 of 24 epochs at 256 px, the rest at 384
+RECIPE_EPOCHS, RECIPE_LOW_RES_EPOCHS, RECIPE_LOW_RES_SIZE, RECIPE_TRAIN_SIZE = 24, 14, 256, 384
 
 
 def sync(device: torch.device) -> None:
@@ -261,10 +262,12 @@ def bench_lite(args: argparse.Namespace) -> None:
     model_s, augment_s = seconds_per_batch(size)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     epoch = 2 * 2642  # train.py's epoch on the full exports: every crack image once, drywall oversampled to match
-    low = RECIPE_LOW_RES_SIZE
+    low, late = RECIPE_LOW_RES_SIZE, RECIPE_TRAIN_SIZE
     combine = max if ahead else sum  # made ahead, overlapping the step; or between steps
-    epoch_s = {size: epoch * combine((model_s, augment_s)) / b, low: epoch * combine(seconds_per_batch(low)) / b}
-    recipe_s = RECIPE_EPOCHS * epoch_s[size] + RECIPE_LOW_RES_EPOCHS * (epoch_s[low] - epoch_s[size])
+    epoch_s = {size: epoch * combine((model_s, augment_s)) / b}
+    for side in (low, late):
+        epoch_s.setdefault(side, epoch * combine(seconds_per_batch(side)) / b)
+    recipe_s = RECIPE_LOW_RES_EPOCHS * epoch_s[low] + (RECIPE_EPOCHS - RECIPE_LOW_RES_EPOCHS) * epoch_s[late]
     print(f"\nLiteSeg from scratch ({args.lite_arch}, {count_parameters(model) / 1e6:.2f} M parameters, {size}px, {precision_name(amp)}, "
           f"batch {b}{', torch.compile' if args.compile else ''}):")
     print(f"  model step (forward, backward, AdamW): {b / model_s:8.1f} samples/s")
@@ -273,12 +276,13 @@ def bench_lite(args: argparse.Namespace) -> None:
     print(f"  augmentation {how}{' (as train.py here)' if args.loader_threads is None and not workers else ''}: "
           f"{b / augment_s:8.1f} samples/s")
     print(f"  epoch of {epoch:,} samples (full exports), {'the slower of the two' if ahead else 'the two in turn'}: "
-          f"{epoch_s[size]:,.0f} s at {size} px, {epoch_s[low]:,.0f} s at {low} px"
+          + ", ".join(f"{seconds:,.0f} s at {side} px" for side, seconds in epoch_s.items())
           + (f"; peak GPU memory {peak:.2f} GiB" if peak else ""))
-    print(f"  the shipped recipe (make train-lite: {RECIPE_EPOCHS} epochs, the first {RECIPE_LOW_RES_EPOCHS} at {low} px), "
+    print(f"  the shipped recipe (make train-lite: {RECIPE_EPOCHS} epochs, the first {RECIPE_LOW_RES_EPOCHS} at {low} px, "
+          f"the rest at {late} px), "
           f"its training steps alone (validation not counted): {recipe_s / 60:,.1f} min")
     if device.type == "cpu" and amp == torch.bfloat16:
-        for side in (size, low):
+        for side in epoch_s:
             fp32_ms, bf16_ms = strided_depthwise_ms(model, b, side)
             print(f"  its stride-2 depthwise convs, forward and backward, per {side} px batch: {fp32_ms:.0f} ms in fp32 "
                   f"(lite.StridedDepthwise, as train.py runs them here), {bf16_ms:.0f} ms in bf16")
