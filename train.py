@@ -3,7 +3,7 @@
 
     python train.py                                  # processed_dataset/ -> runs/<timestamp>/
     python train.py --model models/clipseg-rd64-refined --epochs 10 --out runs/first
-    python train.py --model lite-ctx --epochs 24 --low-res-epochs 14 --low-res-size 256 --train-sizes 384 \
+    python train.py --model lite-ctx --epochs 24 --low-res-epochs 14 --low-res-size 256 --train-sizes 384 448 \
         --lr 2e-3 --patience 0 --out runs/lite       # from scratch: the shipped model's recipe (make train-lite)
     python train.py --resume runs/first --epochs 20  # continue a run (same config, more epochs)
     torchrun --nproc_per_node 2 train.py ...         # data-parallel on 2 GPUs (or CPU processes)

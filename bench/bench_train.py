@@ -61,8 +61,8 @@ from defectseg.training import TrainForward, _set_trainable, loader_threads  # n
 
 PROMPTS = ["segment crack", "segment taping area"]
 # the Makefile's LITE_EPOCHS, LITE_LOW_RES_EPOCHS, LITE_LOW_RES_SIZE and LITE_TRAIN_SIZES (its LITE_MODEL:
-# --lite-arch's default): the first 14 of 24 epochs at 256 px, the rest at 384
-RECIPE_EPOCHS, RECIPE_LOW_RES_EPOCHS, RECIPE_LOW_RES_SIZE, RECIPE_TRAIN_SIZE = 24, 14, 256, 384
+# --lite-arch's default): the first 14 of 24 epochs at 256 px, each batch of the rest at 384 or 448
+RECIPE_EPOCHS, RECIPE_LOW_RES_EPOCHS, RECIPE_LOW_RES_SIZE, RECIPE_TRAIN_SIZES = 24, 14, 256, (384, 448)
 
 
 def sync(device: torch.device) -> None:
@@ -262,12 +262,13 @@ def bench_lite(args: argparse.Namespace) -> None:
     model_s, augment_s = seconds_per_batch(size)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     epoch = 2 * 2642  # train.py's epoch on the full exports: every crack image once, drywall oversampled to match
-    low, late = RECIPE_LOW_RES_SIZE, RECIPE_TRAIN_SIZE
+    low, late = RECIPE_LOW_RES_SIZE, RECIPE_TRAIN_SIZES
     combine = max if ahead else sum  # made ahead, overlapping the step; or between steps
     epoch_s = {size: epoch * combine((model_s, augment_s)) / b}
-    for side in (low, late):
+    for side in (low, *late):
         epoch_s.setdefault(side, epoch * combine(seconds_per_batch(side)) / b)
-    recipe_s = RECIPE_LOW_RES_EPOCHS * epoch_s[low] + (RECIPE_EPOCHS - RECIPE_LOW_RES_EPOCHS) * epoch_s[late]
+    late_epoch_s = sum(epoch_s[side] for side in late) / len(late)  # each batch's side drawn evenly from them
+    recipe_s = RECIPE_LOW_RES_EPOCHS * epoch_s[low] + (RECIPE_EPOCHS - RECIPE_LOW_RES_EPOCHS) * late_epoch_s
     print(f"\nLiteSeg from scratch ({args.lite_arch}, {count_parameters(model) / 1e6:.2f} M parameters, {size}px, {precision_name(amp)}, "
           f"batch {b}{', torch.compile' if args.compile else ''}):")
     print(f"  model step (forward, backward, AdamW): {b / model_s:8.1f} samples/s")
@@ -279,7 +280,7 @@ def bench_lite(args: argparse.Namespace) -> None:
           + ", ".join(f"{seconds:,.0f} s at {side} px" for side, seconds in epoch_s.items())
           + (f"; peak GPU memory {peak:.2f} GiB" if peak else ""))
     print(f"  the shipped recipe (make train-lite: {RECIPE_EPOCHS} epochs, the first {RECIPE_LOW_RES_EPOCHS} at {low} px, "
-          f"the rest at {late} px), "
+          f"each batch of the rest at {' or '.join(map(str, late))} px), "
           f"its training steps alone (validation not counted): {recipe_s / 60:,.1f} min")
     if device.type == "cpu" and amp == torch.bfloat16:
         for side in epoch_s:

@@ -16,7 +16,7 @@ if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu_budget.log") 2>&1; fi
 "$PY" bench/standin_photos.py --data data/full
 start=$(date +%s)
 timeout -k 10 "${LIMIT:-540}" "$PY" train.py --data data/full --model lite-ctx --out "$RUN" --epochs 24 \
-    --batch-size 16 --lr 2e-3 --low-res-epochs 14 --low-res-size 256 --train-sizes 384 --patience 0 --overwrite "$@" \
+    --batch-size 16 --lr 2e-3 --low-res-epochs 14 --low-res-size 256 --train-sizes 384 448 --patience 0 --overwrite "$@" \
     || echo "train.py exited $? (124: stopped at ${LIMIT:-540} s)"
 echo "wall: $(( $(date +%s) - start )) s for: train.py ... $*"
 "$PY" - "$RUN/metrics.csv" <<'PYEOF'
