@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,24 @@ def test_standin_photos_fill_a_machine_without_the_photos(processed, tmp_path, c
             assert samples[Path(r["image"]).read_bytes()] == r["task"]
             assert load_image(r["image"]).shape == (640, 640, 3)
     assert standin.main(argparse.Namespace(data=str(data), photos=str(SAMPLE))) == 1
+
+
+def test_the_recipe_timed_is_the_one_shipped():
+    """bench_train.py's RECIPE_* and gpu_budget.sh's train.py command follow the Makefile's train-lite
+    defaults, which trained the shipped checkpoint (its defectseg.json records the config)."""
+    make = dict(line.split(" ?= ") for line in (REPO / "Makefile").read_text().splitlines()
+                if line.startswith("LITE_") and " ?= " in line)
+    recipe = {"model": make["LITE_MODEL"], "epochs": int(make["LITE_EPOCHS"]),
+              "low_res_epochs": int(make["LITE_LOW_RES_EPOCHS"]), "low_res_size": int(make["LITE_LOW_RES_SIZE"]),
+              "train_sizes": [int(side) for side in make["LITE_TRAIN_SIZES"].split()]}
+    bench = load_script("bench_train")
+    assert recipe == {"model": "lite-ctx", "epochs": bench.RECIPE_EPOCHS, "low_res_epochs": bench.RECIPE_LOW_RES_EPOCHS,
+                      "low_res_size": bench.RECIPE_LOW_RES_SIZE, "train_sizes": list(bench.RECIPE_TRAIN_SIZES)}
+    budget = " ".join((REPO / "bench" / "gpu_budget.sh").read_text().split())
+    assert (f"--model {recipe['model']} --out \"$RUN\" --epochs {recipe['epochs']} --batch-size 16 --lr 2e-3 "
+            f"--low-res-epochs {recipe['low_res_epochs']} --low-res-size {recipe['low_res_size']} "
+            f"--train-sizes {make['LITE_TRAIN_SIZES']} --patience 0") in budget.replace("\\ ", "")
+    shipped = REPO / "models" / "liteseg" / "defectseg.json"
+    if shipped.is_file():
+        config = json.loads(shipped.read_text())["train_config"]
+        assert {key: config[key] for key in recipe} == recipe
