@@ -117,6 +117,10 @@ def check_prompts(prompts: list[str], suffixes: list[str]) -> list[str]:
         prompt = prompt.strip()
         if not prompt:
             raise InputError("--prompt must not be empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal's encoding could not decode, e.g. Latin-1 text
+            raise InputError(f"--prompt {prompt!r} is not valid UTF-8 text; check the terminal's encoding") from None
         if prompt in kept:
             continue
         for suffix in suffixes:
@@ -286,7 +290,8 @@ def predict_images(
     Per batch: one ``encode`` (the vision encoder), then ``probabilities`` for all prompts. PNG encoding
     and writing run in threads, overlapping the next batch's encoding; at most one batch of writes is
     pending, and its maps are freed before the next batch's are made (memory: about 4 bytes per pixel per
-    prompt for one batch of images at their own sizes).
+    prompt for one batch of images at their own sizes; with overlays, also 3 bytes per pixel of each image
+    decoded ahead: up to two batches per worker).
     """
     stats = RunStats()
     start = time.perf_counter()
@@ -294,7 +299,7 @@ def predict_images(
     pending: list[Future[None]] = []
     bar = cli.progress(total=len(paths), desc="predict", unit="image", enabled=progress)
     with ThreadPoolExecutor(WRITER_THREADS) as writer, logging_redirect_tqdm(), bar:
-        for batch in image_batches(segmenter, paths, batch_size, workers):
+        for batch in image_batches(segmenter, paths, batch_size, workers, keep_images=OVERLAY_SUFFIX in suffixes):
             stop_if_terminated()
             for item in batch:
                 if item.error is not None:
@@ -304,7 +309,7 @@ def predict_images(
             if loaded:
                 activations = segmenter.encode(torch.stack([item.pixel_values for item in loaded]))
                 stats.masks += wait_for(pending)  # first: one batch of full-size maps in memory at a time
-                probs = segmenter.probabilities(activations, [item.image.shape[:2] for item in loaded], prompts)
+                probs = segmenter.probabilities(activations, [item.size for item in loaded], prompts)
                 pending = [
                     writer.submit(write_outputs, out, item, prompt_slug(prompt), prob, thresholds[prompt], suffixes)
                     for prompt in prompts
@@ -394,6 +399,8 @@ def main(args: argparse.Namespace) -> int:
     for p in (p for p in prompts if not segmenter.trained_on(p)):
         log.warning("prompt %r is not one the model was trained on (%s): its masks may mean little, at threshold "
                     "%g", p, ", ".join(repr(t.prompt) for t in segmenter.tasks.values()), thresholds[p])
+    for p in (p for p in prompts if segmenter.cuts(p)):
+        log.warning("prompt %r is longer than the model reads: only its start conditions the masks", p)
     precision = precision_name(segmenter.amp_dtype)
     log.info("%d images x %d prompts with %s on %s (%s)%s%s; thresholds: %s%s", len(paths), len(prompts), model,
              segmenter.device, precision, f", TTA {args.tta}" if args.tta else "",

@@ -297,6 +297,14 @@ class Segmenter:
         a checkpoint without tuned thresholds (not trained here) is taken at its word for any prompt."""
         return not self.thresholds or task_for_prompt(prompt, self.tasks) is not None
 
+    def cuts(self, prompt: str) -> bool:
+        """Whether the model reads only the start of ``prompt``: its tokenizer cuts it (LiteSeg at 64 bytes,
+        CLIP at 77 tokens), so two prompts that start alike get the same masks."""
+        def length(truncation: bool) -> int:
+            return self.processor.tokenizer([prompt], padding=False, truncation=truncation, verbose=False,
+                                            return_tensors="pt")["input_ids"].shape[1]
+        return length(False) > length(True)
+
     def threshold(self, prompt: str) -> float:
         """The prompt's threshold: the checkpoint's for its task (``tuned_threshold``), else the default."""
         tuned = self.tuned_threshold(prompt)
@@ -372,27 +380,32 @@ def processor_inputs(image_processor, images: Sequence[np.ndarray]) -> torch.Ten
 
 @dataclass
 class LoadedImage:
-    """One image file read for inference: the image and its model input, or why it could not be read.
+    """One image file read for inference: its size and model input (and the image itself when asked for),
+    or why it could not be read.
 
-    image: (H, W, 3) uint8 RGB with the EXIF orientation applied (``io.load_image``); its size is the
-        size masks are written at.
+    size: (H, W) of the image with the EXIF orientation applied (``io.load_image``): the size masks are
+        written at.
     pixel_values: (3, S, S) float32, this image's row of ``Segmenter.pixel_values``.
+    image: (H, W, 3) uint8 RGB, only when ``ImageFiles`` keeps images (overlays need them); else None, so
+        a batch of large photos does not travel between processes whole.
     """
 
     path: Path
-    image: np.ndarray | None = None
+    size: tuple[int, int] | None = None
     pixel_values: torch.Tensor | None = None
+    image: np.ndarray | None = None
     error: str | None = None
 
 
 class ImageFiles(Dataset):
     """Image files -> ``LoadedImage``. A file that cannot be read comes back with ``error`` set rather
     than raising, so one bad file does not end a run. Holds only the image processor (not the model),
-    so it is cheap to send to worker processes."""
+    so it is cheap to send to worker processes. ``keep_images``: also return each decoded image."""
 
-    def __init__(self, paths: Sequence[str | Path], image_processor) -> None:
+    def __init__(self, paths: Sequence[str | Path], image_processor, keep_images: bool = False) -> None:
         self.paths = [Path(p) for p in paths]
         self.image_processor = image_processor
+        self.keep_images = keep_images
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -403,20 +416,22 @@ class ImageFiles(Dataset):
             image = load_image(path)
         except ImageReadError as err:
             return LoadedImage(path, error=str(err))
-        return LoadedImage(path, image, processor_inputs(self.image_processor, [image])[0])
+        return LoadedImage(path, image.shape[:2], processor_inputs(self.image_processor, [image])[0],
+                           image if self.keep_images else None)
 
 
 def image_batches(
-    segmenter: Segmenter, paths: Sequence[str | Path], batch_size: int = 8, workers: int = 0
+    segmenter: Segmenter, paths: Sequence[str | Path], batch_size: int = 8, workers: int = 0,
+    keep_images: bool = False,
 ) -> DataLoader:
-    """Batches (lists) of ``LoadedImage`` for ``paths``, in order.
+    """Batches (lists) of ``LoadedImage`` for ``paths``, in order (with the decoded images: ``keep_images``).
 
     With ``workers`` > 0 the files are decoded and resized in that many processes, ahead of the model.
     At most one worker per batch after the first is started: the first batch has nothing to overlap.
     """
     n_batches = -(-len(paths) // batch_size)
     return DataLoader(
-        ImageFiles(paths, segmenter.processor.image_processor),
+        ImageFiles(paths, segmenter.processor.image_processor, keep_images),
         batch_size=batch_size,
         num_workers=max(0, min(workers, n_batches - 1)),
         collate_fn=list,

@@ -146,8 +146,9 @@ class PyramidContext(nn.Module):
     """PSPNet's pyramid pooling as a residual: the features averaged over ``bins`` x ``bins`` cells for each
     bin count, projected to a quarter of the width, upsampled and projected back, added to the input. It
     hands every position the whole photo's context (a large crack seen as one structure, not as pieces). The
-    last projection starts at zero, so the block starts as the identity (an existing model gains it without
-    changing its output). No batch norm: 1 x 1 cells of a one-image batch would break it."""
+    last projection starts at zero, so the block starts as the identity (scripts/add_context.py gives it to
+    an existing model without changing its output). No batch norm: 1 x 1 cells of a one-image batch would
+    break it."""
 
     def __init__(self, c: int, bins: list[int]):
         super().__init__()
@@ -325,8 +326,10 @@ class ByteTokenizer:
     def __init__(self, max_length: int):
         self.max_length = max_length
 
-    def __call__(self, prompts, padding: bool = True, truncation: bool = True, return_tensors: str = "pt") -> BatchEncoding:
-        encoded = [list(normalize_prompt(p).encode("utf-8"))[: self.max_length] or [32] for p in prompts]
+    def __call__(self, prompts, padding: bool = True, truncation: bool = True, return_tensors: str = "pt",
+                 verbose: bool = True) -> BatchEncoding:
+        keep = self.max_length if truncation else None
+        encoded = [list(normalize_prompt(p).encode("utf-8"))[:keep] or [32] for p in prompts]
         length = max(len(e) for e in encoded)
         ids = torch.zeros(len(encoded), length, dtype=torch.long)
         mask = torch.zeros(len(encoded), length, dtype=torch.long)

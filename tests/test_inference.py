@@ -168,3 +168,13 @@ def test_probability_map_is_the_sigmoid_of_the_resized_logits(lite_dir):
         np.testing.assert_allclose(prob, expected[0, 0].numpy(), rtol=0, atol=1e-6)
     mask = seg.predict([image], ["segment crack"])["segment crack"][0]
     np.testing.assert_array_equal(seg.probability_map(image, "segment crack") >= np.float32(seg.threshold("segment crack")), mask)
+
+
+@pytest.mark.parametrize("family, whole", [("lite", 64), ("clipseg", 75)])  # 64 bytes; 77 tokens with BOS and EOS
+def test_a_prompt_longer_than_the_model_reads_is_known(tiny_dir, lite_dir, family, whole):
+    """``cuts``: LiteSeg reads 64 UTF-8 bytes of the normalized prompt, CLIP 77 tokens (one per character
+    with the tiny byte vocabulary); any longer prompt is cut, whatever its case and spaces."""
+    seg = Segmenter.load(str(lite_dir if family == "lite" else tiny_dir), "cpu")
+    assert not seg.cuts("a" * whole) and seg.cuts("a" * (whole + 1))
+    assert not seg.cuts("  " + "A" * whole + "  ")
+    assert not seg.cuts("segment crack") and seg.cuts("segment crack " * 10)

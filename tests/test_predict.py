@@ -181,6 +181,8 @@ def test_unreadable_image_is_reported_and_skipped(tiny_dir: Path, tmp_path: Path
         (["segment crack", "  "], "--prompt must not be empty"),
         ([""], "--prompt must not be empty"),
         (["segment crack", "Segment  CRACK"], "would both write <image_stem>__segment_crack.png"),
+        # Latin-1 bytes in argv: Python decodes them to lone surrogates, which no file name or model can take
+        (["segment fissure \udce9troite"], "--prompt 'segment fissure \\udce9troite' is not valid UTF-8 text"),
     ],
 )
 def test_bad_prompts(tiny_dir: Path, tmp_path: Path, capsys, prompts: list[str], message: str) -> None:
@@ -479,3 +481,24 @@ def test_out_expands_the_home_folder(tiny_dir: Path, tmp_path: Path, monkeypatch
     argv = ["--model", str(tiny_dir), "--workers", "0", "--image=~/a.png", "--out=~/preds", "--prompt", PROMPTS[0]]
     assert predict.main(predict.build_parser().parse_args(argv)) == 0
     assert (tmp_path / "preds" / f"a__{SLUGS[0]}.png").is_file() and image.is_file()
+
+
+def test_a_prompt_longer_than_the_model_reads_warns(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    """Prompts that share their first 77 tokens get the same masks: each such prompt is named."""
+    long = "segment crack " + "a" * 80
+    image = write_image(tmp_path / "a.png", 20, 20)
+    assert run(tiny_dir, tmp_path / "out", "--image", str(image), prompts=["segment crack", long]) == 0
+    err = capsys.readouterr().err
+    assert f"prompt {long!r} is longer than the model reads" in err and "'segment crack' is longer" not in err
+
+
+def test_images_travel_to_the_model_whole_only_for_overlays(tiny_dir: Path, odd_images) -> None:
+    """Without overlays a batch carries each image's size and model input, not the decoded photo."""
+    seg = Segmenter.load(str(tiny_dir), "cpu")
+    paths = [odd_images["wide"], odd_images["exif"]]
+    for keep in (False, True):
+        items = [item for batch in predict.image_batches(seg, paths, 1, keep_images=keep) for item in batch]
+        assert [item.size for item in items] == [(120, 300), (40, 30)]  # the EXIF turn applied
+        assert all((item.image is not None) == keep for item in items)
+        if keep:
+            assert [item.image.shape for item in items] == [(120, 300, 3), (40, 30, 3)]
