@@ -44,6 +44,7 @@ from defectseg.inference import (
     add_tta_argument,
     check_device,
     checkpoint_metadata,
+    threshold_sources,
     thresholds_mismatch,
 )
 from defectseg.io import AtomicFolder, ImageReadError, os_reason
@@ -200,9 +201,11 @@ def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep:
     if args.threshold is not None:
         segmenter.thresholds, segmenter.default_threshold, source = {}, args.threshold, "--threshold"
     else:
-        if not none_tuned and tuned_on(meta.get("thresholds_source"), args):
+        scored = {segmenter.threshold_prompt(row["prompt"]) for row in rows}
+        records = [r for p, r in threshold_sources(meta).items() if p in scored]
+        if not none_tuned and any(tuned_on(r, args) for r in records):
             source += ", tuned on the images scored here by evaluate.py --write-thresholds, so these numbers are optimistic"
-        if mismatch := thresholds_mismatch(meta, model_arg, args.tta, args.ensemble):
+        if mismatch := thresholds_mismatch(meta, model_arg, args.tta, args.ensemble, scored):
             log.warning("%s", mismatch)
     log.info("scoring %s on %d images (%s)", model_arg, len(rows), evaluation.device_name(segmenter.device))
     result = evaluation.evaluate_model(segmenter, rows, batch_size=args.batch_size, thresholds=sweep,
@@ -220,8 +223,8 @@ def run_model(model_arg: str, args: argparse.Namespace, rows: list[dict], sweep:
     return section, result.scores, segmenter
 
 
-def tuned_on(provenance: object, args: argparse.Namespace) -> bool:
-    """Whether ``--write-thresholds`` (its ``thresholds_source`` record) tuned on the data and split scored now."""
+def tuned_on(provenance: dict, args: argparse.Namespace) -> bool:
+    """Whether ``--write-thresholds`` (a ``threshold_sources`` record) tuned on the data and split scored now."""
     if not isinstance(provenance, dict) or provenance.get("split") != args.split:
         return False
     data = provenance.get("data")
@@ -314,12 +317,18 @@ def evaluate(args: argparse.Namespace, model_arg: str, rows: list[dict], task_pr
         compare, compare_scores = run_model(args.compare, args, rows, sweep, other_prompts, None)[:2]
     try:
         if args.pred_dir:
-            if args.tta or args.ensemble or args.threshold is not None:
-                log.warning("--tta, --ensemble and --threshold do nothing with --pred-dir")
-            section, scores = run_pred_dir(args.pred_dir, args, rows)
+            model_flags = {"--model": args.model, "--tta": args.tta, "--ensemble": args.ensemble,
+                           "--threshold": args.threshold, "--thresholds-sweep": args.thresholds_sweep}
+            if ignored := [flag for flag, value in model_flags.items() if value not in (None, False, [])]:
+                log.warning("%s do%s nothing with --pred-dir (masks made elsewhere: no model runs)",
+                            ", ".join(ignored), "es" if len(ignored) == 1 else "")
+            try:
+                section, scores = run_pred_dir(args.pred_dir, args, rows)
+                if args.compare:
+                    compare, compare_scores = run_pred_dir(args.compare, args, rows)
+            except ValueError as err:  # not one prediction found: the folder's naming or split is not these rows'
+                return fail(str(err))
             loader = partial(evaluation.pred_dir_example, args.pred_dir, pred_threshold=args.pred_threshold)
-            if args.compare:
-                compare, compare_scores = run_pred_dir(args.compare, args, rows)
         else:
             mask_dir = stage / report.MASKS_DIR if args.save_masks else None
             section, scores, segmenter = run_model(model_arg, args, rows, sweep, other_prompts, mask_dir)

@@ -393,8 +393,8 @@ def main(args: argparse.Namespace) -> int:
             return fail(str(err))
         raise
     thresholds = {p: segmenter.threshold(p) if args.threshold is None else args.threshold for p in prompts}
-    if args.threshold is None and (mismatch := thresholds_mismatch(read_metadata(model), model, args.tta,
-                                                                   args.ensemble)):
+    if args.threshold is None and (mismatch := thresholds_mismatch(
+            read_metadata(model), model, args.tta, args.ensemble, map(segmenter.threshold_prompt, prompts))):
         log.warning("%s", mismatch)
     for p in (p for p in prompts if not segmenter.trained_on(p)):
         log.warning("prompt %r is not one the model was trained on (%s): its masks may mean little, at threshold "

@@ -31,7 +31,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -39,7 +39,7 @@ import torch
 
 from . import cli, metrics
 from .cli import stop_if_terminated
-from .inference import Segmenter, precision_name
+from .inference import Segmenter, precision_name, threshold_sources
 from .io import (
     ImageReadError,
     load_image,
@@ -618,19 +618,62 @@ def read_prediction(pred_dir: str | Path, row: dict, shape: tuple[int, int],
     return pred, "ok", values
 
 
-def warn_off_scale(marked: list[tuple[str, int, bool]], pred_threshold: float, pred_dir: str | Path) -> None:
+class Marked(NamedTuple):
+    """A prediction file that marks anything: its name, its smallest and largest non-zero values as stored,
+    whether it is graded (``is_graded``) and the largest value its type holds (255, 65535)."""
+
+    name: str
+    low: int
+    top: int
+    graded: bool
+    scale: int
+
+
+def marked_values(name: str, values: np.ndarray) -> Marked | None:
+    """``Marked`` of a prediction's stored values, None when it marks nothing."""
+    nonzero = values[values > 0]
+    if nonzero.size == 0:
+        return None
+    scale = int(np.iinfo(values.dtype).max) if np.issubdtype(values.dtype, np.integer) else 1
+    return Marked(name, int(nonzero.min()), int(nonzero.max()), is_graded(values), scale)
+
+
+def suggested_threshold(marked: Sequence[Marked]) -> int:
+    """Half the scale of the graded predictions' type: 128 for 8-bit, 32768 for 16-bit files."""
+    return (max((m.scale for m in marked if m.graded), default=255) + 1) // 2
+
+
+def warn_off_scale(marked: list[Marked], pred_threshold: float, pred_dir: str | Path) -> None:
     """Warn when ``pred_threshold`` is not on the scale of the masks' values (as stored): above the largest
-    value of every mask that marks anything ({0, 1} masks at 128: all scored as empty), or at most 1 on
-    graded masks of larger values (0..255 probabilities at 0.5: every non-zero pixel counts)."""
-    if marked and all(top < pred_threshold for _, top, _ in marked):
-        name, top, _ = max(marked, key=lambda m: m[1])
+    value of every mask that marks anything ({0, 1} masks at 128: all scored as empty), or at most the
+    smallest non-zero value of every graded mask, so that it changes nothing (0..255 probabilities at 0.5,
+    16-bit ones at 128: every non-zero pixel counts)."""
+    graded = [m for m in marked if m.graded]
+    if marked and all(m.top < pred_threshold for m in marked):
+        top = max(marked, key=lambda m: m.top)
         log.warning("--pred-threshold %g is above every value of the %d prediction(s) in %s that mark anything "
                     "(the largest: %d, in %s), so all of them score as empty: give V on the masks' own scale",
-                    pred_threshold, len(marked), pred_dir, top, name)
-    elif pred_threshold <= 1 and (above := [m for m in marked if m[1] > 1 and m[2]]):
-        log.warning("--pred-threshold %g is a value as stored, but %d prediction(s) in %s hold values up to %d "
-                    "(e.g. %s), so every non-zero pixel counts as foreground: for 0..255 probabilities use e.g. 128",
-                    pred_threshold, len(above), pred_dir, max(top for _, top, _ in above), above[0][0])
+                    pred_threshold, len(marked), pred_dir, top.top, top.name)
+    elif graded and all(m.low >= pred_threshold for m in graded):
+        log.warning("--pred-threshold %g is a value as stored, but %d prediction(s) in %s hold graded values up to %d "
+                    "and none below it but 0 (e.g. %s), so every non-zero pixel counts as foreground: for "
+                    "0..%d probabilities use e.g. %d", pred_threshold, len(graded), pred_dir,
+                    max(m.top for m in graded), graded[0].name, 2 * suggested_threshold(graded) - 1,
+                    suggested_threshold(graded))
+
+
+def check_found(result: RunResult, rows: Sequence[dict], pred_dir: str | Path) -> None:
+    """Raise ValueError when no prediction was found or readable for any row: the folder is not a set of
+    ``prediction_path`` masks for these images (another naming, another split), and a report of zeros would
+    say nothing about it."""
+    if not result.scores or len(result.missing) + len(result.unreadable) < len(result.scores):
+        return
+    held = sorted(p.name for p in Path(pred_dir).iterdir())[:3]
+    what = (f"{len(result.unreadable)} unreadable, " if result.unreadable else "") + f"{len(result.missing)} missing"
+    raise ValueError(f"{pred_dir}: none of the {len(result.scores)} predictions scored was found and readable "
+                     f"({what}): masks must be named <image_stem>__<prompt_slug>.png, e.g. "
+                     f"{prediction_path(pred_dir, rows[0]).name}; the folder holds "
+                     + (", ".join(held) + ("..." if len(held) == 3 else "") if held else "nothing"))
 
 
 def evaluate_pred_dir(pred_dir: str | Path, rows: Sequence[dict], *, workers: int = 2,
@@ -639,11 +682,12 @@ def evaluate_pred_dir(pred_dir: str | Path, rows: Sequence[dict], *, workers: in
     A missing or unreadable file scores as an empty prediction and is listed; another size is resized
     nearest to the ground truth's size and listed; a file holding graded values (not just 0 and one
     other value) is listed, and warned about when no ``pred_threshold`` was given (foreground: value >=
-    ``pred_threshold``, default any non-zero value). No sweep, no text sensitivity."""
+    ``pred_threshold``, default any non-zero value). No sweep, no text sensitivity. Raises ValueError
+    (``check_found``) when not one prediction was found and readable."""
     result = RunResult(scores=[])
     start = time.perf_counter()
     lists = {"missing": result.missing, "unreadable": result.unreadable, "resized": result.resized}
-    marked: list[tuple[str, int, bool]] = []  # (file, largest value, graded) of each prediction marking anything
+    marked: list[Marked] = []  # each prediction that marks anything
     for batch in cli.progress(iter_rows(rows, 64, load_images=False, workers=workers), desc="score", unit="batch",
                               total=-(-len(rows) // 64), enabled=progress):
         result.skipped += batch.skipped
@@ -653,15 +697,15 @@ def evaluate_pred_dir(pred_dir: str | Path, rows: Sequence[dict], *, workers: in
             name = prediction_path(pred_dir, row).name
             if status in lists:
                 lists[status].append(name)
-            graded = values is not None and is_graded(values)
-            if graded:
-                result.graded.append(name)
-            if values is not None and values.any():
-                marked.append((name, int(values.max()), graded))
+            if values is not None and (m := marked_values(name, values)) is not None:
+                marked.append(m)
+                if m.graded:
+                    result.graded.append(name)
             if status == "missing":
                 result.missing_by_task[row["task"]] = result.missing_by_task.get(row["task"], 0) + 1
             result.scores.append(ImageScore(image=row["image"], mask=row["mask"], task=row["task"],
                                             prompt=row["prompt"], counts=metrics.confusion(pred, target)))
+    check_found(result, rows, pred_dir)
     warn_gt_resized(result)
     for status, names in lists.items():
         if names:
@@ -671,7 +715,8 @@ def evaluate_pred_dir(pred_dir: str | Path, rows: Sequence[dict], *, workers: in
     if result.graded and pred_threshold is None:
         log.warning("%d prediction(s) in %s hold values other than 0 and 255 (probability maps?), e.g. %s; "
                     "they are binarized at > 0, so every non-zero pixel counts as foreground: threshold them "
-                    "first, or pass --pred-threshold (e.g. 128)", len(result.graded), pred_dir, result.graded[0])
+                    "first, or pass --pred-threshold (e.g. %d)", len(result.graded), pred_dir, result.graded[0],
+                    suggested_threshold(marked))
     if pred_threshold is not None:
         warn_off_scale(marked, pred_threshold, pred_dir)
     for task, n in sorted(result.missing_by_task.items()):
@@ -787,13 +832,17 @@ def best_thresholds(summary: dict, segmenter: Segmenter) -> dict[str, float]:
 
 def write_thresholds(model_dir: str | Path, thresholds: dict[str, float], source: dict[str, Any]) -> Path:
     """Store ``thresholds`` {canonical prompt: value} in the checkpoint folder's ``defectseg.json``
-    (other metadata and other prompts' thresholds kept; ``source`` recorded under ``thresholds_source``)
-    and in its decoder file's header, atomically. Returns the metadata file's path."""
+    (other metadata and other prompts' thresholds kept) with ``source`` as each one's record under
+    ``thresholds_sources`` (``inference.threshold_sources``: the other prompts keep theirs), and in its decoder
+    file's header, atomically. Returns the metadata file's path."""
     folder = Path(model_dir)
     old = read_metadata(folder)
     new = {normalize_prompt(k) for k in thresholds}
     kept = {k: v for k, v in old.get("thresholds", {}).items() if normalize_prompt(k) not in new}
-    meta = {**old, "thresholds": {**kept, **{k: float(v) for k, v in thresholds.items()}}, "thresholds_source": source}
+    sources = {p: r for p, r in threshold_sources(old).items() if p in map(normalize_prompt, kept)}
+    meta = {k: v for k, v in old.items() if k != "thresholds_source"}  # the one record of earlier versions
+    meta.update(thresholds={**kept, **{k: float(v) for k, v in thresholds.items()}},
+                thresholds_sources={**sources, **{normalize_prompt(k): source for k in thresholds}})
     target = folder / METADATA_FILE
     write_json_atomic(target, meta)
     if (folder / DECODER_FILE).is_file():  # the decoder file carries the same metadata

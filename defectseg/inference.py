@@ -19,7 +19,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -108,14 +108,33 @@ def _views(tta: str | None, ensemble: bool) -> str:
     return " and ".join([f"--tta {tta}" if tta else "no --tta"] + ["--ensemble"] * bool(ensemble))
 
 
-def thresholds_mismatch(meta: dict, model_arg: str, tta: str | None, ensemble: bool) -> str | None:
-    """A warning when a checkpoint's thresholds were tuned (``evaluate.py --write-thresholds``, which
-    records ``thresholds_source``) with another --tta or --ensemble than a run's; None when they match or
-    nothing is recorded (training tunes them without either)."""
-    source = meta.get("thresholds_source")
-    if not isinstance(source, dict) or (source.get("tta"), bool(source.get("ensemble"))) == (tta, bool(ensemble)):
+def threshold_sources(meta: dict) -> dict[str, dict]:
+    """{canonical prompt: how its threshold was tuned} as ``evaluate.py --write-thresholds`` records it
+    (``thresholds_sources``; a checkpoint written before records one ``thresholds_source`` for all its
+    thresholds). Prompts tuned by train.py have none."""
+    sources = meta.get("thresholds_sources")
+    if isinstance(sources, dict):
+        return {normalize_prompt(k): v for k, v in sources.items() if isinstance(v, dict)}
+    legacy, thresholds = meta.get("thresholds_source"), meta.get("thresholds")
+    if isinstance(legacy, dict) and isinstance(thresholds, dict):
+        return {normalize_prompt(k): legacy for k in thresholds}
+    return {}
+
+
+def thresholds_mismatch(meta: dict, model_arg: str, tta: str | None, ensemble: bool,
+                        prompts: Iterable[str] | None = None) -> str | None:
+    """A warning when the thresholds of ``prompts`` (default: all) were tuned (``evaluate.py
+    --write-thresholds``, ``threshold_sources``) with another --tta or --ensemble than a run's; None when they
+    match or nothing is recorded (training tunes them without either)."""
+    sources = threshold_sources(meta)
+    wanted = None if prompts is None else {normalize_prompt(p) for p in prompts}
+    off = {p: s for p, s in sources.items() if (wanted is None or p in wanted)
+           and (s.get("tta"), bool(s.get("ensemble"))) != (tta, bool(ensemble))}
+    if not off:
         return None
-    return (f"the thresholds of {model_arg} were tuned with {_views(source.get('tta'), source.get('ensemble'))} "
+    source = next(iter(off.values()))
+    which = "" if len(off) == len(sources) else f" for {', '.join(map(repr, sorted(off)))}"
+    return (f"the thresholds of {model_arg}{which} were tuned with {_views(source.get('tta'), source.get('ensemble'))} "
             f"(evaluate.py --write-thresholds on {source.get('split')}); this run uses {_views(tta, ensemble)}, so "
             "they may not fit: run with the same, retune them, or pass --threshold")
 
@@ -312,8 +331,12 @@ class Segmenter:
 
     def tuned_threshold(self, prompt: str) -> float | None:
         """The threshold the checkpoint stores for the prompt's task (or the prompt itself), or None."""
+        return self.thresholds.get(self.threshold_prompt(prompt))
+
+    def threshold_prompt(self, prompt: str) -> str:
+        """The prompt whose threshold ``prompt`` uses: its task's (synonyms share it), else itself; canonical."""
         task = task_for_prompt(prompt, self.tasks)
-        return self.thresholds.get(normalize_prompt(task.prompt if task is not None else prompt))
+        return normalize_prompt(task.prompt if task is not None else prompt)
 
     # -- activations -> logits -> probabilities -------------------------------------------------
 

@@ -19,14 +19,33 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from defectseg import evaluation, report  # noqa: E402
+from defectseg.io import os_reason  # noqa: E402
 from defectseg.manifest import MANIFEST_FILE, read_manifest  # noqa: E402
 from defectseg.tasks import prompt_slug  # noqa: E402
 
 
+def peer_folders(peers: Path) -> list[Path]:
+    """The mask folders in ``peers``; raises ValueError when there are none (or it holds masks itself)."""
+    if not peers.is_dir():
+        raise ValueError(f"--peers {peers} does not exist or is not a folder")
+    folders = sorted(p for p in peers.iterdir() if p.is_dir())
+    if not folders:
+        itself = next(peers.glob("*__*.png"), None)
+        raise ValueError(f"--peers {peers} holds no folder of masks" + (
+            f"; it holds masks itself (e.g. {itself.name}): give the folder above it, or score it with "
+            f"evaluate.py --pred-dir {peers}" if itself else ""))
+    return folders
+
+
 def main(args: argparse.Namespace) -> int:
-    rows = read_manifest(Path(args.data) / args.split / MANIFEST_FILE)
+    manifest = Path(args.data) / args.split / MANIFEST_FILE
     try:
+        rows = read_manifest(manifest)
         ours = report.read_per_image_iou(args.ours) if args.ours else None
+        folders = peer_folders(Path(args.peers))
+    except OSError as err:
+        print(f"error: {os_reason(err)}", file=sys.stderr)
+        return 1
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -34,10 +53,18 @@ def main(args: argparse.Namespace) -> int:
               "recall", "missing"] + (["ours - them (paired)", "95% interval"] if ours else [])
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for folder in sorted(p for p in Path(args.peers).iterdir() if p.is_dir()):
+    for folder in folders:
         slugs = {slug for slug in {prompt_slug(r["prompt"]) for r in rows} if any(folder.glob(f"*__{slug}.png"))}
         covered = [r for r in rows if prompt_slug(r["prompt"]) in slugs]  # the manifest's prompts, any task table
-        result = evaluation.evaluate_pred_dir(folder, covered, progress=False)
+        if not covered:
+            print(f"warning: {folder} holds no mask named for a prompt of {args.data}/{args.split}; not scored",
+                  file=sys.stderr)
+            continue
+        try:
+            result = evaluation.evaluate_pred_dir(folder, covered, progress=False)
+        except ValueError as err:  # not one of its masks is named for these images
+            print(f"warning: {err}; not scored", file=sys.stderr)
+            continue
         summary = evaluation.aggregate(result.scores)
         paired = evaluation.paired_difference(evaluation.iou_by_image(result.scores, str(folder)), ours)["tasks"] \
             if ours else {}

@@ -117,21 +117,70 @@ def test_pred_dir_ground_truth_scores_exactly_one(processed, valid_rows, tmp_pat
     assert (out / "examples_cracks.png").is_file() and not (out / "threshold_curves.png").exists()
 
 
-def test_pred_dir_empty_folder_scores_zero_and_reports_missing(processed, tmp_path, capsys):
-    empty = tmp_path / "empty"
-    empty.mkdir()
+def test_pred_dir_without_a_task_s_masks_scores_it_zero_and_reports_missing(processed, valid_rows, tmp_path, capsys):
+    preds = tmp_path / "cracks_only"
+    preds.mkdir()
+    for row in valid_rows:
+        if row["task"] == "cracks":
+            shutil.copy(row["mask"], pred_file(preds, row))
     out = tmp_path / "report"
-    code, log = run_logged(capsys, "--pred-dir", str(empty), "--data", str(processed), "--out", str(out),
+    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out", str(out),
                            "--examples", "0")
     assert code == 0
     m = load_metrics(out)
-    for name in ("cracks", "drywall"):  # every valid ground truth of the sample is non-empty
-        assert m["tasks"][name]["n_empty_gt"] == 0
-        assert m["tasks"][name]["iou"] == m["tasks"][name]["dice"] == 0.0
-    assert m["predictions"]["missing"]["count"] == 8
-    assert m["predictions"]["missing"]["by_task"] == {"cracks": 4, "drywall": 4}
-    assert "8 prediction file(s) missing" in (out / "report.md").read_text()
-    assert "8 prediction(s) missing" in log and "--tasks" in log
+    assert m["tasks"]["cracks"]["iou"] == 1.0
+    assert m["tasks"]["drywall"]["n_empty_gt"] == 0  # every valid ground truth of the sample is non-empty
+    assert m["tasks"]["drywall"]["iou"] == m["tasks"]["drywall"]["dice"] == 0.0
+    assert m["predictions"]["missing"]["count"] == 4 and m["predictions"]["missing"]["by_task"] == {"drywall": 4}
+    assert "4 prediction file(s) missing" in (out / "report.md").read_text()
+    assert "4 prediction(s) missing" in log and "no mask at all for task drywall" in log and "--tasks" in log
+
+
+@pytest.mark.parametrize("held", [[], ["IMG_1.png", "notes.txt"]])
+def test_pred_dir_with_no_mask_for_these_images_is_refused_and_keeps_the_report(processed, tmp_path, capsys, held):
+    """An empty folder, or one whose masks are named otherwise, is not a model that found nothing: one line
+    naming the folder, the naming it expects and what it holds; exit 1; the earlier report stays."""
+    out = tmp_path / "report"
+    assert run("--pred-dir", str(processed / "valid" / "masks"), "--data", str(processed), "--out", str(out), "-q") == 0
+    before = (out / "metrics.json").read_bytes()
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in held:
+        (other / name).write_bytes(b"x")
+    code, log = run_logged(capsys, "--pred-dir", str(other), "--data", str(processed), "--out", str(out))
+    assert code == 1 and "Traceback" not in log
+    line = next(x for x in log.splitlines() if "none of the 8 predictions" in x)
+    assert str(other) in line and "<image_stem>__<prompt_slug>.png" in line and "__segment_crack.png" in line
+    assert ("IMG_1.png, notes.txt" in line) if held else line.endswith("the folder holds nothing")
+    assert "no mask at all for task" not in log  # the --tasks hint does not fit a folder that matches nothing
+    assert (out / "metrics.json").read_bytes() == before
+
+
+def test_16_bit_probability_maps_get_advice_on_their_scale(processed, valid_rows, tmp_path, capsys):
+    """0..65535 maps (foreground 51400, background 10280): the advice is half their scale, 32768; 128 (the
+    8-bit advice) cuts nothing and is warned about; 32768 recovers the ground truth."""
+    preds = tmp_path / "probs16"
+    preds.mkdir()
+    for row in valid_rows:
+        cv2.imwrite(str(pred_file(preds, row)), np.where(read_mask_png(row["mask"]), 51400, 10280).astype(np.uint16))
+    out = tmp_path / "r"
+    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out", str(out), "--examples", "0")
+    assert code == 0 and "pass --pred-threshold (e.g. 32768)" in log
+    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out", str(out),
+                           "--examples", "0", "--pred-threshold", "128")
+    warnings = [x for x in log.splitlines() if "--pred-threshold 128 is a value as stored" in x]
+    assert code == 0 and len(warnings) == 1 and "up to 51400" in warnings[0] and "0..65535" in warnings[0]
+    assert "e.g. 32768" in warnings[0] and load_metrics(out)["tasks"]["cracks"]["recall"] == 1.0
+    code, log = run_logged(capsys, "--pred-dir", str(preds), "--data", str(processed), "--out", str(out),
+                           "--examples", "0", "--pred-threshold", "32768")
+    assert code == 0 and "--pred-threshold" not in log and load_metrics(out)["overall"]["iou"] == 1.0
+
+
+def test_model_flags_with_pred_dir_are_warned_about(processed, tiny_dir, tmp_path, capsys):
+    code, log = run_logged(capsys, "--pred-dir", str(processed / "valid" / "masks"), "--data", str(processed),
+                           "--out", str(tmp_path / "r"), "--examples", "0", "--model", str(tiny_dir),
+                           "--thresholds-sweep", "0.3", "0.5")
+    assert code == 0 and "--model, --thresholds-sweep do nothing with --pred-dir" in log
 
 
 @pytest.mark.parametrize("summary", [[], {"leakage": {"cracks": {"valid": {"images": 4}}}, "splits": ["train"]},
@@ -423,7 +472,7 @@ def test_write_thresholds_updates_the_checkpoint(processed, tiny_dir, tmp_path, 
     best = {t["prompt"]: t["best_threshold"] for t in m["tasks"].values()}
     meta = read_metadata(model)
     assert meta["note"] == "kept" and meta["thresholds"] == best  # the old "Segment Crack" key replaced
-    assert meta["thresholds_source"]["split"] == "valid"
+    assert meta["thresholds_sources"]["segment crack"]["split"] == "valid" and "thresholds_source" not in meta
     code, log = run_logged(capsys, "--model", str(model), "--data", str(processed), "--out", str(tmp_path / "r2"),
                            "--tta", "--examples", "0")
     assert code == 0 and "were tuned with no --tta (evaluate.py --write-thresholds on valid); this run uses --tta flip" in log
@@ -438,6 +487,38 @@ def test_write_thresholds_updates_the_checkpoint(processed, tiny_dir, tmp_path, 
     assert "Best thresholds written" in (out / "report.md").read_text()
     assert m["thresholds_written"]["thresholds"] == best
     assert read_metadata(model / DECODER_FILE)["thresholds"] == best  # the decoder file agrees
+
+
+def test_write_thresholds_of_one_task_keeps_the_others_record(processed, tiny_dir, tmp_path, capsys):
+    """Each prompt's threshold keeps how it was tuned: retuning taping with --tta leaves crack's record (no
+    --tta) alone, and the mismatch warning names the prompts a run uses whose records differ from it."""
+    model = tmp_path / "best"
+    shutil.copytree(tiny_dir, model)
+    args = ["--model", str(model), "--data", str(processed), "--examples", "0"]
+    assert run(*args, "--out", str(tmp_path / "r1"), "--write-thresholds", "-q") == 0
+    assert run(*args, "--out", str(tmp_path / "r2"), "--write-thresholds", "--tasks", "drywall", "--tta", "-q") == 0
+    sources = read_metadata(model)["thresholds_sources"]
+    assert sources["segment crack"]["tta"] is None and sources["segment taping area"]["tta"] == "flip"
+
+    def warning(*extra: str) -> str:
+        code, log = run_logged(capsys, *args, "--out", str(tmp_path / "r3"), *extra)
+        assert code == 0
+        return "\n".join(line for line in log.splitlines() if "were tuned with" in line)
+
+    assert warning("--tasks", "drywall", "--tta") == "" and warning("--tasks", "cracks") == ""
+    assert "for 'segment crack' were tuned with no --tta" in warning("--tasks", "cracks", "--tta")
+    assert "for 'segment taping area' were tuned with --tta flip" in warning("--tasks", "drywall")
+
+
+def test_thresholds_mismatch_reads_the_record_of_earlier_versions():
+    """A checkpoint tuned before records were per prompt: its one ``thresholds_source`` covers them all."""
+    from defectseg.inference import threshold_sources, thresholds_mismatch
+    legacy = {"thresholds": {"Segment Crack": 0.4, "segment taping area": 0.6},
+              "thresholds_source": {"split": "valid", "tta": "d4", "ensemble": False}}
+    assert set(threshold_sources(legacy)) == {"segment crack", "segment taping area"}
+    assert "were tuned with --tta d4" in thresholds_mismatch(legacy, "m", None, False, ["segment crack"])
+    assert thresholds_mismatch(legacy, "m", "d4", False) is None
+    assert thresholds_mismatch({"thresholds": {"segment crack": 0.4}}, "m", "flip", True) is None  # train.py's
 
 
 def test_write_thresholds_refused(processed, tiny_dir, tmp_path, capsys):

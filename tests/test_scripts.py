@@ -71,6 +71,31 @@ def test_score_peers_names_an_unreadable_report(processed: Path, tmp_path: Path)
                                    "per_image.csv ('task')")
 
 
+def test_score_peers_refuses_folders_it_cannot_score(processed: Path, tmp_path: Path) -> None:
+    """Paths that do not exist, or a folder of masks given as --peers (the folder of folders): one line, exit
+    1. A subfolder holding no mask for these images is a warning, and the others are still scored."""
+    def score(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "scripts/score_peers.py", "--ours", "", *argv], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+
+    masks = processed / "valid" / "masks"
+    for argv, line in [(["--data", str(tmp_path / "none"), "--peers", str(tmp_path)], "No such file or directory"),
+                       (["--data", str(processed), "--peers", str(tmp_path / "none")], "does not exist or is not a folder"),
+                       (["--data", str(processed), "--peers", str(masks)], "holds masks itself")]:
+        proc = score(*argv)
+        assert proc.returncode == 1 and proc.stderr.startswith("error: ") and line in proc.stderr
+        assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    peers = tmp_path / "peers"
+    (peers / "empty").mkdir(parents=True)
+    (peers / "renamed").mkdir()
+    (peers / "renamed" / "photo__segment_crack.png").write_bytes(next(masks.glob("*__segment_crack.png")).read_bytes())
+    shutil.copytree(masks, peers / "good")
+    proc = score("--data", str(processed), "--peers", str(peers))
+    assert proc.returncode == 0
+    assert "empty holds no mask named for a prompt" in proc.stderr and "renamed: none of the 4 predictions" in proc.stderr
+    assert [line.split(" | ")[:2] for line in proc.stdout.splitlines()[2:]] == [["| good", "cracks"], ["| good", "drywall"]]
+
+
 def test_compare_reports_pairs_images_by_task_and_name(tmp_path: Path) -> None:
     """Hand-made per_image.csv files: B - A over the images both scored, whatever folder they lay in."""
     def write(name: str, rows: list[tuple[str, str, float]]) -> Path:
