@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a text-prompted segmenter: fine-tune CLIPSeg's decoder, or train LiteSeg from scratch (--model lite).
+r"""Train a text-prompted segmenter: fine-tune CLIPSeg's decoder, or train LiteSeg from scratch (--model lite).
 
     python train.py                                  # processed_dataset/ -> runs/<timestamp>/
     python train.py --model models/clipseg-rd64-refined --epochs 10 --out runs/first
@@ -26,14 +26,16 @@ import os
 import time
 from pathlib import Path
 
+from defectseg import lite
 from defectseg.cli import fail, int_at_least, nonempty, number_in, run, setup_logging
 from defectseg.data import DataError
 from defectseg.inference import PRECISION_HELP, PRECISIONS, check_device
 from defectseg.io import ImageReadError, os_reason, recover_folder
-from defectseg.model import ModelLoadError, decoder_only_file, resolve_model_arg
+from defectseg.model import HubUnreachableError, ModelLoadError, decoder_only_file, resolve_model_arg
 from defectseg.tasks import TaskTableError, load_tasks
 from defectseg.training import (
     FIXED_ON_RESUME,
+    FREE_ON_RESUME,
     TRAINER_STATE,
     ConfigError,
     TrainConfig,
@@ -146,7 +148,7 @@ def _same(given: object, stored: object) -> bool:
 def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local paths absolute, so config.json works for --resume from any working directory."""
     cfg.data = str(Path(cfg.data).resolve())
-    if Path(cfg.model).exists():
+    if cfg.model not in lite.ARCHS and Path(cfg.model).exists():  # an architecture's name is never a path
         cfg.model = str(Path(cfg.model).resolve())
     cfg.tasks_file = str(Path(cfg.tasks_file).resolve()) if cfg.tasks_file else cfg.tasks_file
     cfg.cache_dir = str(Path(cfg.cache_dir).resolve()) if cfg.cache_dir else cfg.cache_dir
@@ -183,6 +185,12 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ConfigError(f"{args.resume}: {flags} cannot change when resuming (the run has "
                               f"{', '.join(f'{k}={getattr(cfg, k)}' for k in changed)}); start a new run instead")
+        if changed := [k for k in given if k not in (*FIXED_ON_RESUME, *FREE_ON_RESUME, "out")
+                       and not _same(given[k], getattr(cfg, k))]:
+            log.warning("resuming %s with %s: the epochs from here on train with %s, and config.json records "
+                        "%s for the whole run", args.resume, ", ".join(f"--{k.replace('_', '-')} {given[k]}"
+                                                                    f" (was {getattr(cfg, k)})" for k in changed),
+                        "it" if len(changed) == 1 else "them", "it" if len(changed) == 1 else "them")
         cfg.out = args.resume
         return _absolute_paths(dataclasses.replace(cfg, **{k: v for k, v in given.items() if k != "out"}))
     cfg = TrainConfig(**given)
@@ -232,6 +240,8 @@ def main(args: argparse.Namespace) -> int:
             log.info("  %-20s %s", key, value)
     try:
         train(cfg, resume=bool(getattr(args, "resume", None)), stop_after=getattr(args, "stop_after", None))
+    except HubUnreachableError as err:
+        return fail(f"{err} To train without pretrained weights, from scratch: --model lite-ctx (LiteSeg).")
     except (ModelLoadError, DataError, TaskTableError, FloatingPointError, ConfigError) as err:
         return fail(str(err))
     except (FileNotFoundError, ImageReadError) as err:  # a file named in a manifest

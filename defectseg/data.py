@@ -41,9 +41,13 @@ def load_rows(data_dir: str | Path, split: str, tasks: list[str] | None = None, 
         raw = next(Path(data_dir).glob(f"*{split}/_annotations.coco.json"), None) or next(
             Path(data_dir).glob(f"*/{split}/_annotations.coco.json"), None)
         if raw is not None:  # raw Roboflow exports, not preprocess_masks.py's output
+            root = Path(data_dir).parent if raw.parent.parent == Path(data_dir) else data_dir  # one task's folder
             raise DataError(f"{data_dir} holds raw COCO exports ({raw}), not a processed dataset: run `python "
-                            f"preprocess_masks.py --data-root {data_dir} --out processed_dataset` and pass "
+                            f"preprocess_masks.py --data-root {root} --out processed_dataset` and pass "
                             "--data processed_dataset")
+        if (Path(data_dir) / MANIFEST_FILE).is_file():  # a split's folder, one level too deep
+            raise DataError(f"{data_dir} is one split of a processed dataset (it holds {MANIFEST_FILE}): pass "
+                            f"--data {Path(data_dir).parent}")
         raise DataError(f"no manifest at {manifest}: run `python preprocess_masks.py --data-root <exports> "
                         f"--out {data_dir} --splits {split}` first (or pass --data)")
     try:

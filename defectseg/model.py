@@ -74,6 +74,10 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded. The message is meant for the user, printed as-is (no traceback)."""
 
 
+class HubUnreachableError(ModelLoadError):
+    """A Hub id that is not cached here could not be downloaded (no internet, or offline mode)."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading
 
@@ -221,17 +225,21 @@ def _load_from_hub(repo_id: str) -> tuple[CLIPSegForImageSegmentation, CLIPSegPr
     A quick metadata request is made before downloading, so an unreachable Hub fails in well under a
     second instead of after the minutes of retries ``from_pretrained`` would spend.
     """
+    if "/" not in repo_id:  # every CLIPSeg on the Hub is owner/name: this was meant as a local path
+        raise ModelLoadError(f"{repo_id!r} is neither a local folder or file (none here) nor a Hub id (owner/name)"
+                             + (f"; LiteSeg architectures to train from scratch: {', '.join(lite.ARCHS)}"
+                                if repo_id.startswith("lite") else ""))
     try:
         return _from_pretrained(repo_id, local_files_only=True)
     except Exception as exc:  # not cached (or a broken cache entry): the Hub is the only source left
         logger.debug("%s not loadable from the local HF cache: %s", repo_id, _first_line(exc))
     if _hub_offline():
-        raise ModelLoadError(_unreachable_message(repo_id, "HF_HUB_OFFLINE is set"))
+        raise HubUnreachableError(_unreachable_message(repo_id, "HF_HUB_OFFLINE is set"))
     _probe_hub(repo_id)
     try:
         return _from_pretrained(repo_id)
     except Exception as exc:  # one guard: whatever went wrong, the line says how to load it without the Hub
-        raise ModelLoadError(_unreachable_message(repo_id, _first_line(exc))) from exc
+        raise HubUnreachableError(_unreachable_message(repo_id, _first_line(exc))) from exc
 
 
 def _probe_hub(repo_id: str) -> None:
@@ -246,7 +254,7 @@ def _probe_hub(repo_id: str) -> None:
                 f"{repo_id!r} is neither a local folder nor a model on the Hugging Face Hub "
                 "(or it is private/gated and you are not logged in)"
             ) from exc
-        raise ModelLoadError(_unreachable_message(repo_id, _first_line(exc))) from exc
+        raise HubUnreachableError(_unreachable_message(repo_id, _first_line(exc))) from exc
 
 
 def _from_pretrained(source: str, **kwargs: Any) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:

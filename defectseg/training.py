@@ -88,7 +88,12 @@ SIZE_STREAM = 1  # keeps the per-batch size draw apart from the per-sample augme
 
 # Settings a resumed run must keep: they decide the model, the data or the parameters being trained. The
 # data and the task table may move (another --data or --tasks-file): train() checks their contents.
-FIXED_ON_RESUME = ("data", "model", "tasks", "train_vision_layers", "batch_size", "holdout")
+FIXED_ON_RESUME = ("data", "model", "tasks", "train_vision_layers", "batch_size", "holdout", "seed")
+# Settings a resumed run may change without a word from train.py: the schedule's (a warning of their own
+# names them), where and how fast it runs, when it stops, and files checked by content. Other changes (the
+# loss, the augmentation, ...) are warned about: config.json then records them for the whole run.
+FREE_ON_RESUME = ("epochs", "lr", "warmup", "device", "precision", "cache_dir", "tasks_file", "patience",
+                  "val_batch_size", "augment_workers", "cuda_graphs")
 
 
 def moved_away(path: object) -> bool:
@@ -241,7 +246,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     summary = {}
     if run.main_process:
         summary = _write_summary(run.out, run.best, run.history)
-        log.info("best mean IoU %.4f at epoch %d -> %s", run.best["score"], run.best["epoch"], run.out / "best")
+        if run.best["epoch"]:
+            log.info("best mean IoU %.4f at epoch %d -> %s", run.best["score"], run.best["epoch"], run.out / "best")
+        else:
+            log.info("no epoch validated yet, so no best/ (--resume %s goes on)", run.out)
     _barrier(run.world)
     if run.world > 1:
         dist.destroy_process_group()
@@ -320,9 +328,10 @@ def _load_data(cfg: TrainConfig, tasks: list[Task], main_process: bool) -> tuple
     train_rows = load_rows(cfg.data, "train", cfg.tasks)
     try:
         valid_rows = load_rows(cfg.data, "valid", cfg.tasks, require_all=False)
-    except DataError:
+    except DataError as err:
         if cfg.holdout == 0:
-            raise
+            raise DataError(f"{err}; or, without a valid split, pass --holdout 0.1 to pick best/ on train photos "
+                            "set aside") from None
         valid_rows = []  # best/ is picked on train photos set aside: a valid split is not needed
     notes = use_table_prompts(train_rows + valid_rows, tasks)
     # What a resumed run must find unchanged: the rows of both splits and the task table.
@@ -466,17 +475,20 @@ def _announce(run: Run, resume: bool) -> None:
         if others:  # e.g. report/, predictions/: not removed, they are not train.py's
             log.warning("%s still holds %s, which train.py did not write: made from the run this one replaces, "
                         "they describe that run, not this one", out, ", ".join(others))
-    write_json_atomic(out / "config.json", asdict(cfg))
+    if not resume or _end_epoch(run, None, quiet=True) > run.start_epoch:  # a resume that trains nothing changes nothing
+        write_json_atomic(out / "config.json", asdict(cfg))
 
 
-def _end_epoch(run: Run, stop_after: int | None) -> int:
+def _end_epoch(run: Run, stop_after: int | None, quiet: bool = False) -> int:
     """The epoch this invocation stops before: --epochs, or sooner with --stop-after, or at once for a
     resumed run that had stopped early."""
     if run.cfg.patience > 0 and run.best["bad_epochs"] >= run.cfg.patience:
-        if run.main_process:
+        if run.main_process and not quiet:
             log.info("the run stopped early after epoch %d; nothing to do (a larger --patience continues it)",
                      run.start_epoch)
         return run.start_epoch
+    if run.start_epoch >= run.cfg.epochs and run.main_process and not quiet:
+        log.info("the run has done its %d epochs; nothing to do (a larger --epochs continues it)", run.cfg.epochs)
     return run.cfg.epochs if stop_after is None else min(run.cfg.epochs, run.start_epoch + stop_after)
 
 

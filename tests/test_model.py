@@ -17,6 +17,7 @@ from defectseg import tiny
 from defectseg.model import (
     DEFAULT_MODEL,
     METADATA_FILE,
+    HubUnreachableError,
     ModelLoadError,
     count_parameters,
     decode,
@@ -133,6 +134,17 @@ def test_load_model_missing_local_path(tmp_path: Path) -> None:
         load_model(tmp_path / "decoder.safetensors")
 
 
+def test_a_name_that_is_neither_a_path_nor_a_hub_id_is_not_looked_up(tmp_path: Path, monkeypatch) -> None:
+    """Every Hub id is owner/name: a bare name that is no local path here is a typo, said at once (no
+    minutes of Hub retries, no advice to download it)."""
+    monkeypatch.chdir(tmp_path)
+    for name, hint in (("clipseg-rd64-refined", False), ("lite-ctxx", True)):
+        with pytest.raises(ModelLoadError) as info:
+            load_model(name)
+        assert type(info.value) is ModelLoadError and "nor a Hub id (owner/name)" in str(info.value)
+        assert ("lite, lite-wide, lite-ctx, lite-tiny" in str(info.value)) == hint
+
+
 def test_load_model_missing_folder_under_existing_dir_is_not_a_hub_id(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -177,7 +189,7 @@ def empty_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def assert_unreachable_message(err: ModelLoadError, repo_id: str) -> None:
-    assert type(err) is ModelLoadError
+    assert type(err) is HubUnreachableError  # a ModelLoadError that train.py adds its offline way to
     msg = str(err)
     assert f"Could not load '{repo_id}' from the Hugging Face Hub" in msg
     assert f"hf download {repo_id} --local-dir models/" in msg

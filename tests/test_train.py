@@ -125,7 +125,7 @@ def test_holdout_that_sets_nothing_aside_or_a_new_seed_on_resume_is_refused(proc
     run = tmp_path / "run"
     assert run_train(*base_args(processed, tiny, run, "--epochs", "2", "--stop-after", "1", "--holdout", "0.3")) == 0
     err = run_train_err(capsys, "--resume", str(run), "-q", "--seed", "7")
-    assert "the photos --holdout sets aside differ from the run's" in err and len(history(run)) == 1
+    assert "--seed cannot change when resuming (the run has seed=0)" in err and len(history(run)) == 1
     assert run_train("--resume", str(run), "-q", "--seed", "0") == 0 and len(history(run)) == 2
 
 
@@ -305,7 +305,8 @@ def test_unreachable_hub_is_one_clear_line(processed, tmp_path):
                            str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 1
     assert "CIDAS/clipseg-rd64-refined" in proc.stderr and "--model" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "from scratch: --model lite-ctx" in proc.stderr  # the offline way, for training
+    assert "Traceback" not in proc.stderr and len([x for x in proc.stderr.splitlines() if "ERROR" in x]) == 1
 
 
 @pytest.mark.slow
@@ -676,6 +677,57 @@ def test_quiet_run_prints_no_progress_bars(processed, tiny, tmp_path):
     assert proc.stdout == "" and proc.stderr == "", proc.stderr[-2000:]
 
 
+def test_resume_warns_of_changed_settings_and_a_finished_run_is_left_alone(processed, tiny, tmp_path, capsys):
+    """A resume may change the loss or the augmentation (warned: config.json then records the new value for
+    the whole run); a resume of a run that has done all its epochs trains nothing and changes nothing."""
+    run = tmp_path / "run"
+    assert run_train(*base_args(processed, tiny, run, "--epochs", "2", "--stop-after", "1")) == 0
+    capsys.readouterr()
+    assert run_train("--resume", str(run), "--negative-prob", "0.5") == 0
+    err = capsys.readouterr().err
+    assert "resuming" in err and "--negative-prob 0.5 (was 0.2)" in err and "for the whole run" in err
+    config = (run / "config.json").read_bytes()
+    assert json.loads(config)["negative_prob"] == 0.5 and len(history(run)) == 2
+    assert run_train("--resume", str(run), "--negative-prob", "0.9", "--lr", "1") == 0
+    err = capsys.readouterr().err
+    assert "has done its 2 epochs; nothing to do" in err and "best mean IoU" in err
+    assert (run / "config.json").read_bytes() == config and len(history(run)) == 2
+
+
+def test_a_run_not_yet_validated_says_so(processed, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_train("--data", str(processed), "--model", "lite-tiny", "--out", str(run), "--epochs", "3",
+                     "--low-res-epochs", "2", "--low-res-size", "64", "--stop-after", "1") == 0
+    err = capsys.readouterr().err
+    assert "no epoch validated yet, so no best/" in err and "-1.0" not in err and not (run / "best").exists()
+
+
+def test_a_run_folder_named_like_an_architecture_resumes(processed, tmp_path, monkeypatch, capsys):
+    """--model lite-tiny names the architecture even where a folder of that name exists (here, the run's own)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--data", str(processed), "--model", "lite-tiny", "--epochs", "2", "-q"]
+    assert run_train(*args, "--out", "lite-tiny", "--stop-after", "1") == 0
+    assert json.loads((tmp_path / "lite-tiny" / "config.json").read_text())["model"] == "lite-tiny"
+    assert run_train("--resume", "lite-tiny", "-q") == 0 and len(history(tmp_path / "lite-tiny")) == 2
+    assert run_train(*args, "--out", "other") == 0
+
+
+@pytest.mark.parametrize("where, message", [
+    ("sample_data/cracks", "--data-root {repo}/sample_data --out"),  # one task's raw export
+    ("processed/train", "is one split of a processed dataset (it holds manifest.csv): pass --data {processed}"),
+])
+def test_data_one_level_off_gets_advice_that_works(processed, tmp_path, capsys, where, message):
+    data = REPO / where if where.startswith("sample_data") else processed / "train"
+    err = run_train_err(capsys, "--data", str(data), "--model", "lite-tiny", "--out", str(tmp_path / "r"))
+    assert message.format(repo=REPO, processed=processed) in err and "Traceback" not in err
+
+
+def test_a_mistyped_architecture_is_named_as_such(tmp_path, processed, capsys):
+    err = run_train_err(capsys, "--data", str(processed), "--model", "lite-tinyy", "--out", str(tmp_path / "r"))
+    assert "'lite-tinyy' is neither a local folder or file (none here) nor a Hub id (owner/name)" in err
+    assert "lite, lite-wide, lite-ctx, lite-tiny" in err and "hf download" not in err
+
+
 def test_resuming_an_early_stopped_run_trains_nothing(processed, tiny, tmp_path):
     run = tmp_path / "es"
     assert run_train(*base_args(processed, tiny, run, "--epochs", "6", "--patience", "1", "--lr", "1e-9")) == 0
@@ -1026,7 +1078,8 @@ def test_holdout_needs_no_valid_split(processed, tiny, tmp_path, capsys):
     write_manifest(data / "train" / "manifest.csv", read_manifest(processed / "train" / "manifest.csv"))
     assert run_train(*base_args(data, tiny, tmp_path / "run", "--epochs", "1", "--holdout", "0.3")) == 0
     assert read_metadata(tmp_path / "run" / "best")["selection_split"] == "train-holdout"
-    assert "no manifest at" in run_train_err(capsys, *base_args(data, tiny, tmp_path / "r2", "--epochs", "1"))
+    err = run_train_err(capsys, *base_args(data, tiny, tmp_path / "r2", "--epochs", "1"))
+    assert "no manifest at" in err and "pass --holdout 0.1" in err
 
 
 def test_resume_refuses_a_base_model_that_changed_under_its_decoder(processed, tmp_path, capsys):
