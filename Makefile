@@ -34,6 +34,7 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(PY) preprocess_masks.py --data-root $(DATA) --out $(OUT)
+	rm -rf $(RUN)/predictions $(RUN)/report  # an earlier demo's, made with $(EVAL_MODEL), not this run
 	$(PY) train.py --data $(OUT) --model $(MODEL) --out $(RUN) --epochs $(EPOCHS) --batch-size 8 --overwrite
 	$(PY) predict.py --model $(EVAL_MODEL) --image $(DATA)/*/valid --prompt "segment crack" \
 		--prompt "segment taping area" --out $(RUN)/predictions --overlay

@@ -41,12 +41,18 @@ def test_demo_recipe_end_to_end(tmp_path):
               "MODEL": "lite-tiny", "RUN": str(tmp_path / "run"), "EPOCHS": "2",
               "EVAL_MODEL": str(SHIPPED_MODEL if shipped else tmp_path / "run" / "best")}
     commands = demo_recipe()
-    assert [c.split()[1] for c in commands] == ["preprocess_masks.py", "train.py", "predict.py", "evaluate.py"]
+    scripts = [c.split()[1] for c in commands if c.startswith("$(PY)")]
+    assert scripts == ["preprocess_masks.py", "train.py", "predict.py", "evaluate.py"]
+    run = tmp_path / "run"
+    for folder in ("predictions", "report"):  # an earlier demo's outputs: cleared first, not warned about
+        (run / folder).mkdir(parents=True)
+        (run / folder / "old.png").write_bytes(b"x")
     for command in commands:
         command = re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], command)
         proc = subprocess.run(command, shell=True, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
-    run = tmp_path / "run"
+        assert "did not write" not in proc.stderr
+    assert not (run / "predictions" / "old.png").exists() and not (run / "report" / "old.png").exists()
     assert len(list((run / "predictions").glob("*__segment_crack.png"))) == 8
     assert len(list((run / "predictions").glob("*__segment_taping_area_overlay.png"))) == 8
     metrics = json.loads((run / "report" / "metrics.json").read_text())
