@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default: ${MODEL_ENV_VAR}, else the shipped model models/{SHIPPED_MODEL.name})")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 opens the page to the network (default: %(default)s)")
-    parser.add_argument("--port", type=int_at_least(1), default=7860, help="port (default: %(default)s)")
+    parser.add_argument("--port", type=int_at_least(1, below=65536), default=7860, help="port (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
@@ -178,6 +178,8 @@ class Inspector:
             return Page(messages=["Tick a prompt or type one."])
         page = Page(messages=[f"{p!r} is not a prompt the model was trained on ({', '.join(self.task_prompts)}): "
                               "its mask may mean little" for p in thresholds if not self.segmenter.trained_on(p)])
+        page.messages += [f"{p[:40]!r}... is longer than the model reads: only its start conditions the mask"
+                          for p in thresholds if self.segmenter.cuts(p)]
         try:
             page.results, problems = self.segment_files(paths, thresholds)
         except predict.InputError as err:
@@ -213,7 +215,7 @@ class Inspector:
 
 def chosen_paths(files: list[str] | None, samples: list[str] | None) -> list[Path]:
     """Uploaded files, then the picked samples (paths relative to the repository)."""
-    return [Path(f) for f in files or []] + [REPO / s for s in samples or []]
+    return list(dict.fromkeys([Path(f) for f in files or []] + [REPO / s for s in samples or []]))  # each once
 
 
 def build_ui(inspector: Inspector, model: str) -> gr.Blocks:
@@ -239,14 +241,15 @@ def build_ui(inspector: Inspector, model: str) -> gr.Blocks:
             button = gr.Button("Segment", variant="primary", elem_id="run")
             status = gr.Markdown(elem_id="status")
             table = gr.Markdown(elem_id="table")
-            gallery = gr.Gallery(label="Overlay and mask", columns=2, height="auto", elem_id="gallery")
+            gallery = gr.Gallery(label="Overlay and mask", columns=2, height="auto", elem_id="gallery",
+                                 format="png")  # lossless: a saved preview of the mask is still {0, 255}
             download = gr.File(label="Masks (PNG as predict.py names them; a zip for several)", elem_id="download")
         with gr.Tab("API: /segment"):
             gr.Markdown("One photo and prompt to predict.py's mask PNG; `gradio_client` calls it as "
                         "`/segment` (docs/app.md). An empty threshold means the checkpoint's.")
             api_image = gr.File(label="Photo", type="filepath")
             api_prompt = gr.Textbox(label="Prompt", value=inspector.task_prompts[0] if inspector.task_prompts else "")
-            api_threshold = gr.Number(label="Threshold", value=None, minimum=0, maximum=1)
+            api_threshold = gr.Number(label="Threshold", value=None, minimum=0, maximum=1, step=0.01)
             api_button = gr.Button("Segment")
             api_mask = gr.File(label="Mask")
 
@@ -269,11 +272,11 @@ def build_ui(inspector: Inspector, model: str) -> gr.Blocks:
 
         def api(image: str | None, prompt: str, threshold: float | None) -> str:
             if not image:
-                raise gr.Error("upload a photo")
+                raise gr.Error("upload a photo", print_exception=False)
             try:
                 return str(inspector.segment(image, prompt, threshold))
             except (predict.InputError, ImageReadError) as err:
-                raise gr.Error(str(err)) from None
+                raise gr.Error(str(err), print_exception=False) from None  # the user's input: no traceback
 
         button.click(show, [files, samples, checked, text, text_slider, *sliders], [status, table, gallery, download],
                      api_visibility="private", concurrency_id="model")
@@ -311,7 +314,11 @@ def main(args: argparse.Namespace) -> int:
         demo = build_ui(Inspector(segmenter, Path(workdir)), model)
         log.info("serving %s on http://%s:%d (Ctrl-C stops it)", model, args.host, args.port)
         demo.queue(default_concurrency_limit=1)  # with one concurrency_id: one request at a time on the model
-        demo.launch(server_name=args.host, server_port=args.port, quiet=args.quiet, show_error=True)
+        try:
+            demo.launch(server_name=args.host, server_port=args.port, quiet=args.quiet, show_error=True)
+        except (OSError, OverflowError) as err:  # the port is taken, or --host is no address of this machine
+            return fail(f"cannot serve on {args.host}:{args.port} ({str(err).splitlines()[0][:120]}): pass another "
+                        "--port, or a --host of this machine")
     return 0
 
 

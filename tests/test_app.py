@@ -133,6 +133,35 @@ def test_a_huge_photo_is_shown_scaled_and_its_mask_is_full_size(inspector, tmp_p
     assert result.overlay.shape == (768, 1024, 3) and result.mask.shape == (768, 1024)
 
 
+def test_a_photo_given_twice_is_segmented_once(inspector):
+    assert app.chosen_paths([str(PHOTO), str(PHOTO)], [str(PHOTO.relative_to(REPO))]) == [PHOTO]
+    page = inspector.page(app.chosen_paths([str(PHOTO), str(PHOTO)], None), {PROMPT: THRESHOLD})
+    assert len(page.results) == 1 and page.download == page.results[0].mask_file
+
+
+def test_a_prompt_longer_than_the_model_reads_is_said_on_the_page(inspector):
+    long = "segment crack along the plaster near the window frame and down to the skirting board, then the door"
+    page = inspector.page([PHOTO], {long: 0.5})
+    assert len(page.results) == 1
+    assert any("longer than the model reads: only its start conditions the mask" in m for m in page.messages)
+    assert not any("longer than" in m for m in inspector.page([PHOTO], {PROMPT: 0.5}).messages)
+
+
+def test_a_port_in_use_is_one_line_and_exit_1(tmp_path, capsys):
+    pytest.importorskip("gradio")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = app.main(app.build_parser().parse_args(["--port", str(port), "--device", "cpu", "-q"]))
+    assert code == 1
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
+    assert f"cannot serve on 127.0.0.1:{port}" in line and "pass another --port" in line
+    with pytest.raises(SystemExit) as info:
+        app.build_parser().parse_args(["--port", "70000"])
+    assert info.value.code == 2
+
+
 def test_without_gradio_it_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
     with pytest.raises(SystemExit) as exit_info:
