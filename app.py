@@ -238,6 +238,9 @@ def build_ui(inspector: Inspector, model: str) -> gr.Blocks:
                     text = gr.Textbox(label="Other prompt (optional)", placeholder="segment spalling", elem_id="text")
                     text_slider = gr.Slider(0, 1, value=inspector.segmenter.default_threshold, step=0.01,
                                             label="threshold: other prompt")
+                    # whether the user moved that slider since typing the prompt: until then the prompt's own
+                    # threshold is used, even when Segment is pressed before the slider shows it
+                    text_touched = gr.State(False)
             button = gr.Button("Segment", variant="primary", elem_id="run")
             status = gr.Markdown(elem_id="status")
             table = gr.Markdown(elem_id="table")
@@ -254,10 +257,10 @@ def build_ui(inspector: Inspector, model: str) -> gr.Blocks:
             api_mask = gr.File(label="Mask")
 
         def show(files: list[str] | None, samples: list[str] | None, prompts: list[str] | None, other: str,
-                 other_threshold: float, *thresholds: float) -> tuple[str, str, list, str | None]:
+                 other_threshold: float, other_touched: bool, *thresholds: float) -> tuple[str, str, list, str | None]:
             wanted = {p: t for p, t in zip(inspector.task_prompts, thresholds) if p in (prompts or [])}
             if other and other.strip():
-                wanted.setdefault(other.strip(), other_threshold)
+                wanted.setdefault(other.strip(), other_threshold if other_touched else inspector.threshold(other))
             page = inspector.page(chosen_paths(files, samples), wanted)
             for message in page.messages:
                 gr.Warning(message)
@@ -278,9 +281,11 @@ def build_ui(inspector: Inspector, model: str) -> gr.Blocks:
             except (predict.InputError, ImageReadError) as err:
                 raise gr.Error(str(err), print_exception=False) from None  # the user's input: no traceback
 
-        button.click(show, [files, samples, checked, text, text_slider, *sliders], [status, table, gallery, download],
-                     api_visibility="private", concurrency_id="model")
-        gr.on([text.submit, text.blur], inspector.threshold, text, text_slider, api_visibility="private")
+        button.click(show, [files, samples, checked, text, text_slider, text_touched, *sliders],
+                     [status, table, gallery, download], api_visibility="private", concurrency_id="model")
+        text.change(lambda prompt: (inspector.threshold(prompt), False), text, [text_slider, text_touched],
+                    api_visibility="private")
+        text_slider.input(lambda: True, None, text_touched, api_visibility="private")
         api_button.click(api, [api_image, api_prompt, api_threshold], api_mask, api_name="segment",
                          concurrency_id="model")
     return demo

@@ -292,6 +292,38 @@ def test_in_chromium_a_bad_file_then_a_photo_whose_mask_is_predict_py_mask(serve
     assert (tmp_path / "result.png").stat().st_size > 10_000
 
 
+def test_in_chromium_a_typed_synonym_clicked_at_once_gets_its_task_s_threshold(server):
+    """Typing a synonym and pressing Segment at once (the slider's update not yet back from the server)
+    still segments at its task's tuned threshold, as predict.py would; a slider the user moves wins."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("no chromium on this machine (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(300_000)
+        try:
+            page.goto(server)
+            page.locator("#photos input[type=file]").set_input_files(str(PHOTO))
+            for name in ("segment crack", "segment taping area"):
+                page.get_by_role("checkbox", name=name).uncheck()
+            page.locator("#text textarea").fill("segment cracks")
+            page.locator("#run").click()
+            sync_api.expect(page.locator("#status")).to_contain_text("1 mask.")
+            sync_api.expect(page.locator("#table")).to_contain_text("segment cracks")
+            cells = page.locator("#table tbody tr").first.locator("td").all_inner_texts()
+            other = page.get_by_role("spinbutton", name="number input for threshold: other prompt")
+            sync_api.expect(other).to_have_value(f"{THRESHOLD:g}")  # the slider caught up
+            other.fill("0.3")
+            other.press("Enter")
+            page.locator("#run").click()
+            sync_api.expect(page.locator("#table tbody tr").first.locator("td").nth(2)).to_have_text("0.3")
+        finally:
+            browser.close()
+    assert [c.strip() for c in cells[1:3]] == ["segment cracks", f"{THRESHOLD:g}"]
+
+
 def test_old_requests_are_deleted_when_a_new_one_comes(inspector: app.Inspector) -> None:
     """A server left running keeps each request's masks for REQUEST_TTL_S, not until it stops."""
     old, recent = inspector.new_folder(), inspector.new_folder()
