@@ -139,10 +139,11 @@ def atomic_path(target: str | Path, sync: bool = True) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{utf8_prefix(target.name, _TMP_NAME_BYTES)}."
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
+    tmp_path: Path | None = None
+    try:  # the file made inside: an interrupt right after mkstemp still removes it
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
+        tmp_path = Path(tmp)
+        os.close(fd)
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         if sync:
@@ -151,7 +152,8 @@ def atomic_path(target: str | Path, sync: bool = True) -> Iterator[Path]:
         if sync:
             fsync_path(target.parent)
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
 
 
 def write_bytes_atomic(target: str | Path, data: bytes, sync: bool = True) -> None:

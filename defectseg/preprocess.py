@@ -266,6 +266,7 @@ class Plan:
     kept: list[dict]  # rows of other tasks or splits, from earlier runs, left as they are
     problems: list[Problem]
     missing_splits: list[str]
+    read: list[Path]  # the split folders this run covers (read, or missing now): their earlier problems are stale
 
 
 def _as_written(row: dict, split: str, out: Path) -> dict:
@@ -277,11 +278,11 @@ def _as_written(row: dict, split: str, out: Path) -> dict:
 def _reusable(row: dict | None, key: str, image: Path, mask: Path) -> tuple[dict, list[Problem]] | None:
     """An earlier manifest row whose mask is up to date, pointed at ``image`` (the data root may have moved
     since), and the problems that making its mask reported; None when the mask must be made: no row,
-    another key, no mask file, or a row lacking a column (a manifest of an older version or another tool)."""
+    another key, no mask file (or an empty one), or a row lacking a column (a manifest of an older version or another tool)."""
     if row is None or row.get("key") != key or any(row.get(c) is None for c in MANIFEST_COLUMNS):
         return None
     problems = decode_problems(row["problems"], str(image))
-    if problems is None or not mask.exists():
+    if problems is None or not mask.is_file() or mask.stat().st_size == 0:  # empty: cut short by a power cut
         return None
     return dict(row, image=str(image)), problems
 
@@ -407,7 +408,8 @@ def plan_jobs(
                 else:
                     jobs.append(Job(task.name, task.prompt, split, str(image), str(mask), entry, key))
     kept_rows = [_as_written(row, split, out) for split, row in kept if row["mask"] not in made]  # a renamed task
-    return Plan(jobs, reused, kept_rows, problems, missing)
+    return Plan(jobs, reused, kept_rows, problems, missing,
+                [task_dirs[t.name] / split for t in tasks for split in splits])
 
 
 def _pool_results(jobs: list[Job], workers: int) -> Iterator[tuple[Job, tuple[dict | None, list[Problem]]]]:
@@ -500,6 +502,31 @@ def summarize(rows: list[dict], problems: list[Problem], made: int, reused: int,
     }
 
 
+def _earlier_problems(summary: Path, data_root: Path, read: list[Path], known: list[Problem]) -> list[Problem]:
+    """The problems an earlier run's summary.json lists for folders this run did not read (other tasks or
+    splits), so a re-run with fewer --tasks or --splits still counts the images and annotations skipped
+    there, as it keeps those splits' rows; [] when there is no readable summary. Files are compared by
+    their place under the data root (then or now: it may have moved). Those of kept rows' masks are among
+    ``known`` already (from the manifests)."""
+    try:
+        earlier = json.loads(summary.read_text(encoding="utf-8"))
+        problems, roots = [Problem(**p) for p in earlier["problems"]], [data_root, data_root.resolve(), Path(earlier["data_root"])]
+    except (OSError, ValueError, TypeError, KeyError):  # none yet, unreadable, or of another shape
+        return []
+
+    def place(file: str) -> Path | None:
+        for root in roots:
+            for path in (Path(file), Path(file).resolve()):
+                if path.is_relative_to(root):
+                    return path.relative_to(root)
+        return None
+
+    folders = [f.relative_to(data_root) for f in read]
+    seen = {(place(p.file) or p.file, p.kind, p.message) for p in known}
+    return [p for p in problems if (where := place(p.file)) is None or not any(where.is_relative_to(f) for f in folders)
+            if (where or p.file, p.kind, p.message) not in seen]
+
+
 def _group(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in rows:
@@ -587,6 +614,7 @@ def preprocess(
     rows += plan.reused + plan.kept  # the manifests and the summary cover every row under ``out``
     problems += [p for row in plan.kept  # so do the problem counts: those of kept rows' masks too
                  for p in decode_problems(row["problems"], str((out / row["_split"] / row["image"]).resolve())) or []]
+    problems += _earlier_problems(out / SUMMARY_FILE, data_root, plan.read, problems)  # and what they skipped
     seconds = time.perf_counter() - start
     summary = {
         "data_root": str(data_root.resolve()),

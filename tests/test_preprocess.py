@@ -767,20 +767,34 @@ def test_a_renamed_task_does_not_list_its_masks_twice(sample_root, tmp_path):
 
 
 def test_the_summary_counts_the_problems_of_splits_not_in_the_run(tmp_path):
-    """A rerun of one split keeps the other splits' rows, and their problems stay in summary.json."""
+    """A rerun of one split keeps the other splits' rows, and their problems stay in summary.json: those of
+    kept masks (an odd polygon, repaired) and of what was skipped there (an image missing from the folder,
+    an annotation of an unknown image). A run that reads train again counts what train holds now."""
     data = tmp_path / "data"
     for split in ("train", "valid"):
         write_image(data / "cracks" / split / "a.jpg", 8, 8)
         segmentation = [[1, 1, 6, 1, 6, 6]] if split == "valid" else [[1, 1, 6, 1, 6]]  # odd: a problem
+        skipped = split == "train"
         (data / "cracks" / split / "_annotations.coco.json").write_text(json.dumps({
-            "images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}], "categories": [],
+            "images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}]
+                      + [{"id": 2, "file_name": "gone.jpg", "width": 8, "height": 8}] * skipped,
+            "categories": [],
             "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": segmentation,
-                             "bbox": [1, 1, 5, 5]}]}))
+                             "bbox": [1, 1, 5, 5]}]
+                           + [{"id": 2, "image_id": 9, "category_id": 1, "segmentation": [], "bbox": [1, 1, 2, 2]}]
+                           * skipped}))
     out = tmp_path / "out"
+    summary = lambda: json.loads((out / "summary.json").read_text())  # noqa: E731
     assert run("--data-root", str(data), "--out", str(out), "--tasks", "cracks", "-q") == 0
-    first = json.loads((out / "summary.json").read_text())["problem_counts"]
+    first = summary()
+    assert {"odd_polygon", "image_unreadable", "unknown_image"} <= set(first["problem_counts"])
     assert run("--data-root", str(data), "--out", str(out), "--tasks", "cracks", "--splits", "valid", "-q") == 0
-    assert json.loads((out / "summary.json").read_text())["problem_counts"] == first and first
+    assert summary()["problem_counts"] == first["problem_counts"]
+    assert sorted(map(str, summary()["problems"])) == sorted(map(str, first["problems"]))
+    write_image(data / "cracks" / "train" / "gone.jpg", 8, 8)  # the missing image is back
+    assert run("--data-root", str(data), "--out", str(out), "--tasks", "cracks", "--splits", "train", "-q") == 0
+    assert summary()["problem_counts"] == {k: v for k, v in first["problem_counts"].items() if k != "image_unreadable"}
+    assert summary()["counts"]["cracks"]["train"]["images"] == 2
 
 
 def test_a_run_of_other_splits_keeps_the_masks_a_cut_short_run_left_pending(sample_root, tmp_path):
