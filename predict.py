@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,23 +224,39 @@ def written_slugs(record: dict) -> set[str]:
 def check_sources(paths: list[Path], prompts: list[str], out: Path, record: dict) -> dict[str, str]:
     """Refuse images whose masks would replace masks an earlier run into ``out`` made of another photo with
     the same name (site-a/IMG_1.jpg, then site-b/IMG_1.jpg). The record's ``sources`` maps each mask file
-    (case-folded name) to the image it was made from; returns it with this run's masks added."""
+    name to the image it was made from; returns it with this run's masks added. Names that differ only in
+    case are one file on a case-insensitive disk and two on others: the disk decides (``same_file``)."""
     sources = {str(k): str(v) for k, v in recorded(record, "sources", dict).items()}
+    folded: dict[str, list[str]] = defaultdict(list)
+    for key in sources:
+        folded[key.casefold()].append(key)
     mine: dict[str, str] = {}
     clashes: list[str] = []
     for path in paths:
         source = str(path.resolve())
         for prompt in prompts:
             name = mask_name(path.name, prompt_slug(prompt))
-            earlier = sources.get(name.casefold())
-            if earlier not in (None, source) and (out / name).exists():
+            same = sorted((k for k in folded[name.casefold()] if k == name or same_file(out / k, out / name)),
+                          key=lambda k: k != name)  # its own name first
+            earlier = sources[same[0]] if same and (out / name).exists() else None
+            if earlier not in (None, source):
                 clashes.append(f"{name} (made from {earlier}, now {path})")
-            mine[name.casefold()] = source
+            for key in same:  # this run's mask replaces that file: one entry for it
+                sources.pop(key, None)
+            mine[name] = source
     if clashes:
         more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
         raise InputError(f"{out} holds masks of other photos with the same names, which this run would replace: "
                          f"{'; '.join(clashes[:3])}{more}. Predict into another --out, or delete those masks first")
     return {**sources, **mine}
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one existing file (names differing in case, on a case-insensitive disk)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def without_own_outputs(paths: list[Path], out: Path, slugs: set[str]) -> list[Path]:

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -76,12 +77,16 @@ def open_image(path: str | Path) -> tuple[np.ndarray, tuple[int, int], int]:
     """
     path = Path(path)
     try:
-        with Image.open(path) as img:
-            raw_size = img.size
-            orientation = exif_orientation(img)
-            img.load()  # full decode: truncated or corrupt data raises here, not later
-            img = ImageOps.exif_transpose(img) if orientation != 1 else img
-            return _to_rgb_uint8(img), raw_size, orientation
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # up to the limit below: a big photo
+            with Image.open(path) as img:
+                raw_size = img.size
+                orientation = exif_orientation(img)
+                img.load()  # full decode: truncated or corrupt data raises here, not later
+                # the pixels turned as exif_transpose turns them, without writing the EXIF back (a phone's odd
+                # tag makes that raise after the photo decoded fine)
+                img = img.transpose(_ORIENTATION_TRANSPOSE[orientation]) if orientation != 1 else img
+                return _to_rgb_uint8(img), raw_size, orientation
     except FileNotFoundError:
         raise ImageReadError(f"{path}: image file not found") from None
     except Image.DecompressionBombError as err:  # a decompression bomb, or just a huge picture
@@ -90,6 +95,8 @@ def open_image(path: str | Path) -> tuple[np.ndarray, tuple[int, int], int]:
                              "are refused, downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"{path}: cannot read image ({err})") from None
+    except Exception as err:  # a decoder's own error on a damaged file (struct.error, TypeError, ...)
+        raise ImageReadError(f"{path}: cannot read image ({type(err).__name__}: {err})") from None
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -98,8 +105,9 @@ def load_image(path: str | Path) -> np.ndarray:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name."""
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Image files directly in ``folder``, sorted by name; not macOS's ``._`` resource files beside them."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("._") and p.is_file())
 
 
 def fsync_path(path: str | Path) -> None:

@@ -70,6 +70,61 @@ def test_a_garbage_exif_orientation_is_ignored(tmp_path, tag, tag_type):
     assert load_image(path).shape == (12, 16, 3)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_turns_the_pixels_as_pil_does(tmp_path, orientation):
+    """open_image turns the pixels itself (exif_transpose writes the EXIF back, which can raise): the same
+    result as PIL's exif_transpose for each of the 8 orientations."""
+    from PIL import ImageOps
+
+    path = tmp_path / "x.png"
+    pixels = np.random.default_rng(orientation).integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, exif=exif)
+    with Image.open(path) as img:
+        expected = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    rgb, raw_size, read = open_image(path)
+    assert read == orientation and raw_size == (7, 5)
+    np.testing.assert_array_equal(rgb, expected)
+
+
+def test_a_phone_photo_with_a_tag_pil_cannot_write_back_is_turned_and_read(tmp_path):
+    """Orientation 6 beside an ExposureBias of -1/0 (real phones write such tags): PIL's exif_transpose
+    raised struct.error re-encoding the EXIF after the photo decoded, and predict.py stopped with a
+    traceback before writing any mask."""
+    import struct
+
+    ifd = [(0x0112, 3, 1, struct.pack("<HH", 6, 0)), (0x9204, 10, 1, struct.pack("<I", 8 + 2 + 2 * 12 + 4))]
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(ifd))
+    tiff += b"".join(struct.pack("<HHI", t, kind, n) + v for t, kind, n, v in ifd) + struct.pack("<I", 0)
+    tiff += struct.pack("<ii", -1, 0)
+    path = write_image(tmp_path / "phone.jpg", 16, 12)
+    stored = np.asarray(Image.open(path).convert("RGB"))
+    Image.fromarray(stored).save(path, exif=b"Exif\x00\x00" + tiff, quality=100)
+    rgb, raw_size, orientation = open_image(path)
+    assert orientation == 6 and raw_size == (16, 12) and rgb.shape == (16, 12, 3)  # turned upright
+    np.testing.assert_array_equal(rgb, np.rot90(np.asarray(Image.open(path).convert("RGB")), -1))
+
+
+def test_a_decoder_s_own_error_is_an_image_read_error(tmp_path, monkeypatch):
+    import struct
+
+    path = write_image(tmp_path / "x.jpg", 8, 8)
+
+    def broken(self, *args):
+        raise struct.error("argument out of range")
+
+    monkeypatch.setattr(Image.Image, "load", broken)
+    with pytest.raises(io_module.ImageReadError, match=r"x.jpg: cannot read image \(error: argument out of range\)"):
+        open_image(path)
+
+
+def test_macos_resource_files_are_not_images(tmp_path):
+    for name in ("a.jpg", "._a.jpg", "b.PNG"):
+        write_image(tmp_path / name, 4, 4)
+    assert [p.name for p in io_module.list_images(tmp_path)] == ["a.jpg", "b.PNG"]
+
+
 @pytest.mark.parametrize("text,split", [("valid", "valid"), ("test/", "test"), ("./test", "test"), (" train ", "train")])
 def test_split_names(text, split):
     assert split_name(text) == split

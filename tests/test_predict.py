@@ -467,11 +467,29 @@ def test_a_run_never_replaces_masks_of_another_photo_with_the_same_name(tiny_dir
     assert crack.read_bytes() == before
     assert run(tiny_dir, out, "--image", str(site_b), prompts=PROMPTS[1:]) == 0  # writes another file
     record = json.loads((out / predict.PREDICT_CONFIG_FILE).read_text())
-    assert record["sources"] == {f"img_1__{SLUGS[0]}.png": str(site_a.resolve()),
-                                 f"img_1__{SLUGS[1]}.png": str(site_b.resolve())}
+    assert record["sources"] == {f"IMG_1__{SLUGS[0]}.png": str(site_a.resolve()),
+                                 f"IMG_1__{SLUGS[1]}.png": str(site_b.resolve())}
     assert record["thresholds"]["segment crack"] == 0.3 and record["prompts"] == PROMPTS[1:]
     crack.unlink()  # once its mask is gone, the other photo may take the name
     assert run(tiny_dir, out, "--image", str(site_b), prompts=PROMPTS[:1]) == 0
+
+
+def test_names_differing_in_case_are_two_masks_where_the_disk_keeps_them_apart(tiny_dir: Path, tmp_path: Path) -> None:
+    """ca/IMG_1.png and cb/img_1.png into one --out on a case-sensitive disk: two mask files, each with its
+    own source, so a rerun of either is not refused (the record used to fold them into one entry)."""
+    out = tmp_path / "pred"
+    out.mkdir()
+    (out / "probe").touch()
+    if (out / "PROBE").exists():
+        pytest.skip("a case-insensitive disk: there the two names are one file")
+    (out / "probe").unlink()
+    upper = write_image(tmp_path / "ca" / "IMG_1.png", 20, 20, seed=1)
+    lower = write_image(tmp_path / "cb" / "img_1.png", 20, 20, seed=2)
+    for image in (upper, lower, upper, lower):
+        assert run(tiny_dir, out, "--image", str(image), prompts=PROMPTS[:1]) == 0
+    record = json.loads((out / predict.PREDICT_CONFIG_FILE).read_text())
+    assert record["sources"] == {f"IMG_1__{SLUGS[0]}.png": str(upper.resolve()),
+                                 f"img_1__{SLUGS[0]}.png": str(lower.resolve())}
 
 
 def test_out_expands_the_home_folder(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
