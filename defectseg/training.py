@@ -475,19 +475,24 @@ def _announce(run: Run, resume: bool) -> None:
         if others:  # e.g. report/, predictions/: not removed, they are not train.py's
             log.warning("%s still holds %s, which train.py did not write: made from the run this one replaces, "
                         "they describe that run, not this one", out, ", ".join(others))
-    if not resume or _end_epoch(run, None, quiet=True) > run.start_epoch:  # a resume that trains nothing changes nothing
-        write_json_atomic(out / "config.json", asdict(cfg))
+    if not resume or (not _stopped_early(run) and run.start_epoch < cfg.epochs):  # a resume training nothing
+        write_json_atomic(out / "config.json", asdict(cfg))  # leaves config.json as it was
 
 
-def _end_epoch(run: Run, stop_after: int | None, quiet: bool = False) -> int:
+def _stopped_early(run: Run) -> bool:
+    """Whether --patience ended the run (a resumed run then trains nothing unless given a larger one)."""
+    return run.cfg.patience > 0 and run.best["bad_epochs"] >= run.cfg.patience
+
+
+def _end_epoch(run: Run, stop_after: int | None) -> int:
     """The epoch this invocation stops before: --epochs, or sooner with --stop-after, or at once for a
     resumed run that had stopped early."""
-    if run.cfg.patience > 0 and run.best["bad_epochs"] >= run.cfg.patience:
-        if run.main_process and not quiet:
+    if _stopped_early(run):
+        if run.main_process:
             log.info("the run stopped early after epoch %d; nothing to do (a larger --patience continues it)",
                      run.start_epoch)
         return run.start_epoch
-    if run.start_epoch >= run.cfg.epochs and run.main_process and not quiet:
+    if run.start_epoch >= run.cfg.epochs and run.main_process:
         log.info("the run has done its %d epochs; nothing to do (a larger --epochs continues it)", run.cfg.epochs)
     return run.cfg.epochs if stop_after is None else min(run.cfg.epochs, run.start_epoch + stop_after)
 
@@ -701,7 +706,7 @@ def _validate_and_save(run: Run, epoch: int, stats: EpochStats, t0: float) -> bo
         log.info("epoch %d/%d  loss %.4f  tuned IoU %s  mean %.4f%s  (%.1f s, %.0f samples/s)", epoch + 1, cfg.epochs,
                  stats.loss, "  ".join(f"{name} {m.get('best_iou', m['iou']):.4f}" for name, m in agg["tasks"].items()),
                  score, "  *best*" if improved else "", row["seconds"], row["samples_per_s"])
-    if cfg.patience > 0 and best["bad_epochs"] >= cfg.patience:
+    if _stopped_early(run):
         log.info("early stop: no better validation score for %d epochs", cfg.patience)
         return True
     return False

@@ -253,7 +253,9 @@ def test_the_docs_client_example_runs(server, reference):
     assert Path(done.stdout.split("MASK=")[-1].strip()).read_bytes() == reference
 
 
-def test_in_chromium_a_bad_file_then_a_photo_whose_mask_is_predict_py_mask(server, reference, odd_files, tmp_path):
+@pytest.fixture
+def page():
+    """A page of headless Chromium (Playwright driving the system's browser); skips where either is missing."""
     sync_api = pytest.importorskip("playwright.sync_api")
     chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
@@ -263,64 +265,60 @@ def test_in_chromium_a_bad_file_then_a_photo_whose_mask_is_predict_py_mask(serve
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.set_default_timeout(300_000)
         try:
-            page.goto(server)
-            page.locator("#photos input[type=file]").set_input_files(str(odd_files["text"]))
-            page.locator("#text textarea").fill("segment cracks")  # a synonym: its task's tuned threshold
-            page.locator("#text textarea").blur()
-            other = page.get_by_role("spinbutton", name="number input for threshold: other prompt")
-            sync_api.expect(other).to_have_value(str(THRESHOLD))
-            page.locator("#run").click()
-            sync_api.expect(page.locator("#status")).to_contain_text("notes.jpg: cannot read image")
-            page.screenshot(path=tmp_path / "bad_file.png", full_page=True)
-
-            page.goto(server)  # the server goes on: a fresh page, a real photo, one prompt
-            page.locator("#photos input[type=file]").set_input_files(str(PHOTO))
-            page.get_by_role("checkbox", name="segment taping area").uncheck()
-            page.locator("#run").click()
-            sync_api.expect(page.locator("#status")).to_contain_text("1 mask.")
-            sync_api.expect(page.locator("#gallery img")).to_have_count(2)  # overlay and mask
-            sync_api.expect(page.locator("#table")).to_contain_text("segment crack")
-            with page.expect_download() as download:
-                page.locator("#download a[download]").click()
-            saved = tmp_path / download.value.suggested_filename
-            download.value.save_as(saved)
-            page.screenshot(path=tmp_path / "result.png", full_page=True)
+            yield page
         finally:
             browser.close()
+
+
+def test_in_chromium_a_bad_file_then_a_photo_whose_mask_is_predict_py_mask(server, page, reference, odd_files,
+                                                                            tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    page.goto(server)
+    page.locator("#photos input[type=file]").set_input_files(str(odd_files["text"]))
+    page.locator("#text textarea").fill("segment cracks")  # a synonym: its task's tuned threshold
+    page.locator("#text textarea").blur()
+    other = page.get_by_role("spinbutton", name="number input for threshold: other prompt")
+    sync_api.expect(other).to_have_value(str(THRESHOLD))
+    page.locator("#run").click()
+    sync_api.expect(page.locator("#status")).to_contain_text("notes.jpg: cannot read image")
+    page.screenshot(path=tmp_path / "bad_file.png", full_page=True)
+
+    page.goto(server)  # the server goes on: a fresh page, a real photo, one prompt
+    page.locator("#photos input[type=file]").set_input_files(str(PHOTO))
+    page.get_by_role("checkbox", name="segment taping area").uncheck()
+    page.locator("#run").click()
+    sync_api.expect(page.locator("#status")).to_contain_text("1 mask.")
+    sync_api.expect(page.locator("#gallery img")).to_have_count(2)  # overlay and mask
+    sync_api.expect(page.locator("#table")).to_contain_text("segment crack")
+    with page.expect_download() as download:
+        page.locator("#download a[download]").click()
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    page.screenshot(path=tmp_path / "result.png", full_page=True)
     assert saved.name == "2416_jpg.rf.bf2b80646c006685421f2dfd20b1cd06__segment_crack.png"
     assert saved.read_bytes() == reference
     assert (tmp_path / "result.png").stat().st_size > 10_000
 
 
-def test_in_chromium_a_typed_synonym_clicked_at_once_gets_its_task_s_threshold(server):
+def test_in_chromium_a_typed_synonym_clicked_at_once_gets_its_task_s_threshold(server, page):
     """Typing a synonym and pressing Segment at once (the slider's update not yet back from the server)
     still segments at its task's tuned threshold, as predict.py would; a slider the user moves wins."""
     sync_api = pytest.importorskip("playwright.sync_api")
-    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        pytest.skip("no chromium on this machine (apt-get install -y chromium)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.set_default_timeout(300_000)
-        try:
-            page.goto(server)
-            page.locator("#photos input[type=file]").set_input_files(str(PHOTO))
-            for name in ("segment crack", "segment taping area"):
-                page.get_by_role("checkbox", name=name).uncheck()
-            page.locator("#text textarea").fill("segment cracks")
-            page.locator("#run").click()
-            sync_api.expect(page.locator("#status")).to_contain_text("1 mask.")
-            sync_api.expect(page.locator("#table")).to_contain_text("segment cracks")
-            cells = page.locator("#table tbody tr").first.locator("td").all_inner_texts()
-            other = page.get_by_role("spinbutton", name="number input for threshold: other prompt")
-            sync_api.expect(other).to_have_value(f"{THRESHOLD:g}")  # the slider caught up
-            other.fill("0.3")
-            other.press("Enter")
-            page.locator("#run").click()
-            sync_api.expect(page.locator("#table tbody tr").first.locator("td").nth(2)).to_have_text("0.3")
-        finally:
-            browser.close()
+    page.goto(server)
+    page.locator("#photos input[type=file]").set_input_files(str(PHOTO))
+    for name in ("segment crack", "segment taping area"):
+        page.get_by_role("checkbox", name=name).uncheck()
+    page.locator("#text textarea").fill("segment cracks")
+    page.locator("#run").click()
+    sync_api.expect(page.locator("#status")).to_contain_text("1 mask.")
+    sync_api.expect(page.locator("#table")).to_contain_text("segment cracks")
+    cells = page.locator("#table tbody tr").first.locator("td").all_inner_texts()
+    other = page.get_by_role("spinbutton", name="number input for threshold: other prompt")
+    sync_api.expect(other).to_have_value(f"{THRESHOLD:g}")  # the slider caught up
+    other.fill("0.3")
+    other.press("Enter")
+    page.locator("#run").click()
+    sync_api.expect(page.locator("#table tbody tr").first.locator("td").nth(2)).to_have_text("0.3")
     assert [c.strip() for c in cells[1:3]] == ["segment cracks", f"{THRESHOLD:g}"]
 
 
