@@ -218,10 +218,11 @@ def bench_end_to_end(model_dir: Path, folder: Path, args: argparse.Namespace) ->
 
 
 def lite_model(folder: Path) -> Path:
-    """The shipped LiteSeg checkpoint, or (where it is missing) its architecture with random weights."""
+    """The shipped LiteSeg checkpoint, or (where it is missing) its architecture (``lite-ctx``, as its
+    config.json records) with random weights."""
     if (SHIPPED_MODEL / "model.safetensors").is_file():
         return SHIPPED_MODEL
-    model, _ = lite.build("lite")
+    model, _ = lite.build("lite-ctx")
     model.save_pretrained(folder)
     return folder
 

@@ -18,7 +18,8 @@ Prints, in one run:
    improves): the full save_pretrained folder plus the decoder file, flushed to disk, in --save-dir;
 and the parameter counts and the size of the decoder-only file train.py writes;
 7. LiteSeg from scratch (``bench_lite``): samples/s of the model step and of the augmentation, and from the
-   two at 448 and 256 px, how long the shipped recipe's training steps take (their sum where train.py makes
+   two at 256, 384 and 448 px (the late epochs' batches drawn evenly from 384 and 448), how long the
+   shipped recipe's training steps take (their sum where train.py makes
    batches between steps, as on a CPU; the slower where threads make them ahead, as on a GPU) (issue budget:
    90 minutes on a 2-core CPU, 5 on one H100/H200; measured at --batch-size, while the recipe trains at 16);
    on a CPU in bf16, what its stride-2 depthwise convs cost per batch in fp32 (as train.py runs them) and bf16.
@@ -28,6 +29,7 @@ Images are the bundled real samples; the model is built by ``defectseg.tiny.buil
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import sys
 import tempfile
@@ -249,13 +251,16 @@ def bench_lite(args: argparse.Namespace) -> None:
         """Seconds per batch at ``side`` px: (model step, augmentation as train.py makes batches here)."""
         fixed = [t.to(device) for t in bank.batch(plan, side, seed=0, epoch=0, start=0)]
         model_s = timed_steps(lambda: step(*fixed), args.lite_steps, device)
-        start = time.perf_counter()
         n = max(args.lite_steps, 2 * ahead)
 
         def make(i: int) -> tuple[torch.Tensor, torch.Tensor]:
             return bank.batch(plan, side, seed=0, epoch=1, start=i * b)
 
-        for _ in in_processes(make, range(n), workers) if workers else prefetched(make, range(n), threads):
+        batches = in_processes(make, range(n + ahead), workers) if workers else prefetched(make, range(n + ahead), threads)
+        for _ in itertools.islice(batches, ahead):  # the workers' start-up is not augmentation
+            pass
+        start = time.perf_counter()
+        for _ in batches:
             pass
         return model_s, (time.perf_counter() - start) / n
 

@@ -14,11 +14,12 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu_budget.log") 2>&1; fi
 
 "$PY" bench/standin_photos.py --data data/full
-start=$(date +%s)
+rm -rf "$RUN"  # an earlier run's metrics.csv is never printed as this one's
+start=$(date +%s) rc=0
 timeout -k 10 "${LIMIT:-540}" "$PY" train.py --data data/full --model lite-ctx --out "$RUN" --epochs 24 \
     --batch-size 16 --lr 2e-3 --low-res-epochs 14 --low-res-size 256 --train-sizes 384 448 --patience 0 --overwrite "$@" \
-    || echo "train.py exited $? (124: stopped at ${LIMIT:-540} s)"
-echo "wall: $(( $(date +%s) - start )) s for: train.py ... $*"
+    || rc=$?
+echo "wall: $(( $(date +%s) - start )) s for: train.py ... $* (exit $rc; 124: stopped at ${LIMIT:-540} s)"
 "$PY" - "$RUN/metrics.csv" <<'PYEOF'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
@@ -28,3 +29,4 @@ for r in rows:
 print(f"sum of the {len(rows)} epochs: {sum(float(r['seconds']) for r in rows):.1f} s")
 PYEOF
 if [ -n "${OUT:-}" ]; then exec >&- 2>&-; wait; fi
+[ "$rc" = 0 ] || [ "$rc" = 124 ]  # a crash (not the time limit) fails the script

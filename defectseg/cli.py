@@ -152,6 +152,22 @@ def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPars
     sys.exit(code)
 
 
+def run_script(main: Callable[[], object]) -> NoReturn:
+    """A research script's entry point (scripts/): bad input that the package names in one line (a
+    missing or unreadable file, a folder that is not a checkpoint, a broken manifest) ends it with that
+    line on stderr and exit 1, not a stack trace; Ctrl-C with exit 130."""
+    from .model import ModelLoadError  # not at the top: model imports torch and transformers
+
+    try:
+        main()
+    except (ModelLoadError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0)
+
+
 def fail(message: str, code: int = 1) -> int:
     """Report an error the user can act on (no stack trace) and return the exit code."""
     logging.getLogger("defectseg").error(message)

@@ -13,7 +13,6 @@ shipped model (models/liteseg/README.md); a model trained from scratch with it i
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from defectseg import lite  # noqa: E402
-from defectseg.model import METADATA_FILE  # noqa: E402
+from defectseg.cli import int_at_least  # noqa: E402
+from defectseg.model import read_metadata, save_checkpoint  # noqa: E402
 
 
 def main(args: argparse.Namespace) -> int:
@@ -38,9 +38,11 @@ def main(args: argparse.Namespace) -> int:
         return 1
     model = lite.LiteSeg(lite.LiteConfig(**{**asdict(old.config), "context": args.bins}))
     model.load_state_dict(old.state_dict(), strict=False)  # every old weight; the block keeps its own
-    model.save_pretrained(args.out)
-    if (Path(args.model) / METADATA_FILE).is_file():
-        shutil.copy(Path(args.model) / METADATA_FILE, Path(args.out) / METADATA_FILE)
+    try:  # all or nothing: the folder never lacks its task table and thresholds
+        save_checkpoint(model, lite.LiteProcessor.for_model(model), args.out, read_metadata(args.model))
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}: {args.model} with context bins {args.bins}")
     return 0
 
@@ -49,6 +51,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a LiteSeg checkpoint folder")
     parser.add_argument("out", help="the new folder (must not exist)")
-    parser.add_argument("--bins", type=int, nargs="+", default=[1, 2, 3, 6],
+    parser.add_argument("--bins", type=int_at_least(1), nargs="+", default=[1, 2, 3, 6],
                         help="cells per side of each pooling (default: %(default)s)")
     sys.exit(main(parser.parse_args()))

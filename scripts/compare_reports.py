@@ -5,8 +5,8 @@ scored, with the 95% bootstrap interval of the per-image differences; prints a M
     python scripts/compare_reports.py models/liteseg/report runs/other/report [more reports ...] [--fg-split 0.03]
 
 A report is its folder or its per_image.csv (images are paired by task and file name, so reports made where
-the data lay elsewhere pair too). With several tasks, a last row per report gives their mean; below 10 images
-per task no interval is given. --fg-split F adds the same rows for the images whose ground truth covers less
+the data lay elsewhere pair too). With several tasks, a last row per report gives their mean; where any task
+has fewer than 10 images, no interval is given for any of them (the mean's interval resamples every task). --fg-split F adds the same rows for the images whose ground truth covers less
 than F of the photo and for the rest (the fraction is read from the first report's per_image.csv).
 
 The images' own difficulty cancels in a paired difference, so its interval is far narrower than either

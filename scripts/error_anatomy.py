@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from defectseg.cli import run_script  # noqa: E402
 from defectseg.data import load_rows  # noqa: E402
 from defectseg.inference import PRECISION_HELP, PRECISIONS, Segmenter  # noqa: E402
 from defectseg.io import load_image, read_mask_png  # noqa: E402
@@ -132,4 +133,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

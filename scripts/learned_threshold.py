@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from defectseg.cli import int_at_least, run_script  # noqa: E402
 from defectseg.data import load_rows  # noqa: E402
 from defectseg.inference import PRECISION_HELP, PRECISIONS, Segmenter  # noqa: E402
 from defectseg.io import load_image, read_mask_png  # noqa: E402
@@ -47,11 +48,13 @@ def features_and_curves(segmenter: Segmenter, rows: list[dict], prompt: str) -> 
 
 
 def knn_pick(train_x: np.ndarray, train_curves: np.ndarray, x: np.ndarray, k: int, leave_one_out: bool = False) -> np.ndarray:
-    """(len(x),) threshold index for each row of ``x``: the argmax of its k nearest train rows' mean curve."""
+    """(len(x),) threshold index for each row of ``x``: the argmax of its k nearest train rows' mean curve
+    (``leave_one_out``: x is train_x, and a row is never its own neighbour, so k is at most N - 1)."""
     mu, sd = train_x.mean(0), train_x.std(0) + 1e-9
     dist = ((((x - mu) / sd)[:, None] - ((train_x - mu) / sd)[None]) ** 2).sum(-1)
     if leave_one_out:
         np.fill_diagonal(dist, np.inf)
+        k = min(k, len(train_x) - 1)
     nearest = np.argsort(dist, axis=1)[:, :k]
     return train_curves[nearest].mean(1).argmax(1)
 
@@ -60,8 +63,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/liteseg", help="checkpoint (default: %(default)s)")
     parser.add_argument("--data", default="data/full", help="preprocess_masks.py output (default: %(default)s)")
-    parser.add_argument("--train-stride", type=int, default=3, help="use every n-th train photo (default: %(default)s)")
-    parser.add_argument("--k", type=int, default=50, help="train photos averaged per valid photo (default: %(default)s)")
+    parser.add_argument("--train-stride", type=int_at_least(1), default=3, help="use every n-th train photo (default: %(default)s)")
+    parser.add_argument("--k", type=int_at_least(1), default=50, help="train photos averaged per valid photo (default: %(default)s)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP + " (default: %(default)s)")
     args = parser.parse_args()
     segmenter = Segmenter.load(args.model, device="cpu", precision=args.precision)
@@ -84,4 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -65,28 +65,42 @@ def pick(images: list[dict], prefixes: list[str]) -> list[dict]:
         match = next((im for im in sorted(images, key=lambda i: i["file_name"])
                       if im["file_name"].startswith(prefix) and im["file_name"] not in names), None)
         if match is None:
-            raise SystemExit(f"no image starts with {prefix!r}")
+            raise SystemExit(f"error: no image in the export starts with {prefix!r}")
         chosen.append(match)
         names.add(match["file_name"])
     return chosen
 
 
-def main(args: argparse.Namespace) -> None:
-    source, out = Path(args.source), Path(args.out)
+def plan(source: Path) -> list[tuple[str, str, Path, dict, list[dict]]]:
+    """(task, split, source folder, its COCO export, the picked images) for every pick; raises
+    SystemExit naming the file or the prefix where one cannot be made, before anything is written."""
+    picks = []
     for task, (folder, splits) in PICKS.items():
         for split, prefixes in splits.items():
             src = source / folder / split
-            coco = json.loads((src / "_annotations.coco.json").read_text())
-            images = pick(coco["images"], prefixes)
-            ids = {im["id"] for im in images}
-            dst = out / task / split
-            dst.mkdir(parents=True, exist_ok=True)
-            for im in images:
-                shutil.copy2(src / im["file_name"], dst / im["file_name"])
-            subset = dict(coco, images=images,
-                          annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
-            (dst / "_annotations.coco.json").write_text(json.dumps(subset))
-            print(f"{task}/{split}: {len(images)} images, {len(subset['annotations'])} annotations")
+            try:
+                coco = json.loads((src / "_annotations.coco.json").read_text())
+            except (OSError, ValueError) as err:
+                raise SystemExit(f"error: {src / '_annotations.coco.json'}: {getattr(err, 'strerror', None) or err}") from None
+            picks.append((task, split, src, coco, pick(coco["images"], prefixes)))
+    return picks
+
+
+def main(args: argparse.Namespace) -> None:
+    source, out = Path(args.source), Path(args.out)
+    for task, split, src, coco, images in plan(source):
+        ids, names = {im["id"] for im in images}, {im["file_name"] for im in images}
+        dst = out / task / split
+        dst.mkdir(parents=True, exist_ok=True)
+        for stale in dst.glob("*.jpg"):  # an earlier sample's pick (the sample is exactly PICKS)
+            if stale.name not in names:
+                stale.unlink()
+        for im in images:
+            shutil.copy2(src / im["file_name"], dst / im["file_name"])
+        subset = dict(coco, images=images, annotations=[a for a in coco["annotations"] if a["image_id"] in ids])
+        (dst / "_annotations.coco.json").write_text(json.dumps(subset))
+        print(f"{task}/{split}: {len(images)} images, {len(subset['annotations'])} annotations")
+    for task, (folder, _) in PICKS.items():
         for name in ATTRIBUTION_FILES:
             if (source / folder / name).exists():
                 shutil.copy2(source / folder / name, out / task / name)

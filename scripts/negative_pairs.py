@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import sys
 from pathlib import Path
 
@@ -26,10 +27,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from defectseg.cli import int_at_least, run_script  # noqa: E402
 from defectseg.data import load_rows  # noqa: E402
 from defectseg.evaluation import other_task_prompts  # noqa: E402
 from defectseg.inference import Segmenter  # noqa: E402
-from defectseg.io import load_image  # noqa: E402
+from defectseg.io import encode_png, load_image, write_bytes_atomic, write_text_atomic  # noqa: E402
 from defectseg.report import _fit, _text_bar  # noqa: E402
 from predict import tint  # noqa: E402
 
@@ -63,8 +65,8 @@ def main() -> None:
     parser.add_argument("--data", default="data/full", help="preprocess_masks.py output (default: %(default)s)")
     parser.add_argument("--split", default="train", help="split (default: %(default)s)")
     parser.add_argument("--out", default="reports/negative_pairs", help="output folder (default: %(default)s)")
-    parser.add_argument("--top", type=int, default=12, help="photos per task in the sheet (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--top", type=int_at_least(1), default=12, help="photos per task in the sheet (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=16)
     args = parser.parse_args()
     segmenter = Segmenter.load(args.model, device="cpu")
     rows = load_rows(args.data, args.split)
@@ -82,14 +84,15 @@ def main() -> None:
               f"(mean share {shares_np.mean():.4f})")
         top = [own[i] for i in np.argsort(-shares_np, kind="stable")[:args.top]]
         sheet = contact_sheet(top, segmenter, prompt)
-        cv2.imwrite(str(out / f"negative_pairs_{task}.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
-    with open(out / "negative_pairs.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "task", "other_prompt", "other_share", "own_gt_share"])
-        for row, prompt, share in sorted(table, key=lambda t: -t[2]):
-            writer.writerow([row["image"], row["task"], prompt, f"{share:.6f}", row.get("fg_fraction", "")])
+        write_bytes_atomic(out / f"negative_pairs_{task}.png", encode_png(sheet))
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["image", "task", "other_prompt", "other_share", "own_gt_share"])
+    for row, prompt, share in sorted(table, key=lambda t: -t[2]):
+        writer.writerow([row["image"], row["task"], prompt, f"{share:.6f}", row.get("fg_fraction", "")])
+    write_text_atomic(out / "negative_pairs.csv", text.getvalue())
     print(f"wrote {out}/negative_pairs.csv and the sheets")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

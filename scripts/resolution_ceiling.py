@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from defectseg.cli import run_script  # noqa: E402
 from defectseg.data import load_rows  # noqa: E402
 from defectseg.io import read_mask_png  # noqa: E402
 from defectseg.metrics import confusion, iou_from_counts  # noqa: E402
@@ -44,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

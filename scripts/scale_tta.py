@@ -22,17 +22,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from defectseg.cli import run_script  # noqa: E402
 from defectseg.data import load_rows  # noqa: E402
 from defectseg.inference import PRECISION_HELP, PRECISIONS, TTA_VIEWS, Segmenter  # noqa: E402
 from defectseg.io import load_image, read_mask_png  # noqa: E402
 from defectseg.metrics import best_threshold, counts_at_thresholds, default_thresholds  # noqa: E402
 
 
-def logits_at(segmenter: Segmenter, image: np.ndarray, prompt: str, size: int) -> np.ndarray:
-    """(H, W) float16 logits of ``prompt`` for ``image`` with the model's input resized to size x size."""
+def logits_at(segmenter: Segmenter, image: np.ndarray, prompt: str, size: int, out_size: tuple[int, int]) -> np.ndarray:
+    """(H, W) = ``out_size`` (the ground truth's, as evaluate.py scores) float16 logits of ``prompt`` for
+    ``image`` with the model's input resized to size x size."""
     segmenter.processor.image_processor.size = {"height": size, "width": size}
     logits = segmenter.logits(segmenter.encode(segmenter.pixel_values([image])), prompt)
-    return F.interpolate(logits[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0].half().numpy()
+    return F.interpolate(logits[None], size=out_size, mode="bilinear", align_corners=False)[0, 0].half().numpy()
 
 
 def main() -> None:
@@ -53,10 +55,10 @@ def main() -> None:
         prompt = task_rows[0]["prompt"]
         gts, logits = [], {size: [] for size in args.sizes}
         for row in task_rows:
-            image = load_image(row["image"])
-            gts.append(read_mask_png(row["mask"]))
+            image, gt = load_image(row["image"]), read_mask_png(row["mask"])
+            gts.append(gt)
             for size in args.sizes:
-                logits[size].append(logits_at(segmenter, image, prompt, size))
+                logits[size].append(logits_at(segmenter, image, prompt, size, gt.shape))
         print(f"{task} ({prompt!r}, {len(task_rows)} images, tta {args.tta}):")
         for k in range(1, len(args.sizes) + 1):
             for sizes in itertools.combinations(args.sizes, k):
@@ -69,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -97,7 +97,8 @@ def test_bench_inference_refuses_what_is_not_a_liteseg_checkpoint(tmp_path, caps
 
 def test_standin_photos_fill_a_machine_without_the_photos(processed, tmp_path, capsys):
     """bench/standin_photos.py puts a bundled photo of each row's task at every image path the manifests
-    name, and refuses where the photos exist (never overwriting a real one)."""
+    name, and refuses where the photos exist (never overwriting a real one); a second run on the same
+    machine writes its own stand-ins again."""
     import csv
     import shutil
 
@@ -127,7 +128,14 @@ def test_standin_photos_fill_a_machine_without_the_photos(processed, tmp_path, c
         for r in read_manifest(data / split / "manifest.csv"):
             assert samples[Path(r["image"]).read_bytes()] == r["task"]
             assert load_image(r["image"]).shape == (640, 640, 3)
+    assert standin.main(argparse.Namespace(data=str(data), photos=str(SAMPLE))) == 0
+    (tmp_path / "elsewhere" / standin.STANDINS).unlink()  # the files there are now nobody's stand-ins
     assert standin.main(argparse.Namespace(data=str(data), photos=str(SAMPLE))) == 1
+    assert "not a stand-in" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    (empty / "cracks" / "train").mkdir(parents=True)
+    assert standin.main(argparse.Namespace(data=str(data), photos=str(empty))) == 1
+    assert "has no photos of task cracks, drywall" in capsys.readouterr().err
 
 
 def test_the_recipe_timed_is_the_one_shipped():

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import REPO
 
 from defectseg import metrics, report
@@ -161,7 +162,8 @@ def test_add_context_keeps_the_model_s_answers(tmp_path: Path) -> None:
 
     assert add(tmp_path / "old", tmp_path / "new", "--bins", "1", "2").returncode == 0
     new, _ = load_model(tmp_path / "new")
-    assert new.config.context == [1, 2] and (tmp_path / "new" / "defectseg.json").read_text().startswith('{"thresh')
+    assert new.config.context == [1, 2]
+    assert json.loads((tmp_path / "new" / "defectseg.json").read_text()) == {"thresholds": {"segment crack": 0.4}}
     tokens = processor.tokenizer(["segment crack"])
     pixels = torch.randn(1, 3, model.config.image_size, model.config.image_size)
     with torch.no_grad():
@@ -171,6 +173,17 @@ def test_add_context_keeps_the_model_s_answers(tmp_path: Path) -> None:
     assert again.returncode == 1 and "already has a context block" in again.stderr
     exists = add(tmp_path / "old", tmp_path / "new")
     assert exists.returncode == 1 and "exists" in exists.stderr
+    assert add(tmp_path / "old", tmp_path / "zero", "--bins", "0").returncode == 2 and not (tmp_path / "zero").exists()
+
+
+@pytest.mark.parametrize("script", ["error_anatomy", "learned_threshold", "negative_pairs", "resolution_ceiling",
+                                    "scale_tta"])
+def test_a_research_script_names_bad_input_in_one_line(script: str, tmp_path: Path) -> None:
+    """A data folder without manifests ends the script with one line naming it, exit 1, no stack trace."""
+    proc = subprocess.run([sys.executable, f"scripts/{script}.py", "--data", str(tmp_path / "nowhere")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: ") and str(tmp_path / "nowhere") in proc.stderr
 
 
 def test_error_anatomy_post_processing(processed: Path, tmp_path: Path) -> None:
@@ -216,6 +229,8 @@ def test_learned_threshold_picks_from_the_nearest_train_photos(processed: Path) 
     curves = np.array([[0.9, 0.1], [0.8, 0.3], [0.1, 0.7], [0.2, 0.9]])  # best: 0, 0, 1, 1
     assert lt.knn_pick(train_x, curves, np.array([[0.4], [10.6]]), k=2).tolist() == [0, 1]
     assert lt.knn_pick(train_x, curves, train_x, k=1, leave_one_out=True).tolist() == [0, 0, 1, 1]
+    # k past the other rows: each row's 3 others, never itself (row 0: (0.37, 0.63) is best at 1)
+    assert lt.knn_pick(train_x, curves, train_x, k=10, leave_one_out=True).tolist() == [1, 1, 0, 0]
     # 5.4 is nearest row 1 (best: 0), then row 2: their mean curve (0.45, 0.5) is best at 1
     assert lt.knn_pick(train_x, curves, np.array([[5.4]]), k=1).tolist() == [0]
     assert lt.knn_pick(train_x, curves, np.array([[5.4]]), k=2).tolist() == [1]
