@@ -45,8 +45,8 @@ demo: setup
 # images and each batch of the last 10 on 384 or 448 px ones (progressive resizing; validated and used at the
 # model's 448 px): 79.9 minutes on a 2-core AMD EPYC with AVX512-BF16 (models/liteseg/README.md).
 # LITE_TRAIN_SIZES=384 trains the last 10 epochs at 384 px alone: the recipe shipped on 2026-12-05 (0.511 / 0.752,
-# 70.7 to 74.9 minutes); LITE_TRAIN_SIZES= (empty) at 448 px alone: the recipe shipped until then (0.508 / 0.762,
-# 88.5 to 90.4 minutes). Earlier: LITE_MODEL=lite LITE_EPOCHS=20 LITE_LOW_RES_EPOCHS=10
+# 70.7 to 74.9 minutes); LITE_TRAIN_SIZES= (empty) at 448 px alone: the recipe shipped until then (0.508 / 0.762;
+# its one run timed on the AMD EPYC: 90.4 minutes). Earlier: LITE_MODEL=lite LITE_EPOCHS=20 LITE_LOW_RES_EPOCHS=10
 # LITE_LOW_RES_SIZE=320 LITE_TRAIN_SIZES= (0.480 / 0.759), the same with LITE_MODEL=lite-ctx (0.495 / 0.763).
 # Trains into runs/liteseg, copies its best/ and training record into models/liteseg
 # (replacing the shipped model: `git checkout models/liteseg` restores it), and writes the valid-split report
