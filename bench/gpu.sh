@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one call of a few minutes:
+# What needs a CUDA GPU, in one call of under 10 minutes:
 #   1. the CUDA tests (tests/test_cuda.py: inference per precision, cached-vs-HF loss, training in
-#      fp32/bf16/fp16, resume, predict on a GPU-trained checkpoint, a training step with no host sync;
-#      and fused AdamW's on-device skip from tests/test_train.py);
-#   2. bench/bench_train.py (targets: a warm epoch over 6,000 images under 10 s, peak memory under
-#      4 GB at batch 8);
-#   3. bench/bench_inference.py (target: 2 prompts cost at most 1.2x one).
-# Usage: bash bench/gpu.sh            (PY=/path/to/python to pick the interpreter; default python3)
+#      fp32/bf16/fp16, resume, predict on a GPU-trained checkpoint, a training step with no host sync,
+#      a CUDA-graph step against the eager one; and fused AdamW's on-device skip from tests/test_train.py);
+#   then, by the argument:
+#   budget (the default): 2. the shipped recipe's train.py command on the full exports' masks with
+#      stand-in photos (bench/gpu_budget.sh --cuda-graphs --augment-workers 8), stopped at 330 s: the
+#      issue's 5 minutes on one H100/H200 (needs data/full: carry ["data/full", ".whl"]);
+#   bench: 2. bench/bench_train.py (targets: a warm epoch over 6,000 images under 10 s, peak memory under
+#      4 GB at batch 8); 3. bench/bench_inference.py (target: 2 prompts cost at most 1.2x one).
+# Both parts do not fit one device session of 15 minutes with the machine's start: the H200 of
+# 2026-12-04 ran the tests and benchmarks (docs/performance.md), the budget is what is left to time.
+# Usage: bash bench/gpu.sh [budget|bench]   (PY=/path/to/python to pick the interpreter; default python3)
 # Where the machine has no package index and lacks pycocotools, run `bash bench/gpu_wheels.sh` first
 # where pip works and bring .whl/ along: this script installs those wheels into a temp folder.
 # Output is also written to $OUT/gpu.log when OUT is set.
-# Each step has a time limit (together 560 s, under the device tool's 600 s per call: give it timeout_s
-# 590), so one hang cannot use up a session's GPU time; a step that fails or times out is reported and the
+# Each step has a time limit (together at most 560 s, under the device tool's 600 s per call: give it
+# timeout_s 590), so one hang cannot use up a session's GPU time; a step that fails or times out is reported and the
 # next one runs. From the device tool: run `bash bench/gpu_wheels.sh` here first and pass carry [".whl"].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
+mode=${1:-budget}
+case $mode in budget|bench) ;; *) echo "usage: bash bench/gpu.sh [budget|bench]" >&2; exit 2 ;; esac
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no Hub lookups to wait on
 if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu.log") 2>&1; fi
 
@@ -44,11 +51,15 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, report a failur
     timeout -k 10 "$limit" "$@" || { rc=$?; echo "== $name FAILED (exit $rc; 124: over ${limit} s)"; status=1; }
 }
 pytest_args=(-q -p no:cacheprovider -o faulthandler_timeout=120)
-step 220 "CUDA tests" "$PY" -m pytest "${pytest_args[@]}" tests/test_cuda.py
-step 60 "fused AdamW's on-device skip" "$PY" -m pytest "${pytest_args[@]}" \
+step 150 "CUDA tests" "$PY" -m pytest "${pytest_args[@]}" tests/test_cuda.py
+step 40 "fused AdamW's on-device skip" "$PY" -m pytest "${pytest_args[@]}" \
     "tests/test_train.py::test_a_skipped_step_leaves_no_trace"
-step 140 "training benchmark" "$PY" bench/bench_train.py --device cuda --hf-steps 10 --cached-steps 100
-step 140 "inference benchmark" "$PY" bench/bench_inference.py --device cuda --iters 10 --images 64 --workers 4
+if [ "$mode" = budget ]; then
+    step 360 "the 5-minute budget" env PY="$PY" LIMIT=330 OUT= bash bench/gpu_budget.sh --cuda-graphs --augment-workers 8
+else
+    step 140 "training benchmark" "$PY" bench/bench_train.py --device cuda --hf-steps 10 --cached-steps 100
+    step 140 "inference benchmark" "$PY" bench/bench_inference.py --device cuda --iters 10 --images 64 --workers 4
+fi
 echo "== done (status $status)"
 if [ -n "${OUT:-}" ]; then exec >&- 2>&-; wait; fi  # let tee write the log's last lines
 exit $status

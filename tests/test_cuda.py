@@ -1,5 +1,5 @@
 """The CUDA paths: inference and training on a GPU in every precision. Skipped where torch sees no CUDA
-device (CI); `bash bench/gpu.sh` runs them on a GPU machine before the benchmarks."""
+device (CI); `bash bench/gpu.sh` runs them on a GPU machine before the budget run or the benchmarks."""
 
 from __future__ import annotations
 
