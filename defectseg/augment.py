@@ -14,6 +14,7 @@ augmentation depends only on where it sits in the run (a resumed run sees exactl
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import cv2
@@ -23,6 +24,8 @@ import torch
 from . import cli
 from .io import cores_per_process, load_image, prefetched, read_mask_png
 from .lite import normalize, resize_square
+
+logger = logging.getLogger(__name__)
 
 CROP_PROB = 0.5
 CROP_MIN = 0.55
@@ -63,9 +66,12 @@ class ImageBank:
 
 def _decode(row: dict) -> tuple[np.ndarray, np.ndarray]:
     """A row's (H, W, 3) uint8 image and (H, W) uint8 mask (a mask of another size than its image, which
-    no export here has, is resized to the image's so crops cut both alike)."""
+    preprocess_masks.py never writes, is named in a warning and resized to the image's so crops cut both
+    alike: a mask made elsewhere for the photo's stored, not its EXIF-rotated, orientation is misaligned)."""
     image, mask = load_image(row["image"]), read_mask_png(row["mask"]).astype(np.uint8)
     if mask.shape != image.shape[:2]:
+        logger.warning("%s: mask %dx%d, image %dx%d (after its EXIF orientation): the mask is resized to the image",
+                       row["mask"], mask.shape[1], mask.shape[0], image.shape[1], image.shape[0])
         mask = cv2.resize(mask, image.shape[1::-1], interpolation=cv2.INTER_NEAREST_EXACT)
     return image, mask
 

@@ -161,7 +161,7 @@ def checkpoint_metadata(model_arg: str) -> tuple[dict[str, Task], dict[str, floa
     for prompt, value in (thresholds or {}).items():
         try:
             number = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer of 309 digits or more
             number = math.nan
         if isinstance(value, bool) or not 0.0 <= number <= 1.0:
             raise ModelLoadError(f"{where}: the threshold of {prompt!r} is {json.dumps(value)}, not a number in "

@@ -76,17 +76,19 @@ def open_image(path: str | Path) -> tuple[np.ndarray, tuple[int, int], int]:
     (1 when absent). Raises ImageReadError naming the file for a missing, truncated or non-image file.
     """
     path = Path(path)
+    # A big photo (up to twice Pillow's limit: above that it raises, named below) is read without Pillow's
+    # warning. A filter (re)installed per call, as a catch_warnings block is not safe in the reading threads;
+    # installing the same filter again replaces it, and a caller's catch_warnings block cannot drop it.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # up to the limit below: a big photo
-            with Image.open(path) as img:
-                raw_size = img.size
-                orientation = exif_orientation(img)
-                img.load()  # full decode: truncated or corrupt data raises here, not later
-                # the pixels turned as exif_transpose turns them, without writing the EXIF back (a phone's odd
-                # tag makes that raise after the photo decoded fine)
-                img = img.transpose(_ORIENTATION_TRANSPOSE[orientation]) if orientation != 1 else img
-                return _to_rgb_uint8(img), raw_size, orientation
+        with Image.open(path) as img:
+            raw_size = img.size
+            orientation = exif_orientation(img)
+            img.load()  # full decode: truncated or corrupt data raises here, not later
+            # the pixels turned as exif_transpose turns them, without writing the EXIF back (a phone's odd
+            # tag makes that raise after the photo decoded fine)
+            img = img.transpose(_ORIENTATION_TRANSPOSE[orientation]) if orientation != 1 else img
+            return _to_rgb_uint8(img), raw_size, orientation
     except FileNotFoundError:
         raise ImageReadError(f"{path}: image file not found") from None
     except Image.DecompressionBombError as err:  # a decompression bomb, or just a huge picture

@@ -286,8 +286,8 @@ def build(arch: str, seed: int | None = None) -> tuple[LiteSeg, LiteProcessor]:
 def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(B, S, S, 3) uint8 RGB -> (B, 3, S, S) float32, scaled to [0, 1] and normalized by ``MEAN``/``STD``."""
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 

@@ -16,6 +16,7 @@ import math
 import multiprocessing
 import os
 import random
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -85,6 +86,7 @@ TRAINER_STATE = "trainer_state.pt"
 CHECK_EVERY = 50  # training steps between reads of the device's losses and skip flags
 LOVASZ_POOL = 2  # the Lovasz term sorts 2x2-averaged logits: LiteSeg's stride-2 head grid, a quarter of the sort
 SIZE_STREAM = 1  # keeps the per-batch size draw apart from the per-sample augmentation streams
+_TOKENIZER_LOCK = threading.Lock()  # the prefetch threads' prompt tokenizing, one at a time
 
 # Settings a resumed run must keep: they decide the model, the data or the parameters being trained. The
 # data and the task table may move (another --data or --tasks-file): train() checks their contents.
@@ -830,7 +832,8 @@ def _load_batch(item: tuple[int, list[Sample]], cfg: TrainConfig, rows: list[dic
         pixel_values = segmenter.pixel_values([view_of(load_image(rows[s.row]["image"]), s.view) for s in batch])
     inputs = {"pixel_values": pixel_values}
     if bank is not None or cfg.train_vision_layers == 0:  # HF-style forward: it encodes the prompts itself
-        tokens = segmenter.processor.tokenizer([s.prompt for s in batch], padding=True, return_tensors="pt")
+        with _TOKENIZER_LOCK:  # a fast (Rust) tokenizer changing its padding settings refuses a second thread
+            tokens = segmenter.processor.tokenizer([s.prompt for s in batch], padding=True, return_tensors="pt")
         inputs.update(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
     return target, inputs
 

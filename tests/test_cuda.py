@@ -127,7 +127,7 @@ def test_cuda_training_runs_and_its_checkpoint_serves_predict(processed, tiny, t
         assert 0.0 <= float(r["mean_iou"]) <= 1.0
     assert read_metadata(run / "best")["train_config"]["precision"] == precision
     # A GPU-trained checkpoint serves predict.py on the GPU and loads on the CPU.
-    image = next((SAMPLE / "cracks" / "valid").glob("*.jpg"))
+    image = sorted((SAMPLE / "cracks" / "valid").glob("*.jpg"))[0]
     out = tmp_path / "pred"
     assert predict.main(predict.build_parser().parse_args(
         ["--model", str(run / "best"), "--image", str(image), "--prompt", "segment crack", "--out", str(out),
@@ -260,7 +260,7 @@ def test_cuda_graph_run_resumes_and_serves_predict(processed, tmp_path):
         history = list(csv.DictReader(f))
     assert [(r["epoch"], r["device"]) for r in history] == [("1", "cuda"), ("2", "cuda"), ("3", "cpu")]
     assert all(math.isfinite(float(r["train_loss"])) and int(r["skipped_steps"]) == 0 for r in history)
-    image = next((SAMPLE / "cracks" / "valid").glob("*.jpg"))
+    image = sorted((SAMPLE / "cracks" / "valid").glob("*.jpg"))[0]
     assert predict.main(predict.build_parser().parse_args(
         ["--model", str(run / "best"), "--image", str(image), "--prompt", "segment crack", "--out",
          str(tmp_path / "pred"), "--device", "cuda", "-q"])) == 0

@@ -521,8 +521,16 @@ def test_thresholds_mismatch_reads_the_record_of_earlier_versions():
     assert thresholds_mismatch({"thresholds": {"segment crack": 0.4}}, "m", "flip", True) is None  # train.py's
 
 
+def with_test_split(processed: Path, tmp_path: Path) -> Path:
+    """A copy of the processed sample whose test split is its valid one (the module's fixture stays as is)."""
+    data = tmp_path / "data"
+    shutil.copytree(processed, data)
+    shutil.copytree(data / "valid", data / "test")
+    return data
+
+
 def test_write_thresholds_refused(processed, tiny_dir, tmp_path, capsys):
-    shutil.copytree(processed / "valid", processed / "test", dirs_exist_ok=True)
+    processed = with_test_split(processed, tmp_path)
     before = sorted(p.name for p in tiny_dir.iterdir())
     code, log = run_logged(capsys, "--model", str(tiny_dir), "--data", str(processed), "--split", "test", "--out",
                    str(tmp_path / "r"), "--write-thresholds")
@@ -695,7 +703,7 @@ def error_lines(log: str) -> list[str]:
 
 def test_default_out_is_per_split(processed, tmp_path, monkeypatch):
     """Without --out, valid and test reports land in different folders; neither replaces the other."""
-    shutil.copytree(processed / "valid", processed / "test", dirs_exist_ok=True)
+    processed = with_test_split(processed, tmp_path)
     monkeypatch.chdir(tmp_path)
     masks = tmp_path / "gt"
     shutil.copytree(processed / "valid" / "masks", masks)

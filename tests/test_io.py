@@ -169,7 +169,7 @@ class Stderr:
             self.lines.put(line)
         self.lines.put(None)
 
-    def wait_for(self, marker: str, timeout: float = 120) -> None:
+    def wait_for(self, marker: str, timeout: float = 600) -> None:  # imports and model on a loaded 2-core machine
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -98,15 +99,19 @@ def test_prompts_are_read_as_they_are_looked_up_whatever_their_case_and_spacing(
     assert torch.equal(plain["input_ids"], loud["input_ids"])
     assert torch.equal(plain["attention_mask"], loud["attention_mask"])
     seg = Segmenter.load(SHIPPED_MODEL, "cpu")
-    image = load_image(next((SAMPLE / "cracks" / "valid").glob("*.jpg")))
+    image = load_image(sorted((SAMPLE / "cracks" / "valid").glob("*.jpg"))[0])
     acts = seg.encode(seg.pixel_values([image]))
     probs = seg.probabilities(acts, [image.shape[:2]], ["segment crack", "SEGMENT CRACK"])
     np.testing.assert_array_equal(probs["segment crack"], probs["SEGMENT CRACK"])
 
 
 def test_shipped_architecture_fits_the_size_budget():
-    model, _ = lite.build("lite")
+    """The architecture the shipped checkpoint was trained from (its defectseg.json's base_model), and the
+    checkpoint folder itself, stay under the issue's 15 MB."""
+    arch = json.loads((SHIPPED_MODEL / "defectseg.json").read_text())["base_model"]
+    model, _ = lite.build(arch)
     assert sum(p.numel() for p in model.parameters()) * 4 < 15e6  # fp32 weights under 15 MB
+    assert (SHIPPED_MODEL / "model.safetensors").stat().st_size < 15e6
 
 
 def test_save_and_load_round_trip_through_load_model(tmp_path):
@@ -246,13 +251,15 @@ def batch_sides(monkeypatch) -> list[int]:
     sizes: list[int] = []
     keys: list[tuple[int, int]] = []  # (epoch, start) of each entry of sizes
     bank_batch = ImageBank.batch
+    lock = threading.Lock()
 
     def spy(self, samples, size, seed, epoch, start):
-        if not sizes:
-            keys.clear()
-        at = bisect.bisect(keys, (epoch, start))
-        keys.insert(at, (epoch, start))
-        sizes.insert(at, size)
+        with lock:
+            if not sizes:
+                keys.clear()
+            at = bisect.bisect(keys, (epoch, start))
+            keys.insert(at, (epoch, start))
+            sizes.insert(at, size)
         return bank_batch(self, samples, size, seed, epoch, start)
 
     monkeypatch.setattr(ImageBank, "batch", spy)
@@ -369,7 +376,7 @@ def test_tiny_lite_through_all_four_scripts_and_resume(processed, sample_root, t
          "--prompt", "segment crack", "--out", str(pred), "-q"])) == 0
     masks = sorted(pred.glob("*__segment_crack.png"))
     assert len(masks) == 4
-    image = load_image(next((sample_root / "cracks" / "valid").glob("*.jpg")))
+    image = load_image(sorted((sample_root / "cracks" / "valid").glob("*.jpg"))[0])
     assert read_mask_png(masks[0]).shape == image.shape[:2]
 
     report = tmp_path / "report"
@@ -430,7 +437,7 @@ def test_shipped_model_scores_the_sample_above_its_floor(processed, tmp_path):
 def test_shipped_model_segments_a_real_photo_by_default(sample_root, tmp_path):
     """predict.py with no --model: the shipped model, at its tuned threshold, writes a real mask."""
     assert "segment taping area" in Segmenter.load(str(SHIPPED_MODEL), device="cpu").thresholds
-    path = next((sample_root / "drywall" / "valid").glob("*.jpg"))
+    path = sorted((sample_root / "drywall" / "valid").glob("*.jpg"))[0]
     out = tmp_path / "pred"
     assert predict.main(predict.build_parser().parse_args(
         ["--image", str(path), "--prompt", "segment taping area", "--out", str(out), "-q"])) == 0
@@ -447,7 +454,7 @@ def test_one_prompt_per_flag_and_a_warning_for_untrained_prompts(processed, samp
     assert exit_info.value.code == 2
     run = tmp_path / "run"
     assert run_train(*tiny_run(processed, run, "--epochs", "1")) == 0
-    image = next((sample_root / "cracks" / "valid").glob("*.jpg"))
+    image = sorted((sample_root / "cracks" / "valid").glob("*.jpg"))[0]
     assert predict.main(predict.build_parser().parse_args(
         ["--model", str(run / "best"), "--image", str(image), "--prompt", "crack", "--prompt", "segment wall crack",
          "--out", str(tmp_path / "pred")])) == 0
@@ -509,3 +516,28 @@ def test_decoder_block_is_upsample_concatenate_and_mix(mode: str) -> None:
         grads.append(block.fuse[0].weight.grad.clone())
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+
+
+def test_normalize_is_hand_computed_and_keeps_the_device():
+    """A white pixel is (1 - MEAN) / STD per channel, in the input's device (a CUDA batch stays on it)."""
+    white = np.full((1, 2, 2, 3), 255, np.uint8)
+    expected = (1 - torch.tensor(lite.MEAN)) / torch.tensor(lite.STD)
+    torch.testing.assert_close(lite.normalize(white)[0, :, 1, 1], expected)
+    assert lite.normalize(torch.zeros((1, 2, 2, 3), dtype=torch.uint8, device="meta")).device.type == "meta"
+
+
+def test_a_mask_of_another_size_than_its_image_is_named(tmp_path, caplog):
+    """The bank resizes such a mask to its image, so crops cut both alike, and names it in a warning: one
+    made for the photo's stored orientation, not its EXIF-rotated one, would be misaligned."""
+    from conftest import write_image
+
+    from defectseg.augment import _decode
+    from defectseg.io import write_mask_png
+
+    image = write_image(tmp_path / "a.png", 20, 10)
+    mask = np.zeros((20, 10), np.uint8)
+    mask[:10] = 255
+    write_mask_png(tmp_path / "a__segment_crack.png", mask)
+    rgb, resized = _decode({"image": str(image), "mask": str(tmp_path / "a__segment_crack.png")})
+    assert rgb.shape == (10, 20, 3) and resized.shape == (10, 20) and resized[:5].all() and not resized[5:].any()
+    assert "a__segment_crack.png: mask 10x20, image 20x10" in caplog.text

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import predict
 from defectseg.inference import Segmenter
 from defectseg.io import load_image
 from defectseg.metrics import binarize
-from defectseg.model import used_vision_layers
+from defectseg.model import SHIPPED_MODEL, used_vision_layers
 from defectseg.tiny import build_tiny_model
 
 PROMPTS = ["segment crack", "segment taping area"]
@@ -137,8 +138,10 @@ def test_overlay_and_probability_maps(tiny_dir: Path, tmp_path: Path, odd_images
     path = odd_images["wide"]
     assert run(tiny_dir, tmp_path, "--image", str(path), "--overlay", "--probs", "--tta", "--ensemble") == 0
     image = load_image(path)
+    mixed = 0  # prompts whose mask has both classes, so the checks below look at both
     for slug in SLUGS:
         mask = read_png(tmp_path / f"wide__{slug}.png") > 0
+        mixed += bool(mask.any() and (~mask).any())
         overlay = read_png(tmp_path / f"wide__{slug}_overlay.png")
         prob = read_png(tmp_path / f"wide__{slug}_prob.png")
         assert overlay.shape == image.shape and prob.shape == mask.shape == image.shape[:2]
@@ -147,6 +150,7 @@ def test_overlay_and_probability_maps(tiny_dir: Path, tmp_path: Path, odd_images
         assert (overlay[mask] != image[mask]).any() or not mask.any()
         assert (overlay[mask][:, 1] > overlay[mask][:, 0]).all()  # green: the project's colour for predicted
         assert (prob[mask] >= 128).all() and (prob[~mask] <= 127).all()  # rounded prob * 255, threshold 0.5
+    assert mixed, "every mask is empty or full: the overlay and probability checks saw one class only"
 
 
 def test_encoder_runs_once_per_batch_for_all_prompts(tiny_dir: Path, tmp_path: Path, odd_images) -> None:
@@ -301,11 +305,16 @@ def test_huge_image_is_reported_not_a_traceback(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses images over twice this
     with pytest.raises(ImageReadError, match="big.png: image too large to read safely.*downscale it first"):
         load_image(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # over the limit, under twice it: read, no warning
+    with warnings.catch_warnings(record=True) as caught:
+        assert load_image(path).shape == (64, 64, 3)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
 @pytest.mark.parametrize("meta,message", [
     ({"thresholds": {"segment crack": "high"}}, "not a number in [0, 1]"),
     ({"thresholds": {"segment crack": 1.5}}, "not a number in [0, 1]"),
+    ({"thresholds": {"segment crack": 10**400}}, "not a number in [0, 1]"),  # too large for a float
     ({"tasks": ["cracks"]}, "'tasks' must be an object"),
 ])
 def test_broken_checkpoint_metadata_is_one_clear_line(tiny_dir: Path, tmp_path: Path, capsys, meta, message) -> None:
@@ -520,3 +529,14 @@ def test_images_travel_to_the_model_whole_only_for_overlays(tiny_dir: Path, odd_
         assert all((item.image is not None) == keep for item in items)
         if keep:
             assert [item.image.shape for item in items] == [(120, 300, 3), (40, 30, 3)]
+
+
+def test_defectseg_model_replaces_the_shipped_default(tiny_dir: Path, tmp_path: Path, odd_images, monkeypatch) -> None:
+    """Without --model, $DEFECTSEG_MODEL names the model (README: it replaces the shipped one); --model wins."""
+    monkeypatch.setenv("DEFECTSEG_MODEL", str(tiny_dir))
+    argv = ["--image", str(odd_images["wide"]), "--prompt", "segment crack", "--workers", "0", "--out"]
+    assert predict.main(predict.build_parser().parse_args([*argv, str(tmp_path / "env")])) == 0
+    assert json.loads((tmp_path / "env" / predict.PREDICT_CONFIG_FILE).read_text())["model"] == str(tiny_dir.resolve())
+    assert predict.main(predict.build_parser().parse_args([*argv, str(tmp_path / "flag"), "--model",
+                                                           str(SHIPPED_MODEL)])) == 0
+    assert json.loads((tmp_path / "flag" / predict.PREDICT_CONFIG_FILE).read_text())["model"] == str(SHIPPED_MODEL.resolve())

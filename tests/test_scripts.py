@@ -30,7 +30,9 @@ def test_scale_tta_at_the_model_size_is_evaluate_py_score(processed: Path, tmp_p
     tasks = json.loads((report / "metrics.json").read_text())["tasks"]
     lines = re.findall(r"^  (.+?) +threshold [\d.]+  mean IoU ([\d.]+)$", proc.stdout, re.M)
     assert [name for name, _ in lines] == ["448px", "320px", "448px + 320px"] * len(tasks), proc.stdout
-    assert [score for name, score in lines if name == "448px"] == [f"{tasks[t]['best_iou']:.4f}" for t in sorted(tasks)]
+    # one image per batch here, the whole split in one there: fp32 convolutions may round differently
+    assert [float(score) for name, score in lines if name == "448px"] == pytest.approx(
+        [tasks[t]["best_iou"] for t in sorted(tasks)], abs=2e-4)
 
 
 def test_score_peers_scores_each_folder_on_the_prompts_it_has_masks_for(processed: Path, tmp_path: Path) -> None:
@@ -186,10 +188,10 @@ def test_a_research_script_names_bad_input_in_one_line(script: str, tmp_path: Pa
     assert proc.stderr.startswith("error: ") and str(tmp_path / "nowhere") in proc.stderr
 
 
-def test_error_anatomy_post_processing(processed: Path, tmp_path: Path) -> None:
+def test_error_anatomy_post_processing(processed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The shape operations on hand-made masks, then the script on the bundled sample: its "none" row is
     evaluate.py's best-threshold score of the same sweep."""
-    sys.path.insert(0, str(REPO / "scripts"))
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
     import error_anatomy as ea
 
     ring = np.zeros((7, 7), bool)
@@ -216,13 +218,13 @@ def test_error_anatomy_post_processing(processed: Path, tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
     tasks = json.loads((tmp_path / "report" / "metrics.json").read_text())["tasks"]
     nones = re.findall(r"post-processing, mean IoU at its best threshold: none ([\d.]+); dilate", proc.stdout)
-    assert nones == [f"{tasks[t]['best_iou']:.4f}" for t in sorted(tasks)], proc.stdout
+    assert [float(n) for n in nones] == pytest.approx([tasks[t]["best_iou"] for t in sorted(tasks)], abs=2e-4), proc.stdout
 
 
-def test_learned_threshold_picks_from_the_nearest_train_photos(processed: Path) -> None:
+def test_learned_threshold_picks_from_the_nearest_train_photos(processed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """knn_pick on hand-made curves, then the script on the bundled sample: with k at least the number of
     train photos every photo gets the one threshold tuned on train, so the two rows agree."""
-    sys.path.insert(0, str(REPO / "scripts"))
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
     import learned_threshold as lt
 
     train_x = np.array([[0.0], [1.0], [10.0], [11.0]])
@@ -248,7 +250,7 @@ def test_learned_threshold_picks_from_the_nearest_train_photos(processed: Path) 
     assert all(float(t) <= float(v) <= float(o) for t, v, o in zip(on_train, on_valid, oracle)), proc.stdout
 
 
-def test_average_checkpoints_means_the_weights(tmp_path: Path) -> None:
+def test_average_checkpoints_means_the_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """scripts/average_checkpoints.py: every float tensor (weights and batch-norm statistics) is the mean,
     integer buffers come from the last folder, the metadata keeps the last folder's task table, thresholds,
     epoch and training config but not its metrics; a model averaged with itself answers as it did; another
@@ -258,7 +260,7 @@ def test_average_checkpoints_means_the_weights(tmp_path: Path) -> None:
 
     import torch
 
-    sys.path.insert(0, str(REPO / "scripts"))
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
     import average_checkpoints as ac
 
     from defectseg import lite

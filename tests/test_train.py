@@ -87,7 +87,7 @@ def test_train_two_epochs_writes_a_usable_run(processed, tiny, tmp_path):
     # Tuned thresholds reach the inference path, and predict.py takes best/ as its model.
     segmenter = Segmenter.load(str(run / "best"), device="cpu")
     assert segmenter.threshold("segment wall crack") == meta["thresholds"]["segment crack"]
-    image = next((REPO / "sample_data" / "drywall" / "valid").glob("*.jpg"))
+    image = sorted((REPO / "sample_data" / "drywall" / "valid").glob("*.jpg"))[0]
     out = tmp_path / "predictions"
     assert predict.main(predict.build_parser().parse_args(
         ["--model", str(run / "best"), "--image", str(image), "--prompt", "segment taping area", "--out", str(out),
@@ -331,7 +331,7 @@ def test_feature_cache_keys_never_reuse_stale_entries(tmp_path, sample_root, tin
     model, processor = load_model(tiny)
     segmenter = Segmenter(model, processor, torch.device("cpu"))
     image = tmp_path / "a.jpg"
-    shutil.copy(next((sample_root / "cracks" / "valid").glob("*.jpg")), image)
+    shutil.copy(sorted((sample_root / "cracks" / "valid").glob("*.jpg"))[0], image)
     cache = FeatureCache(tmp_path / "f", model, 64, "fp16")
     assert cache.build([str(image)] * 2, (0, 1), segmenter.encode, segmenter.pixel_values, 4) == 2  # one per view
     assert cache.build([str(image)], (0, 1), segmenter.encode, segmenter.pixel_values, 4) == 0  # reused
@@ -353,7 +353,7 @@ def test_feature_cache_keys_never_reuse_stale_entries(tmp_path, sample_root, tin
         used_vision_layers(model)[0].mlp.fc1.weight.add_(0.01)
     assert FeatureCache(tmp_path / "f", model, 64, "fp16").dir != cache.dir
     # Changed pixels: another file key.
-    shutil.copy(next((sample_root / "drywall" / "valid").glob("*.jpg")), image)
+    shutil.copy(sorted((sample_root / "drywall" / "valid").glob("*.jpg"))[0], image)
     assert FeatureCache(tmp_path / "f", model, 64, "fp16").path(str(image), 0).name != first.name
     # The stored activations are exactly what the encoder gives (fp16-rounded), flipped view included.
     fresh = FeatureCache(tmp_path / "g", model, 64, "fp32")
@@ -972,9 +972,10 @@ def test_resume_from_another_working_directory_and_out_rules(processed, tiny, tm
     assert (tmp_path / "stuff" / "summary.json").read_text() == "{}"
 
 
-def test_ddp_settings_error_is_reported(processed, tiny, tmp_path):
+def test_ddp_settings_error_is_reported(processed, tiny, tmp_path, monkeypatch, capsys):
     """Each process checks the settings and reports (torchrun stops the others as soon as one exits, so a
-    message left to rank 0 alone could be cut off)."""
+    message left to rank 0 alone could be cut off): under torchrun, then a process other than rank 0 in
+    this one (its quiet log still shows errors)."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(REPO / "train.py"),
            *base_args(processed, tiny, tmp_path / "ddp", "--bce-weight", "0", "--dice-weight", "0", "--device", "cpu")]
@@ -982,6 +983,11 @@ def test_ddp_settings_error_is_reported(processed, tiny, tmp_path):
     assert proc.returncode != 0  # past argparse: the settings check every process runs
     assert (proc.stdout + proc.stderr).count("--bce-weight and --dice-weight are both 0: nothing to train on") >= 1
     assert not (tmp_path / "ddp").exists()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = run_train_err(capsys, *base_args(processed, tiny, tmp_path / "rank1", "--bce-weight", "0", "--dice-weight", "0"))
+    assert "--bce-weight and --dice-weight are both 0: nothing to train on" in err
+    assert not (tmp_path / "rank1").exists()
 
 
 def test_the_cache_can_be_turned_back_on_when_resuming(processed, tiny, tmp_path):
