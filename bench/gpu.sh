@@ -6,7 +6,8 @@
 #   then, by the argument:
 #   budget (the default): 2. the shipped recipe's train.py command on the full exports' masks with
 #      stand-in photos (bench/gpu_budget.sh --cuda-graphs --augment-workers 8), stopped at 330 s: the
-#      issue's 5 minutes on one H100/H200 (needs data/full: carry ["data/full", ".whl"]);
+#      issue's 5 minutes on one H100/H200 (needs data/full: carry ["data/full", ".whl"]; without it, the
+#      benchmarks run instead);
 #   bench: 2. bench/bench_train.py (targets: a warm epoch over 6,000 images under 10 s, peak memory under
 #      4 GB at batch 8); 3. bench/bench_inference.py (target: 2 prompts cost at most 1.2x one).
 # Both parts do not fit one device session of 15 minutes with the machine's start: the H200 of
@@ -23,6 +24,10 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 mode=${1:-budget}
 case $mode in budget|bench) ;; *) echo "usage: bash bench/gpu.sh [budget|bench]" >&2; exit 2 ;; esac
+if [ "$mode" = budget ] && ! [ -f data/full/train/manifest.csv ]; then
+    echo "no data/full (preprocess_masks.py --data-root ../shared/data --out data/full; carry it): the benchmarks run instead"
+    mode=bench
+fi
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no Hub lookups to wait on
 if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu.log") 2>&1; fi
 
