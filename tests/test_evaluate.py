@@ -1089,3 +1089,28 @@ def test_no_prompt_warning_for_a_model_without_a_task_table(sample_root, tiny_di
                            "--tasks-file", str(tasks_file))
     code, log = run_logged(capsys, "--model", str(tiny_dir), "--data", str(processed), "--out", str(tmp_path / "r"))
     assert code == 0 and "was trained to answer" not in log
+
+
+def test_scoring_in_threads_is_scoring_in_turn(monkeypatch):
+    """score_probabilities scores the images in threads; the scores, in order, are those of one thread."""
+    from defectseg import evaluation, metrics
+
+    rng = np.random.default_rng(0)
+    n = 5
+    rows = [{"image": f"{i}.jpg", "mask": f"{i}.png", "task": "cracks", "prompt": "segment crack"} for i in range(n)]
+    targets = [rng.random((30, 40)) < 0.2 for _ in range(n)]
+    probs = [rng.random((30, 40), dtype=np.float32) for _ in range(n)]
+    others = [None, *(rng.random((30, 40), dtype=np.float32) for _ in range(n - 1))]
+
+    def scores() -> list[tuple]:
+        out = evaluation.score_probabilities(rows, targets, probs, lambda p: 0.5, metrics.default_thresholds(),
+                                             ["segment taping area"] * n, others)
+        return [(s.image, s.counts.tolist(), s.sweep.tolist(), s.other_prompt,
+                 None if s.other_counts is None else s.other_counts.tolist()) for s in out]
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    threaded = scores()
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert scores() == threaded
+    assert [s[0] for s in threaded] == [r["image"] for r in rows] and threaded[0][3] is None
+    assert threaded[1][1] == metrics.confusion(probs[1] >= 0.5, targets[1]).tolist()
