@@ -25,7 +25,6 @@ listed in ``RunResult.gt_resized``.
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import time
 from collections import defaultdict
@@ -205,7 +204,7 @@ def score_probabilities(
             pred=pred if keep_masks else None,
         )
 
-    threads = min(len(rows), cores_per_process(int(os.environ.get("WORLD_SIZE", "1"))))
+    threads = min(len(rows), cores_per_process())
     if threads <= 1:
         return [score(i) for i in range(len(rows))]
     with ThreadPoolExecutor(threads) as pool:

@@ -68,6 +68,19 @@ def exif_orientation(img: Image.Image) -> int:
     return value if 1 <= value <= 8 else 1
 
 
+_BIG_PHOTO_FILTER = ("ignore", None, Image.DecompressionBombWarning, None, 0)  # as filterwarnings stores it
+
+
+def _ignore_big_photo_warning() -> None:
+    """A big photo (up to twice Pillow's limit: above that it raises, and ``open_image`` names the file)
+    is read without Pillow's warning. The filter is checked per call and added only where missing (a
+    caller's catch_warnings block, pytest's, may have dropped it): a catch_warnings block per call is not
+    safe in the reading threads, and adding a filter each time would reset every warning's once-only
+    record, so others would repeat."""
+    if _BIG_PHOTO_FILTER not in warnings.filters:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def open_image(path: str | Path) -> tuple[np.ndarray, tuple[int, int], int]:
     """Fully decode an image file.
 
@@ -76,10 +89,7 @@ def open_image(path: str | Path) -> tuple[np.ndarray, tuple[int, int], int]:
     (1 when absent). Raises ImageReadError naming the file for a missing, truncated or non-image file.
     """
     path = Path(path)
-    # A big photo (up to twice Pillow's limit: above that it raises, named below) is read without Pillow's
-    # warning. A filter (re)installed per call, as a catch_warnings block is not safe in the reading threads;
-    # installing the same filter again replaces it, and a caller's catch_warnings block cannot drop it.
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    _ignore_big_photo_warning()
     try:
         with Image.open(path) as img:
             raw_size = img.size
@@ -238,9 +248,12 @@ def apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
     return np.asarray(Image.fromarray(array).transpose(method))
 
 
-def cores_per_process(world: int = 1) -> int:
+def cores_per_process(world: int | None = None) -> int:
     """This machine's cores shared out among the ``world`` processes of a multi-GPU run (at least 1, at
-    most 8): how many threads one process may give to work that runs beside the others'."""
+    most 8): how many threads one process may give to work that runs beside the others'. ``world``
+    None: torchrun's ``WORLD_SIZE`` (1 outside torchrun)."""
+    if world is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
     return max(1, min(8, (os.cpu_count() or 1) // max(1, world)))
 
 

@@ -377,3 +377,5 @@ def test_cores_are_shared_out_among_the_processes_of_a_run(monkeypatch, cores, w
     at least 1 (also where Python cannot count the cores), at most 8."""
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     assert io_module.cores_per_process(world) == expected
+    monkeypatch.setenv("WORLD_SIZE", str(world))  # as torchrun sets it: the default
+    assert io_module.cores_per_process() == expected
