@@ -21,6 +21,9 @@ tokens longer than with CLIP's BPE, which only makes the naive path below slower
    at load (what ``Segmenter.load`` does) against not folded: batch 1, one prompt, per image.
 3. End to end: ``predict.main`` on a folder of --images 640x640 JPEGs (the bundled samples, flipped and
    rotated into distinct files), 2 prompts; images/s as predict.py reports it (model loading excluded).
+4. Scoring, as evaluate.py and train.py's validation do it (``evaluation.score_probabilities``: the
+   19-threshold sweep and both prompts' counts) on 640x640 maps, per image in one thread and in the
+   threads it uses (``io.cores_per_process``).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import predict  # noqa: E402
-from defectseg import lite, tiny  # noqa: E402
+from defectseg import evaluation, lite, tiny  # noqa: E402
 from defectseg.cli import int_at_least  # noqa: E402
 from defectseg.inference import (  # noqa: E402
     PRECISIONS,
@@ -55,8 +58,8 @@ from defectseg.inference import (  # noqa: E402
     precision_name,
     resolve_device,
 )
-from defectseg.io import list_images, load_image  # noqa: E402
-from defectseg.metrics import binarize  # noqa: E402
+from defectseg.io import cores_per_process, list_images, load_image  # noqa: E402
+from defectseg.metrics import binarize, default_thresholds  # noqa: E402
 from defectseg.model import SHIPPED_MODEL, ModelLoadError, load_model  # noqa: E402
 
 PROMPTS = ["segment crack", "segment taping area"]
@@ -247,6 +250,24 @@ def bench_model(title: str, model_dir: Path, tmp: Path, args: argparse.Namespace
     return ms
 
 
+def bench_scoring(n: int = 32) -> None:
+    """Milliseconds per 640x640 image of ``score_probabilities`` in one thread and in its own threads."""
+    rng = np.random.default_rng(0)
+    rows = [{"image": f"{i}.jpg", "mask": f"{i}.png", "task": "cracks", "prompt": "segment crack"} for i in range(n)]
+    targets = [rng.random((640, 640)) < 0.05 for _ in range(n)]
+    probs, others = ([rng.random((640, 640), dtype=np.float32) for _ in range(n)] for _ in range(2))
+
+    def score(part: slice) -> None:
+        evaluation.score_probabilities(rows[part], targets[part], probs[part], lambda p: 0.5, default_thresholds(),
+                                       ["segment taping area"] * len(rows[part]), others[part])
+
+    cpu = torch.device("cpu")
+    one = seconds(lambda: [score(slice(i, i + 1)) for i in range(n)], cpu) / n * 1e3  # one image: one thread
+    ms = seconds(lambda: score(slice(None)), cpu) / n * 1e3
+    threads = min(n, cores_per_process())
+    print(f"\nscoring (evaluate.py, validation), ms per 640x640 image: {one:.1f} in 1 thread, {ms:.1f} in {threads}")
+
+
 def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     transformers.utils.logging.set_verbosity_error()
@@ -265,6 +286,7 @@ def main(args: argparse.Namespace) -> int:
         verdict = "meets" if ms["segmenter 1"] <= LITE_TARGET_MS else "MISSES"
         print(f"LiteSeg, batch 1, 1 prompt: {ms['segmenter 1']:.1f} ms per image from RGB array to full-size mask "
               f"({verdict} the {LITE_TARGET_MS:.0f} ms target)")
+    bench_scoring()
     print(f"\nbenchmark took {time.perf_counter() - started:.0f} s")
     return 0
 
