@@ -55,7 +55,7 @@ def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.array(img.convert("RGB"), dtype=np.uint8)  # a copy: np.asarray's view of PIL's bytes is read-only
 
 
 def exif_orientation(img: Image.Image) -> int:
@@ -112,7 +112,7 @@ def open_image(path: str | Path) -> tuple[np.ndarray, tuple[int, int], int]:
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, EXIF orientation applied. Raises ImageReadError naming the file."""
+    """(H, W, 3) uint8 RGB, writable, EXIF orientation applied. Raises ImageReadError naming the file."""
     return open_image(path)[0]
 
 
@@ -245,7 +245,7 @@ def apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
     method = _ORIENTATION_TRANSPOSE.get(orientation)
     if method is None:
         return array
-    return np.asarray(Image.fromarray(array).transpose(method))
+    return np.array(Image.fromarray(array).transpose(method))  # writable, like the unturned input
 
 
 def cores_per_process(world: int | None = None) -> int:

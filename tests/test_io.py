@@ -155,6 +155,18 @@ def test_float_images_are_scaled_by_their_range(tmp_path, values, expected):
     np.testing.assert_array_equal(load_image(path)[0], np.repeat(np.array(expected, np.uint8)[:, None], 3, 1))
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "I;16"])
+def test_a_decoded_image_is_a_writable_array_of_its_own(tmp_path, mode):
+    """Callers may draw on the photo they read (an overlay, a test's edit): numpy's view of Pillow's
+    bytes is read-only, so a photo of every mode comes back as a writable copy, and so does a mask turned
+    by a photo's EXIF tag."""
+    path = tmp_path / "x.png"
+    Image.new(mode, (3, 2)).save(path)
+    for rgb in (load_image(path), io_module.apply_orientation(np.zeros((2, 3), np.uint8), 6)):
+        assert rgb.flags.writeable
+        rgb[0, 0] = 1
+
+
 class Stderr:
     """A process's stderr, read by a thread, so that waiting for a line never blocks past its deadline."""
 

@@ -236,6 +236,10 @@ def test_readme_demo_command(sample_root, tmp_path):
     help_proc = subprocess.run([sys.executable, str(REPO / "preprocess_masks.py"), "--help"],
                                capture_output=True, text=True, timeout=60)
     assert help_proc.returncode == 0 and "--strict" in help_proc.stdout
+    quiet = subprocess.run([sys.executable, str(REPO / "preprocess_masks.py"), "--data-root", str(sample_root),
+                            "--out", str(tmp_path / "quiet"), "-q"], capture_output=True, text=True, timeout=300)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")  # -q: warnings and errors only
+    assert len(list((tmp_path / "quiet" / "valid" / "masks").glob("*.png"))) == 8
 
 
 @pytest.mark.slow
