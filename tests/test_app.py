@@ -219,33 +219,38 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    """http://127.0.0.1:<port>/ of ``python app.py`` (the shipped model, by default) in a subprocess."""
+    """http://127.0.0.1:<port>/ of ``python app.py`` (the shipped model, by default) in a subprocess. The free
+    port is found before app.py binds it, so another program may take it in between: then another port."""
     need("gradio")
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "app.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     env.pop("DEFECTSEG_MODEL", None)
-    with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu"], cwd=REPO,
-                                env=env, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            assert proc.poll() is None, f"app.py ended:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"app.py did not answer in {STARTUP_S} s:\n{log.read_text()}"
-            try:
-                urllib.request.urlopen(url, timeout=5).close()
-                break
-            except OSError:
-                time.sleep(1)
-        yield url
-    finally:
-        proc.terminate()
+    for attempt in range(3):
+        port = free_port()
+        with open(log, "w") as sink:
+            proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu"], cwd=REPO,
+                                    env=env, stdout=sink, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}/"
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            deadline = time.monotonic() + STARTUP_S
+            while proc.poll() is None:
+                assert time.monotonic() < deadline, f"app.py did not answer in {STARTUP_S} s:\n{log.read_text()}"
+                try:
+                    urllib.request.urlopen(url, timeout=5).close()
+                    break
+                except OSError:
+                    time.sleep(1)
+            else:
+                assert attempt < 2 and "cannot serve on" in log.read_text(), f"app.py ended:\n{log.read_text()}"
+                continue
+            yield url
+            return
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def test_the_segment_api_from_gradio_client(server, reference, odd_files):
