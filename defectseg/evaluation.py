@@ -29,7 +29,6 @@ import platform
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -205,10 +204,7 @@ def score_probabilities(
         )
 
     threads = min(len(rows), cores_per_process())
-    if threads <= 1:
-        return [score(i) for i in range(len(rows))]
-    with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(score, range(len(rows))))
+    return [s for _, s in prefetched(score, range(len(rows)), depth=threads if threads > 1 else 0)]
 
 
 def score_batch(
