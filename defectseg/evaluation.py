@@ -176,7 +176,7 @@ def score_probabilities(
     float maps for each row's own prompt; threshold_of: prompt -> threshold (``Segmenter.threshold``);
     thresholds: the sweep (None: no sweep); other_prompts/other_probs: per row, the other task's prompt
     and its map (None entries: no text-sensitivity score for that row). The images are scored in threads
-    (numpy's counting releases Python's lock): about 16 ms a 640x640 image in one thread
+    (numpy's counting releases Python's lock): 14 to 16 ms a 640x640 image in one thread
     (``bench/bench_inference.py``), which on a GPU would otherwise take most of a validation.
     """
     sweep_thr = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)
